@@ -1,0 +1,169 @@
+/* fshost_plugin.h: the C ABI of fshost filesystem plugins (ABI version 1).
+ *
+ * A plugin is a shared object that exports one symbol:
+ *
+ *     const struct fshost_plugin *fshost_plugin_entry(void);
+ *
+ * returning a pointer to static data; it must do nothing else. Every operation
+ * returns 0 or a positive errno; a NULL function pointer means "not supported"
+ * (ENOSYS). New fields are only ever appended; the host treats fields beyond
+ * struct_size as NULL. Mirrors fs-plugins/sdk/src/abi.rs (a test checks it).
+ */
+#ifndef FSHOST_PLUGIN_H
+#define FSHOST_PLUGIN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FSHOST_PLUGIN_MAGIC 0x4c5054534f485346ULL /* "FSHOSTPL", little-endian */
+#define FSHOST_ABI_VERSION 1u
+#define FSHOST_PANICKED (-1) /* the plugin contained a crash: host answers EIO, taints it */
+
+#define FSHOST_SET_MODE (1u << 0)
+#define FSHOST_SET_UID (1u << 1)
+#define FSHOST_SET_GID (1u << 2)
+#define FSHOST_SET_SIZE (1u << 3)
+#define FSHOST_SET_ATIME (1u << 4)
+#define FSHOST_SET_MTIME (1u << 5)
+#define FSHOST_SET_ATIME_NOW (1u << 6)
+#define FSHOST_SET_MTIME_NOW (1u << 7)
+#define FSHOST_SET_CTIME (1u << 8)
+#define FSHOST_SET_FH (1u << 9)
+
+struct fshost_context {
+    uint32_t uid;
+    uint32_t gid;
+    uint32_t pid;
+    uint32_t umask;
+};
+
+struct fshost_timespec {
+    int64_t sec;
+    uint32_t nsec;
+    uint32_t reserved;
+};
+
+/* mode carries the file type bits (S_IFREG, S_IFDIR, ...) too. */
+struct fshost_attr {
+    uint64_t ino;
+    uint64_t size;
+    uint64_t blocks;
+    struct fshost_timespec atime;
+    struct fshost_timespec mtime;
+    struct fshost_timespec ctime;
+    uint32_t mode;
+    uint32_t nlink;
+    uint32_t uid;
+    uint32_t gid;
+    uint32_t rdev;
+    uint32_t blksize;
+};
+
+struct fshost_setattr {
+    uint32_t valid; /* FSHOST_SET_* */
+    uint32_t mode;
+    uint32_t uid;
+    uint32_t gid;
+    uint64_t size;
+    struct fshost_timespec atime;
+    struct fshost_timespec mtime;
+    struct fshost_timespec ctime;
+    uint64_t fh;
+};
+
+struct fshost_statfs {
+    uint64_t blocks;
+    uint64_t bfree;
+    uint64_t bavail;
+    uint64_t files;
+    uint64_t ffree;
+    uint32_t bsize;
+    uint32_t namelen;
+    uint32_t frsize;
+    uint32_t reserved;
+};
+
+struct fshost_mount_option {
+    const char *key;
+    const char *value;
+};
+
+/* Adds one entry to a readdir reply; returns nonzero when the reply is full. */
+typedef int (*fshost_fill_dir)(void *buf, uint64_t ino, uint64_t next_offset, uint32_t mode,
+                               const char *name);
+
+typedef const struct fshost_context fshost_ctx;
+
+struct fshost_plugin {
+    uint64_t magic;       /* FSHOST_PLUGIN_MAGIC */
+    uint32_t abi_version; /* FSHOST_ABI_VERSION */
+    uint32_t struct_size; /* sizeof(struct fshost_plugin) */
+    const char *name;     /* a safe identifier: [a-z0-9_-]+ */
+    const char *version;
+
+    /* The plugin as a whole: run while Registering / Deregistering. */
+    int (*on_load)(void);
+    void (*on_unload)(void);
+    size_t (*last_panic)(char *buf, size_t cap);
+
+    /* Per mount: make and free the instance handle every operation receives. */
+    int (*create)(const struct fshost_mount_option *options, size_t count, void **instance);
+    void (*destroy)(void *instance);
+
+    /* Filesystem operations. */
+    int (*lookup)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name,
+                  struct fshost_attr *out);
+    void (*forget)(void *inst, uint64_t ino, uint64_t nlookup);
+    int (*getattr)(void *inst, fshost_ctx *ctx, uint64_t ino, struct fshost_attr *out);
+    int (*setattr)(void *inst, fshost_ctx *ctx, uint64_t ino, const struct fshost_setattr *set,
+                   struct fshost_attr *out);
+    int (*readlink)(void *inst, fshost_ctx *ctx, uint64_t ino, uint8_t *buf, size_t cap,
+                    size_t *len);
+    int (*mknod)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name, uint32_t mode,
+                 uint32_t rdev, struct fshost_attr *out);
+    int (*mkdir)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name, uint32_t mode,
+                 struct fshost_attr *out);
+    int (*unlink)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name);
+    int (*rmdir)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name);
+    int (*symlink)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name,
+                   const char *target, struct fshost_attr *out);
+    int (*rename)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name,
+                  uint64_t newparent, const char *newname, uint32_t flags);
+    int (*link)(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t newparent, const char *newname,
+                struct fshost_attr *out);
+    int (*open)(void *inst, fshost_ctx *ctx, uint64_t ino, int32_t flags, uint64_t *fh);
+    int (*read)(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh, uint64_t offset,
+                uint8_t *buf, size_t size, size_t *len);
+    int (*write)(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh, uint64_t offset,
+                 const uint8_t *data, size_t size, int32_t flags, size_t *written);
+    int (*flush)(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh);
+    int (*release)(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh, int32_t flags);
+    int (*fsync)(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh, int datasync);
+    int (*opendir)(void *inst, fshost_ctx *ctx, uint64_t ino, int32_t flags, uint64_t *fh);
+    int (*readdir)(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh, uint64_t offset,
+                   fshost_fill_dir fill, void *fill_buf);
+    int (*releasedir)(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh);
+    int (*statfs)(void *inst, fshost_ctx *ctx, uint64_t ino, struct fshost_statfs *out);
+    int (*setxattr)(void *inst, fshost_ctx *ctx, uint64_t ino, const char *name,
+                    const uint8_t *value, size_t size, int32_t flags);
+    /* cap == 0 asks for the size only (*len); a too-small cap gives ERANGE. */
+    int (*getxattr)(void *inst, fshost_ctx *ctx, uint64_t ino, const char *name, uint8_t *buf,
+                    size_t cap, size_t *len);
+    int (*listxattr)(void *inst, fshost_ctx *ctx, uint64_t ino, uint8_t *buf, size_t cap,
+                     size_t *len);
+    int (*removexattr)(void *inst, fshost_ctx *ctx, uint64_t ino, const char *name);
+    int (*create_file)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name,
+                       uint32_t mode, int32_t flags, struct fshost_attr *out, uint64_t *fh);
+};
+
+const struct fshost_plugin *fshost_plugin_entry(void);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FSHOST_PLUGIN_H */

@@ -1,0 +1,288 @@
+//! SDK for fshost filesystem plugins: implement [`Plugin`], then call [`export_plugin!`].
+//!
+//! A plugin is a `cdylib` that exports one C symbol, `fshost_plugin_entry`, returning a static
+//! [`abi::PluginDescriptor`]. The macro builds that descriptor from your [`Plugin`] impl; every
+//! exported function catches panics (the caller gets `EIO`, the host marks the plugin tainted),
+//! so a bug in a plugin never takes the daemon down.
+//!
+//! What a plugin must not do, so that its library really unmaps at unload: leave threads
+//! running after `destroy`, or touch a `thread_local!` with a destructor from a thread the
+//! host owns. The host only calls plugin code from threads that end before the unload
+//! (mount threads, FUSE session threads, and a short-lived thread for `on_load`/`on_unload`).
+//!
+//! ```text
+//! struct MyFs;
+//! impl fshost_sdk::Plugin for MyFs { /* create, lookup, getattr, ... */ }
+//! fshost_sdk::export_plugin!(MyFs, "myfs");
+//! ```
+
+pub mod abi;
+#[doc(hidden)]
+pub mod ffi;
+
+use std::collections::BTreeMap;
+use std::ffi::OsStr;
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use abi::{Attr, Context, Setattr, Statfs, Timespec};
+pub use ffi::DirFiller;
+
+/// A positive errno value, as the kernel wants it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Errno(pub i32);
+
+impl Errno {
+    pub const EPERM: Errno = Errno(libc::EPERM);
+    pub const ENOENT: Errno = Errno(libc::ENOENT);
+    pub const EIO: Errno = Errno(libc::EIO);
+    pub const EBADF: Errno = Errno(libc::EBADF);
+    pub const EACCES: Errno = Errno(libc::EACCES);
+    pub const EEXIST: Errno = Errno(libc::EEXIST);
+    pub const EXDEV: Errno = Errno(libc::EXDEV);
+    pub const ENOTDIR: Errno = Errno(libc::ENOTDIR);
+    pub const EISDIR: Errno = Errno(libc::EISDIR);
+    pub const EINVAL: Errno = Errno(libc::EINVAL);
+    pub const EFBIG: Errno = Errno(libc::EFBIG);
+    pub const ENOSPC: Errno = Errno(libc::ENOSPC);
+    pub const EROFS: Errno = Errno(libc::EROFS);
+    pub const ERANGE: Errno = Errno(libc::ERANGE);
+    pub const ENAMETOOLONG: Errno = Errno(libc::ENAMETOOLONG);
+    pub const ENOSYS: Errno = Errno(libc::ENOSYS);
+    pub const ENOTEMPTY: Errno = Errno(libc::ENOTEMPTY);
+    pub const ENODATA: Errno = Errno(libc::ENODATA);
+    pub const EOPNOTSUPP: Errno = Errno(libc::EOPNOTSUPP);
+}
+
+impl fmt::Debug for Errno {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Errno({})", self.0)
+    }
+}
+
+/// Result of a filesystem operation.
+pub type Result<T> = std::result::Result<T, Errno>;
+
+/// The `-o key=value` options of one mount.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options(pub BTreeMap<String, String>);
+
+impl Options {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(String::as_str)
+    }
+}
+
+/// File type bits for [`Attr::mode`].
+pub mod mode {
+    pub const S_IFMT: u32 = libc::S_IFMT;
+    pub const S_IFREG: u32 = libc::S_IFREG;
+    pub const S_IFDIR: u32 = libc::S_IFDIR;
+    pub const S_IFLNK: u32 = libc::S_IFLNK;
+    pub const S_IFIFO: u32 = libc::S_IFIFO;
+    pub const S_IFCHR: u32 = libc::S_IFCHR;
+    pub const S_IFBLK: u32 = libc::S_IFBLK;
+    pub const S_IFSOCK: u32 = libc::S_IFSOCK;
+}
+
+impl Timespec {
+    /// The current wall-clock time.
+    pub fn now() -> Timespec {
+        Timespec::from(SystemTime::now())
+    }
+}
+
+impl From<SystemTime> for Timespec {
+    fn from(t: SystemTime) -> Timespec {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => Timespec {
+                sec: d.as_secs() as i64,
+                nsec: d.subsec_nanos(),
+                reserved: 0,
+            },
+            Err(e) => {
+                let d = e.duration();
+                if d.subsec_nanos() == 0 {
+                    Timespec {
+                        sec: -(d.as_secs() as i64),
+                        nsec: 0,
+                        reserved: 0,
+                    }
+                } else {
+                    Timespec {
+                        sec: -(d.as_secs() as i64) - 1,
+                        nsec: 1_000_000_000 - d.subsec_nanos(),
+                        reserved: 0,
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A filesystem plugin. One value of this type serves one mount (the instance handle);
+/// everything the filesystem needs lives in it, so no global state is needed.
+///
+/// Only `create`, `lookup` and `getattr` are required; every other operation answers
+/// `ENOSYS` (or succeeds trivially, for open/release/flush/fsync) unless overridden.
+#[allow(unused_variables)]
+pub trait Plugin: Sized + Send + Sync + 'static {
+    /// Makes the instance for one mount from its `-o` options.
+    fn create(options: &Options) -> Result<Self>;
+
+    /// Runs once while the plugin is Registering; an error aborts the load.
+    fn on_load() -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs once while the plugin is Deregistering, after its last mount has gone.
+    fn on_unload() {}
+
+    fn lookup(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<Attr>;
+    fn getattr(&self, ctx: &Context, ino: u64) -> Result<Attr>;
+    fn forget(&self, ino: u64, nlookup: u64) {}
+    fn setattr(&self, ctx: &Context, ino: u64, set: &Setattr) -> Result<Attr> {
+        Err(Errno::ENOSYS)
+    }
+    fn readlink(&self, ctx: &Context, ino: u64) -> Result<Vec<u8>> {
+        Err(Errno::ENOSYS)
+    }
+    fn mknod(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+    ) -> Result<Attr> {
+        Err(Errno::ENOSYS)
+    }
+    fn mkdir(&self, ctx: &Context, parent: u64, name: &OsStr, mode: u32) -> Result<Attr> {
+        Err(Errno::ENOSYS)
+    }
+    fn unlink(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+    fn rmdir(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+    fn symlink(&self, ctx: &Context, parent: u64, name: &OsStr, target: &OsStr) -> Result<Attr> {
+        Err(Errno::ENOSYS)
+    }
+    fn rename(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+    fn link(&self, ctx: &Context, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
+        Err(Errno::ENOSYS)
+    }
+    /// Returns the file handle that later calls receive as `fh`.
+    fn open(&self, ctx: &Context, ino: u64, flags: i32) -> Result<u64> {
+        Ok(0)
+    }
+    /// Fills `buf` from `offset`; returns the number of bytes read (short at end of file).
+    fn read(&self, ctx: &Context, ino: u64, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
+        Err(Errno::ENOSYS)
+    }
+    fn write(
+        &self,
+        ctx: &Context,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        flags: i32,
+    ) -> Result<usize> {
+        Err(Errno::ENOSYS)
+    }
+    fn flush(&self, ctx: &Context, ino: u64, fh: u64) -> Result<()> {
+        Ok(())
+    }
+    fn release(&self, ctx: &Context, ino: u64, fh: u64, flags: i32) -> Result<()> {
+        Ok(())
+    }
+    fn fsync(&self, ctx: &Context, ino: u64, fh: u64, datasync: bool) -> Result<()> {
+        Ok(())
+    }
+    fn opendir(&self, ctx: &Context, ino: u64, flags: i32) -> Result<u64> {
+        Ok(0)
+    }
+    /// Adds entries from `offset` on until `out.add` says the reply is full. Each entry
+    /// carries the offset at which the next call should resume.
+    fn readdir(
+        &self,
+        ctx: &Context,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        out: &mut DirFiller,
+    ) -> Result<()> {
+        Err(Errno::ENOSYS)
+    }
+    fn releasedir(&self, ctx: &Context, ino: u64, fh: u64) -> Result<()> {
+        Ok(())
+    }
+    fn statfs(&self, ctx: &Context, ino: u64) -> Result<Statfs> {
+        Ok(Statfs {
+            bsize: 4096,
+            frsize: 4096,
+            namelen: 255,
+            ..Statfs::default()
+        })
+    }
+    fn setxattr(
+        &self,
+        ctx: &Context,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
+        Err(Errno::EOPNOTSUPP)
+    }
+    fn getxattr(&self, ctx: &Context, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
+        Err(Errno::EOPNOTSUPP)
+    }
+    /// The attribute names, each followed by a NUL byte.
+    fn listxattr(&self, ctx: &Context, ino: u64) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+    fn removexattr(&self, ctx: &Context, ino: u64, name: &OsStr) -> Result<()> {
+        Err(Errno::EOPNOTSUPP)
+    }
+    /// Creates and opens a regular file; returns its attributes and file handle.
+    fn create_file(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, u64)> {
+        Err(Errno::ENOSYS)
+    }
+}
+
+/// Exports `fshost_plugin_entry` for a [`Plugin`] type under the given plugin name.
+/// The version is the plugin crate's `CARGO_PKG_VERSION`.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty, $name:literal) => {
+        /// The plugin's one exported symbol: returns its static descriptor.
+        #[unsafe(no_mangle)]
+        pub extern "C" fn fshost_plugin_entry() -> *const $crate::abi::PluginDescriptor {
+            static DESCRIPTOR: $crate::abi::PluginDescriptor = $crate::ffi::descriptor::<$plugin>(
+                concat!($name, "\0").as_ptr().cast(),
+                concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast(),
+            );
+            &DESCRIPTOR
+        }
+    };
+}

@@ -1,0 +1,246 @@
+//! Control-protocol types shared by `fshostd` and `fshostctl`: one JSON object per line each way.
+//!
+//! A request is tagged by `op`; a response is `{"ok":true,"result":{...}}` or
+//! `{"ok":false,"error":{"code":"busy","message":"..."}}`. The error codes are a closed set
+//! so that scripts can branch on them.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// Default path of the daemon's control socket.
+pub const DEFAULT_SOCKET: &str = "/run/fshost/fshostd.sock";
+
+/// Environment variable that overrides the socket path for both binaries.
+pub const SOCKET_ENV: &str = "FSHOST_SOCKET";
+
+/// Longest request line the daemon accepts (bytes, newline excluded).
+pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+/// One request from a client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Open a plugin library and register it (Registering, then Live).
+    Load {
+        path: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// Deregister a plugin and close its library; refused while it has mounts.
+    Unload { name: String },
+    /// Mount a Live plugin at an existing directory.
+    Mount {
+        plugin: String,
+        mountpoint: String,
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        options: BTreeMap<String, String>,
+        #[serde(default)]
+        read_only: bool,
+    },
+    /// Unmount a mount served by this daemon.
+    Unmount {
+        mountpoint: String,
+        #[serde(default)]
+        lazy: bool,
+    },
+    /// All plugins, like `lsmod`.
+    List {},
+    /// All mounts.
+    Mounts {},
+    /// One plugin in detail.
+    Info { name: String },
+}
+
+/// One response to a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Reply>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+impl Response {
+    pub fn success(result: Reply) -> Self {
+        Response {
+            ok: true,
+            result: Some(result),
+            error: None,
+        }
+    }
+
+    pub fn failure(code: ErrorCode, message: impl Into<String>) -> Self {
+        Response {
+            ok: false,
+            result: None,
+            error: Some(ErrorBody {
+                code,
+                message: message.into(),
+            }),
+        }
+    }
+}
+
+/// What a successful request returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Reply {
+    Loaded {
+        plugin: PluginInfo,
+    },
+    Unloaded {
+        name: String,
+        /// The library is still mapped after `dlclose` (see ARCHITECTURE.md, "unmap proof").
+        still_mapped: bool,
+    },
+    Mounted {
+        mount: MountInfo,
+    },
+    Unmounted {
+        mountpoint: String,
+        /// True when the mount was detached lazily and is released when its last file closes.
+        detached: bool,
+    },
+    Plugins {
+        plugins: Vec<PluginInfo>,
+    },
+    Mounts {
+        mounts: Vec<MountInfo>,
+    },
+    Info {
+        plugin: PluginInfo,
+    },
+}
+
+/// Life-cycle state of a plugin (the seed's state machine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PluginState {
+    Registering,
+    Live,
+    Deregistering,
+}
+
+impl fmt::Display for PluginState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PluginState::Registering => "registering",
+            PluginState::Live => "live",
+            PluginState::Deregistering => "deregistering",
+        })
+    }
+}
+
+/// A plugin as `list` and `info` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PluginInfo {
+    pub name: String,
+    pub state: PluginState,
+    pub version: String,
+    pub path: String,
+    pub abi_version: u32,
+    /// Mount points served by this plugin (pending ones included).
+    pub mounts: Vec<String>,
+    /// Seconds since the Unix epoch.
+    pub loaded_at: u64,
+    /// Why the plugin is tainted (it panicked), if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tainted: Option<String>,
+}
+
+/// A mount as `mounts` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountInfo {
+    pub mountpoint: String,
+    pub plugin: String,
+    /// Seconds since the Unix epoch.
+    pub since: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub options: BTreeMap<String, String>,
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Error payload of a failed request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// The closed set of error codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    Busy,
+    NotFound,
+    AlreadyLoaded,
+    InvalidPlugin,
+    PermissionDenied,
+    BadRequest,
+    Io,
+    Timeout,
+    Internal,
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The wire name is the display name, so logs and JSON agree.
+        let name = serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        f.write_str(&name)
+    }
+}
+
+/// Encodes a value as one JSON line (with the trailing newline).
+pub fn to_line<T: Serialize>(value: &T) -> String {
+    // Serializing these plain types cannot fail: no maps with non-string keys, no floats.
+    let mut line = serde_json::to_string(value).unwrap_or_else(|e| {
+        format!(r#"{{"ok":false,"error":{{"code":"internal","message":"encode: {e}"}}}}"#)
+    });
+    line.push('\n');
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_wire_format_is_tagged_by_op() {
+        let req: Request =
+            serde_json::from_str(r#"{"op":"mount","plugin":"memfs","mountpoint":"/mnt/a"}"#)
+                .unwrap();
+        assert_eq!(
+            req,
+            Request::Mount {
+                plugin: "memfs".into(),
+                mountpoint: "/mnt/a".into(),
+                options: BTreeMap::new(),
+                read_only: false
+            }
+        );
+        assert_eq!(to_line(&Request::List {}), "{\"op\":\"list\"}\n");
+    }
+
+    #[test]
+    fn unknown_fields_and_ops_are_rejected() {
+        assert!(serde_json::from_str::<Request>(r#"{"op":"list","x":1}"#).is_err());
+        assert!(serde_json::from_str::<Request>(r#"{"op":"format-disk"}"#).is_err());
+    }
+
+    #[test]
+    fn error_response_has_code_and_message() {
+        let line = to_line(&Response::failure(ErrorCode::AlreadyLoaded, "plugin x"));
+        assert_eq!(
+            line,
+            "{\"ok\":false,\"error\":{\"code\":\"already-loaded\",\"message\":\"plugin x\"}}\n"
+        );
+        assert_eq!(ErrorCode::NotFound.to_string(), "not-found");
+    }
+}

@@ -135,13 +135,23 @@ pub struct PluginDescriptor {
 
     // Per mount.
     pub create: Option<
-        unsafe extern "C" fn(options: *const MountOption, count: usize, out: *mut Instance) -> c_int,
+        unsafe extern "C" fn(
+            options: *const MountOption,
+            count: usize,
+            out: *mut Instance,
+        ) -> c_int,
     >,
     pub destroy: Option<unsafe extern "C" fn(instance: Instance)>,
 
     // Filesystem operations.
     pub lookup: Option<
-        unsafe extern "C" fn(Instance, Ctx, parent: u64, name: *const c_char, out: *mut Attr) -> c_int,
+        unsafe extern "C" fn(
+            Instance,
+            Ctx,
+            parent: u64,
+            name: *const c_char,
+            out: *mut Attr,
+        ) -> c_int,
     >,
     pub forget: Option<unsafe extern "C" fn(Instance, ino: u64, nlookup: u64)>,
     pub getattr: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, out: *mut Attr) -> c_int>,
@@ -149,7 +159,14 @@ pub struct PluginDescriptor {
         unsafe extern "C" fn(Instance, Ctx, ino: u64, set: *const Setattr, out: *mut Attr) -> c_int,
     >,
     pub readlink: Option<
-        unsafe extern "C" fn(Instance, Ctx, ino: u64, buf: *mut u8, cap: usize, len: *mut usize) -> c_int,
+        unsafe extern "C" fn(
+            Instance,
+            Ctx,
+            ino: u64,
+            buf: *mut u8,
+            cap: usize,
+            len: *mut usize,
+        ) -> c_int,
     >,
     pub mknod: Option<
         unsafe extern "C" fn(
@@ -163,10 +180,19 @@ pub struct PluginDescriptor {
         ) -> c_int,
     >,
     pub mkdir: Option<
-        unsafe extern "C" fn(Instance, Ctx, parent: u64, name: *const c_char, mode: u32, out: *mut Attr) -> c_int,
+        unsafe extern "C" fn(
+            Instance,
+            Ctx,
+            parent: u64,
+            name: *const c_char,
+            mode: u32,
+            out: *mut Attr,
+        ) -> c_int,
     >,
-    pub unlink: Option<unsafe extern "C" fn(Instance, Ctx, parent: u64, name: *const c_char) -> c_int>,
-    pub rmdir: Option<unsafe extern "C" fn(Instance, Ctx, parent: u64, name: *const c_char) -> c_int>,
+    pub unlink:
+        Option<unsafe extern "C" fn(Instance, Ctx, parent: u64, name: *const c_char) -> c_int>,
+    pub rmdir:
+        Option<unsafe extern "C" fn(Instance, Ctx, parent: u64, name: *const c_char) -> c_int>,
     pub symlink: Option<
         unsafe extern "C" fn(
             Instance,
@@ -189,9 +215,17 @@ pub struct PluginDescriptor {
         ) -> c_int,
     >,
     pub link: Option<
-        unsafe extern "C" fn(Instance, Ctx, ino: u64, newparent: u64, newname: *const c_char, out: *mut Attr) -> c_int,
+        unsafe extern "C" fn(
+            Instance,
+            Ctx,
+            ino: u64,
+            newparent: u64,
+            newname: *const c_char,
+            out: *mut Attr,
+        ) -> c_int,
     >,
-    pub open: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, flags: i32, fh: *mut u64) -> c_int>,
+    pub open:
+        Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, flags: i32, fh: *mut u64) -> c_int>,
     pub read: Option<
         unsafe extern "C" fn(
             Instance,
@@ -218,9 +252,12 @@ pub struct PluginDescriptor {
         ) -> c_int,
     >,
     pub flush: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, fh: u64) -> c_int>,
-    pub release: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, fh: u64, flags: i32) -> c_int>,
-    pub fsync: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, fh: u64, datasync: c_int) -> c_int>,
-    pub opendir: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, flags: i32, fh: *mut u64) -> c_int>,
+    pub release:
+        Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, fh: u64, flags: i32) -> c_int>,
+    pub fsync:
+        Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, fh: u64, datasync: c_int) -> c_int>,
+    pub opendir:
+        Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, flags: i32, fh: *mut u64) -> c_int>,
     pub readdir: Option<
         unsafe extern "C" fn(
             Instance,
@@ -259,9 +296,17 @@ pub struct PluginDescriptor {
     >,
     /// Names, each NUL-terminated; `cap` works as for `getxattr`.
     pub listxattr: Option<
-        unsafe extern "C" fn(Instance, Ctx, ino: u64, buf: *mut u8, cap: usize, len: *mut usize) -> c_int,
+        unsafe extern "C" fn(
+            Instance,
+            Ctx,
+            ino: u64,
+            buf: *mut u8,
+            cap: usize,
+            len: *mut usize,
+        ) -> c_int,
     >,
-    pub removexattr: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, name: *const c_char) -> c_int>,
+    pub removexattr:
+        Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, name: *const c_char) -> c_int>,
     pub create_file: Option<
         unsafe extern "C" fn(
             Instance,

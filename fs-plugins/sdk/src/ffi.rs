@@ -77,7 +77,10 @@ impl DirFiller {
 }
 
 /// Builds the descriptor for `T`; used by [`crate::export_plugin!`].
-pub const fn descriptor<T: Plugin>(name: *const c_char, version: *const c_char) -> PluginDescriptor {
+pub const fn descriptor<T: Plugin>(
+    name: *const c_char,
+    version: *const c_char,
+) -> PluginDescriptor {
     PluginDescriptor {
         magic: abi::MAGIC,
         abi_version: abi::ABI_VERSION,
@@ -164,7 +167,8 @@ unsafe extern "C" fn create<T: Plugin>(
             let pairs = unsafe { std::slice::from_raw_parts(options, count) };
             for pair in pairs {
                 // SAFETY: as above.
-                let (key, value) = unsafe { (CStr::from_ptr(pair.key), CStr::from_ptr(pair.value)) };
+                let (key, value) =
+                    unsafe { (CStr::from_ptr(pair.key), CStr::from_ptr(pair.value)) };
                 map.insert(
                     key.to_string_lossy().into_owned(),
                     value.to_string_lossy().into_owned(),

@@ -1,0 +1,329 @@
+//! The registry: the seed's state machine. One value behind one mutex holds every plugin's
+//! state and every mount record; the transitions below are the only way to change them.
+//!
+//! Pure by design: no I/O, no plugin calls, no waiting. Callers take the lock, call one
+//! transition, drop the lock, and only then do the slow part (dlopen, `on_load`, mount,
+//! umount, dlclose). Every refused transition returns an error and leaves the registry
+//! exactly as it was.
+//!
+//! Architecture Invariant: a mount record exists only for a `Live` plugin, and a plugin's
+//! mount count is the number of its mount records (derived, never stored separately).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+pub use fshost_protocol::PluginState;
+
+/// Identifies one mount for its whole life, so a late "session ended" for an old mount can
+/// never remove a newer record at the same path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MountId(pub u64);
+
+/// Where a mount is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountState {
+    /// Reserved: the plugin instance and the kernel mount are being made.
+    Pending,
+    /// Mounted and served.
+    Active,
+    /// An unmount is in progress.
+    Unmounting,
+}
+
+impl fmt::Display for MountState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MountState::Pending => "still being mounted",
+            MountState::Active => "mounted",
+            MountState::Unmounting => "being unmounted",
+        })
+    }
+}
+
+/// One plugin known to the daemon.
+#[derive(Debug)]
+pub struct PluginEntry<P> {
+    pub state: PluginState,
+    pub handle: Arc<P>,
+    pub loaded_at: SystemTime,
+}
+
+/// One mount, pending or live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountRecord {
+    pub id: MountId,
+    pub plugin: String,
+    pub state: MountState,
+    pub since: SystemTime,
+    pub options: BTreeMap<String, String>,
+    pub read_only: bool,
+}
+
+/// Why a transition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    #[error("plugin \"{name}\" is already loaded; unload it first or load this one with --name")]
+    AlreadyLoaded { name: String },
+    #[error("plugin \"{name}\" is busy: it is {state}; try again when it is live")]
+    NotLive { name: String, state: PluginState },
+    #[error("plugin \"{name}\" is not loaded (see `fshostctl list`)")]
+    UnknownPlugin { name: String },
+    #[error("plugin \"{name}\" is busy: {} ({}); unmount them first", mount_count(.mounts.len()), join_paths(.mounts))]
+    PluginBusy { name: String, mounts: Vec<PathBuf> },
+    #[error("{} is already an fshost mount point (plugin \"{plugin}\"); unmount it first", .path.display())]
+    MountpointInUse { path: PathBuf, plugin: String },
+    #[error("{} is not an fshost mount point (see `fshostctl mounts`)", .path.display())]
+    UnknownMount { path: PathBuf },
+    #[error("mount {} is busy: it is {state}; try again in a moment", .path.display())]
+    MountBusy { path: PathBuf, state: MountState },
+}
+
+fn mount_count(n: usize) -> String {
+    if n == 1 {
+        "1 mount".to_string()
+    } else {
+        format!("{n} mounts")
+    }
+}
+
+fn join_paths(paths: &[PathBuf]) -> String {
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// All plugins and mounts of one daemon.
+#[derive(Debug)]
+pub struct Registry<P> {
+    plugins: BTreeMap<String, PluginEntry<P>>,
+    mounts: BTreeMap<PathBuf, MountRecord>,
+    next_mount_id: u64,
+}
+
+impl<P> Default for Registry<P> {
+    fn default() -> Self {
+        Registry {
+            plugins: BTreeMap::new(),
+            mounts: BTreeMap::new(),
+            next_mount_id: 1,
+        }
+    }
+}
+
+impl<P> Registry<P> {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn plugins(&self) -> impl Iterator<Item = (&String, &PluginEntry<P>)> {
+        self.plugins.iter()
+    }
+
+    pub fn plugin(&self, name: &str) -> Option<&PluginEntry<P>> {
+        self.plugins.get(name)
+    }
+
+    pub fn mounts(&self) -> impl Iterator<Item = (&PathBuf, &MountRecord)> {
+        self.mounts.iter()
+    }
+
+    pub fn mount(&self, path: &Path) -> Option<&MountRecord> {
+        self.mounts.get(path)
+    }
+
+    /// The mount points of one plugin; their number is its mount count.
+    pub fn mounts_of(&self, name: &str) -> Vec<PathBuf> {
+        self.mounts
+            .iter()
+            .filter(|(_, record)| record.plugin == name)
+            .map(|(path, _)| path.clone())
+            .collect()
+    }
+
+    pub fn mount_count(&self, name: &str) -> usize {
+        self.mounts.values().filter(|r| r.plugin == name).count()
+    }
+
+    /// True while the mount with this id still has its record.
+    pub fn has_mount_id(&self, id: MountId) -> bool {
+        self.mounts.values().any(|r| r.id == id)
+    }
+
+    /// Load, step 1: reserve the name in `Registering` (its library is already open).
+    pub fn begin_load(
+        &mut self,
+        name: &str,
+        handle: Arc<P>,
+        now: SystemTime,
+    ) -> Result<(), RegistryError> {
+        if let Some(entry) = self.plugins.get(name) {
+            return Err(match entry.state {
+                PluginState::Live => RegistryError::AlreadyLoaded { name: name.into() },
+                state => RegistryError::NotLive {
+                    name: name.into(),
+                    state,
+                },
+            });
+        }
+        self.plugins.insert(
+            name.to_string(),
+            PluginEntry {
+                state: PluginState::Registering,
+                handle,
+                loaded_at: now,
+            },
+        );
+        Ok(())
+    }
+
+    /// Load, step 2 (on_load succeeded): `Registering` → `Live`.
+    pub fn finish_load(&mut self, name: &str) -> Result<(), RegistryError> {
+        let entry = self.entry_in(name, PluginState::Registering)?;
+        entry.state = PluginState::Live;
+        Ok(())
+    }
+
+    /// Load failed after the reservation: remove the entry and hand back the library to close.
+    pub fn abort_load(&mut self, name: &str) -> Result<Arc<P>, RegistryError> {
+        self.entry_in(name, PluginState::Registering)?;
+        Ok(self.remove(name))
+    }
+
+    /// Mount, step 1: count the mount before it exists, so an unload cannot slip in.
+    pub fn reserve_mount(
+        &mut self,
+        name: &str,
+        path: &Path,
+        options: BTreeMap<String, String>,
+        read_only: bool,
+        now: SystemTime,
+    ) -> Result<(Arc<P>, MountId), RegistryError> {
+        let entry = self.entry_in(name, PluginState::Live)?;
+        let handle = Arc::clone(&entry.handle);
+        if let Some(existing) = self.mounts.get(path) {
+            return Err(RegistryError::MountpointInUse {
+                path: path.to_path_buf(),
+                plugin: existing.plugin.clone(),
+            });
+        }
+        let id = MountId(self.next_mount_id);
+        self.next_mount_id += 1;
+        self.mounts.insert(
+            path.to_path_buf(),
+            MountRecord {
+                id,
+                plugin: name.to_string(),
+                state: MountState::Pending,
+                since: now,
+                options,
+                read_only,
+            },
+        );
+        Ok((handle, id))
+    }
+
+    /// Mount, step 2: the kernel mount exists. Returns false if the mount already ended
+    /// (an admin unmounted it in between), which is not an error.
+    pub fn mount_started(&mut self, path: &Path, id: MountId) -> bool {
+        match self.mounts.get_mut(path) {
+            Some(record) if record.id == id && record.state == MountState::Pending => {
+                record.state = MountState::Active;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The mount failed, or its session has fully ended: the count drops by one.
+    /// Returns false if there was no such record (nothing changes then).
+    pub fn release_mount(&mut self, path: &Path, id: MountId) -> bool {
+        match self.mounts.get(path) {
+            Some(record) if record.id == id => {
+                self.mounts.remove(path);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Unmount, step 1: `Active` → `Unmounting`, so that two unmounts cannot race.
+    pub fn begin_unmount(&mut self, path: &Path) -> Result<MountId, RegistryError> {
+        let record = self
+            .mounts
+            .get_mut(path)
+            .ok_or_else(|| RegistryError::UnknownMount {
+                path: path.to_path_buf(),
+            })?;
+        if record.state != MountState::Active {
+            return Err(RegistryError::MountBusy {
+                path: path.to_path_buf(),
+                state: record.state,
+            });
+        }
+        record.state = MountState::Unmounting;
+        Ok(record.id)
+    }
+
+    /// The umount call failed (e.g. EBUSY): the mount stays, `Unmounting` → `Active`.
+    pub fn abort_unmount(&mut self, path: &Path, id: MountId) -> bool {
+        match self.mounts.get_mut(path) {
+            Some(record) if record.id == id && record.state == MountState::Unmounting => {
+                record.state = MountState::Active;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Unload, step 1: `Live` with no mounts → `Deregistering`; new mounts are refused from now.
+    pub fn begin_unload(&mut self, name: &str) -> Result<Arc<P>, RegistryError> {
+        let mounts = self.mounts_of(name);
+        let entry = self.entry_in(name, PluginState::Live)?;
+        if !mounts.is_empty() {
+            return Err(RegistryError::PluginBusy {
+                name: name.to_string(),
+                mounts,
+            });
+        }
+        entry.state = PluginState::Deregistering;
+        Ok(Arc::clone(&entry.handle))
+    }
+
+    /// Unload, step 2 (on_unload has run): remove the entry; the caller closes the library.
+    pub fn finish_unload(&mut self, name: &str) -> Result<Arc<P>, RegistryError> {
+        self.entry_in(name, PluginState::Deregistering)?;
+        Ok(self.remove(name))
+    }
+
+    /// The entry of `name`, refused unless it is in `state`.
+    fn entry_in(
+        &mut self,
+        name: &str,
+        state: PluginState,
+    ) -> Result<&mut PluginEntry<P>, RegistryError> {
+        match self.plugins.get_mut(name) {
+            None => Err(RegistryError::UnknownPlugin { name: name.into() }),
+            Some(entry) if entry.state != state => Err(RegistryError::NotLive {
+                name: name.into(),
+                state: entry.state,
+            }),
+            Some(entry) => Ok(entry),
+        }
+    }
+
+    fn remove(&mut self, name: &str) -> Arc<P> {
+        debug_assert_eq!(self.mount_count(name), 0, "only a plugin without mounts goes");
+        self.plugins
+            .remove(name)
+            .map(|entry| entry.handle)
+            .expect("caller checked that the entry exists")
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,295 @@
-fn main() {}
+//! fshostctl: the command-line client of fshostd.
+//!
+//! Exit codes: 0 success, 1 refused by the daemon (message on stderr), 2 usage error,
+//! 3 cannot reach the daemon.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use fshost_protocol::{to_line, MountInfo, PluginInfo, Reply, Request, Response};
+
+mod table;
+
+/// Control fshostd: load and unload filesystem plugins, mount and unmount them.
+#[derive(Debug, Parser)]
+#[command(name = "fshostctl", version)]
+struct Cli {
+    /// Control socket of the daemon.
+    #[arg(long, global = true, env = fshost_protocol::SOCKET_ENV, default_value = fshost_protocol::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Print the daemon's JSON response instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Load a plugin library (a path, or a bare name looked up in the daemon's --plugin-dir).
+    Load {
+        path: String,
+        /// Register it under this name instead of the one it declares.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Unload a plugin; refused while it has mounts.
+    Unload { name: String },
+    /// Mount a plugin on an existing directory.
+    Mount {
+        name: String,
+        mountpoint: PathBuf,
+        /// Options for the plugin, KEY=VALUE[,KEY=VALUE...] (repeatable).
+        #[arg(short = 'o', value_name = "KEY=VALUE,...")]
+        options: Vec<String>,
+        /// Mount read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Unmount an fshost mount.
+    Unmount {
+        mountpoint: PathBuf,
+        /// Detach now even if busy; released when the last open file closes.
+        #[arg(long)]
+        lazy: bool,
+    },
+    /// List plugins (like lsmod).
+    List,
+    /// List mounts.
+    Mounts,
+    /// Show one plugin in detail.
+    Info { name: String },
+}
+
+/// How long to wait for the daemon's answer before giving up.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn absolute(path: &std::path::Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+fn parse_options(raw: &[String]) -> BTreeMap<String, String> {
+    raw.iter()
+        .flat_map(|group| group.split(','))
+        .filter(|item| !item.is_empty())
+        .map(|item| match item.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => (item.to_string(), String::new()),
+        })
+        .collect()
+}
+
+fn request(command: &Command) -> Request {
+    match command {
+        Command::Load { path, name } => Request::Load {
+            // A bare name is resolved by the daemon in its plugin directories.
+            path: if path.contains('/') {
+                absolute(path.as_ref())
+            } else {
+                path.clone()
+            },
+            name: name.clone(),
+        },
+        Command::Unload { name } => Request::Unload { name: name.clone() },
+        Command::Mount {
+            name,
+            mountpoint,
+            options,
+            read_only,
+        } => Request::Mount {
+            plugin: name.clone(),
+            mountpoint: absolute(mountpoint),
+            options: parse_options(options),
+            read_only: *read_only,
+        },
+        Command::Unmount { mountpoint, lazy } => Request::Unmount {
+            mountpoint: absolute(mountpoint),
+            lazy: *lazy,
+        },
+        Command::List => Request::List {},
+        Command::Mounts => Request::Mounts {},
+        Command::Info { name } => Request::Info { name: name.clone() },
+    }
+}
+
+/// Sends one request; errors here mean the daemon could not be reached or did not answer.
+fn exchange(socket: &PathBuf, request: &Request) -> Result<(Response, String), String> {
+    let mut stream = UnixStream::connect(socket).map_err(|e| {
+        format!(
+            "cannot reach fshostd at {}: {e}\nstart the daemon (`sudo fshostd` or `systemctl start fshostd`), or point --socket / {} at its socket",
+            socket.display(),
+            fshost_protocol::SOCKET_ENV
+        )
+    })?;
+    stream
+        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(to_line(request).as_bytes())
+        .map_err(|e| format!("cannot send the request to fshostd: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(stream)
+        .read_line(&mut line)
+        .map_err(|e| format!("fshostd did not answer: {e}"))?;
+    if line.is_empty() {
+        return Err("fshostd closed the connection without answering".into());
+    }
+    let response = serde_json::from_str(&line)
+        .map_err(|e| format!("fshostd sent an unreadable answer: {e}"))?;
+    Ok((response, line))
+}
+
+fn print_reply(reply: &Reply) {
+    match reply {
+        Reply::Loaded { plugin } => println!(
+            "loaded {} {} from {}",
+            plugin.name, plugin.version, plugin.path
+        ),
+        Reply::Unloaded { name, still_mapped } => {
+            println!("unloaded {name}");
+            if *still_mapped {
+                eprintln!("warning: the library of {name} is still mapped in fshostd (it left a thread or thread-local behind); see the daemon log");
+            }
+        }
+        Reply::Mounted { mount } => println!("mounted {} at {}", mount.plugin, mount.mountpoint),
+        Reply::Unmounted {
+            mountpoint,
+            detached,
+        } => {
+            if *detached {
+                println!("detached {mountpoint}; it is released when its last open file closes");
+            } else {
+                println!("unmounted {mountpoint}");
+            }
+        }
+        Reply::Plugins { plugins } => print!("{}", plugins_table(plugins)),
+        Reply::Mounts { mounts } => print!("{}", mounts_table(mounts)),
+        Reply::Info { plugin } => print!("{}", info_text(plugin)),
+    }
+}
+
+fn state_text(plugin: &PluginInfo) -> String {
+    if plugin.tainted.is_some() {
+        format!("{} (tainted)", plugin.state)
+    } else {
+        plugin.state.to_string()
+    }
+}
+
+fn plugins_table(plugins: &[PluginInfo]) -> String {
+    let rows = plugins.iter().map(|p| {
+        vec![
+            p.name.clone(),
+            state_text(p),
+            p.mounts.len().to_string(),
+            p.version.clone(),
+            p.path.clone(),
+        ]
+    });
+    table::render(&["NAME", "STATE", "MOUNTS", "VERSION", "PATH"], rows)
+}
+
+fn mounts_table(mounts: &[MountInfo]) -> String {
+    let rows = mounts.iter().map(|m| {
+        vec![
+            m.mountpoint.clone(),
+            m.plugin.clone(),
+            table::utc(m.since),
+            if m.read_only { "ro" } else { "rw" }.to_string(),
+        ]
+    });
+    table::render(&["MOUNTPOINT", "PLUGIN", "SINCE", "MODE"], rows)
+}
+
+fn info_text(p: &PluginInfo) -> String {
+    let mut out = String::new();
+    let mounts = if p.mounts.is_empty() {
+        "-".to_string()
+    } else {
+        p.mounts.join(", ")
+    };
+    for (key, value) in [
+        ("name", p.name.clone()),
+        ("state", p.state.to_string()),
+        ("version", p.version.clone()),
+        ("path", p.path.clone()),
+        ("abi", p.abi_version.to_string()),
+        ("loaded", table::utc(p.loaded_at)),
+        ("mounts", format!("{} ({mounts})", p.mounts.len())),
+        ("tainted", p.tainted.clone().unwrap_or_else(|| "no".into())),
+    ] {
+        out.push_str(&format!("{key:<8} {value}\n"));
+    }
+    out
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let request = request(&cli.command);
+    let (response, raw) = match exchange(&cli.socket, &request) {
+        Ok(answer) => answer,
+        Err(message) => {
+            eprintln!("fshostctl: {message}");
+            return ExitCode::from(3);
+        }
+    };
+    if cli.json {
+        print!("{raw}");
+    }
+    match (response.ok, response.result, response.error) {
+        (true, Some(reply), _) => {
+            if !cli.json {
+                print_reply(&reply);
+            }
+            ExitCode::SUCCESS
+        }
+        (_, _, Some(error)) => {
+            eprintln!("fshostctl: {} ({})", error.message, error.code);
+            ExitCode::from(1)
+        }
+        _ => {
+            eprintln!("fshostctl: fshostd sent an answer with neither a result nor an error");
+            ExitCode::from(3)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_on_commas_and_equals() {
+        let opts = parse_options(&["a=1,b".into(), "c=x=y".into()]);
+        assert_eq!(opts.get("a").map(String::as_str), Some("1"));
+        assert_eq!(opts.get("b").map(String::as_str), Some(""));
+        assert_eq!(opts.get("c").map(String::as_str), Some("x=y"));
+    }
+
+    #[test]
+    fn list_is_an_aligned_table() {
+        let plugin = PluginInfo {
+            name: "memfs".into(),
+            state: fshost_protocol::PluginState::Live,
+            version: "0.1.0".into(),
+            path: "/x/libmemfs.so".into(),
+            abi_version: 1,
+            mounts: vec!["/mnt/a".into()],
+            loaded_at: 0,
+            tainted: None,
+        };
+        let text = plugins_table(&[plugin]);
+        assert_eq!(
+            text,
+            "NAME   STATE  MOUNTS  VERSION  PATH\nmemfs  live   1       0.1.0    /x/libmemfs.so\n"
+        );
+    }
+}

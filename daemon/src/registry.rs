@@ -132,6 +132,7 @@ impl<P> Registry<P> {
         self.mounts.iter()
     }
 
+    #[cfg(test)]
     pub fn mount(&self, path: &Path) -> Option<&MountRecord> {
         self.mounts.get(path)
     }
@@ -317,7 +318,11 @@ impl<P> Registry<P> {
     }
 
     fn remove(&mut self, name: &str) -> Arc<P> {
-        debug_assert_eq!(self.mount_count(name), 0, "only a plugin without mounts goes");
+        debug_assert_eq!(
+            self.mount_count(name),
+            0,
+            "only a plugin without mounts goes"
+        );
         self.plugins
             .remove(name)
             .map(|entry| entry.handle)

@@ -125,7 +125,11 @@ fn unload_after_last_unmount() {
     live(&mut reg, "memfs");
     let id = mount(&mut reg, "memfs", "/a").unwrap();
     assert_eq!(reg.begin_unmount(Path::new("/a")).unwrap(), id);
-    assert_eq!(reg.mount_count("memfs"), 1, "count drops only when the session ended");
+    assert_eq!(
+        reg.mount_count("memfs"),
+        1,
+        "count drops only when the session ended"
+    );
     assert!(reg.release_mount(Path::new("/a"), id));
     assert_eq!(reg.mount_count("memfs"), 0);
     reg.begin_unload("memfs").unwrap();
@@ -165,7 +169,10 @@ fn unmount_refusals() {
         }
     ));
     assert!(reg.abort_unmount(Path::new("/a"), id));
-    assert_eq!(reg.mount(Path::new("/a")).unwrap().state, MountState::Active);
+    assert_eq!(
+        reg.mount(Path::new("/a")).unwrap().state,
+        MountState::Active
+    );
 }
 
 #[test]

@@ -1,0 +1,433 @@
+//! The host: combines registry transitions with the slow work they guard (loading,
+//! mounting, unmounting, unloading), following DESIGN.md §2 step by step.
+//!
+//! Every method is blocking and runs on a blocking thread; the registry lock is only ever
+//! held for one transition at a time, never across a plugin call, a mount syscall or a wait
+//! (`Condvar::wait` releases it).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fshost_protocol::{ErrorCode, MountInfo, PluginInfo};
+
+use crate::mount::{self, MountError, MountSpec, UnmountError};
+use crate::plugin::{self, LoadError, Plugin};
+use crate::registry::{MountId, MountRecord, MountState, PluginEntry, Registry, RegistryError};
+
+/// How long an unmount waits for the FUSE session to end after the kernel detached it.
+const SESSION_END_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a host operation failed; each variant maps to one protocol error code.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("plugin \"{name}\" failed to initialise: on_load returned {}; it was not loaded", mount::describe_errno(*.errno))]
+    OnLoad { name: String, errno: i32 },
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Unmount(#[from] UnmountError),
+    #[error("mount point {}: {reason}", .path.display())]
+    BadMountpoint {
+        path: PathBuf,
+        reason: String,
+        code: ErrorCode,
+    },
+    #[error("{} was unmounted but its FUSE session did not end within {}s", .0.display(), SESSION_END_TIMEOUT.as_secs())]
+    SessionStuck(PathBuf),
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+impl HostError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            HostError::Registry(e) => match e {
+                RegistryError::AlreadyLoaded { .. } => ErrorCode::AlreadyLoaded,
+                RegistryError::UnknownPlugin { .. } | RegistryError::UnknownMount { .. } => {
+                    ErrorCode::NotFound
+                }
+                RegistryError::NotLive { .. }
+                | RegistryError::PluginBusy { .. }
+                | RegistryError::MountpointInUse { .. }
+                | RegistryError::MountBusy { .. } => ErrorCode::Busy,
+            },
+            HostError::Load(LoadError::NotFound(_)) => ErrorCode::NotFound,
+            HostError::Load(LoadError::Copy { .. } | LoadError::Unreadable { .. }) => ErrorCode::Io,
+            HostError::Load(_) | HostError::OnLoad { .. } => ErrorCode::InvalidPlugin,
+            HostError::Mount(MountError::BadOption { .. }) => ErrorCode::BadRequest,
+            HostError::Mount(MountError::Create { .. }) => ErrorCode::InvalidPlugin,
+            HostError::Mount(_) => ErrorCode::Io,
+            HostError::Unmount(UnmountError::Busy(_)) => ErrorCode::Busy,
+            HostError::Unmount(_) => ErrorCode::Io,
+            HostError::BadMountpoint { code, .. } => *code,
+            HostError::SessionStuck(_) => ErrorCode::Timeout,
+            HostError::BadRequest(_) => ErrorCode::BadRequest,
+        }
+    }
+}
+
+/// State shared with mount threads, which report the end of their session through it.
+struct Shared {
+    registry: Mutex<Registry<Plugin>>,
+    /// Signalled after every registry change that someone may be waiting for.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Registry<Plugin>> {
+        // The registry is plain data changed by single transitions; a panic cannot leave it
+        // half-changed, so a poisoned lock is still consistent.
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Mount failed or session ended: drop the count and wake waiters.
+    fn release_mount(&self, path: &Path, id: MountId) {
+        let released = self.lock().release_mount(path, id);
+        self.changed.notify_all();
+        if released {
+            tracing::info!(mountpoint = %path.display(), "mount ended");
+        }
+    }
+}
+
+pub struct Host {
+    shared: Arc<Shared>,
+    plugin_dirs: Vec<PathBuf>,
+    /// Where private copies of plugin libraries are made (see `plugin::load`).
+    copy_dir: PathBuf,
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn plugin_info(reg: &Registry<Plugin>, name: &str, entry: &PluginEntry<Plugin>) -> PluginInfo {
+    let plugin = &entry.handle;
+    PluginInfo {
+        name: name.to_string(),
+        state: entry.state,
+        version: plugin.version.clone(),
+        path: plugin.source.display().to_string(),
+        abi_version: plugin.abi_version,
+        mounts: reg
+            .mounts_of(name)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        loaded_at: unix_secs(entry.loaded_at),
+        tainted: plugin.library.taint(),
+    }
+}
+
+fn mount_info(path: &Path, record: &MountRecord) -> MountInfo {
+    MountInfo {
+        mountpoint: path.display().to_string(),
+        plugin: record.plugin.clone(),
+        since: unix_secs(record.since),
+        options: record.options.clone(),
+        read_only: record.read_only,
+    }
+}
+
+/// Closes a plugin that the registry no longer holds; returns true if it stays mapped.
+fn close_plugin(plugin: Arc<Plugin>) -> bool {
+    match Arc::try_unwrap(plugin) {
+        Ok(plugin) => {
+            let name = plugin.name.clone();
+            let still_mapped = plugin::close(plugin);
+            if still_mapped {
+                tracing::warn!(plugin = %name, "library is still mapped after dlclose: it left a thread or a thread-local destructor behind");
+            }
+            still_mapped
+        }
+        Err(plugin) => {
+            // Cannot happen while invariant 2 holds; never dlclose under a user.
+            tracing::error!(plugin = %plugin.name, "plugin still referenced at unload; leaving it mapped");
+            true
+        }
+    }
+}
+
+fn absolute(path: &str, what: &str) -> Result<PathBuf, HostError> {
+    let path = PathBuf::from(path);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(HostError::BadRequest(format!(
+            "{what} {} must be an absolute path",
+            path.display()
+        )))
+    }
+}
+
+impl Host {
+    pub fn new(plugin_dirs: Vec<PathBuf>, copy_dir: PathBuf) -> Host {
+        Host {
+            shared: Arc::new(Shared {
+                registry: Mutex::new(Registry::new()),
+                changed: Condvar::new(),
+            }),
+            plugin_dirs,
+            copy_dir,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry<Plugin>> {
+        self.shared.lock()
+    }
+
+    /// Waits (releasing the lock) until `done` holds or the timeout passes.
+    fn wait_until(&self, timeout: Duration, done: impl Fn(&Registry<Plugin>) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut reg = self.lock();
+        loop {
+            if done(&reg) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            reg = self
+                .shared
+                .changed
+                .wait_timeout(reg, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// A bare name (`memfs`) is looked up in the plugin directories as `libmemfs.so`,
+    /// `memfs.so` or `memfs`; anything with a slash is a path and must be absolute.
+    fn resolve_plugin_path(&self, path: &str) -> Result<PathBuf, HostError> {
+        if path.contains('/') {
+            return absolute(path, "plugin path");
+        }
+        let candidates = [
+            format!("lib{path}.so"),
+            format!("{path}.so"),
+            path.to_string(),
+        ];
+        for dir in &self.plugin_dirs {
+            for candidate in &candidates {
+                let full = dir.join(candidate);
+                if full.is_file() {
+                    return Ok(full);
+                }
+            }
+        }
+        let searched: Vec<String> = self
+            .plugin_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        Err(HostError::Load(LoadError::NotFound(PathBuf::from(
+            format!(
+                "{path} (searched plugin directories: {})",
+                if searched.is_empty() {
+                    "none configured; pass --plugin-dir".to_string()
+                } else {
+                    searched.join(", ")
+                }
+            ),
+        ))))
+    }
+
+    pub fn load(&self, path: &str, name: Option<&str>) -> Result<PluginInfo, HostError> {
+        let path = self.resolve_plugin_path(path)?;
+        let path = path.canonicalize().unwrap_or(path);
+        let plugin = Arc::new(plugin::load(&path, name, &self.copy_dir)?);
+        let name = plugin.name.clone();
+        let reserved = self
+            .lock()
+            .begin_load(&name, Arc::clone(&plugin), SystemTime::now());
+        if let Err(e) = reserved {
+            close_plugin(plugin);
+            return Err(e.into());
+        }
+        self.shared.changed.notify_all();
+        let loaded = plugin::on_fresh_thread(|| plugin.library.on_load());
+        drop(plugin);
+        if let Err(errno) = loaded {
+            let removed = self.lock().abort_load(&name);
+            self.shared.changed.notify_all();
+            if let Ok(plugin) = removed {
+                close_plugin(plugin);
+            }
+            return Err(HostError::OnLoad {
+                name,
+                errno: errno.0,
+            });
+        }
+        let mut reg = self.lock();
+        reg.finish_load(&name)?;
+        self.shared.changed.notify_all();
+        tracing::info!(plugin = %name, path = %path.display(), "plugin loaded");
+        let entry = reg.plugin(&name).expect("just made live under this lock");
+        Ok(plugin_info(&reg, &name, entry))
+    }
+
+    /// Returns true if the library is still mapped after it was closed.
+    pub fn unload(&self, name: &str) -> Result<bool, HostError> {
+        let plugin = self.lock().begin_unload(name)?;
+        self.shared.changed.notify_all();
+        plugin::on_fresh_thread(|| plugin.library.on_unload());
+        drop(plugin);
+        let plugin = self.lock().finish_unload(name)?;
+        self.shared.changed.notify_all();
+        let still_mapped = close_plugin(plugin);
+        tracing::info!(plugin = %name, still_mapped, "plugin unloaded");
+        Ok(still_mapped)
+    }
+
+    pub fn mount(
+        &self,
+        name: &str,
+        mountpoint: &str,
+        options: BTreeMap<String, String>,
+        read_only: bool,
+    ) -> Result<MountInfo, HostError> {
+        let given = absolute(mountpoint, "mount point")?;
+        let path = given.canonicalize().map_err(|e| {
+            let (reason, code) = match e.raw_os_error() {
+                Some(libc::ENOENT) => ("does not exist; create the directory first".to_string(), ErrorCode::NotFound),
+                Some(libc::ENOTCONN) => ("is a dead FUSE mount (transport endpoint is not connected); clear it with `umount -l`".to_string(), ErrorCode::Io),
+                _ => (e.to_string(), ErrorCode::Io),
+            };
+            HostError::BadMountpoint { path: given.clone(), reason, code }
+        })?;
+        if !path.is_dir() {
+            return Err(HostError::BadMountpoint {
+                path,
+                reason: "is not a directory".into(),
+                code: ErrorCode::BadRequest,
+            });
+        }
+        let now = SystemTime::now();
+        let reserved = self
+            .lock()
+            .reserve_mount(name, &path, options.clone(), read_only, now);
+        let (plugin, id) = reserved?;
+        let shared = Arc::clone(&self.shared);
+        let ended_path = path.clone();
+        let spec = MountSpec {
+            plugin,
+            mountpoint: path.clone(),
+            options: options.clone(),
+            read_only,
+        };
+        if let Err(e) = mount::spawn(spec, move || shared.release_mount(&ended_path, id)) {
+            self.shared.release_mount(&path, id);
+            return Err(e.into());
+        }
+        let mut reg = self.lock();
+        reg.mount_started(&path, id);
+        self.shared.changed.notify_all();
+        tracing::info!(plugin = %name, mountpoint = %path.display(), "mounted");
+        Ok(MountInfo {
+            mountpoint: path.display().to_string(),
+            plugin: name.to_string(),
+            since: unix_secs(now),
+            options,
+            read_only,
+        })
+    }
+
+    /// Unmounts and waits until the session has ended and the count dropped. Returns true if
+    /// the mount was only detached (lazy, files still open).
+    pub fn unmount(&self, mountpoint: &str, lazy: bool) -> Result<(PathBuf, bool), HostError> {
+        let given = absolute(mountpoint, "mount point")?;
+        // A dead mount cannot be canonicalized; then the path must match as given.
+        let path = given.canonicalize().unwrap_or(given);
+        self.unmount_path(&path, lazy)
+    }
+
+    fn unmount_path(&self, path: &Path, lazy: bool) -> Result<(PathBuf, bool), HostError> {
+        let id = self.lock().begin_unmount(path)?;
+        if let Err(e) = mount::unmount(path, lazy) {
+            self.lock().abort_unmount(path, id);
+            self.shared.changed.notify_all();
+            return Err(e.into());
+        }
+        let timeout = if lazy {
+            Duration::from_millis(500)
+        } else {
+            SESSION_END_TIMEOUT
+        };
+        if self.wait_until(timeout, |reg| !reg.has_mount_id(id)) {
+            tracing::info!(mountpoint = %path.display(), "unmounted");
+            Ok((path.to_path_buf(), false))
+        } else if lazy {
+            tracing::info!(mountpoint = %path.display(), "detached; released when its last file closes");
+            Ok((path.to_path_buf(), true))
+        } else {
+            Err(HostError::SessionStuck(path.to_path_buf()))
+        }
+    }
+
+    pub fn list(&self) -> Vec<PluginInfo> {
+        let reg = self.lock();
+        reg.plugins()
+            .map(|(name, entry)| plugin_info(&reg, name, entry))
+            .collect()
+    }
+
+    pub fn mounts(&self) -> Vec<MountInfo> {
+        let reg = self.lock();
+        reg.mounts()
+            .map(|(path, record)| mount_info(path, record))
+            .collect()
+    }
+
+    pub fn info(&self, name: &str) -> Result<PluginInfo, HostError> {
+        let reg = self.lock();
+        let entry = reg
+            .plugin(name)
+            .ok_or_else(|| RegistryError::UnknownPlugin {
+                name: name.to_string(),
+            })?;
+        Ok(plugin_info(&reg, name, entry))
+    }
+
+    /// Unmounts everything (lazily for mounts still busy after `grace`), then unloads every
+    /// plugin. Used on SIGTERM/SIGINT.
+    pub fn shutdown(&self, grace: Duration) {
+        // Let mounts that are being set up finish first, so none is missed.
+        self.wait_until(Duration::from_secs(5), |reg| {
+            reg.mounts().all(|(_, r)| r.state != MountState::Pending)
+        });
+        let paths: Vec<PathBuf> = self.lock().mounts().map(|(p, _)| p.clone()).collect();
+        for path in paths {
+            let deadline = Instant::now() + grace;
+            loop {
+                match self.unmount_path(&path, false) {
+                    Err(HostError::Unmount(UnmountError::Busy(_))) if Instant::now() < deadline => {
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    Err(HostError::Unmount(UnmountError::Busy(_))) => {
+                        tracing::warn!(mountpoint = %path.display(), "still busy after the grace period; detaching lazily");
+                        let _ = self.unmount_path(&path, true);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(mountpoint = %path.display(), error = %e, "unmount at shutdown failed");
+                        break;
+                    }
+                    Ok(_) => break,
+                }
+            }
+        }
+        let names: Vec<String> = self.lock().plugins().map(|(n, _)| n.clone()).collect();
+        for name in names {
+            if let Err(e) = self.unload(&name) {
+                tracing::warn!(plugin = %name, error = %e, "unload at shutdown failed");
+            }
+        }
+    }
+}

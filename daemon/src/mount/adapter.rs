@@ -1,0 +1,642 @@
+//! The `fuser::Filesystem` that forwards each kernel request to one plugin instance.
+//!
+//! One `Adapter` serves one mount. Dropping it destroys the plugin instance; fuser drops it
+//! at the end of `Session::run`, on the mount's own thread, after every session thread has
+//! exited. Only then does the mount count drop (see `mount::spawn`).
+
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fshost_sdk::abi::{
+    Attr, Context, Setattr, Timespec, SET_ATIME, SET_ATIME_NOW, SET_CTIME, SET_FH, SET_GID,
+    SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID,
+};
+use fuser::{
+    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+
+use crate::plugin::{Answer, Instance, Plugin};
+
+/// How long the kernel may cache attributes and entries. Plugins own their trees (nothing
+/// changes them behind the kernel's back), so caching is safe and saves round trips.
+const TTL: Duration = Duration::from_secs(1);
+
+pub struct Adapter {
+    plugin: Arc<Plugin>,
+    instance: Instance,
+}
+
+impl Adapter {
+    pub fn new(plugin: Arc<Plugin>, instance: Instance) -> Self {
+        Adapter { plugin, instance }
+    }
+}
+
+impl Drop for Adapter {
+    fn drop(&mut self) {
+        self.plugin.library.destroy(self.instance);
+    }
+}
+
+fn ctx(req: &Request) -> Context {
+    Context {
+        uid: req.uid(),
+        gid: req.gid(),
+        pid: req.pid(),
+        umask: 0,
+    }
+}
+
+fn errno(e: fshost_sdk::Errno) -> Errno {
+    Errno::from_i32(e.0)
+}
+
+fn cstring(name: &OsStr) -> Result<CString, Errno> {
+    CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
+}
+
+fn to_system_time(t: Timespec) -> SystemTime {
+    if t.sec >= 0 {
+        UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec.min(999_999_999))
+    } else {
+        UNIX_EPOCH - Duration::from_secs(t.sec.unsigned_abs())
+            + Duration::from_nanos(u64::from(t.nsec.min(999_999_999)))
+    }
+}
+
+pub fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: to_system_time(a.atime),
+        mtime: to_system_time(a.mtime),
+        ctime: to_system_time(a.ctime),
+        crtime: to_system_time(a.ctime),
+        kind: file_type(a.mode),
+        perm: (a.mode & 0o7777) as u16,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: a.rdev,
+        blksize: if a.blksize == 0 { 4096 } else { a.blksize },
+        flags: 0,
+    }
+}
+
+fn entry(reply: ReplyEntry, result: Result<Attr, fshost_sdk::Errno>) {
+    match result {
+        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn empty(reply: ReplyEmpty, result: Result<(), fshost_sdk::Errno>) {
+    match result {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn xattr(reply: ReplyXattr, result: Result<Answer, fshost_sdk::Errno>) {
+    match result {
+        Ok(Answer::Size(n)) => reply.size(n as u32),
+        Ok(Answer::Data(data)) => reply.data(&data),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn time_or_now(t: Option<TimeOrNow>, set: &mut Setattr, bit: u32, now_bit: u32) -> Timespec {
+    match t {
+        Some(TimeOrNow::Now) => {
+            set.valid |= now_bit;
+            Timespec::default()
+        }
+        Some(TimeOrNow::SpecificTime(t)) => {
+            set.valid |= bit;
+            Timespec::from(t)
+        }
+        None => Timespec::default(),
+    }
+}
+
+impl Filesystem for Adapter {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let result = cstring(name).map_err(|_| fshost_sdk::Errno::EINVAL);
+        entry(
+            reply,
+            result.and_then(|n| {
+                self.plugin
+                    .library
+                    .lookup(self.instance, &ctx(req), parent.0, &n)
+            }),
+        );
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.plugin.library.forget(self.instance, ino.0, nlookup);
+    }
+
+    fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.plugin.library.getattr(self.instance, &ctx(req), ino.0) {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let mut set = Setattr::default();
+        let fields = [
+            (mode, SET_MODE, &mut set.mode),
+            (uid, SET_UID, &mut set.uid),
+            (gid, SET_GID, &mut set.gid),
+        ];
+        let mut valid = 0;
+        for (value, bit, slot) in fields {
+            if let Some(v) = value {
+                *slot = v;
+                valid |= bit;
+            }
+        }
+        set.valid = valid;
+        if let Some(size) = size {
+            set.size = size;
+            set.valid |= SET_SIZE;
+        }
+        set.atime = time_or_now(atime, &mut set, SET_ATIME, SET_ATIME_NOW);
+        set.mtime = time_or_now(mtime, &mut set, SET_MTIME, SET_MTIME_NOW);
+        if let Some(ctime) = ctime {
+            set.ctime = Timespec::from(ctime);
+            set.valid |= SET_CTIME;
+        }
+        if let Some(fh) = fh {
+            set.fh = fh.0;
+            set.valid |= SET_FH;
+        }
+        match self
+            .plugin
+            .library
+            .setattr(self.instance, &ctx(req), ino.0, &set)
+        {
+            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self
+            .plugin
+            .library
+            .readlink(self.instance, &ctx(req), ino.0)
+        {
+            Ok(target) => reply.data(&target),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let Ok(name) = cstring(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let mode = mode & !(umask & 0o777);
+        let result =
+            self.plugin
+                .library
+                .mknod(self.instance, &ctx(req), parent.0, &name, mode, rdev);
+        entry(reply, result);
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let Ok(name) = cstring(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let mode = mode & !(umask & 0o777);
+        let result = self
+            .plugin
+            .library
+            .mkdir(self.instance, &ctx(req), parent.0, &name, mode);
+        entry(reply, result);
+    }
+
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Ok(name) = cstring(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let result = self
+            .plugin
+            .library
+            .unlink(self.instance, &ctx(req), parent.0, &name);
+        empty(reply, result);
+    }
+
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Ok(name) = cstring(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let result = self
+            .plugin
+            .library
+            .rmdir(self.instance, &ctx(req), parent.0, &name);
+        empty(reply, result);
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let (Ok(name), Ok(target)) = (cstring(link_name), cstring(target.as_os_str())) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let result =
+            self.plugin
+                .library
+                .symlink(self.instance, &ctx(req), parent.0, &name, &target);
+        entry(reply, result);
+    }
+
+    fn rename(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        let (Ok(name), Ok(newname)) = (cstring(name), cstring(newname)) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let result = self.plugin.library.rename(
+            self.instance,
+            &ctx(req),
+            parent.0,
+            &name,
+            newparent.0,
+            &newname,
+            flags.bits(),
+        );
+        empty(reply, result);
+    }
+
+    fn link(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let Ok(newname) = cstring(newname) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let result =
+            self.plugin
+                .library
+                .link(self.instance, &ctx(req), ino.0, newparent.0, &newname);
+        entry(reply, result);
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self
+            .plugin
+            .library
+            .open(self.instance, &ctx(req), ino.0, flags.0)
+        {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn read(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let mut buf = vec![0u8; size as usize];
+        match self
+            .plugin
+            .library
+            .read(self.instance, &ctx(req), ino.0, fh.0, offset, &mut buf)
+        {
+            Ok(n) => reply.data(&buf[..n]),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.plugin.library.write(
+            self.instance,
+            &ctx(req),
+            ino.0,
+            fh.0,
+            offset,
+            data,
+            flags.0,
+        ) {
+            Ok(n) => reply.written(n as u32),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        let result = self
+            .plugin
+            .library
+            .flush(self.instance, &ctx(req), ino.0, fh.0);
+        empty(reply, result.or_else(ignore_enosys));
+    }
+
+    fn release(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        let result = self
+            .plugin
+            .library
+            .release(self.instance, &ctx(req), ino.0, fh.0, flags.0);
+        empty(reply, result.or_else(ignore_enosys));
+    }
+
+    fn fsync(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let result = self
+            .plugin
+            .library
+            .fsync(self.instance, &ctx(req), ino.0, fh.0, datasync);
+        empty(reply, result.or_else(ignore_enosys));
+    }
+
+    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self
+            .plugin
+            .library
+            .opendir(self.instance, &ctx(req), ino.0, flags.0)
+        {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+            Err(e) if e == fshost_sdk::Errno::ENOSYS => {
+                reply.opened(FileHandle(0), FopenFlags::empty())
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let mut add = |ino: u64, next: u64, mode: u32, name: &OsStr| {
+            reply.add(INodeNo(ino), next, file_type(mode), name)
+        };
+        let result =
+            self.plugin
+                .library
+                .readdir(self.instance, &ctx(req), ino.0, fh.0, offset, &mut add);
+        match result {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn releasedir(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        let result = self
+            .plugin
+            .library
+            .releasedir(self.instance, &ctx(req), ino.0, fh.0);
+        empty(reply, result.or_else(ignore_enosys));
+    }
+
+    fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
+        match self.plugin.library.statfs(self.instance, &ctx(req), ino.0) {
+            Ok(s) => reply.statfs(
+                s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let Ok(name) = cstring(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let result =
+            self.plugin
+                .library
+                .setxattr(self.instance, &ctx(req), ino.0, &name, value, flags);
+        empty(reply, result);
+    }
+
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let Ok(name) = cstring(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let result =
+            self.plugin
+                .library
+                .getxattr(self.instance, &ctx(req), ino.0, &name, size as usize);
+        xattr(reply, result);
+    }
+
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let result = self
+            .plugin
+            .library
+            .listxattr(self.instance, &ctx(req), ino.0, size as usize);
+        xattr(reply, result);
+    }
+
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let Ok(name) = cstring(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let result = self
+            .plugin
+            .library
+            .removexattr(self.instance, &ctx(req), ino.0, &name);
+        empty(reply, result);
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let Ok(name) = cstring(name) else {
+            return reply.error(Errno::EINVAL);
+        };
+        let mode = mode & !(umask & 0o777);
+        match self.plugin.library.create_file(
+            self.instance,
+            &ctx(req),
+            parent.0,
+            &name,
+            mode,
+            flags,
+        ) {
+            Ok((attr, fh)) => reply.created(
+                &TTL,
+                &file_attr(&attr),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::empty(),
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}
+
+/// Operations a plugin may leave out without failing the caller.
+fn ignore_enosys(e: fshost_sdk::Errno) -> Result<(), fshost_sdk::Errno> {
+    if e == fshost_sdk::Errno::ENOSYS {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_round_trip() {
+        for t in [
+            Timespec {
+                sec: 1_700_000_000,
+                nsec: 5,
+                reserved: 0,
+            },
+            Timespec {
+                sec: -2,
+                nsec: 500,
+                reserved: 0,
+            },
+        ] {
+            assert_eq!(Timespec::from(to_system_time(t)), t);
+        }
+    }
+
+    #[test]
+    fn file_types_from_mode() {
+        assert_eq!(file_type(libc::S_IFREG | 0o644), FileType::RegularFile);
+        assert_eq!(file_type(libc::S_IFDIR | 0o755), FileType::Directory);
+        assert_eq!(file_type(libc::S_IFLNK), FileType::Symlink);
+    }
+}

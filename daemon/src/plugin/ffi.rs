@@ -1,0 +1,573 @@
+//! All `unsafe` of the daemon: `dlopen`, the ABI gate, and every call through a plugin's
+//! vtable. Everything outside this file sees a safe [`Library`].
+//!
+//! Why the calls below are sound: the descriptor pointer comes from the plugin's entry
+//! function and points into the library, which stays mapped while `Library` lives (it owns
+//! the handle; invariant 2 keeps it alive while any mount uses it). Every pointer we pass is
+//! valid for the duration of the call, as the ABI (fs-plugins/sdk/src/abi.rs) requires.
+
+// The wrappers mirror the C ABI one to one, arguments included.
+#![allow(clippy::too_many_arguments)]
+
+use std::ffi::{c_char, c_int, c_void, CStr, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Mutex;
+
+use fshost_sdk::abi::{
+    self, Attr, Context, EntryFn, MountOption, PluginDescriptor, Setattr, Statfs,
+};
+use fshost_sdk::Errno;
+use libloading::os::unix::{Library as RawLibrary, RTLD_LOCAL, RTLD_NOW};
+
+/// The ABI gate's verdict on a library.
+#[derive(Debug, thiserror::Error)]
+pub enum GateError {
+    #[error("dlopen failed: {0}")]
+    Dlopen(String),
+    #[error(
+        "it does not export `{}` (build it with fshost_sdk::export_plugin!)",
+        abi::ENTRY_SYMBOL
+    )]
+    MissingEntry,
+    #[error("`{}` returned a null descriptor", abi::ENTRY_SYMBOL)]
+    NullDescriptor,
+    #[error(
+        "its descriptor has magic {found:#018x}, expected {:#018x}: not an fshost plugin",
+        abi::MAGIC
+    )]
+    BadMagic { found: u64 },
+    #[error("it was built for plugin ABI version {found}, this fshostd speaks version {}; rebuild it against the matching fshost-sdk", abi::ABI_VERSION)]
+    AbiVersion { found: u32 },
+    #[error("its descriptor is {found} bytes, smaller than the {} this ABI version needs; rebuild it against the matching fshost-sdk", abi::MIN_STRUCT_SIZE)]
+    StructTooSmall { found: u32 },
+    #[error("its descriptor's {0} is not a valid UTF-8 string")]
+    BadString(&'static str),
+    #[error("it does not implement the required operation `{0}`")]
+    MissingOp(&'static str),
+}
+
+/// What the gate read from a descriptor.
+#[derive(Debug, Clone)]
+pub struct DescriptorInfo {
+    pub name: String,
+    pub version: String,
+    pub abi_version: u32,
+}
+
+/// Opaque per-mount handle from the plugin's `create`.
+#[derive(Debug, Clone, Copy)]
+pub struct Instance(*mut c_void);
+
+// SAFETY: an instance is the plugin's `Send + Sync` filesystem value (the SDK requires it;
+// C plugins promise it in the header): the plugin serializes access itself.
+unsafe impl Send for Instance {}
+// SAFETY: as above.
+unsafe impl Sync for Instance {}
+
+/// An open plugin library that passed the ABI gate.
+pub struct Library {
+    descriptor: *const PluginDescriptor,
+    /// Taint reason, set the first time the plugin contains a panic.
+    taint: Mutex<Option<String>>,
+    /// The mapping; dropping it is the `dlclose`.
+    _raw: RawLibrary,
+}
+
+// SAFETY: the descriptor is immutable static data inside the library; the plugin ABI makes
+// every entry point callable from any thread.
+unsafe impl Send for Library {}
+// SAFETY: as above; the only mutable state (`taint`) is behind a mutex.
+unsafe impl Sync for Library {}
+
+/// The fixed prefix every descriptor starts with, whatever its ABI version.
+#[repr(C)]
+struct Prefix {
+    magic: u64,
+    abi_version: u32,
+    struct_size: u32,
+}
+
+/// Reads a descriptor string; `what` names it in the error.
+///
+/// # Safety
+/// `p` is null or a NUL-terminated string inside the open library.
+unsafe fn read_string(p: *const c_char, what: &'static str) -> Result<String, GateError> {
+    if p.is_null() {
+        return Err(GateError::BadString(what));
+    }
+    // SAFETY: per the function contract.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str()
+        .map(str::to_owned)
+        .map_err(|_| GateError::BadString(what))
+}
+
+impl Library {
+    /// Opens `path` and runs the ABI gate; nothing of the plugin runs but its ELF constructors
+    /// and the entry function, which only returns a pointer to static data.
+    pub fn dlopen(path: &Path) -> Result<(Library, DescriptorInfo), GateError> {
+        // SAFETY: loading runs the library's constructors. That is the one thing we cannot
+        // gate; a plugin's constructors are as trusted as the plugin (it was given to us by
+        // an admin). RTLD_NOW makes missing symbols fail here rather than mid-request.
+        let raw = unsafe { RawLibrary::open(Some(path), RTLD_NOW | RTLD_LOCAL) }
+            .map_err(|e| GateError::Dlopen(e.to_string()))?;
+        // SAFETY: the symbol, if present, has the type the ABI defines for it.
+        let entry: EntryFn = match unsafe { raw.get::<EntryFn>(abi::ENTRY_SYMBOL.as_bytes()) } {
+            Ok(symbol) => *symbol,
+            Err(_) => return Err(GateError::MissingEntry),
+        };
+        // SAFETY: the entry function takes no arguments and only returns a pointer.
+        let descriptor = unsafe { entry() };
+        if descriptor.is_null() {
+            return Err(GateError::NullDescriptor);
+        }
+        // SAFETY: every ABI version starts with this 16-byte prefix; the pointer is non-null
+        // and points into the mapped library.
+        let prefix = unsafe { descriptor.cast::<Prefix>().read_unaligned() };
+        if prefix.magic != abi::MAGIC {
+            return Err(GateError::BadMagic {
+                found: prefix.magic,
+            });
+        }
+        if prefix.abi_version != abi::ABI_VERSION {
+            return Err(GateError::AbiVersion {
+                found: prefix.abi_version,
+            });
+        }
+        if prefix.struct_size < abi::MIN_STRUCT_SIZE {
+            return Err(GateError::StructTooSmall {
+                found: prefix.struct_size,
+            });
+        }
+        // SAFETY: magic, version and size say the full descriptor of this ABI version is there.
+        let d = unsafe { &*descriptor };
+        // SAFETY: the descriptor's strings are static data inside the library.
+        let (name, version) = unsafe {
+            (
+                read_string(d.name, "name")?,
+                read_string(d.version, "version")?,
+            )
+        };
+        if d.lookup.is_none() {
+            return Err(GateError::MissingOp("lookup"));
+        }
+        if d.getattr.is_none() {
+            return Err(GateError::MissingOp("getattr"));
+        }
+        let info = DescriptorInfo {
+            name,
+            version,
+            abi_version: prefix.abi_version,
+        };
+        let library = Library {
+            descriptor,
+            taint: Mutex::new(None),
+            _raw: raw,
+        };
+        Ok((library, info))
+    }
+
+    fn d(&self) -> &PluginDescriptor {
+        // SAFETY: see the module docs: valid while `self._raw` is open, which `self` ensures.
+        unsafe { &*self.descriptor }
+    }
+
+    /// Why the plugin is tainted, if it is.
+    pub fn taint(&self) -> Option<String> {
+        self.taint.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn last_panic(&self) -> String {
+        let Some(f) = self.d().last_panic else {
+            return "panic (no message)".to_string();
+        };
+        let mut buf = vec![0u8; 1024];
+        // SAFETY: `buf` is valid for `buf.len()` bytes.
+        let len = unsafe { f(buf.as_mut_ptr().cast(), buf.len()) };
+        buf.truncate(len.min(buf.len()));
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    /// Maps a plugin return code: 0 → Ok, errno → Err, a contained panic → taint + `EIO`.
+    fn check(&self, op: &'static str, rc: c_int) -> Result<(), Errno> {
+        match rc {
+            0 => Ok(()),
+            abi::PANICKED => {
+                let reason = self.last_panic();
+                tracing::error!(op, %reason, "plugin panicked; answering EIO and marking it tainted");
+                let mut taint = self.taint.lock().unwrap_or_else(|e| e.into_inner());
+                taint.get_or_insert(reason);
+                Err(Errno::EIO)
+            }
+            e if e > 0 => Err(Errno(e)),
+            _ => Err(Errno::EIO),
+        }
+    }
+
+    pub fn on_load(&self) -> Result<(), Errno> {
+        match self.d().on_load {
+            // SAFETY: plugin-wide hook without arguments.
+            Some(f) => self.check("on_load", unsafe { f() }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn on_unload(&self) {
+        if let Some(f) = self.d().on_unload {
+            // SAFETY: plugin-wide hook without arguments.
+            unsafe { f() }
+        }
+    }
+
+    pub fn create(&self, options: &[(&CStr, &CStr)]) -> Result<Instance, Errno> {
+        let Some(f) = self.d().create else {
+            return Ok(Instance(std::ptr::null_mut()));
+        };
+        let pairs: Vec<MountOption> = options
+            .iter()
+            .map(|(k, v)| MountOption {
+                key: k.as_ptr(),
+                value: v.as_ptr(),
+            })
+            .collect();
+        let mut out: *mut c_void = std::ptr::null_mut();
+        // SAFETY: `pairs` and the strings it points to outlive the call; `out` is writable.
+        let rc = unsafe { f(pairs.as_ptr(), pairs.len(), &mut out) };
+        self.check("create", rc).map(|()| Instance(out))
+    }
+
+    /// Frees a mount's instance; the handle must not be used afterwards.
+    pub fn destroy(&self, instance: Instance) {
+        if let Some(f) = self.d().destroy {
+            // SAFETY: `instance` came from `create` and is destroyed exactly once (the caller
+            // consumes it).
+            unsafe { f(instance.0) }
+        }
+    }
+
+    pub fn forget(&self, inst: Instance, ino: u64, nlookup: u64) {
+        if let Some(f) = self.d().forget {
+            // SAFETY: `inst` is a live instance.
+            unsafe { f(inst.0, ino, nlookup) }
+        }
+    }
+}
+
+/// Declares a vtable call that fills one output value.
+macro_rules! call_out {
+    ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $out:ty) => {
+        $(#[$doc])*
+        pub fn $name(&self, inst: Instance, ctx: &Context $(, $arg: $ty)*) -> Result<$out, Errno> {
+            let f = self.d().$name.ok_or(Errno::ENOSYS)?;
+            let mut out = <$out>::default();
+            // SAFETY: `inst` is live, `ctx` and every argument pointer are valid for the call,
+            // and `out` is writable.
+            let rc = unsafe { f(inst.0, ctx $(, call_out!(@arg $arg))*, &mut out) };
+            self.check(stringify!($name), rc).map(|()| out)
+        }
+    };
+    (@arg $arg:ident) => { $arg.into_abi() };
+}
+
+/// Declares a vtable call without output.
+macro_rules! call_unit {
+    ($name:ident($($arg:ident: $ty:ty),*)) => {
+        pub fn $name(&self, inst: Instance, ctx: &Context $(, $arg: $ty)*) -> Result<(), Errno> {
+            let f = self.d().$name.ok_or(Errno::ENOSYS)?;
+            // SAFETY: `inst` is live; `ctx` and every argument pointer are valid for the call.
+            let rc = unsafe { f(inst.0, ctx $(, $arg.into_abi())*) };
+            self.check(stringify!($name), rc)
+        }
+    };
+}
+
+/// How a safe argument crosses the ABI.
+trait IntoAbi {
+    type Abi;
+    fn into_abi(self) -> Self::Abi;
+}
+
+impl IntoAbi for u64 {
+    type Abi = u64;
+    fn into_abi(self) -> u64 {
+        self
+    }
+}
+impl IntoAbi for u32 {
+    type Abi = u32;
+    fn into_abi(self) -> u32 {
+        self
+    }
+}
+impl IntoAbi for i32 {
+    type Abi = i32;
+    fn into_abi(self) -> i32 {
+        self
+    }
+}
+impl IntoAbi for &CStr {
+    type Abi = *const c_char;
+    fn into_abi(self) -> *const c_char {
+        self.as_ptr()
+    }
+}
+impl IntoAbi for &Setattr {
+    type Abi = *const Setattr;
+    fn into_abi(self) -> *const Setattr {
+        self
+    }
+}
+
+impl Library {
+    call_out!(lookup(parent: u64, name: &CStr) -> Attr);
+    call_out!(getattr(ino: u64) -> Attr);
+    call_out!(setattr(ino: u64, set: &Setattr) -> Attr);
+    call_out!(mknod(parent: u64, name: &CStr, mode: u32, rdev: u32) -> Attr);
+    call_out!(mkdir(parent: u64, name: &CStr, mode: u32) -> Attr);
+    call_out!(symlink(parent: u64, name: &CStr, target: &CStr) -> Attr);
+    call_out!(link(ino: u64, newparent: u64, newname: &CStr) -> Attr);
+    call_out!(open(ino: u64, flags: i32) -> u64);
+    call_out!(opendir(ino: u64, flags: i32) -> u64);
+    call_out!(statfs(ino: u64) -> Statfs);
+    call_unit!(unlink(parent: u64, name: &CStr));
+    call_unit!(rmdir(parent: u64, name: &CStr));
+    call_unit!(rename(parent: u64, name: &CStr, newparent: u64, newname: &CStr, flags: u32));
+    call_unit!(flush(ino: u64, fh: u64));
+    call_unit!(release(ino: u64, fh: u64, flags: i32));
+    call_unit!(releasedir(ino: u64, fh: u64));
+    call_unit!(removexattr(ino: u64, name: &CStr));
+
+    pub fn fsync(
+        &self,
+        inst: Instance,
+        ctx: &Context,
+        ino: u64,
+        fh: u64,
+        datasync: bool,
+    ) -> Result<(), Errno> {
+        let f = self.d().fsync.ok_or(Errno::ENOSYS)?;
+        // SAFETY: `inst` is live and `ctx` valid for the call.
+        let rc = unsafe { f(inst.0, ctx, ino, fh, c_int::from(datasync)) };
+        self.check("fsync", rc)
+    }
+
+    pub fn create_file(
+        &self,
+        inst: Instance,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, u64), Errno> {
+        let f = self.d().create_file.ok_or(Errno::ENOSYS)?;
+        let (mut attr, mut fh) = (Attr::default(), 0u64);
+        // SAFETY: `inst` is live, `ctx`/`name` valid, both outputs writable.
+        let rc = unsafe {
+            f(
+                inst.0,
+                ctx,
+                parent,
+                name.as_ptr(),
+                mode,
+                flags,
+                &mut attr,
+                &mut fh,
+            )
+        };
+        self.check("create_file", rc).map(|()| (attr, fh))
+    }
+
+    /// Reads into `buf`; returns how many bytes the plugin filled.
+    pub fn read(
+        &self,
+        inst: Instance,
+        ctx: &Context,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, Errno> {
+        let f = self.d().read.ok_or(Errno::ENOSYS)?;
+        let mut len = 0usize;
+        // SAFETY: `buf` is initialized and valid for `buf.len()` bytes; `len` is writable.
+        let rc = unsafe {
+            f(
+                inst.0,
+                ctx,
+                ino,
+                fh,
+                offset,
+                buf.as_mut_ptr(),
+                buf.len(),
+                &mut len,
+            )
+        };
+        self.check("read", rc).map(|()| len.min(buf.len()))
+    }
+
+    pub fn write(
+        &self,
+        inst: Instance,
+        ctx: &Context,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        data: &[u8],
+        flags: i32,
+    ) -> Result<usize, Errno> {
+        let f = self.d().write.ok_or(Errno::ENOSYS)?;
+        let mut written = 0usize;
+        // SAFETY: `data` is valid for `data.len()` bytes; `written` is writable.
+        let rc = unsafe {
+            f(
+                inst.0,
+                ctx,
+                ino,
+                fh,
+                offset,
+                data.as_ptr(),
+                data.len(),
+                flags,
+                &mut written,
+            )
+        };
+        self.check("write", rc).map(|()| written.min(data.len()))
+    }
+
+    pub fn setxattr(
+        &self,
+        inst: Instance,
+        ctx: &Context,
+        ino: u64,
+        name: &CStr,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<(), Errno> {
+        let f = self.d().setxattr.ok_or(Errno::ENOSYS)?;
+        // SAFETY: `name` is a C string and `value` valid for its length, for the call.
+        let rc = unsafe {
+            f(
+                inst.0,
+                ctx,
+                ino,
+                name.as_ptr(),
+                value.as_ptr(),
+                value.len(),
+                flags,
+            )
+        };
+        self.check("setxattr", rc)
+    }
+
+    /// Variable-length answers: with `cap == 0` the plugin only reports the size.
+    fn sized(
+        &self,
+        op: &'static str,
+        cap: usize,
+        call: impl FnOnce(*mut u8, usize, *mut usize) -> c_int,
+    ) -> Result<Answer, Errno> {
+        let mut buf = vec![0u8; cap];
+        let mut len = 0usize;
+        let rc = call(buf.as_mut_ptr(), cap, &mut len);
+        self.check(op, rc)?;
+        if cap == 0 {
+            Ok(Answer::Size(len))
+        } else {
+            buf.truncate(len.min(cap));
+            Ok(Answer::Data(buf))
+        }
+    }
+
+    pub fn readlink(&self, inst: Instance, ctx: &Context, ino: u64) -> Result<Vec<u8>, Errno> {
+        let f = self.d().readlink.ok_or(Errno::ENOSYS)?;
+        let cap = libc::PATH_MAX as usize;
+        // SAFETY: `sized` passes a buffer valid for `cap` bytes and a writable `len`.
+        match self.sized("readlink", cap, |buf, cap, len| unsafe {
+            f(inst.0, ctx, ino, buf, cap, len)
+        })? {
+            Answer::Data(target) => Ok(target),
+            Answer::Size(_) => Err(Errno::EIO),
+        }
+    }
+
+    pub fn getxattr(
+        &self,
+        inst: Instance,
+        ctx: &Context,
+        ino: u64,
+        name: &CStr,
+        cap: usize,
+    ) -> Result<Answer, Errno> {
+        let f = self.d().getxattr.ok_or(Errno::ENOSYS)?;
+        // SAFETY: `sized` passes a buffer valid for `cap` bytes and a writable `len`; `name`
+        // is a C string.
+        self.sized("getxattr", cap, |buf, cap, len| unsafe {
+            f(inst.0, ctx, ino, name.as_ptr(), buf, cap, len)
+        })
+    }
+
+    pub fn listxattr(
+        &self,
+        inst: Instance,
+        ctx: &Context,
+        ino: u64,
+        cap: usize,
+    ) -> Result<Answer, Errno> {
+        let f = self.d().listxattr.ok_or(Errno::ENOSYS)?;
+        // SAFETY: `sized` passes a buffer valid for `cap` bytes and a writable `len`.
+        self.sized("listxattr", cap, |buf, cap, len| unsafe {
+            f(inst.0, ctx, ino, buf, cap, len)
+        })
+    }
+
+    /// Lists a directory from `offset`; `add(ino, next_offset, mode, name)` returns true when
+    /// the reply is full.
+    pub fn readdir(
+        &self,
+        inst: Instance,
+        ctx: &Context,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        mut add: &mut dyn FnMut(u64, u64, u32, &OsStr) -> bool,
+    ) -> Result<(), Errno> {
+        unsafe extern "C" fn fill(
+            buf: *mut c_void,
+            ino: u64,
+            next_offset: u64,
+            mode: u32,
+            name: *const c_char,
+        ) -> c_int {
+            if name.is_null() {
+                return 0;
+            }
+            // SAFETY: `buf` is the `&mut &mut dyn FnMut` passed below, alive for the whole
+            // readdir call; `name` is a C string from the plugin, valid during this callback.
+            let (add, name) = unsafe {
+                (
+                    &mut *buf.cast::<&mut dyn FnMut(u64, u64, u32, &OsStr) -> bool>(),
+                    CStr::from_ptr(name),
+                )
+            };
+            c_int::from(add(
+                ino,
+                next_offset,
+                mode,
+                OsStr::from_bytes(name.to_bytes()),
+            ))
+        }
+        let f = self.d().readdir.ok_or(Errno::ENOSYS)?;
+        let buf = (&mut add as *mut &mut dyn FnMut(u64, u64, u32, &OsStr) -> bool).cast::<c_void>();
+        // SAFETY: `fill` matches `FillDir`; `buf` stays valid until the call returns.
+        let rc = unsafe { f(inst.0, ctx, ino, fh, offset, fill, buf) };
+        self.check("readdir", rc)
+    }
+}
+
+/// A variable-length answer: the size asked for, or the data.
+pub enum Answer {
+    Size(usize),
+    Data(Vec<u8>),
+}

@@ -1,1 +1,318 @@
-//! placeholder
+//! Shared setup for the end-to-end tests: each test gets its own directory, socket and
+//! daemon, and everything it mounted is detached when it ends, passed or failed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Upper bound for any one command a test runs.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Where cargo put the binaries and plugins of this build (`target/<profile>`).
+pub fn build_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current test binary");
+    // target/<profile>/deps/e2e-<hash>
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
+}
+
+/// Path of a built artifact, or a clear failure telling how to build it.
+pub fn artifact(name: &str) -> PathBuf {
+    let path = build_dir().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `tests/run` (it builds the binaries and plugins before testing)",
+        path.display()
+    );
+    path
+}
+
+/// Whether real FUSE mounts can be made here. With FSHOST_REQUIRE_FUSE=1 (CI) a missing
+/// /dev/fuse or missing root fails the test instead of skipping it.
+pub fn fuse_available() -> bool {
+    let root = nix::unistd::geteuid().is_root();
+    let dev = Path::new("/dev/fuse").exists();
+    if root && dev {
+        return true;
+    }
+    let why = format!("root: {root}, /dev/fuse: {dev}");
+    if std::env::var("FSHOST_REQUIRE_FUSE").as_deref() == Ok("1") {
+        panic!("FSHOST_REQUIRE_FUSE=1 but real FUSE mounts are not possible here ({why})");
+    }
+    eprintln!(
+        "SKIPPED: needs root and /dev/fuse ({why}); set FSHOST_REQUIRE_FUSE=1 to fail instead"
+    );
+    false
+}
+
+/// Runs a command with a deadline; kills it and fails the test if it takes longer.
+pub fn run(mut command: Command) -> Output {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    let mut stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stdout.read_to_end(&mut buf);
+        buf
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        let _ = stderr.read_to_end(&mut buf);
+        buf
+    });
+    let status = wait_with_deadline(&mut child, COMMAND_TIMEOUT)
+        .unwrap_or_else(|| panic!("{command:?} did not finish within {COMMAND_TIMEOUT:?}"));
+    Output {
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// Waits for a child; kills it and returns None after `timeout`.
+pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Polls `condition` until it holds or `timeout` passes; returns whether it held.
+pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Result of one `fshostctl` run.
+#[derive(Debug)]
+pub struct Ctl {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ctl {
+    /// Fails the test unless the command succeeded.
+    #[track_caller]
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "fshostctl failed: {self:?}");
+        self
+    }
+
+    /// The `result` object of a `--json` run.
+    pub fn json(&self) -> serde_json::Value {
+        let response: serde_json::Value = serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"));
+        response["result"].clone()
+    }
+}
+
+/// Kernel mount points of type `fuse.fshost*` below `dir`, from /proc/self/mountinfo.
+pub fn fshost_mounts_below(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            let fstype = fields.get(dash + 1)?;
+            let mountpoint = PathBuf::from(unescape(fields.get(4)?));
+            (fstype.starts_with("fuse.fshost") && mountpoint.starts_with(dir)).then_some(mountpoint)
+        })
+        .collect()
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(field: &str) -> String {
+    field
+        .replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
+}
+
+/// One test's world: a temporary directory, a socket in it, and a running daemon.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    daemon: Option<Child>,
+    log: PathBuf,
+}
+
+impl Env {
+    /// Starts a daemon on a fresh socket, with the build directory as its plugin directory.
+    pub fn start() -> Env {
+        let dir = tempfile::Builder::new()
+            .prefix("fshost-e2e-")
+            .tempdir()
+            .expect("temporary directory");
+        let socket = dir.path().join("fshostd.sock");
+        let log = dir.path().join("fshostd.log");
+        let mut env = Env {
+            socket,
+            daemon: None,
+            log,
+            dir,
+        };
+        env.spawn_daemon();
+        env
+    }
+
+    fn spawn_daemon(&mut self) {
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let child = Command::new(artifact("fshostd"))
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--plugin-dir")
+            .arg(build_dir())
+            .env("RUST_LOG", "debug,fuser=warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start fshostd");
+        self.daemon = Some(child);
+        let up = eventually(Duration::from_secs(10), || {
+            UnixStream::connect(&self.socket).is_ok()
+        });
+        assert!(up, "fshostd did not start listening: {}", self.log_text());
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Makes a fresh directory to mount on.
+    pub fn mountpoint(&self, name: &str) -> PathBuf {
+        let path = self.path(name);
+        std::fs::create_dir_all(&path).expect("mount point");
+        path
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.daemon.as_ref().expect("daemon running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `fshostctl` against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Ctl {
+        let mut command = Command::new(artifact("fshostctl"));
+        command.args(args).env("FSHOST_SOCKET", &self.socket);
+        let out = run(command);
+        Ctl {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// Sends raw bytes on a new connection and returns the first answer line
+    /// (empty if the daemon closed the connection without one).
+    pub fn raw(&self, bytes: &[u8]) -> String {
+        let mut stream = UnixStream::connect(&self.socket).expect("connect");
+        stream.set_read_timeout(Some(COMMAND_TIMEOUT)).unwrap();
+        // The daemon may close early (oversized request); a failed write is fine then.
+        let _ = stream.write_all(bytes);
+        let mut line = String::new();
+        let _ = BufReader::new(stream).read_line(&mut line);
+        line
+    }
+
+    /// `list --json` as (name, state, mounts) triples.
+    pub fn plugins(&self) -> Vec<(String, String, usize)> {
+        let result = self.ctl(&["--json", "list"]).ok().json();
+        result["plugins"]
+            .as_array()
+            .expect("plugins array")
+            .iter()
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap_or_default().to_string(),
+                    p["state"].as_str().unwrap_or_default().to_string(),
+                    p["mounts"].as_array().map_or(0, Vec::len),
+                )
+            })
+            .collect()
+    }
+
+    /// Sends SIGTERM and waits for the daemon to exit.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.daemon.take().expect("daemon running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("send SIGTERM");
+        wait_with_deadline(&mut child, COMMAND_TIMEOUT).expect("fshostd exits after SIGTERM")
+    }
+
+    /// Compiles a C plugin from `source` against the SDK header into this test's directory,
+    /// with extra `-D` definitions.
+    pub fn compile_c_plugin(&self, name: &str, source: &str, defines: &[&str]) -> PathBuf {
+        let include = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fs-plugins/sdk/include");
+        let c_file = self.path(&format!("{name}.c"));
+        let so = self.path(&format!("lib{name}.so"));
+        std::fs::write(&c_file, source).expect("write C source");
+        let mut command = Command::new("cc");
+        command
+            .args(["-shared", "-fPIC", "-std=c11", "-Wall", "-Werror", "-o"])
+            .arg(&so)
+            .arg(&c_file)
+            .arg("-I")
+            .arg(include);
+        for define in defines {
+            command.arg(format!("-D{define}"));
+        }
+        let out = run(command);
+        assert!(
+            out.status.success(),
+            "cc failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        so
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Whatever the test left mounted goes now, lazily, so a failed test never leaves a
+        // mount behind (dead mounts of a killed daemon included).
+        for mountpoint in fshost_mounts_below(self.dir.path()) {
+            let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+        if std::thread::panicking() {
+            eprintln!("---- fshostd log ----\n{}", self.log_text());
+        }
+    }
+}

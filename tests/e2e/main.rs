@@ -381,6 +381,7 @@ fn memfs_behaves_like_a_filesystem() {
     use std::os::unix::fs::FileExt;
     let file = fs::OpenOptions::new()
         .create(true)
+        .truncate(true)
         .read(true)
         .write(true)
         .open(p("f"))

@@ -55,7 +55,8 @@ impl HostError {
                 RegistryError::NotLive { .. }
                 | RegistryError::PluginBusy { .. }
                 | RegistryError::MountpointInUse { .. }
-                | RegistryError::MountBusy { .. } => ErrorCode::Busy,
+                | RegistryError::MountBusy { .. }
+                | RegistryError::ShuttingDown => ErrorCode::Busy,
             },
             HostError::Load(LoadError::NotFound(_)) => ErrorCode::NotFound,
             HostError::Load(LoadError::Copy { .. } | LoadError::Unreadable { .. }) => ErrorCode::Io,
@@ -398,6 +399,7 @@ impl Host {
     /// Unmounts everything (lazily for mounts still busy after `grace`), then unloads every
     /// plugin. Used on SIGTERM/SIGINT.
     pub fn shutdown(&self, grace: Duration) {
+        self.lock().close();
         // Let mounts that are being set up finish first, so none is missed.
         self.wait_until(Duration::from_secs(5), |reg| {
             reg.mounts().all(|(_, r)| r.state != MountState::Pending)

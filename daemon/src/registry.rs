@@ -79,6 +79,8 @@ pub enum RegistryError {
     UnknownMount { path: PathBuf },
     #[error("mount {} is busy: it is {state}; try again in a moment", .path.display())]
     MountBusy { path: PathBuf, state: MountState },
+    #[error("fshostd is shutting down and takes no new loads or mounts")]
+    ShuttingDown,
 }
 
 fn mount_count(n: usize) -> String {
@@ -103,6 +105,8 @@ pub struct Registry<P> {
     plugins: BTreeMap<String, PluginEntry<P>>,
     mounts: BTreeMap<PathBuf, MountRecord>,
     next_mount_id: u64,
+    /// Set at shutdown: no new loads or mounts from then on.
+    closed: bool,
 }
 
 impl<P> Default for Registry<P> {
@@ -111,6 +115,7 @@ impl<P> Default for Registry<P> {
             plugins: BTreeMap::new(),
             mounts: BTreeMap::new(),
             next_mount_id: 1,
+            closed: false,
         }
     }
 }
@@ -155,6 +160,12 @@ impl<P> Registry<P> {
         self.mounts.values().any(|r| r.id == id)
     }
 
+    /// Refuses every later load and mount; what exists stays and can still be unmounted
+    /// and unloaded. Used at shutdown so nothing new appears while everything is torn down.
+    pub fn close(&mut self) {
+        self.closed = true;
+    }
+
     /// Load, step 1: reserve the name in `Registering` (its library is already open).
     pub fn begin_load(
         &mut self,
@@ -162,6 +173,9 @@ impl<P> Registry<P> {
         handle: Arc<P>,
         now: SystemTime,
     ) -> Result<(), RegistryError> {
+        if self.closed {
+            return Err(RegistryError::ShuttingDown);
+        }
         if let Some(entry) = self.plugins.get(name) {
             return Err(match entry.state {
                 PluginState::Live => RegistryError::AlreadyLoaded { name: name.into() },
@@ -204,6 +218,9 @@ impl<P> Registry<P> {
         read_only: bool,
         now: SystemTime,
     ) -> Result<(Arc<P>, MountId), RegistryError> {
+        if self.closed {
+            return Err(RegistryError::ShuttingDown);
+        }
         let entry = self.entry_in(name, PluginState::Live)?;
         let handle = Arc::clone(&entry.handle);
         if let Some(existing) = self.mounts.get(path) {

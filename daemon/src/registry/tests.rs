@@ -198,6 +198,22 @@ fn mount_that_ended_before_it_was_marked_started() {
     assert_eq!(reg.mount_count("memfs"), 0);
 }
 
+#[test]
+fn closed_registry_refuses_new_loads_and_mounts_but_allows_teardown() {
+    let mut reg = Reg::new();
+    live(&mut reg, "memfs");
+    let id = mount(&mut reg, "memfs", "/a").unwrap();
+    reg.close();
+    let err = refused(&mut reg, |r| r.begin_load("other", Arc::new(2), now()));
+    assert_eq!(err, RegistryError::ShuttingDown);
+    let err = refused(&mut reg, |r| mount(r, "memfs", "/b"));
+    assert_eq!(err, RegistryError::ShuttingDown);
+    reg.begin_unmount(Path::new("/a")).unwrap();
+    assert!(reg.release_mount(Path::new("/a"), id));
+    reg.begin_unload("memfs").unwrap();
+    reg.finish_unload("memfs").unwrap();
+}
+
 // ---- model-based random sequences ----
 
 #[derive(Debug, Clone)]

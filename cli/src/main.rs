@@ -38,8 +38,18 @@ enum Command {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Unload a plugin; refused while it has mounts.
-    Unload { name: String },
+    /// Unload a plugin; refused while it has mounts (see --drain).
+    Unload {
+        name: String,
+        /// Refuse new mounts now and wait for the existing ones to be unmounted; if they
+        /// are not gone within the timeout (or this command is interrupted), the plugin
+        /// is live again.
+        #[arg(long)]
+        drain: bool,
+        /// How long --drain waits, in seconds.
+        #[arg(long, requires = "drain", value_name = "SECS", default_value_t = fshost_protocol::DEFAULT_DRAIN_SECS)]
+        timeout: u64,
+    },
     /// Mount a plugin on an existing directory.
     Mount {
         name: String,
@@ -66,8 +76,18 @@ enum Command {
     Info { name: String },
 }
 
-/// How long to wait for the daemon's answer before giving up.
+/// How long to wait for the daemon's answer before giving up (on top of a drain's timeout).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+fn answer_timeout(request: &Request) -> Duration {
+    match request {
+        Request::Unload {
+            timeout_secs: Some(secs),
+            ..
+        } => ANSWER_TIMEOUT + Duration::from_secs(*secs),
+        _ => ANSWER_TIMEOUT,
+    }
+}
 
 fn absolute(path: &std::path::Path) -> String {
     std::path::absolute(path)
@@ -98,7 +118,15 @@ fn request(command: &Command) -> Request {
             },
             name: name.clone(),
         },
-        Command::Unload { name } => Request::Unload { name: name.clone() },
+        Command::Unload {
+            name,
+            drain,
+            timeout,
+        } => Request::Unload {
+            name: name.clone(),
+            drain: *drain,
+            timeout_secs: drain.then_some(*timeout),
+        },
         Command::Mount {
             name,
             mountpoint,
@@ -130,7 +158,7 @@ fn exchange(socket: &PathBuf, request: &Request) -> Result<(Response, String), S
         )
     })?;
     stream
-        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .set_read_timeout(Some(answer_timeout(request)))
         .map_err(|e| e.to_string())?;
     stream
         .write_all(to_line(request).as_bytes())

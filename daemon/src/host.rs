@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -42,6 +43,12 @@ pub enum HostError {
     SessionStuck(PathBuf),
     #[error("{0}")]
     BadRequest(String),
+    #[error("plugin \"{name}\" {why}: {} mount(s) left ({}); it is live again", .mounts.len(), join_paths(.mounts))]
+    DrainEnded {
+        name: String,
+        why: DrainEnd,
+        mounts: Vec<PathBuf>,
+    },
 }
 
 impl HostError {
@@ -69,8 +76,37 @@ impl HostError {
             HostError::BadMountpoint { code, .. } => *code,
             HostError::SessionStuck(_) => ErrorCode::Timeout,
             HostError::BadRequest(_) => ErrorCode::BadRequest,
+            HostError::DrainEnded { .. } => ErrorCode::Timeout,
         }
     }
+}
+
+/// How an `unload --drain` waits.
+pub struct Drain<'a> {
+    pub timeout: Duration,
+    /// Set when the client went away; the drain then ends as if it timed out.
+    pub cancelled: &'a AtomicBool,
+}
+
+/// Why a drain ended without unloading.
+#[derive(Debug)]
+pub enum DrainEnd {
+    TimedOut(u64),
+    Cancelled,
+}
+
+impl std::fmt::Display for DrainEnd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DrainEnd::TimedOut(secs) => write!(f, "still busy after draining for {secs}s"),
+            DrainEnd::Cancelled => f.write_str("drain cancelled by the client"),
+        }
+    }
+}
+
+fn join_paths(paths: &[PathBuf]) -> String {
+    let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    paths.join(", ")
 }
 
 /// State shared with mount threads, which report the end of their session through it.
@@ -87,10 +123,26 @@ impl Shared {
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Applies one registry transition under the lock, then wakes every waiter. Debug
+    /// builds check the registry's invariants after each transition and abort on a
+    /// violation, so that stress tests notice at once.
+    fn transition<R>(&self, change: impl FnOnce(&mut Registry<Plugin>) -> R) -> R {
+        let mut reg = self.lock();
+        let result = change(&mut reg);
+        if cfg!(debug_assertions) {
+            if let Err(violation) = reg.check() {
+                tracing::error!(%violation, "registry invariant violated");
+                std::process::abort();
+            }
+        }
+        drop(reg);
+        self.changed.notify_all();
+        result
+    }
+
     /// Mount failed or session ended: drop the count and wake waiters.
     fn release_mount(&self, path: &Path, id: MountId) {
-        let released = self.lock().release_mount(path, id);
-        self.changed.notify_all();
+        let released = self.transition(|reg| reg.release_mount(path, id));
         if released {
             tracing::info!(mountpoint = %path.display(), "mount ended");
         }
@@ -183,6 +235,10 @@ impl Host {
         self.shared.lock()
     }
 
+    fn transition<R>(&self, change: impl FnOnce(&mut Registry<Plugin>) -> R) -> R {
+        self.shared.transition(change)
+    }
+
     /// Waits (releasing the lock) until `done` holds or the timeout passes.
     fn wait_until(&self, timeout: Duration, done: impl Fn(&Registry<Plugin>) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
@@ -245,19 +301,16 @@ impl Host {
         let path = path.canonicalize().unwrap_or(path);
         let plugin = Arc::new(plugin::load(&path, name, &self.copy_dir)?);
         let name = plugin.name.clone();
-        let reserved = self
-            .lock()
-            .begin_load(&name, Arc::clone(&plugin), SystemTime::now());
+        let reserved =
+            self.transition(|reg| reg.begin_load(&name, Arc::clone(&plugin), SystemTime::now()));
         if let Err(e) = reserved {
             close_plugin(plugin);
             return Err(e.into());
         }
-        self.shared.changed.notify_all();
         let loaded = plugin::on_fresh_thread(|| plugin.library.on_load());
         drop(plugin);
         if let Err(errno) = loaded {
-            let removed = self.lock().abort_load(&name);
-            self.shared.changed.notify_all();
+            let removed = self.transition(|reg| reg.abort_load(&name));
             if let Ok(plugin) = removed {
                 close_plugin(plugin);
             }
@@ -266,25 +319,66 @@ impl Host {
                 errno: errno.0,
             });
         }
-        let mut reg = self.lock();
-        reg.finish_load(&name)?;
-        self.shared.changed.notify_all();
+        self.transition(|reg| reg.finish_load(&name))?;
         tracing::info!(plugin = %name, path = %path.display(), "plugin loaded");
-        let entry = reg.plugin(&name).expect("just made live under this lock");
-        Ok(plugin_info(&reg, &name, entry))
+        self.info(&name)
     }
 
+    /// Unloads a plugin; with `drain`, first waits for its mounts to go (see [`Drain`]).
     /// Returns true if the library is still mapped after it was closed.
-    pub fn unload(&self, name: &str) -> Result<bool, HostError> {
-        let plugin = self.lock().begin_unload(name)?;
-        self.shared.changed.notify_all();
+    pub fn unload(&self, name: &str, drain: Option<Drain<'_>>) -> Result<bool, HostError> {
+        match drain {
+            None => drop(self.transition(|reg| reg.begin_unload(name))?),
+            Some(drain) => self.drain(name, drain)?,
+        }
+        let plugin = match self.lock().plugin(name) {
+            Some(entry) => Arc::clone(&entry.handle),
+            None => return Err(RegistryError::UnknownPlugin { name: name.into() }.into()),
+        };
         plugin::on_fresh_thread(|| plugin.library.on_unload());
         drop(plugin);
-        let plugin = self.lock().finish_unload(name)?;
-        self.shared.changed.notify_all();
+        let plugin = self.transition(|reg| reg.finish_unload(name))?;
         let still_mapped = close_plugin(plugin);
         tracing::info!(plugin = %name, still_mapped, "plugin unloaded");
         Ok(still_mapped)
+    }
+
+    /// `Deregistering` at once (new mounts refused), then wait until the last mount has
+    /// gone; on timeout or cancellation the plugin is `Live` again and the error names the
+    /// mounts that kept it busy.
+    fn drain(&self, name: &str, drain: Drain<'_>) -> Result<(), HostError> {
+        self.transition(|reg| reg.begin_drain(name))?;
+        tracing::info!(plugin = %name, timeout = ?drain.timeout, "draining: new mounts refused until the last mount is gone");
+        let cancelled = || drain.cancelled.load(Ordering::SeqCst);
+        self.wait_until(drain.timeout, |reg| {
+            reg.mount_count(name) == 0 || cancelled()
+        });
+        let mounts = self.transition(|reg| {
+            let mounts = reg.mounts_of(name);
+            if !mounts.is_empty() {
+                reg.abort_unload(name)?;
+            }
+            Ok::<_, RegistryError>(mounts)
+        })?;
+        if mounts.is_empty() {
+            return Ok(());
+        }
+        let why = if cancelled() {
+            DrainEnd::Cancelled
+        } else {
+            DrainEnd::TimedOut(drain.timeout.as_secs())
+        };
+        tracing::info!(plugin = %name, why = %why, "drain ended; plugin is live again");
+        Err(HostError::DrainEnded {
+            name: name.to_string(),
+            why,
+            mounts,
+        })
+    }
+
+    /// Wakes every waiter so it re-checks its condition (used when a client cancels).
+    pub fn wake_waiters(&self) {
+        self.shared.changed.notify_all();
     }
 
     pub fn mount(
@@ -311,10 +405,8 @@ impl Host {
             });
         }
         let now = SystemTime::now();
-        let reserved = self
-            .lock()
-            .reserve_mount(name, &path, options.clone(), read_only, now);
-        let (plugin, id) = reserved?;
+        let (plugin, id) =
+            self.transition(|reg| reg.reserve_mount(name, &path, options.clone(), read_only, now))?;
         let shared = Arc::clone(&self.shared);
         let ended_path = path.clone();
         let spec = MountSpec {
@@ -327,9 +419,7 @@ impl Host {
             self.shared.release_mount(&path, id);
             return Err(e.into());
         }
-        let mut reg = self.lock();
-        reg.mount_started(&path, id);
-        self.shared.changed.notify_all();
+        self.transition(|reg| reg.mount_started(&path, id));
         tracing::info!(plugin = %name, mountpoint = %path.display(), "mounted");
         Ok(MountInfo {
             mountpoint: path.display().to_string(),
@@ -350,10 +440,9 @@ impl Host {
     }
 
     fn unmount_path(&self, path: &Path, lazy: bool) -> Result<(PathBuf, bool), HostError> {
-        let id = self.lock().begin_unmount(path)?;
+        let id = self.transition(|reg| reg.begin_unmount(path))?;
         if let Err(e) = mount::unmount(path, lazy) {
-            self.lock().abort_unmount(path, id);
-            self.shared.changed.notify_all();
+            self.transition(|reg| reg.abort_unmount(path, id));
             return Err(e.into());
         }
         let timeout = if lazy {
@@ -399,7 +488,7 @@ impl Host {
     /// Unmounts everything (lazily for mounts still busy after `grace`), then unloads every
     /// plugin. Used on SIGTERM/SIGINT.
     pub fn shutdown(&self, grace: Duration) {
-        self.lock().close();
+        self.transition(|reg| reg.close());
         // Let mounts that are being set up finish first, so none is missed.
         self.wait_until(Duration::from_secs(5), |reg| {
             reg.mounts().all(|(_, r)| r.state != MountState::Pending)
@@ -427,7 +516,7 @@ impl Host {
         }
         let names: Vec<String> = self.lock().plugins().map(|(n, _)| n.clone()).collect();
         for name in names {
-            if let Err(e) = self.unload(&name) {
+            if let Err(e) = self.unload(&name, None) {
                 tracing::warn!(plugin = %name, error = %e, "unload at shutdown failed");
             }
         }

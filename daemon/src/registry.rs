@@ -6,8 +6,9 @@
 //! umount, dlclose). Every refused transition returns an error and leaves the registry
 //! exactly as it was.
 //!
-//! Architecture Invariant: a mount record exists only for a `Live` plugin, and a plugin's
-//! mount count is the number of its mount records (derived, never stored separately).
+//! Architecture Invariant: a mount record is only ever created for a `Live` plugin (it may
+//! then see its plugin go `Deregistering` during a drain), and a plugin's mount count is the
+//! number of its mount records (derived, never stored separately).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -312,10 +313,63 @@ impl<P> Registry<P> {
         Ok(Arc::clone(&entry.handle))
     }
 
-    /// Unload, step 2 (on_unload has run): remove the entry; the caller closes the library.
+    /// Drain-unload, step 1: `Live` → `Deregistering` even with mounts. New mounts are
+    /// refused from now; the existing ones go on until they are unmounted.
+    pub fn begin_drain(&mut self, name: &str) -> Result<(), RegistryError> {
+        let entry = self.entry_in(name, PluginState::Live)?;
+        entry.state = PluginState::Deregistering;
+        Ok(())
+    }
+
+    /// A drain that timed out or was cancelled: `Deregistering` → `Live`.
+    pub fn abort_unload(&mut self, name: &str) -> Result<(), RegistryError> {
+        let entry = self.entry_in(name, PluginState::Deregistering)?;
+        entry.state = PluginState::Live;
+        Ok(())
+    }
+
+    /// Unload, last step (on_unload has run): remove the entry; the caller closes the
+    /// library. Refused while any mount is left, so a library never closes under a user.
     pub fn finish_unload(&mut self, name: &str) -> Result<Arc<P>, RegistryError> {
+        let mounts = self.mounts_of(name);
         self.entry_in(name, PluginState::Deregistering)?;
+        if !mounts.is_empty() {
+            return Err(RegistryError::PluginBusy {
+                name: name.to_string(),
+                mounts,
+            });
+        }
         Ok(self.remove(name))
+    }
+
+    /// Checks the invariants of DESIGN.md §2 that the registry alone can see; returns the
+    /// first violation. Debug builds of the daemon run it after every transition.
+    pub fn check(&self) -> Result<(), String> {
+        for (path, record) in &self.mounts {
+            match self.plugins.get(&record.plugin) {
+                None => {
+                    return Err(format!(
+                        "mount {} of unknown plugin {}",
+                        path.display(),
+                        record.plugin
+                    ))
+                }
+                Some(entry) if entry.state == PluginState::Registering => {
+                    return Err(format!("mount {} on a registering plugin", path.display()))
+                }
+                Some(_) => {}
+            }
+        }
+        let mut ids: Vec<MountId> = self.mounts.values().map(|r| r.id).collect();
+        ids.sort();
+        ids.dedup();
+        if ids.len() != self.mounts.len() {
+            return Err("two mounts share an id".into());
+        }
+        if ids.last().is_some_and(|id| id.0 >= self.next_mount_id) {
+            return Err("a mount id was handed out twice".into());
+        }
+        Ok(())
     }
 
     /// The entry of `name`, refused unless it is in `state`.

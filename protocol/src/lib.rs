@@ -15,6 +15,10 @@ pub const DEFAULT_SOCKET: &str = "/run/fshost/fshostd.sock";
 /// Environment variable that overrides the socket path for both binaries.
 pub const SOCKET_ENV: &str = "FSHOST_SOCKET";
 
+/// How long `unload --drain` waits by default, and at most.
+pub const DEFAULT_DRAIN_SECS: u64 = 30;
+pub const MAX_DRAIN_SECS: u64 = 24 * 3600;
+
 /// Longest request line the daemon accepts (bytes, newline excluded).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 
@@ -28,8 +32,16 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
     },
-    /// Deregister a plugin and close its library; refused while it has mounts.
-    Unload { name: String },
+    /// Deregister a plugin and close its library; refused while it has mounts, unless
+    /// `drain` is set: then new mounts are refused at once and the unload waits (up to
+    /// `timeout_secs`) for the existing mounts to go; if they do not, the plugin is live again.
+    Unload {
+        name: String,
+        #[serde(default)]
+        drain: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
+    },
     /// Mount a Live plugin at an existing directory.
     Mount {
         plugin: String,

@@ -233,6 +233,26 @@ impl Env {
         }
     }
 
+    /// Starts `fshostctl` without waiting for it (the caller kills or waits with a deadline).
+    pub fn ctl_child(&self, args: &[&str]) -> Child {
+        Command::new(artifact("fshostctl"))
+            .args(args)
+            .env("FSHOST_SOCKET", &self.socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start fshostctl")
+    }
+
+    /// The state of one plugin in `list`, if it is listed.
+    pub fn state_of(&self, name: &str) -> Option<(String, usize)> {
+        self.plugins()
+            .into_iter()
+            .find(|p| p.0 == name)
+            .map(|p| (p.1, p.2))
+    }
+
     /// Sends raw bytes on a new connection and returns the first answer line
     /// (empty if the daemon closed the connection without one).
     pub fn raw(&self, bytes: &[u8]) -> String {

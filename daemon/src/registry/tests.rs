@@ -199,6 +199,26 @@ fn mount_that_ended_before_it_was_marked_started() {
 }
 
 #[test]
+fn drain_refuses_new_mounts_and_finishes_only_without_mounts() {
+    let mut reg = Reg::new();
+    live(&mut reg, "memfs");
+    let id = mount(&mut reg, "memfs", "/a").unwrap();
+    reg.begin_drain("memfs").unwrap();
+    let err = refused(&mut reg, |r| mount(r, "memfs", "/b"));
+    assert!(err.to_string().contains("deregistering"), "{err}");
+    let err = refused(&mut reg, |r| r.finish_unload("memfs"));
+    assert!(matches!(err, RegistryError::PluginBusy { .. }));
+    // Timed out: live again, the mount untouched.
+    reg.abort_unload("memfs").unwrap();
+    assert_eq!(reg.plugin("memfs").unwrap().state, PluginState::Live);
+    reg.begin_drain("memfs").unwrap();
+    reg.begin_unmount(Path::new("/a")).unwrap();
+    assert!(reg.release_mount(Path::new("/a"), id));
+    reg.finish_unload("memfs").unwrap();
+    assert!(reg.plugin("memfs").is_none());
+}
+
+#[test]
 fn closed_registry_refuses_new_loads_and_mounts_but_allows_teardown() {
     let mut reg = Reg::new();
     live(&mut reg, "memfs");
@@ -227,6 +247,8 @@ enum Op {
     BeginUnmount(usize),
     AbortUnmount(usize),
     BeginUnload(usize),
+    BeginDrain(usize),
+    AbortUnload(usize),
     FinishUnload(usize),
 }
 
@@ -246,6 +268,8 @@ fn op() -> impl Strategy<Value = Op> {
         p.clone().prop_map(Op::BeginUnmount),
         p.clone().prop_map(Op::AbortUnmount),
         n.clone().prop_map(Op::BeginUnload),
+        n.clone().prop_map(Op::BeginDrain),
+        n.clone().prop_map(Op::AbortUnload),
         n.prop_map(Op::FinishUnload),
     ]
 }
@@ -264,17 +288,28 @@ impl Model {
     }
 }
 
-fn check_invariants(reg: &Reg, closed: &[u32]) {
+fn check_invariants(reg: &Reg, closed: &[u32], draining: &[usize]) {
+    reg.check().unwrap();
     for (path, record) in reg.mounts() {
         let entry = reg
             .plugin(&record.plugin)
             .unwrap_or_else(|| panic!("mount {path:?} of a plugin that is gone"));
-        assert_eq!(entry.state, PluginState::Live, "mount on a plugin not live");
+        assert_ne!(
+            entry.state,
+            PluginState::Registering,
+            "mount on a registering plugin"
+        );
         assert!(!closed.contains(&entry.handle), "mount on a closed library");
     }
-    for (name, entry) in reg.plugins() {
-        if entry.state == PluginState::Deregistering {
-            assert_eq!(reg.mount_count(name), 0, "deregistering with mounts");
+    for (n, name) in NAMES.iter().enumerate() {
+        if let Some(entry) = reg.plugin(name) {
+            if entry.state == PluginState::Deregistering && !draining.contains(&n) {
+                assert_eq!(
+                    reg.mount_count(name),
+                    0,
+                    "deregistering with mounts, not draining"
+                );
+            }
         }
     }
 }
@@ -287,6 +322,8 @@ proptest! {
         let mut model = Model::default();
         let mut closed: Vec<u32> = Vec::new();
         let mut next_handle = 0u32;
+        // Plugins put into Deregistering by a drain (they may still have mounts).
+        let mut draining: Vec<usize> = Vec::new();
         for op in ops {
             let before = format!("{reg:?}");
             let ok = match op {
@@ -349,13 +386,34 @@ proptest! {
                     if ok { model.plugins.insert(n, PluginState::Deregistering); }
                     ok
                 }
+                Op::BeginDrain(n) => {
+                    let ok = reg.begin_drain(NAMES[n]).is_ok();
+                    prop_assert_eq!(ok, model.plugins.get(&n) == Some(&PluginState::Live));
+                    if ok {
+                        model.plugins.insert(n, PluginState::Deregistering);
+                        draining.push(n);
+                    }
+                    ok
+                }
+                Op::AbortUnload(n) => {
+                    let ok = reg.abort_unload(NAMES[n]).is_ok();
+                    prop_assert_eq!(ok, model.plugins.get(&n) == Some(&PluginState::Deregistering));
+                    if ok {
+                        model.plugins.insert(n, PluginState::Live);
+                        draining.retain(|d| *d != n);
+                    }
+                    ok
+                }
                 Op::FinishUnload(n) => {
                     let result = reg.finish_unload(NAMES[n]);
-                    prop_assert_eq!(result.is_ok(), model.plugins.get(&n) == Some(&PluginState::Deregistering));
+                    prop_assert_eq!(
+                        result.is_ok(),
+                        model.plugins.get(&n) == Some(&PluginState::Deregistering) && model.count(n) == 0
+                    );
                     if let Ok(handle) = &result {
-                        prop_assert_eq!(model.count(n), 0, "closed with mounts");
                         closed.push(**handle);
                         model.plugins.remove(&n);
+                        draining.retain(|d| *d != n);
                     }
                     result.is_ok()
                 }
@@ -363,7 +421,7 @@ proptest! {
             if !ok {
                 prop_assert_eq!(&before, &format!("{reg:?}"), "refused op changed the registry");
             }
-            check_invariants(&reg, &closed);
+            check_invariants(&reg, &closed, &draining);
             for (n, name) in NAMES.iter().enumerate() {
                 prop_assert_eq!(reg.plugin(name).map(|e| e.state), model.plugins.get(&n).copied());
                 prop_assert_eq!(reg.mount_count(name), model.count(n));

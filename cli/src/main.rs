@@ -205,6 +205,7 @@ fn print_reply(reply: &Reply) {
 }
 
 fn state_text(plugin: &PluginInfo) -> String {
+    // Display of the state already reads "unloaded (still mapped)" for lingering plugins.
     if plugin.tainted.is_some() {
         format!("{} (tainted)", plugin.state)
     } else {

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use fshost_protocol::{ErrorCode, MountInfo, PluginInfo};
+use fshost_protocol::{ErrorCode, MountInfo, PluginInfo, PluginState};
 
 use crate::mount::{self, MountError, MountSpec, UnmountError};
 use crate::plugin::{self, LoadError, Plugin};
@@ -151,6 +151,9 @@ impl Shared {
 
 pub struct Host {
     shared: Arc<Shared>,
+    /// Plugins that were unloaded but whose library stayed mapped (the unmap proof
+    /// failed), with the path of their mapping; shown by `list` until they unmap.
+    lingering: Mutex<Vec<(PathBuf, PluginInfo)>>,
     plugin_dirs: Vec<PathBuf>,
     /// Where private copies of plugin libraries are made (see `plugin::load`).
     copy_dir: PathBuf,
@@ -226,6 +229,7 @@ impl Host {
                 registry: Mutex::new(Registry::new()),
                 changed: Condvar::new(),
             }),
+            lingering: Mutex::new(Vec::new()),
             plugin_dirs,
             copy_dir,
         }
@@ -336,10 +340,20 @@ impl Host {
             None => return Err(RegistryError::UnknownPlugin { name: name.into() }.into()),
         };
         plugin::on_fresh_thread(|| plugin.library.on_unload());
+        let mapped_path = plugin.mapped_path.clone();
         drop(plugin);
+        let mut info = self.info(name)?;
         let plugin = self.transition(|reg| reg.finish_unload(name))?;
         let still_mapped = close_plugin(plugin);
         tracing::info!(plugin = %name, still_mapped, "plugin unloaded");
+        if still_mapped {
+            info.state = PluginState::Unloaded;
+            info.mounts.clear();
+            self.lingering
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((mapped_path, info));
+        }
         Ok(still_mapped)
     }
 
@@ -461,11 +475,18 @@ impl Host {
         }
     }
 
+    /// Every registered plugin, then every unloaded one that is still mapped.
     pub fn list(&self) -> Vec<PluginInfo> {
-        let reg = self.lock();
-        reg.plugins()
-            .map(|(name, entry)| plugin_info(&reg, name, entry))
-            .collect()
+        let mut plugins: Vec<PluginInfo> = {
+            let reg = self.lock();
+            reg.plugins()
+                .map(|(name, entry)| plugin_info(&reg, name, entry))
+                .collect()
+        };
+        let mut lingering = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
+        lingering.retain(|(mapped, _)| plugin::is_mapped(mapped));
+        plugins.extend(lingering.iter().map(|(_, info)| info.clone()));
+        plugins
     }
 
     pub fn mounts(&self) -> Vec<MountInfo> {

@@ -134,6 +134,9 @@ pub enum PluginState {
     Registering,
     Live,
     Deregistering,
+    /// Only in `list`: unloaded, but its library is still mapped in the daemon because it
+    /// left a thread or thread-local destructor behind. Never a registry state.
+    Unloaded,
 }
 
 impl fmt::Display for PluginState {
@@ -142,6 +145,7 @@ impl fmt::Display for PluginState {
             PluginState::Registering => "registering",
             PluginState::Live => "live",
             PluginState::Deregistering => "deregistering",
+            PluginState::Unloaded => "unloaded (still mapped)",
         })
     }
 }

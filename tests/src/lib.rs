@@ -166,6 +166,11 @@ pub struct Env {
 impl Env {
     /// Starts a daemon on a fresh socket, with the build directory as its plugin directory.
     pub fn start() -> Env {
+        Env::start_with(&[])
+    }
+
+    /// Like [`Env::start`], with extra environment variables for the daemon.
+    pub fn start_with(vars: &[(&str, &str)]) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("fshost-e2e-")
             .tempdir()
@@ -178,11 +183,11 @@ impl Env {
             log,
             dir,
         };
-        env.spawn_daemon();
+        env.spawn_daemon(vars);
         env
     }
 
-    fn spawn_daemon(&mut self) {
+    fn spawn_daemon(&mut self, vars: &[(&str, &str)]) {
         let log = std::fs::File::create(&self.log).expect("log file");
         let child = Command::new(artifact("fshostd"))
             .arg("--socket")
@@ -190,6 +195,7 @@ impl Env {
             .arg("--plugin-dir")
             .arg(build_dir())
             .env("RUST_LOG", "debug,fuser=warn")
+            .envs(vars.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

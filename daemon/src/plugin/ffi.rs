@@ -213,10 +213,11 @@ impl Library {
         }
     }
 
+    /// Runs the plugin's unload hook; a failure is only logged (the unload goes on).
     pub fn on_unload(&self) {
         if let Some(f) = self.d().on_unload {
             // SAFETY: plugin-wide hook without arguments.
-            unsafe { f() }
+            let _ = self.check("on_unload", unsafe { f() });
         }
     }
 
@@ -242,14 +243,14 @@ impl Library {
         if let Some(f) = self.d().destroy {
             // SAFETY: `instance` came from `create` and is destroyed exactly once (the caller
             // consumes it).
-            unsafe { f(instance.0) }
+            let _ = self.check("destroy", unsafe { f(instance.0) });
         }
     }
 
     pub fn forget(&self, inst: Instance, ino: u64, nlookup: u64) {
         if let Some(f) = self.d().forget {
             // SAFETY: `inst` is a live instance.
-            unsafe { f(inst.0, ino, nlookup) }
+            let _ = self.check("forget", unsafe { f(inst.0, ino, nlookup) });
         }
     }
 }

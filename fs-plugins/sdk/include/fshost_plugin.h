@@ -107,17 +107,17 @@ struct fshost_plugin {
 
     /* The plugin as a whole: run while Registering / Deregistering. */
     int (*on_load)(void);
-    void (*on_unload)(void);
+    int (*on_unload)(void); /* the result only reports a contained crash */
     size_t (*last_panic)(char *buf, size_t cap);
 
     /* Per mount: make and free the instance handle every operation receives. */
     int (*create)(const struct fshost_mount_option *options, size_t count, void **instance);
-    void (*destroy)(void *instance);
+    int (*destroy)(void *instance);
 
     /* Filesystem operations. */
     int (*lookup)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name,
                   struct fshost_attr *out);
-    void (*forget)(void *inst, uint64_t ino, uint64_t nlookup);
+    int (*forget)(void *inst, uint64_t ino, uint64_t nlookup);
     int (*getattr)(void *inst, fshost_ctx *ctx, uint64_t ino, struct fshost_attr *out);
     int (*setattr)(void *inst, fshost_ctx *ctx, uint64_t ino, const struct fshost_setattr *set,
                    struct fshost_attr *out);

@@ -129,7 +129,7 @@ pub struct PluginDescriptor {
 
     // Plugin as a whole (run while Registering / Deregistering).
     pub on_load: Option<unsafe extern "C" fn() -> c_int>,
-    pub on_unload: Option<unsafe extern "C" fn()>,
+    pub on_unload: Option<unsafe extern "C" fn() -> c_int>,
     /// Copies the last contained panic's message into `buf`; returns its full length.
     pub last_panic: Option<unsafe extern "C" fn(buf: *mut c_char, cap: usize) -> usize>,
 
@@ -141,7 +141,7 @@ pub struct PluginDescriptor {
             out: *mut Instance,
         ) -> c_int,
     >,
-    pub destroy: Option<unsafe extern "C" fn(instance: Instance)>,
+    pub destroy: Option<unsafe extern "C" fn(instance: Instance) -> c_int>,
 
     // Filesystem operations.
     pub lookup: Option<
@@ -153,7 +153,7 @@ pub struct PluginDescriptor {
             out: *mut Attr,
         ) -> c_int,
     >,
-    pub forget: Option<unsafe extern "C" fn(Instance, ino: u64, nlookup: u64)>,
+    pub forget: Option<unsafe extern "C" fn(Instance, ino: u64, nlookup: u64) -> c_int>,
     pub getattr: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, out: *mut Attr) -> c_int>,
     pub setattr: Option<
         unsafe extern "C" fn(Instance, Ctx, ino: u64, set: *const Setattr, out: *mut Attr) -> c_int,

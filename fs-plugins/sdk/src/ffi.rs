@@ -140,11 +140,11 @@ unsafe extern "C" fn on_load<T: Plugin>() -> c_int {
     guard("on_load", T::on_load)
 }
 
-unsafe extern "C" fn on_unload<T: Plugin>() {
+unsafe extern "C" fn on_unload<T: Plugin>() -> c_int {
     guard("on_unload", || {
         T::on_unload();
         Ok(())
-    });
+    })
 }
 
 unsafe extern "C" fn last_panic(buf: *mut c_char, cap: usize) -> usize {
@@ -182,14 +182,14 @@ unsafe extern "C" fn create<T: Plugin>(
     })
 }
 
-unsafe extern "C" fn destroy<T: Plugin>(inst: Instance) {
+unsafe extern "C" fn destroy<T: Plugin>(inst: Instance) -> c_int {
     guard("destroy", || {
         if !inst.is_null() {
             // SAFETY: host contract: `inst` came from `create::<T>` and is destroyed exactly once.
             drop(unsafe { Box::from_raw(inst.cast::<T>()) });
         }
         Ok(())
-    });
+    })
 }
 
 /// Declares one wrapper: `$args` are converted by the body, which runs inside `guard`.
@@ -214,12 +214,12 @@ wrapper!(lookup(parent: u64, name: *const c_char, out: *mut Attr) {
     }
 });
 
-unsafe extern "C" fn forget<T: Plugin>(inst: Instance, ino: u64, nlookup: u64) {
+unsafe extern "C" fn forget<T: Plugin>(inst: Instance, ino: u64, nlookup: u64) -> c_int {
     guard("forget", || {
         // SAFETY: host contract: `inst` is valid for this call.
         unsafe { fs::<T>(inst) }.forget(ino, nlookup);
         Ok(())
-    });
+    })
 }
 
 wrapper!(getattr(ino: u64, out: *mut Attr) {

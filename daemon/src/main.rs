@@ -78,6 +78,14 @@ async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    // Before serving: mounts of a killed fshostd answer ENOTCONN and block new mounts on
+    // the same paths. Clear them (and only them) and say so.
+    let stale = tokio::task::spawn_blocking(mount::detach_stale_mounts)
+        .await
+        .context("stale mount check failed")?;
+    for m in &stale {
+        tracing::warn!(mountpoint = %m.mountpoint.display(), fstype = %m.fstype, source = %m.source, "detached a stale mount left by a dead fshostd");
+    }
     let listener = bind(&args.socket).await?;
     let copy_dir = args
         .runtime_dir

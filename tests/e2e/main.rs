@@ -11,6 +11,7 @@ use fshost_tests::{artifact, eventually, fshost_mounts_below, fuse_available, ru
 
 mod faults;
 mod lifecycle;
+mod recovery;
 
 const MINIMAL_C: &str = include_str!("plugins/minimal.c");
 

@@ -7,6 +7,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// Held while a daemon starts (it detaches every dead fshost mount it finds) and by a test
+/// that makes dead mounts on purpose until its own daemon has cleaned them, so that no
+/// other test's daemon cleans them first.
+pub static DAEMON_START: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Upper bound for any one command a test runs.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -188,6 +193,11 @@ impl Env {
     }
 
     fn spawn_daemon(&mut self, vars: &[(&str, &str)]) {
+        let _starting = DAEMON_START.lock().unwrap_or_else(|e| e.into_inner());
+        self.spawn_daemon_locked(vars);
+    }
+
+    fn spawn_daemon_locked(&mut self, vars: &[(&str, &str)]) {
         let log = std::fs::File::create(&self.log).expect("log file");
         let child = Command::new(artifact("fshostd"))
             .arg("--socket")
@@ -297,6 +307,27 @@ impl Env {
         )
         .expect("send SIGTERM");
         wait_with_deadline(&mut child, COMMAND_TIMEOUT).expect("fshostd exits after SIGTERM")
+    }
+
+    /// Kills the daemon with SIGKILL (its mounts stay, dead) and starts a new one on the
+    /// same socket, holding [`DAEMON_START`] across both so that only the new daemon can
+    /// find those dead mounts.
+    pub fn crash_and_restart(&mut self) {
+        let _starting = DAEMON_START.lock().unwrap_or_else(|e| e.into_inner());
+        let mut child = self.daemon.take().expect("daemon running");
+        child.kill().expect("SIGKILL fshostd");
+        child.wait().expect("reap fshostd");
+        for mountpoint in fshost_mounts_below(self.dir.path()) {
+            let err = std::fs::metadata(&mountpoint).expect_err("a dead mount");
+            assert_eq!(
+                err.raw_os_error(),
+                Some(libc::ENOTCONN),
+                "{}",
+                mountpoint.display()
+            );
+        }
+        std::fs::rename(&self.log, self.log.with_extension("crashed.log")).expect("keep old log");
+        self.spawn_daemon_locked(&[]);
     }
 
     /// Compiles a C plugin from `source` against the SDK header into this test's directory,

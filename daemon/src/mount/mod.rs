@@ -198,3 +198,106 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), UnmountError> {
         }),
     }
 }
+
+/// One line of /proc/self/mountinfo that matters here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelMount {
+    pub mountpoint: PathBuf,
+    pub fstype: String,
+    pub source: String,
+}
+
+/// Parses /proc/self/mountinfo text; mount points are unescaped (`\040` is a space).
+pub fn parse_mountinfo(text: &str) -> Vec<KernelMount> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let dash = fields.iter().position(|f| *f == "-")?;
+            Some(KernelMount {
+                mountpoint: PathBuf::from(unescape_mountinfo(fields.get(4)?)),
+                fstype: fields.get(dash + 1)?.to_string(),
+                source: unescape_mountinfo(fields.get(dash + 2)?),
+            })
+        })
+        .collect()
+}
+
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match (bytes[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// True if `path` answers ENOTCONN: a FUSE mount whose daemon is gone. A live mount that
+/// does not answer within a second is left alone (slow is not dead).
+fn is_dead(path: &Path) -> bool {
+    let (tx, rx) = mpsc::channel();
+    let probe = path.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name("stale-probe".into())
+        .spawn(move || {
+            let _ = tx.send(
+                std::fs::metadata(&probe)
+                    .err()
+                    .and_then(|e| e.raw_os_error()),
+            );
+        });
+    spawned.is_ok()
+        && rx.recv_timeout(std::time::Duration::from_secs(1)) == Ok(Some(libc::ENOTCONN))
+}
+
+/// Detaches every dead `fuse.fshost*` mount (left by an fshostd that was killed) and
+/// returns them. Live mounts, including those of other fshostd instances, are untouched.
+pub fn detach_stale_mounts() -> Vec<KernelMount> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    parse_mountinfo(&text)
+        .into_iter()
+        .filter(|m| m.fstype.starts_with("fuse.fshost") && is_dead(&m.mountpoint))
+        .filter(|m| match umount2(&m.mountpoint, MntFlags::MNT_DETACH) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(mountpoint = %m.mountpoint.display(), error = %e, "cannot detach stale mount");
+                false
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_lines_are_parsed_and_unescaped() {
+        let text =
+            "42 27 0:39 / /tmp/a\\040b rw,nosuid - fuse.fshost-memfs fshost:memfs rw,user_id=0\n\
+                    43 27 0:40 / /srv rw shared:1 - ext4 /dev/vda rw\n";
+        let mounts = parse_mountinfo(text);
+        assert_eq!(
+            mounts[0],
+            KernelMount {
+                mountpoint: PathBuf::from("/tmp/a b"),
+                fstype: "fuse.fshost-memfs".into(),
+                source: "fshost:memfs".into(),
+            }
+        );
+        assert_eq!(mounts[1].fstype, "ext4");
+        assert_eq!(mounts[1].mountpoint, PathBuf::from("/srv"));
+    }
+}

@@ -12,6 +12,7 @@ use fshost_tests::{artifact, eventually, fshost_mounts_below, fuse_available, ru
 mod faults;
 mod lifecycle;
 mod recovery;
+mod storm;
 
 const MINIMAL_C: &str = include_str!("plugins/minimal.c");
 

@@ -402,4 +402,6 @@ impl<P> Registry<P> {
 }
 
 #[cfg(test)]
+mod interleavings;
+#[cfg(test)]
 mod tests;

@@ -4,16 +4,14 @@
 //! 3 cannot reach the daemon.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
+use clap::CommandFactory;
 use clap::{Parser, Subcommand};
-use fshost_protocol::{to_line, MountInfo, PluginInfo, Reply, Request, Response};
+use fshost_protocol::{MountInfo, PluginInfo, Reply, Request, Status};
 
-mod table;
+use fshostctl::{exchange, table};
 
 /// Control fshostd: load and unload filesystem plugins, mount and unmount them.
 #[derive(Debug, Parser)]
@@ -74,19 +72,12 @@ enum Command {
     Mounts,
     /// Show one plugin in detail.
     Info { name: String },
-}
-
-/// How long to wait for the daemon's answer before giving up (on top of a drain's timeout).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn answer_timeout(request: &Request) -> Duration {
-    match request {
-        Request::Unload {
-            timeout_secs: Some(secs),
-            ..
-        } => ANSWER_TIMEOUT + Duration::from_secs(*secs),
-        _ => ANSWER_TIMEOUT,
-    }
+    /// Show the daemon: version, uptime, socket, counts, tainted plugins.
+    Status,
+    /// Print a shell completion script (e.g. `fshostctl completions bash > /etc/bash_completion.d/fshostctl`).
+    Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff) to stdout.
+    Man,
 }
 
 fn absolute(path: &std::path::Path) -> String {
@@ -145,34 +136,9 @@ fn request(command: &Command) -> Request {
         Command::List => Request::List {},
         Command::Mounts => Request::Mounts {},
         Command::Info { name } => Request::Info { name: name.clone() },
+        Command::Status => Request::Status {},
+        Command::Completions { .. } | Command::Man => unreachable!("handled locally"),
     }
-}
-
-/// Sends one request; errors here mean the daemon could not be reached or did not answer.
-fn exchange(socket: &PathBuf, request: &Request) -> Result<(Response, String), String> {
-    let mut stream = UnixStream::connect(socket).map_err(|e| {
-        format!(
-            "cannot reach fshostd at {}: {e}\nstart the daemon (`sudo fshostd` or `systemctl start fshostd`), or point --socket / {} at its socket",
-            socket.display(),
-            fshost_protocol::SOCKET_ENV
-        )
-    })?;
-    stream
-        .set_read_timeout(Some(answer_timeout(request)))
-        .map_err(|e| e.to_string())?;
-    stream
-        .write_all(to_line(request).as_bytes())
-        .map_err(|e| format!("cannot send the request to fshostd: {e}"))?;
-    let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(|e| format!("fshostd did not answer: {e}"))?;
-    if line.is_empty() {
-        return Err("fshostd closed the connection without answering".into());
-    }
-    let response = serde_json::from_str(&line)
-        .map_err(|e| format!("fshostd sent an unreadable answer: {e}"))?;
-    Ok((response, line))
 }
 
 fn print_reply(reply: &Reply) {
@@ -201,7 +167,31 @@ fn print_reply(reply: &Reply) {
         Reply::Plugins { plugins } => print!("{}", plugins_table(plugins)),
         Reply::Mounts { mounts } => print!("{}", mounts_table(mounts)),
         Reply::Info { plugin } => print!("{}", info_text(plugin)),
+        Reply::Status { status } => print!("{}", status_text(status)),
     }
+}
+
+fn status_text(s: &Status) -> String {
+    let tainted = if s.tainted.is_empty() {
+        "none".to_string()
+    } else {
+        s.tainted.join(", ")
+    };
+    let (h, m, sec) = (
+        s.uptime_secs / 3600,
+        s.uptime_secs % 3600 / 60,
+        s.uptime_secs % 60,
+    );
+    let rows = [
+        ("version", s.version.clone()),
+        ("pid", s.pid.to_string()),
+        ("uptime", format!("{h}h {m:02}m {sec:02}s")),
+        ("socket", s.socket.clone()),
+        ("plugins", s.plugins.to_string()),
+        ("mounts", s.mounts.to_string()),
+        ("tainted", tainted),
+    ];
+    rows.iter().map(|(k, v)| format!("{k:<8} {v}\n")).collect()
 }
 
 fn state_text(plugin: &PluginInfo) -> String {
@@ -233,9 +223,10 @@ fn mounts_table(mounts: &[MountInfo]) -> String {
             m.plugin.clone(),
             table::utc(m.since),
             if m.read_only { "ro" } else { "rw" }.to_string(),
+            m.owner_uid.to_string(),
         ]
     });
-    table::render(&["MOUNTPOINT", "PLUGIN", "SINCE", "MODE"], rows)
+    table::render(&["MOUNTPOINT", "PLUGIN", "SINCE", "MODE", "OWNER"], rows)
 }
 
 fn info_text(p: &PluginInfo) -> String {
@@ -262,6 +253,28 @@ fn info_text(p: &PluginInfo) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(
+                *shell,
+                &mut Cli::command(),
+                "fshostctl",
+                &mut std::io::stdout(),
+            );
+            return ExitCode::SUCCESS;
+        }
+        Command::Man => {
+            let man = clap_mangen::Man::new(Cli::command());
+            return match man.render(&mut std::io::stdout()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("fshostctl: cannot write the man page: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        _ => {}
+    }
     let request = request(&cli.command);
     let (response, raw) = match exchange(&cli.socket, &request) {
         Ok(answer) => answer,

@@ -6,6 +6,7 @@
 //! (`Condvar::wait` releases it).
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -43,6 +44,8 @@ pub enum HostError {
     SessionStuck(PathBuf),
     #[error("{0}")]
     BadRequest(String),
+    #[error("permission denied: {0}")]
+    Denied(String),
     #[error("plugin \"{name}\" {why}: {} mount(s) left ({}); it is live again", .mounts.len(), join_paths(.mounts))]
     DrainEnded {
         name: String,
@@ -66,6 +69,7 @@ impl HostError {
                 | RegistryError::ShuttingDown => ErrorCode::Busy,
             },
             HostError::Load(LoadError::NotFound(_)) => ErrorCode::NotFound,
+            HostError::Load(LoadError::Untrusted { .. }) => ErrorCode::PermissionDenied,
             HostError::Load(LoadError::Copy { .. } | LoadError::Unreadable { .. }) => ErrorCode::Io,
             HostError::Load(_) | HostError::OnLoad { .. } => ErrorCode::InvalidPlugin,
             HostError::Mount(MountError::BadOption { .. }) => ErrorCode::BadRequest,
@@ -76,6 +80,7 @@ impl HostError {
             HostError::BadMountpoint { code, .. } => *code,
             HostError::SessionStuck(_) => ErrorCode::Timeout,
             HostError::BadRequest(_) => ErrorCode::BadRequest,
+            HostError::Denied(_) => ErrorCode::PermissionDenied,
             HostError::DrainEnded { .. } => ErrorCode::Timeout,
         }
     }
@@ -154,9 +159,34 @@ pub struct Host {
     /// Plugins that were unloaded but whose library stayed mapped (the unmap proof
     /// failed), with the path of their mapping; shown by `list` until they unmap.
     lingering: Mutex<Vec<(PathBuf, PluginInfo)>>,
-    plugin_dirs: Vec<PathBuf>,
+    /// Where plugins may come from; replaced on reload.
+    trust: Mutex<Trust>,
     /// Where private copies of plugin libraries are made (see `plugin::load`).
     copy_dir: PathBuf,
+    socket: PathBuf,
+    started: Instant,
+}
+
+pub use crate::plugin::Trust;
+
+/// Who sent a request, from the socket's peer credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// Root or a member of the daemon's group: may do everything.
+    pub admin: bool,
+}
+
+impl Caller {
+    /// The daemon itself (config file, shutdown).
+    pub fn root() -> Caller {
+        Caller {
+            uid: 0,
+            gid: 0,
+            admin: true,
+        }
+    }
 }
 
 fn unix_secs(t: SystemTime) -> u64 {
@@ -188,6 +218,7 @@ fn mount_info(path: &Path, record: &MountRecord) -> MountInfo {
         since: unix_secs(record.since),
         options: record.options.clone(),
         read_only: record.read_only,
+        owner_uid: record.owner,
     }
 }
 
@@ -223,16 +254,27 @@ fn absolute(path: &str, what: &str) -> Result<PathBuf, HostError> {
 }
 
 impl Host {
-    pub fn new(plugin_dirs: Vec<PathBuf>, copy_dir: PathBuf) -> Host {
+    pub fn new(trust: Trust, copy_dir: PathBuf, socket: PathBuf, started: Instant) -> Host {
         Host {
             shared: Arc::new(Shared {
                 registry: Mutex::new(Registry::new()),
                 changed: Condvar::new(),
             }),
             lingering: Mutex::new(Vec::new()),
-            plugin_dirs,
+            trust: Mutex::new(trust),
             copy_dir,
+            socket,
+            started,
         }
+    }
+
+    /// Replaces where plugins may come from (config reload); loaded plugins stay.
+    pub fn set_trust(&self, trust: Trust) {
+        *self.trust.lock().unwrap_or_else(|e| e.into_inner()) = trust;
+    }
+
+    fn trust(&self) -> Trust {
+        self.trust.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn lock(&self) -> MutexGuard<'_, Registry<Plugin>> {
@@ -275,7 +317,8 @@ impl Host {
             format!("{path}.so"),
             path.to_string(),
         ];
-        for dir in &self.plugin_dirs {
+        let trust = self.trust();
+        for dir in &trust.plugin_dirs {
             for candidate in &candidates {
                 let full = dir.join(candidate);
                 if full.is_file() {
@@ -283,7 +326,7 @@ impl Host {
                 }
             }
         }
-        let searched: Vec<String> = self
+        let searched: Vec<String> = trust
             .plugin_dirs
             .iter()
             .map(|d| d.display().to_string())
@@ -303,6 +346,7 @@ impl Host {
     pub fn load(&self, path: &str, name: Option<&str>) -> Result<PluginInfo, HostError> {
         let path = self.resolve_plugin_path(path)?;
         let path = path.canonicalize().unwrap_or(path);
+        plugin::check_trust(&path, &self.trust())?;
         let plugin = Arc::new(plugin::load(&path, name, &self.copy_dir)?);
         let name = plugin.name.clone();
         let reserved =
@@ -401,6 +445,7 @@ impl Host {
         mountpoint: &str,
         options: BTreeMap<String, String>,
         read_only: bool,
+        caller: &Caller,
     ) -> Result<MountInfo, HostError> {
         let given = absolute(mountpoint, "mount point")?;
         let path = given.canonicalize().map_err(|e| {
@@ -411,16 +456,31 @@ impl Host {
             };
             HostError::BadMountpoint { path: given.clone(), reason, code }
         })?;
-        if !path.is_dir() {
+        let meta = std::fs::metadata(&path).map_err(|e| HostError::BadMountpoint {
+            path: path.clone(),
+            reason: e.to_string(),
+            code: ErrorCode::Io,
+        })?;
+        if !meta.is_dir() {
             return Err(HostError::BadMountpoint {
                 path,
                 reason: "is not a directory".into(),
                 code: ErrorCode::BadRequest,
             });
         }
+        // fusermount's rule: users mount only on directories they own.
+        if !caller.admin && meta.uid() != caller.uid {
+            return Err(HostError::Denied(format!(
+                "user {} may not mount on {}: it is owned by uid {} (users may mount only on directories they own)",
+                caller.uid,
+                path.display(),
+                meta.uid()
+            )));
+        }
         let now = SystemTime::now();
-        let (plugin, id) =
-            self.transition(|reg| reg.reserve_mount(name, &path, options.clone(), read_only, now))?;
+        let (plugin, id) = self.transition(|reg| {
+            reg.reserve_mount(name, &path, options.clone(), read_only, caller.uid, now)
+        })?;
         let shared = Arc::clone(&self.shared);
         let ended_path = path.clone();
         let spec = MountSpec {
@@ -428,6 +488,7 @@ impl Host {
             mountpoint: path.clone(),
             options: options.clone(),
             read_only,
+            owner: (caller.uid, caller.gid),
         };
         if let Err(e) = mount::spawn(spec, move || shared.release_mount(&ended_path, id)) {
             self.shared.release_mount(&path, id);
@@ -441,15 +502,31 @@ impl Host {
             since: unix_secs(now),
             options,
             read_only,
+            owner_uid: caller.uid,
         })
     }
 
     /// Unmounts and waits until the session has ended and the count dropped. Returns true if
     /// the mount was only detached (lazy, files still open).
-    pub fn unmount(&self, mountpoint: &str, lazy: bool) -> Result<(PathBuf, bool), HostError> {
+    pub fn unmount(
+        &self,
+        mountpoint: &str,
+        lazy: bool,
+        caller: &Caller,
+    ) -> Result<(PathBuf, bool), HostError> {
         let given = absolute(mountpoint, "mount point")?;
         // A dead mount cannot be canonicalized; then the path must match as given.
         let path = given.canonicalize().unwrap_or(given);
+        if !caller.admin {
+            let owner = self.lock().mount_owner(&path);
+            if let Some(owner) = owner.filter(|owner| *owner != caller.uid) {
+                return Err(HostError::Denied(format!(
+                    "user {} may not unmount {}: it was mounted by uid {owner}; only its owner, root or the admin group may",
+                    caller.uid,
+                    path.display()
+                )));
+            }
+        }
         self.unmount_path(&path, lazy)
     }
 
@@ -504,6 +581,34 @@ impl Host {
                 name: name.to_string(),
             })?;
         Ok(plugin_info(&reg, name, entry))
+    }
+
+    /// One line for `systemctl status`: counts of plugins, mounts and tainted plugins.
+    pub fn status_line(&self) -> String {
+        let status = self.status();
+        format!(
+            "{} plugins ({} tainted), {} mounts",
+            status.plugins,
+            status.tainted.len(),
+            status.mounts
+        )
+    }
+
+    pub fn status(&self) -> fshost_protocol::Status {
+        let plugins = self.list();
+        fshost_protocol::Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            socket: self.socket.display().to_string(),
+            plugins: plugins.len(),
+            mounts: self.lock().mounts().count(),
+            tainted: plugins
+                .into_iter()
+                .filter(|p| p.tainted.is_some())
+                .map(|p| p.name)
+                .collect(),
+        }
     }
 
     /// Unmounts everything (lazily for mounts still busy after `grace`), then unloads every

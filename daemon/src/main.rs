@@ -1,9 +1,13 @@
 //! fshostd: hosts filesystem plugins and serves them through FUSE.
 //!
-//! Runs in the foreground (systemd supervises it), listens on a Unix socket for `fshostctl`,
-//! and on SIGTERM/SIGINT unmounts everything, unloads every plugin and removes its socket.
+//! Runs in the foreground (systemd supervises it), listens on a Unix socket for `fshostctl`
+//! (or takes it from systemd socket activation), applies its config file at start and on
+//! SIGHUP, and on SIGTERM/SIGINT unmounts everything, unloads every plugin and removes its
+//! socket.
 #![deny(unsafe_code)]
 
+mod access;
+mod config;
 mod control;
 mod host;
 mod mount;
@@ -11,27 +15,36 @@ mod plugin;
 mod registry;
 
 use std::io::IsTerminal;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use clap::Parser;
+use sd_notify::NotifyState;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-use host::Host;
+use config::Config;
+use host::{Caller, Host, Trust};
 
 /// Hosts user-space filesystem plugins and serves them through FUSE.
 #[derive(Debug, Parser)]
 #[command(name = "fshostd", version)]
 struct Args {
-    /// Control socket path.
-    #[arg(long, env = fshost_protocol::SOCKET_ENV, default_value = fshost_protocol::DEFAULT_SOCKET)]
-    socket: PathBuf,
-    /// Directory searched when `load` is given a bare plugin name (repeatable).
+    /// Control socket path [default: from the config, else /run/fshost/fshostd.sock].
+    #[arg(long, env = fshost_protocol::SOCKET_ENV)]
+    socket: Option<PathBuf>,
+    /// Config file [default: /etc/fshost/fshostd.toml, if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory plugins may be loaded from, and where bare names are looked up (repeatable).
     #[arg(long = "plugin-dir", value_name = "DIR")]
     plugin_dirs: Vec<PathBuf>,
+    /// Development mode: load plugins from anywhere, owned by anyone. Never in production.
+    #[arg(long)]
+    dev: bool,
     /// Where private copies of loaded libraries are made [default: the socket's directory].
     #[arg(long, value_name = "DIR")]
     runtime_dir: Option<PathBuf>,
@@ -58,6 +71,44 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(run(args))
 }
 
+/// Everything the daemon was started with, after merging flags and config.
+struct Settings {
+    config_path: PathBuf,
+    config_required: bool,
+    socket: PathBuf,
+    trust: Trust,
+}
+
+impl Settings {
+    fn new(args: &Args, config: &Config) -> Settings {
+        let config_required = args.config.is_some();
+        let config_path = args
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+        let socket = args
+            .socket
+            .clone()
+            .or_else(|| config.socket.clone())
+            .unwrap_or_else(|| PathBuf::from(fshost_protocol::DEFAULT_SOCKET));
+        Settings {
+            config_path,
+            config_required,
+            socket,
+            trust: trust(args, config),
+        }
+    }
+}
+
+fn trust(args: &Args, config: &Config) -> Trust {
+    let mut plugin_dirs = config.plugin_dirs.clone();
+    plugin_dirs.extend(args.plugin_dirs.iter().cloned());
+    Trust {
+        plugin_dirs,
+        dev: args.dev || config.dev,
+    }
+}
+
 /// Binds the socket, refusing to steal it from a live daemon; a stale file is replaced.
 async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
@@ -77,7 +128,99 @@ async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     UnixListener::bind(socket).with_context(|| format!("cannot listen on {}", socket.display()))
 }
 
+/// Gives the socket its mode and group. A missing group is not fatal: the socket then
+/// stays root's only, and the log says how to fix it.
+fn secure_socket(socket: &Path, config: &Config) -> anyhow::Result<()> {
+    let mode = config.socket_mode_bits().map_err(anyhow::Error::msg)?;
+    match nix::unistd::Group::from_name(&config.group) {
+        Ok(Some(group)) => {
+            nix::unistd::chown(socket, None, Some(group.gid)).with_context(|| {
+                format!("cannot give {} to group {}", socket.display(), config.group)
+            })?
+        }
+        _ => {
+            tracing::warn!(group = %config.group, "group does not exist; only root can use the socket (create it: systemd-sysusers, or groupadd {})", config.group)
+        }
+    }
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set mode {mode:o} on {}", socket.display()))
+}
+
+/// The listening socket from systemd (socket activation), if we were started that way.
+fn activated_listener() -> anyhow::Result<Option<UnixListener>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    let Some(listener) = fds
+        .take_unix_listener(0)
+        .context("LISTEN_FDS is set but fd 3 is not a listening Unix socket")?
+    else {
+        return Ok(None);
+    };
+    listener.set_nonblocking(true)?;
+    Ok(Some(UnixListener::from_std(listener)?))
+}
+
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+pub(crate) fn notify_status(host: &Host) {
+    notify(&[NotifyState::Status(&host.status_line())]);
+}
+
+/// Loads the config's preloads and makes its mounts (errors are logged, not fatal).
+fn apply(host: &Host, changes: &config::Changes) {
+    let admin = Caller::root();
+    for path in &changes.unmount {
+        match host.unmount(&path.display().to_string(), false, &admin) {
+            Ok(_) => tracing::info!(mountpoint = %path.display(), "config: unmounted"),
+            Err(e) => {
+                tracing::warn!(mountpoint = %path.display(), error = %e, "config: mount removed from the config is kept")
+            }
+        }
+    }
+    for plugin in &changes.unload {
+        let name = Path::new(plugin)
+            .file_stem()
+            .map(|s| s.to_string_lossy().trim_start_matches("lib").to_string())
+            .unwrap_or_default();
+        if let Err(e) = host.unload(&name, None) {
+            tracing::warn!(plugin = %plugin, error = %e, "config: plugin removed from preload is kept");
+        }
+    }
+    for plugin in &changes.load {
+        match host.load(plugin, None) {
+            Ok(info) => tracing::info!(plugin = %info.name, "config: preloaded"),
+            Err(e) => tracing::error!(plugin = %plugin, error = %e, "config: preload failed"),
+        }
+    }
+    for entry in &changes.mount {
+        let mountpoint = entry.mountpoint.display().to_string();
+        if let Err(e) = host.mount(
+            &entry.plugin,
+            &mountpoint,
+            entry.options.clone(),
+            entry.read_only,
+            &admin,
+        ) {
+            tracing::error!(mountpoint = %mountpoint, error = %e, "config: mount failed");
+        }
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let config_path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    let config = Config::load(&config_path, args.config.is_some())?;
+    let settings = Settings::new(&args, &config);
+    if settings.trust.dev {
+        tracing::warn!("DEVELOPMENT MODE (--dev): plugins are loaded from anywhere, owned by anyone; never run like this in production");
+    }
+
     // Before serving: mounts of a killed fshostd answer ENOTCONN and block new mounts on
     // the same paths. Clear them (and only them) and say so.
     let stale = tokio::task::spawn_blocking(mount::detach_stale_mounts)
@@ -86,34 +229,100 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for m in &stale {
         tracing::warn!(mountpoint = %m.mountpoint.display(), fstype = %m.fstype, source = %m.source, "detached a stale mount left by a dead fshostd");
     }
-    let listener = bind(&args.socket).await?;
+
+    let (listener, owns_socket) = match activated_listener()? {
+        Some(listener) => (listener, false),
+        None => {
+            let listener = bind(&settings.socket).await?;
+            secure_socket(&settings.socket, &config)?;
+            (listener, true)
+        }
+    };
     let copy_dir = args
         .runtime_dir
         .clone()
-        .or_else(|| args.socket.parent().map(Path::to_path_buf))
+        .or_else(|| settings.socket.parent().map(Path::to_path_buf))
         .unwrap_or_else(std::env::temp_dir);
-    let host = Arc::new(Host::new(args.plugin_dirs.clone(), copy_dir));
-    tracing::info!(socket = %args.socket.display(), pid = std::process::id(), "fshostd listening");
+    let host = Arc::new(Host::new(
+        settings.trust.clone(),
+        copy_dir,
+        settings.socket.clone(),
+        started,
+    ));
+    let applied = Arc::new(Mutex::new(config.clone()));
+    {
+        let host = Arc::clone(&host);
+        let initial = config::changes(&Config::default(), &config);
+        tokio::task::spawn_blocking(move || apply(&host, &initial)).await?;
+    }
+    let access = Arc::new(Mutex::new(access::Policy::from_config(&config)));
+    tracing::info!(socket = %settings.socket.display(), pid = std::process::id(), activated = !owns_socket, "fshostd ready");
+    notify(&[NotifyState::Ready]);
+    notify_status(&host);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(control::serve(listener, Arc::clone(&host), stop_rx));
+    let server = tokio::spawn(control::serve(
+        listener,
+        Arc::clone(&host),
+        Arc::clone(&access),
+        stop_rx,
+    ));
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let which = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let which = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                notify(&[NotifyState::Reloading]);
+                reload(&settings, &args, &host, &applied, &access).await;
+                notify(&[NotifyState::Ready]);
+                notify_status(&host);
+            }
+        }
     };
     tracing::info!(
         signal = which,
         "shutting down: unmounting everything and unloading plugins"
     );
+    notify(&[NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     let _ = server.await;
-    let _ = std::fs::remove_file(&args.socket);
+    if owns_socket {
+        let _ = std::fs::remove_file(&settings.socket);
+    }
     let grace = Duration::from_secs(args.shutdown_grace);
     tokio::task::spawn_blocking(move || host.shutdown(grace))
         .await
         .context("shutdown task failed")?;
     tracing::info!("fshostd stopped");
     Ok(())
+}
+
+/// SIGHUP: re-read the config and apply the difference; a bad file changes nothing.
+async fn reload(
+    settings: &Settings,
+    args: &Args,
+    host: &Arc<Host>,
+    applied: &Arc<Mutex<Config>>,
+    access: &Arc<Mutex<access::Policy>>,
+) {
+    let new = match Config::load(&settings.config_path, settings.config_required) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(error = %e, "reload: config rejected; keeping the running state");
+            return;
+        }
+    };
+    let old = applied.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let changes = config::changes(&old, &new);
+    tracing::info!(?changes, "reload: applying config changes");
+    host.set_trust(trust(args, &new));
+    *access.lock().unwrap_or_else(|e| e.into_inner()) = access::Policy::from_config(&new);
+    let task_host = Arc::clone(host);
+    if let Err(e) = tokio::task::spawn_blocking(move || apply(&task_host, &changes)).await {
+        tracing::error!(error = %e, "reload task failed");
+    }
+    *applied.lock().unwrap_or_else(|e| e.into_inner()) = new;
 }

@@ -61,6 +61,8 @@ pub struct MountRecord {
     pub since: SystemTime,
     pub options: BTreeMap<String, String>,
     pub read_only: bool,
+    /// Uid of the caller who mounted it (root for the daemon's own mounts).
+    pub owner: u32,
 }
 
 /// Why a transition was refused.
@@ -152,6 +154,10 @@ impl<P> Registry<P> {
             .collect()
     }
 
+    pub fn mount_owner(&self, path: &Path) -> Option<u32> {
+        self.mounts.get(path).map(|r| r.owner)
+    }
+
     pub fn mount_count(&self, name: &str) -> usize {
         self.mounts.values().filter(|r| r.plugin == name).count()
     }
@@ -217,6 +223,7 @@ impl<P> Registry<P> {
         path: &Path,
         options: BTreeMap<String, String>,
         read_only: bool,
+        owner: u32,
         now: SystemTime,
     ) -> Result<(Arc<P>, MountId), RegistryError> {
         if self.closed {
@@ -241,6 +248,7 @@ impl<P> Registry<P> {
                 since: now,
                 options,
                 read_only,
+                owner,
             },
         );
         Ok((handle, id))

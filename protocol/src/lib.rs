@@ -63,6 +63,8 @@ pub enum Request {
     Mounts {},
     /// One plugin in detail.
     Info { name: String },
+    /// The daemon itself: version, uptime, counts.
+    Status {},
 }
 
 /// One response to a request.
@@ -125,6 +127,22 @@ pub enum Reply {
     Info {
         plugin: PluginInfo,
     },
+    Status {
+        status: Status,
+    },
+}
+
+/// What `status` reports about the daemon.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub socket: String,
+    pub plugins: usize,
+    pub mounts: usize,
+    /// Names of tainted plugins.
+    pub tainted: Vec<String>,
 }
 
 /// Life-cycle state of a plugin (the seed's state machine).
@@ -178,6 +196,9 @@ pub struct MountInfo {
     pub options: BTreeMap<String, String>,
     #[serde(default)]
     pub read_only: bool,
+    /// Uid of the user who made the mount.
+    #[serde(default)]
+    pub owner_uid: u32,
 }
 
 /// Error payload of a failed request.

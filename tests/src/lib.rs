@@ -176,12 +176,19 @@ impl Env {
 
     /// Like [`Env::start`], with extra environment variables for the daemon.
     pub fn start_with(vars: &[(&str, &str)]) -> Env {
+        Env::start_configured(vars, "")
+    }
+
+    /// Like [`Env::start`], with environment variables and the text of the daemon's config
+    /// file (every daemon gets its own config file, never the machine's).
+    pub fn start_configured(vars: &[(&str, &str)], config: &str) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("fshost-e2e-")
             .tempdir()
             .expect("temporary directory");
         let socket = dir.path().join("fshostd.sock");
         let log = dir.path().join("fshostd.log");
+        std::fs::write(dir.path().join("fshostd.toml"), config).expect("config file");
         let mut env = Env {
             socket,
             daemon: None,
@@ -202,8 +209,13 @@ impl Env {
         let child = Command::new(artifact("fshostd"))
             .arg("--socket")
             .arg(&self.socket)
+            .arg("--config")
+            .arg(self.dir.path().join("fshostd.toml"))
+            // Plugins are trusted from the build and from this test's own directory.
             .arg("--plugin-dir")
             .arg(build_dir())
+            .arg("--plugin-dir")
+            .arg(self.dir.path())
             .env("RUST_LOG", "debug,fuser=warn")
             .envs(vars.iter().copied())
             .stdin(Stdio::null())

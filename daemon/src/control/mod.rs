@@ -1,11 +1,12 @@
 //! The control socket: accepts clients, reads one JSON request per line, answers one JSON
 //! response per line. Each connection is its own task and each request runs on a blocking
-//! thread, so a slow mount never holds up `list` on another connection.
+//! thread, so a slow mount never holds up `list` on another connection. Every request is
+//! authorized from the connection's peer credentials before it runs.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use fshost_protocol::{
     to_line, ErrorCode, Reply, Request, Response, DEFAULT_DRAIN_SECS, MAX_DRAIN_SECS,
@@ -14,23 +15,49 @@ use fshost_protocol::{
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
-use crate::host::{Drain, Host, HostError};
+use crate::access::Policy;
+use crate::host::{Caller, Drain, Host, HostError};
 
 /// Accepts connections until `stop` turns true.
-pub async fn serve(listener: UnixListener, host: Arc<Host>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: UnixListener,
+    host: Arc<Host>,
+    policy: Arc<Mutex<Policy>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let max_connections = policy
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .limits
+        .max_connections;
+    let slots = Arc::new(Semaphore::new(max_connections));
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(serve_connection(stream, Arc::clone(&host)));
+                Ok((mut stream, _)) => {
+                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                        let response = Response::failure(
+                            ErrorCode::Busy,
+                            format!("fshostd already serves {max_connections} connections (limits.max_connections); try again later"),
+                        );
+                        tokio::spawn(async move {
+                            let _ = stream.write_all(to_line(&response).as_bytes()).await;
+                        });
+                        continue;
+                    };
+                    let (host, policy) = (Arc::clone(&host), Arc::clone(&policy));
+                    tokio::spawn(async move {
+                        serve_connection(stream, host, policy).await;
+                        drop(slot);
+                    });
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
                     // EMFILE and friends: back off instead of spinning.
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
             _ = stop.changed() => return,
@@ -38,7 +65,44 @@ pub async fn serve(listener: UnixListener, host: Arc<Host>, mut stop: watch::Rec
     }
 }
 
-async fn serve_connection(stream: UnixStream, host: Arc<Host>) {
+/// Slows a connection down to `per_second` requests (a fixed one-second window).
+struct RateLimit {
+    per_second: u32,
+    window: Instant,
+    used: u32,
+}
+
+impl RateLimit {
+    async fn wait(&mut self) {
+        if self.window.elapsed() >= Duration::from_secs(1) {
+            self.window = Instant::now();
+            self.used = 0;
+        }
+        if self.used >= self.per_second {
+            tokio::time::sleep_until((self.window + Duration::from_secs(1)).into()).await;
+            self.window = Instant::now();
+            self.used = 0;
+        }
+        self.used += 1;
+    }
+}
+
+async fn serve_connection(stream: UnixStream, host: Arc<Host>, policy: Arc<Mutex<Policy>>) {
+    let Ok(cred) = stream.peer_cred() else {
+        return; // no credentials, no service
+    };
+    let (caller, per_second) = {
+        let policy = policy.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            policy.caller(cred.uid(), cred.gid(), cred.pid()),
+            policy.limits.requests_per_second,
+        )
+    };
+    let mut rate = RateLimit {
+        per_second,
+        window: Instant::now(),
+        used: 0,
+    };
     let (read, mut write) = stream.into_split();
     let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_REQUEST_BYTES));
     // Lines that arrived while a request was running; answered in order afterwards.
@@ -66,6 +130,7 @@ async fn serve_connection(stream: UnixStream, host: Arc<Host>) {
         if line.trim().is_empty() {
             continue;
         }
+        rate.wait().await;
         let response = match serde_json::from_str::<Request>(&line) {
             Err(e) => Response::failure(
                 ErrorCode::BadRequest,
@@ -74,35 +139,40 @@ async fn serve_connection(stream: UnixStream, host: Arc<Host>) {
                 ),
             ),
             Ok(request) => {
-                // Run the request while watching the connection: a client that goes away
-                // cancels a waiting request (drain-unload) instead of leaving it to time out.
-                let cancelled = Arc::new(AtomicBool::new(false));
-                let task = tokio::task::spawn_blocking({
-                    let host = Arc::clone(&host);
-                    let cancelled = Arc::clone(&cancelled);
-                    move || handle(&host, request, &cancelled)
-                });
-                tokio::pin!(task);
-                let outcome = loop {
-                    tokio::select! {
-                        outcome = &mut task => break outcome,
-                        next = lines.next(), if !peer_closed => match next {
-                            Some(Ok(line)) => pending.push_back(line),
-                            _ => {
-                                peer_closed = true;
-                                cancelled.store(true, Ordering::SeqCst);
-                                host.wake_waiters();
-                            }
-                        },
+                let allowed = policy
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .authorize(&caller, &request);
+                match allowed {
+                    Err(why) => {
+                        tracing::info!(uid = caller.uid, ?request, %why, "request refused");
+                        Response::failure(
+                            ErrorCode::PermissionDenied,
+                            format!("permission denied: {why}"),
+                        )
                     }
-                };
-                match outcome {
-                    Ok(Ok(reply)) => Response::success(reply),
-                    Ok(Err(e)) => Response::failure(e.code(), e.to_string()),
-                    Err(e) => Response::failure(
-                        ErrorCode::Internal,
-                        format!("request handler failed: {e}"),
-                    ),
+                    Ok(()) => {
+                        let mutating = !matches!(
+                            request,
+                            Request::List {}
+                                | Request::Mounts {}
+                                | Request::Info { .. }
+                                | Request::Status {}
+                        );
+                        let response = run_request(
+                            &host,
+                            request,
+                            caller,
+                            &mut lines,
+                            &mut pending,
+                            &mut peer_closed,
+                        )
+                        .await;
+                        if mutating {
+                            crate::notify_status(&host);
+                        }
+                        response
+                    }
                 }
             }
         };
@@ -116,8 +186,51 @@ async fn serve_connection(stream: UnixStream, host: Arc<Host>) {
     }
 }
 
-fn handle(host: &Host, request: Request, cancelled: &AtomicBool) -> Result<Reply, HostError> {
-    tracing::debug!(?request, "request");
+/// Runs a request on a blocking thread while watching the connection: a client that goes
+/// away cancels a waiting request (drain-unload) instead of leaving it to time out. Lines
+/// that arrive meanwhile are kept for later.
+async fn run_request(
+    host: &Arc<Host>,
+    request: Request,
+    caller: Caller,
+    lines: &mut FramedRead<tokio::net::unix::OwnedReadHalf, LinesCodec>,
+    pending: &mut VecDeque<String>,
+    peer_closed: &mut bool,
+) -> Response {
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let task = tokio::task::spawn_blocking({
+        let host = Arc::clone(host);
+        let cancelled = Arc::clone(&cancelled);
+        move || handle(&host, request, &caller, &cancelled)
+    });
+    tokio::pin!(task);
+    let outcome = loop {
+        tokio::select! {
+            outcome = &mut task => break outcome,
+            next = lines.next(), if !*peer_closed => match next {
+                Some(Ok(line)) => pending.push_back(line),
+                _ => {
+                    *peer_closed = true;
+                    cancelled.store(true, Ordering::SeqCst);
+                    host.wake_waiters();
+                }
+            },
+        }
+    };
+    match outcome {
+        Ok(Ok(reply)) => Response::success(reply),
+        Ok(Err(e)) => Response::failure(e.code(), e.to_string()),
+        Err(e) => Response::failure(ErrorCode::Internal, format!("request handler failed: {e}")),
+    }
+}
+
+fn handle(
+    host: &Host,
+    request: Request,
+    caller: &Caller,
+    cancelled: &AtomicBool,
+) -> Result<Reply, HostError> {
+    tracing::debug!(?request, uid = caller.uid, "request");
     Ok(match request {
         Request::Load { path, name } => Reply::Loaded {
             plugin: host.load(&path, name.as_deref())?,
@@ -144,10 +257,10 @@ fn handle(host: &Host, request: Request, cancelled: &AtomicBool) -> Result<Reply
             options,
             read_only,
         } => Reply::Mounted {
-            mount: host.mount(&plugin, &mountpoint, options, read_only)?,
+            mount: host.mount(&plugin, &mountpoint, options, read_only, caller)?,
         },
         Request::Unmount { mountpoint, lazy } => {
-            let (path, detached) = host.unmount(&mountpoint, lazy)?;
+            let (path, detached) = host.unmount(&mountpoint, lazy, caller)?;
             Reply::Unmounted {
                 mountpoint: path.display().to_string(),
                 detached,
@@ -161,6 +274,9 @@ fn handle(host: &Host, request: Request, cancelled: &AtomicBool) -> Result<Reply
         },
         Request::Info { name } => Reply::Info {
             plugin: host.info(&name)?,
+        },
+        Request::Status {} => Reply::Status {
+            status: host.status(),
         },
     })
 }

@@ -28,6 +28,8 @@ pub struct MountSpec {
     pub mountpoint: PathBuf,
     pub options: BTreeMap<String, String>,
     pub read_only: bool,
+    /// Uid and gid of the mount's owner: the kernel lets only them in, unless allow_other.
+    pub owner: (u32, u32),
 }
 
 /// Why a mount failed.
@@ -72,6 +74,7 @@ fn kernel_mount(
     mountpoint: &Path,
     read_only: bool,
     allow_other: bool,
+    (uid, gid): (u32, u32),
 ) -> io::Result<OwnedFd> {
     let dev = std::fs::OpenOptions::new()
         .read(true)
@@ -81,10 +84,8 @@ fn kernel_mount(
     let root_mode = std::fs::metadata(mountpoint)?.mode();
     // fstype `fuse.fshost-<plugin>`, source `fshost:<plugin>` in /proc/self/mountinfo.
     let mut data = format!(
-        "fd={},rootmode={root_mode:o},user_id={},group_id={},default_permissions,subtype=fshost-{name}",
+        "fd={},rootmode={root_mode:o},user_id={uid},group_id={gid},default_permissions,subtype=fshost-{name}",
         dev.as_raw_fd(),
-        nix::unistd::getuid(),
-        nix::unistd::getgid(),
     );
     if allow_other {
         data.push_str(",allow_other");
@@ -127,11 +128,9 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
         }
     }
     let allow_other = spec.options.contains_key("allow_other");
-    let acl = if allow_other {
-        fuser::SessionACL::All
-    } else {
-        fuser::SessionACL::Owner
-    };
+    // Who may use the mount is the kernel's decision (user_id=, allow_other); fuser's own
+    // filter would only let the daemon's uid in, which is wrong for a user's mount.
+    let acl = fuser::SessionACL::All;
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), MountError>>(1);
     let thread_name = format!("mount:{}", spec.plugin.name);
     std::thread::Builder::new()
@@ -153,7 +152,7 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
             let adapter = Adapter::new(Arc::clone(&plugin), instance);
             // The adapter owns our only other reference to the plugin from here on.
             drop(plugin);
-            let session = kernel_mount(&name, &spec.mountpoint, spec.read_only, allow_other).and_then(|fd| {
+            let session = kernel_mount(&name, &spec.mountpoint, spec.read_only, allow_other, spec.owner).and_then(|fd| {
                 let mut config = Config::default();
                 config.n_threads = Some(1);
                 // The handshake (kernel INIT) happens here; a failure leaves a dead mount.

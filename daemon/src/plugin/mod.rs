@@ -45,8 +45,72 @@ pub enum LoadError {
     },
     #[error("{} is not a loadable fshost plugin: {source}", .path.display())]
     Gate { path: PathBuf, source: GateError },
+    #[error("{} is not trusted: {reason}", .path.display())]
+    Untrusted { path: PathBuf, reason: String },
     #[error("plugin name {0:?} is not a safe identifier: use 1-64 of a-z, A-Z, 0-9, '_' or '-', starting with a letter or digit")]
     BadName(String),
+}
+
+/// Where plugins may be loaded from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Trust {
+    /// Plugins load only from these directories.
+    pub plugin_dirs: Vec<PathBuf>,
+    /// Development mode: no checks at all.
+    pub dev: bool,
+}
+
+/// Refuses a plugin file that an unprivileged user could have put there or changed:
+/// outside the plugin directories, not owned by root, or writable by group or others.
+pub fn check_trust(path: &Path, trust: &Trust) -> Result<(), LoadError> {
+    use std::os::unix::fs::MetadataExt;
+    if trust.dev {
+        return Ok(());
+    }
+    let untrusted = |reason: String| LoadError::Untrusted {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let canonical = path.canonicalize().map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => LoadError::NotFound(path.to_path_buf()),
+        _ => LoadError::Unreadable {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    })?;
+    let inside = trust
+        .plugin_dirs
+        .iter()
+        .filter_map(|dir| dir.canonicalize().ok())
+        .any(|dir| canonical.starts_with(dir));
+    if !inside {
+        let dirs: Vec<String> = trust
+            .plugin_dirs
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect();
+        return Err(untrusted(format!(
+            "it is outside the plugin directories ({}); install it there, or start fshostd with --dev",
+            if dirs.is_empty() { "none configured".to_string() } else { dirs.join(", ") }
+        )));
+    }
+    let meta = fs::metadata(&canonical).map_err(|source| LoadError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if meta.uid() != 0 {
+        return Err(untrusted(format!(
+            "it is owned by uid {}, not root; `chown root:root` it",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(untrusted(format!(
+            "it is writable by group or others (mode {:o}); `chmod go-w` it",
+            meta.mode() & 0o7777
+        )));
+    }
+    Ok(())
 }
 
 /// True for names that are safe in paths, mount sources and fstype strings.
@@ -166,6 +230,43 @@ mod tests {
         for bad in ["", "-x", "a/b", "a b", "ä", "../x", &"x".repeat(65)] {
             assert!(!valid_name(bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn only_root_owned_unwritable_files_inside_plugin_dirs_are_trusted() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let inside = dir.path().join("libx.so");
+        fs::write(&inside, b"\x7fELF").unwrap();
+        fs::set_permissions(&inside, fs::Permissions::from_mode(0o755)).unwrap();
+        let trust = Trust {
+            plugin_dirs: vec![dir.path().to_path_buf()],
+            dev: false,
+        };
+        let root = nix::unistd::geteuid().is_root();
+        if root {
+            check_trust(&inside, &trust).unwrap();
+        }
+        fs::set_permissions(&inside, fs::Permissions::from_mode(0o775)).unwrap();
+        let err = check_trust(&inside, &trust).unwrap_err().to_string();
+        assert!(
+            err.contains(if root {
+                "writable by group or others"
+            } else {
+                "not root"
+            }),
+            "{err}"
+        );
+        let elsewhere = tempfile::tempdir().unwrap();
+        let outside = elsewhere.path().join("liby.so");
+        fs::write(&outside, b"\x7fELF").unwrap();
+        let err = check_trust(&outside, &trust).unwrap_err().to_string();
+        assert!(err.contains("outside the plugin directories"), "{err}");
+        let dev = Trust {
+            plugin_dirs: vec![],
+            dev: true,
+        };
+        check_trust(&outside, &dev).unwrap();
     }
 
     #[test]

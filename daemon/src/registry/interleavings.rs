@@ -169,10 +169,14 @@ impl World {
                 Pc::Done
             }
             (Spec::Mount { n, p, .. }, Pc::Start) => {
-                match self
-                    .reg
-                    .reserve_mount(NAMES[*n], Self::path(*p), BTreeMap::new(), false, now)
-                {
+                match self.reg.reserve_mount(
+                    NAMES[*n],
+                    Self::path(*p),
+                    BTreeMap::new(),
+                    false,
+                    0,
+                    now,
+                ) {
                     Ok((handle, id)) => Pc::Mounting(*handle, id),
                     Err(_) => Pc::Done,
                 }

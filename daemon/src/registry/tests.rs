@@ -22,7 +22,7 @@ fn live(reg: &mut Reg, name: &str) {
 }
 
 fn mount(reg: &mut Reg, name: &str, path: &str) -> Result<MountId, RegistryError> {
-    let (_, id) = reg.reserve_mount(name, Path::new(path), BTreeMap::new(), false, now())?;
+    let (_, id) = reg.reserve_mount(name, Path::new(path), BTreeMap::new(), false, 0, now())?;
     assert!(reg.mount_started(Path::new(path), id));
     Ok(id)
 }
@@ -148,7 +148,7 @@ fn unmount_refusals() {
     let err = refused(&mut reg, |r| r.begin_unmount(Path::new("/a")));
     assert!(matches!(err, RegistryError::UnknownMount { .. }));
     let (_, id) = reg
-        .reserve_mount("memfs", Path::new("/a"), BTreeMap::new(), false, now())
+        .reserve_mount("memfs", Path::new("/a"), BTreeMap::new(), false, 0, now())
         .unwrap();
     let err = refused(&mut reg, |r| r.begin_unmount(Path::new("/a")));
     assert!(matches!(
@@ -191,7 +191,7 @@ fn mount_that_ended_before_it_was_marked_started() {
     let mut reg = Reg::new();
     live(&mut reg, "memfs");
     let (_, id) = reg
-        .reserve_mount("memfs", Path::new("/a"), BTreeMap::new(), false, now())
+        .reserve_mount("memfs", Path::new("/a"), BTreeMap::new(), false, 0, now())
         .unwrap();
     assert!(reg.release_mount(Path::new("/a"), id));
     assert!(!reg.mount_started(Path::new("/a"), id));
@@ -347,7 +347,7 @@ proptest! {
                     result.is_ok()
                 }
                 Op::Reserve(n, p) => {
-                    let result = reg.reserve_mount(NAMES[n], Path::new(PATHS[p]), BTreeMap::new(), false, now());
+                    let result = reg.reserve_mount(NAMES[n], Path::new(PATHS[p]), BTreeMap::new(), false, 0, now());
                     let expect = model.plugins.get(&n) == Some(&PluginState::Live) && !model.mounts.contains_key(&p);
                     prop_assert_eq!(result.is_ok(), expect);
                     if let Ok((_, id)) = result { model.mounts.insert(p, (n, MountState::Pending, id)); }

@@ -230,8 +230,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!(mountpoint = %m.mountpoint.display(), fstype = %m.fstype, source = %m.source, "detached a stale mount left by a dead fshostd");
     }
 
+    let mut settings = settings;
     let (listener, owns_socket) = match activated_listener()? {
-        Some(listener) => (listener, false),
+        Some(listener) => {
+            // systemd made the socket: its path is the one to report and to put copies beside.
+            if let Some(path) = listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            {
+                settings.socket = path;
+            }
+            (listener, false)
+        }
         None => {
             let listener = bind(&settings.socket).await?;
             secure_socket(&settings.socket, &config)?;
@@ -243,6 +254,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .clone()
         .or_else(|| settings.socket.parent().map(Path::to_path_buf))
         .unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&copy_dir)
+        .with_context(|| format!("cannot create runtime directory {}", copy_dir.display()))?;
     let host = Arc::new(Host::new(
         settings.trust.clone(),
         copy_dir,

@@ -13,6 +13,7 @@ mod faults;
 mod lifecycle;
 mod recovery;
 mod storm;
+mod system;
 
 const MINIMAL_C: &str = include_str!("plugins/minimal.c");
 

@@ -36,6 +36,21 @@ pub fn artifact(name: &str) -> PathBuf {
     path
 }
 
+/// Whether a tool this test needs is installed. In CI (FSHOST_REQUIRE_FUSE=1) a missing
+/// tool fails the test; elsewhere the test says SKIPPED.
+pub fn tool_available(tool: &str) -> bool {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(tool).is_file()));
+    if found {
+        return true;
+    }
+    if std::env::var("FSHOST_REQUIRE_FUSE").as_deref() == Ok("1") {
+        panic!("{tool} is not installed; .ci/run installs it");
+    }
+    eprintln!("SKIPPED: {tool} is not installed");
+    false
+}
+
 /// Whether real FUSE mounts can be made here. With FSHOST_REQUIRE_FUSE=1 (CI) a missing
 /// /dev/fuse or missing root fails the test instead of skipping it.
 pub fn fuse_available() -> bool {
@@ -308,6 +323,17 @@ impl Env {
                 )
             })
             .collect()
+    }
+
+    /// Sends a signal to the daemon.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal)
+            .expect("signal fshostd");
+    }
+
+    /// Replaces the daemon's config file (apply it with SIGHUP).
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.path("fshostd.toml"), text).expect("config file");
     }
 
     /// Sends SIGTERM and waits for the daemon to exit.

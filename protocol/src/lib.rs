@@ -234,6 +234,14 @@ impl fmt::Display for ErrorCode {
     }
 }
 
+/// Decodes one request line (without its newline). Never panics, whatever the input; the
+/// error says what is wrong in words a client author can act on.
+pub fn decode_request(line: &str) -> Result<Request, String> {
+    serde_json::from_str(line).map_err(|e| {
+        format!("malformed request: {e} (expected one JSON object per line with an \"op\", see protocol/)")
+    })
+}
+
 /// Encodes a value as one JSON line (with the trailing newline).
 pub fn to_line<T: Serialize>(value: &T) -> String {
     // Serializing these plain types cannot fail: no maps with non-string keys, no floats.

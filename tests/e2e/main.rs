@@ -300,6 +300,8 @@ fn bad_input_is_refused_clearly_and_the_daemon_stays_healthy() {
         malformed.contains("\"code\":\"bad-request\""),
         "{malformed}"
     );
+    let not_utf8 = env.raw(b"{\"op\":\"list\xff\"}\n");
+    assert!(not_utf8.contains("not valid UTF-8"), "{not_utf8}");
     let unknown_op = env.raw(b"{\"op\":\"format-disk\"}\n");
     assert!(
         unknown_op.contains("\"code\":\"bad-request\""),

@@ -324,3 +324,60 @@ fn the_mount_helper_mounts_through_the_daemon_and_umount_works_as_usual() {
     assert_eq!(out.status.code(), Some(32), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("plugin \"nosuch\" is not loaded"));
 }
+
+#[test]
+fn connection_and_request_rate_limits_hold() {
+    if !fuse_available() {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    let env = Env::start_configured(
+        &[],
+        "[limits]\nmax_connections = 2\nrequests_per_second = 10\n",
+    );
+    // Take both slots, with two connections that are really served (the start-up probe's
+    // connection may still hold a slot for a moment; then try again).
+    let ask = |stream: &UnixStream| {
+        let mut writer = stream.try_clone().unwrap();
+        writer.write_all(b"{\"op\":\"status\"}\n").unwrap();
+        let mut line = String::new();
+        BufReader::new(stream.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        line.contains("\"ok\":true")
+    };
+    let mut held = None;
+    assert!(eventually(Duration::from_secs(5), || {
+        let first = UnixStream::connect(&env.socket).unwrap();
+        let second = UnixStream::connect(&env.socket).unwrap();
+        let served = ask(&first) && ask(&second);
+        held = served.then_some((first, second));
+        served
+    }));
+    let (first, _second) = held.unwrap();
+    // A third client is turned away.
+    let refused = env.raw(b"{\"op\":\"list\"}\n");
+    assert!(
+        refused.contains("\"code\":\"busy\"") && refused.contains("max_connections"),
+        "{refused}"
+    );
+
+    // One connection sending 25 requests at once gets them answered at 10 per second.
+    let started = std::time::Instant::now();
+    let mut writer = first.try_clone().unwrap();
+    writer
+        .write_all("{\"op\":\"list\"}\n".repeat(25).as_bytes())
+        .unwrap();
+    let mut reader = BufReader::new(first);
+    for _ in 0..25 {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        assert!(line.contains("\"ok\":true"), "{line}");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1900),
+        "not rate limited: {:?}",
+        started.elapsed()
+    );
+}

@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fshost_protocol::{
-    to_line, ErrorCode, Reply, Request, Response, DEFAULT_DRAIN_SECS, MAX_DRAIN_SECS,
-    MAX_REQUEST_BYTES,
+    decode_request, to_line, ErrorCode, Reply, Request, Response, DEFAULT_DRAIN_SECS,
+    MAX_DRAIN_SECS, MAX_REQUEST_BYTES,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -123,6 +123,16 @@ async fn serve_connection(stream: UnixStream, host: Arc<Host>, policy: Arc<Mutex
                         let _ = write.write_all(to_line(&response).as_bytes()).await;
                         return;
                     }
+                    Some(Err(LinesCodecError::Io(e)))
+                        if e.kind() == std::io::ErrorKind::InvalidData =>
+                    {
+                        let response = Response::failure(
+                            ErrorCode::BadRequest,
+                            "request is not valid UTF-8; closing the connection",
+                        );
+                        let _ = write.write_all(to_line(&response).as_bytes()).await;
+                        return;
+                    }
                     Some(Err(LinesCodecError::Io(_))) | None => return,
                 }
             }
@@ -131,13 +141,8 @@ async fn serve_connection(stream: UnixStream, host: Arc<Host>, policy: Arc<Mutex
             continue;
         }
         rate.wait().await;
-        let response = match serde_json::from_str::<Request>(&line) {
-            Err(e) => Response::failure(
-                ErrorCode::BadRequest,
-                format!(
-                    "malformed request: {e} (expected one JSON object per line, see protocol/)"
-                ),
-            ),
+        let response = match decode_request(&line) {
+            Err(message) => Response::failure(ErrorCode::BadRequest, message),
             Ok(request) => {
                 let allowed = policy
                     .lock()

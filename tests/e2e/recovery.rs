@@ -3,7 +3,7 @@
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 
-use fshost_tests::{artifact, fshost_mounts_below, fuse_available, Env};
+use fshost_tests::{artifact, fshost_mounts_below, fuse_available, DetachOnDrop, Env};
 
 use crate::{mounted_memfs, path_str};
 
@@ -12,10 +12,26 @@ fn a_restarted_daemon_detaches_the_dead_mounts_of_a_killed_one() {
     if !fuse_available() {
         return;
     }
-    let mut env = Env::start();
+    // One mount is declared in the config, two are made by hand.
+    let dir = tempfile::tempdir().unwrap();
+    let _guard = DetachOnDrop(dir.path());
+    let declared = dir.path().join("declared");
+    fs::create_dir(&declared).unwrap();
+    let config = format!(
+        "preload = [\"hellofs\"]\n[[mount]]\nplugin = \"hellofs\"\nmountpoint = \"{}\"\n",
+        declared.display()
+    );
+    let mut env = Env::start_configured(&[], &config);
     let a = mounted_memfs(&env, "a");
     let b = mounted_memfs(&env, "b");
     env.crash_and_restart();
+
+    // The declared mount is back, served by the new daemon; the others are cleared.
+    assert_eq!(
+        fs::read_to_string(declared.join("hello")).unwrap(),
+        "Hello from fshost\n"
+    );
+    assert_eq!(env.state_of("hellofs"), Some(("live".into(), 1)));
 
     let log = env.log_text();
     for mnt in [&a, &b] {
@@ -28,11 +44,16 @@ fn a_restarted_daemon_detaches_the_dead_mounts_of_a_killed_one() {
         );
     }
     assert!(fshost_mounts_below(env.dir.path()).is_empty());
+    assert!(log.contains(&format!(
+        "stale mount left by a dead fshostd mountpoint={}",
+        declared.display()
+    )));
     // The paths are usable again.
     env.ctl(&["load", "memfs"]).ok();
     env.ctl(&["mount", "memfs", path_str(&a)]).ok();
     fs::write(a.join("again"), b"ok").unwrap();
     env.ctl(&["unmount", path_str(&a)]).ok();
+    env.ctl(&["unmount", path_str(&declared)]).ok();
 }
 
 #[test]

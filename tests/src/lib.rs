@@ -175,6 +175,29 @@ fn unescape(field: &str) -> String {
         .replace("\\134", "\\")
 }
 
+/// Detaches every fshost mount below a directory when dropped, so that a test that mounts
+/// outside its `Env` directory leaves nothing behind even when it fails. Declare it after
+/// the directory (drop order: guard first).
+pub struct DetachOnDrop<'a>(pub &'a Path);
+
+impl Drop for DetachOnDrop<'_> {
+    fn drop(&mut self) {
+        for mountpoint in fshost_mounts_below(self.0) {
+            let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// Kills and reaps a child process when dropped (a daemon a test started by hand).
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// One test's world: a temporary directory, a socket in it, and a running daemon.
 pub struct Env {
     pub dir: tempfile::TempDir,
@@ -239,10 +262,17 @@ impl Env {
             .spawn()
             .expect("start fshostd");
         self.daemon = Some(child);
+        // Ready means answering: the daemon serves only after its config is applied.
         let up = eventually(Duration::from_secs(10), || {
-            UnixStream::connect(&self.socket).is_ok()
+            let Ok(mut stream) = UnixStream::connect(&self.socket) else {
+                return false;
+            };
+            let mut line = String::new();
+            stream.write_all(b"{\"op\":\"status\"}\n").is_ok()
+                && BufReader::new(stream).read_line(&mut line).is_ok()
+                && line.contains("\"ok\":true")
         });
-        assert!(up, "fshostd did not start listening: {}", self.log_text());
+        assert!(up, "fshostd did not start answering: {}", self.log_text());
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -356,13 +386,9 @@ impl Env {
         child.kill().expect("SIGKILL fshostd");
         child.wait().expect("reap fshostd");
         for mountpoint in fshost_mounts_below(self.dir.path()) {
-            let err = std::fs::metadata(&mountpoint).expect_err("a dead mount");
-            assert_eq!(
-                err.raw_os_error(),
-                Some(libc::ENOTCONN),
-                "{}",
-                mountpoint.display()
-            );
+            // statfs always reaches the (dead) FUSE daemon; stat may be served from cache.
+            let err = nix::sys::statfs::statfs(&mountpoint).expect_err("a dead mount");
+            assert_eq!(err, nix::Error::ENOTCONN, "{}", mountpoint.display());
         }
         std::fs::rename(&self.log, self.log.with_extension("crashed.log")).expect("keep old log");
         self.spawn_daemon_locked(&[]);
@@ -403,9 +429,7 @@ impl Drop for Env {
         }
         // Whatever the test left mounted goes now, lazily, so a failed test never leaves a
         // mount behind (dead mounts of a killed daemon included).
-        for mountpoint in fshost_mounts_below(self.dir.path()) {
-            let _ = nix::mount::umount2(&mountpoint, nix::mount::MntFlags::MNT_DETACH);
-        }
+        drop(DetachOnDrop(self.dir.path()));
         if std::thread::panicking() {
             eprintln!("---- fshostd log ----\n{}", self.log_text());
         }

@@ -243,22 +243,20 @@ fn unescape_mountinfo(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// True if `path` answers ENOTCONN: a FUSE mount whose daemon is gone. A live mount that
-/// does not answer within a second is left alone (slow is not dead).
+/// True if `path` answers ENOTCONN: a FUSE mount whose daemon is gone. `statfs` always
+/// asks the FUSE daemon (a `stat` may be answered from the kernel's attribute cache for a
+/// while after the daemon died). A live mount that does not answer within a second is left
+/// alone (slow is not dead).
 fn is_dead(path: &Path) -> bool {
     let (tx, rx) = mpsc::channel();
     let probe = path.to_path_buf();
     let spawned = std::thread::Builder::new()
         .name("stale-probe".into())
         .spawn(move || {
-            let _ = tx.send(
-                std::fs::metadata(&probe)
-                    .err()
-                    .and_then(|e| e.raw_os_error()),
-            );
+            let _ = tx.send(nix::sys::statfs::statfs(&probe).err());
         });
     spawned.is_ok()
-        && rx.recv_timeout(std::time::Duration::from_secs(1)) == Ok(Some(libc::ENOTCONN))
+        && rx.recv_timeout(std::time::Duration::from_secs(1)) == Ok(Some(nix::Error::ENOTCONN))
 }
 
 /// Detaches every dead `fuse.fshost*` mount (left by an fshostd that was killed) and

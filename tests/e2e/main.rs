@@ -109,6 +109,33 @@ fn hellofs_serves_its_one_file() {
 }
 
 #[test]
+fn a_plugin_written_in_c_loads_and_serves() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let loaded = env.ctl(&["load", "hello_c"]).ok();
+    assert!(loaded.stdout.contains("loaded hello-c 1.0.0"), "{loaded:?}");
+    let mnt = env.mountpoint("c");
+    env.ctl(&["mount", "hello-c", path_str(&mnt)]).ok();
+    assert_eq!(
+        fs::read_to_string(mnt.join("hello")).unwrap(),
+        "Hello from C\n"
+    );
+    let names: Vec<_> = fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec!["hello"]);
+    assert_eq!(
+        fs::metadata(mnt.join("nope")).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+    env.ctl(&["unload", "hello-c"]).ok();
+}
+
+#[test]
 fn unload_refused_while_mounted_then_allowed_after_unmount() {
     if !fuse_available() {
         return;

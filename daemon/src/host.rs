@@ -5,16 +5,16 @@
 //! held for one transition at a time, never across a plugin call, a mount syscall or a wait
 //! (`Condvar::wait` releases it).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fshost_protocol::{ErrorCode, MountInfo, PluginInfo, PluginState};
 
-use crate::mount::{self, MountError, MountSpec, UnmountError};
+use crate::mount::{self, MountError, MountSpec, MountStats, UnmountError};
 use crate::plugin::{self, LoadError, Plugin};
 use crate::registry::{MountId, MountRecord, MountState, PluginEntry, Registry, RegistryError};
 
@@ -117,6 +117,8 @@ fn join_paths(paths: &[PathBuf]) -> String {
 /// State shared with mount threads, which report the end of their session through it.
 struct Shared {
     registry: Mutex<Registry<Plugin>>,
+    /// Per-mount counters, by mount id; gone with the mount.
+    stats: Mutex<HashMap<MountId, Arc<MountStats>>>,
     /// Signalled after every registry change that someone may be waiting for.
     changed: Condvar,
 }
@@ -147,6 +149,10 @@ impl Shared {
 
     /// Mount failed or session ended: drop the count and wake waiters.
     fn release_mount(&self, path: &Path, id: MountId) {
+        self.stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
         let released = self.transition(|reg| reg.release_mount(path, id));
         if released {
             tracing::info!(mountpoint = %path.display(), "mount ended");
@@ -211,8 +217,13 @@ fn plugin_info(reg: &Registry<Plugin>, name: &str, entry: &PluginEntry<Plugin>) 
     }
 }
 
-fn mount_info(path: &Path, record: &MountRecord) -> MountInfo {
+fn mount_info(path: &Path, record: &MountRecord, stats: Option<&MountStats>) -> MountInfo {
+    let count =
+        |get: fn(&MountStats) -> &AtomicU64| stats.map_or(0, |s| get(s).load(Ordering::Relaxed));
     MountInfo {
+        plugin_reads: count(|s| &s.plugin_reads),
+        plugin_writes: count(|s| &s.plugin_writes),
+        passthrough_opens: count(|s| &s.passthrough_opens),
         mountpoint: path.display().to_string(),
         plugin: record.plugin.clone(),
         since: unix_secs(record.since),
@@ -258,6 +269,7 @@ impl Host {
         Host {
             shared: Arc::new(Shared {
                 registry: Mutex::new(Registry::new()),
+                stats: Mutex::new(HashMap::new()),
                 changed: Condvar::new(),
             }),
             lingering: Mutex::new(Vec::new()),
@@ -483,7 +495,14 @@ impl Host {
         })?;
         let shared = Arc::clone(&self.shared);
         let ended_path = path.clone();
+        let stats = Arc::new(MountStats::default());
+        self.shared
+            .stats
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, Arc::clone(&stats));
         let spec = MountSpec {
+            stats,
             plugin,
             mountpoint: path.clone(),
             options: options.clone(),
@@ -503,6 +522,9 @@ impl Host {
             options,
             read_only,
             owner_uid: caller.uid,
+            plugin_reads: 0,
+            plugin_writes: 0,
+            passthrough_opens: 0,
         })
     }
 
@@ -568,8 +590,9 @@ impl Host {
 
     pub fn mounts(&self) -> Vec<MountInfo> {
         let reg = self.lock();
+        let stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
         reg.mounts()
-            .map(|(path, record)| mount_info(path, record))
+            .map(|(path, record)| mount_info(path, record, stats.get(&record.id).map(Arc::as_ref)))
             .collect()
     }
 

@@ -199,6 +199,14 @@ pub struct MountInfo {
     /// Uid of the user who made the mount.
     #[serde(default)]
     pub owner_uid: u32,
+    /// `read` calls the plugin served (reads through FUSE passthrough never reach it).
+    #[serde(default)]
+    pub plugin_reads: u64,
+    #[serde(default)]
+    pub plugin_writes: u64,
+    /// Opens handed to the kernel as FUSE passthrough.
+    #[serde(default)]
+    pub passthrough_opens: u64,
 }
 
 /// Error payload of a failed request.

@@ -4,10 +4,12 @@
 //! at the end of `Session::run`, on the mount's own thread, after every session thread has
 //! exited. Only then does the mount count drop (see `mount::spawn`).
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fshost_sdk::abi::{
@@ -15,10 +17,10 @@ use fshost_sdk::abi::{
     SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID,
 };
 use fuser::{
-    BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory,
-    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
-    WriteFlags,
+    BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
+    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use crate::plugin::{Answer, Instance, Plugin};
@@ -30,11 +32,117 @@ const TTL: Duration = Duration::from_secs(1);
 pub struct Adapter {
     plugin: Arc<Plugin>,
     instance: Instance,
+    stats: Arc<MountStats>,
+    /// Set in `init` when the plugin offers passthrough and the kernel accepted it.
+    passthrough: bool,
+    /// For plugins that offer passthrough: the kernel sees our own file handles, mapped to
+    /// the plugin's and to the backing file (if the open went through passthrough).
+    handles: Mutex<Handles>,
+}
+
+/// Open files of a passthrough-capable plugin.
+#[derive(Default)]
+struct Handles {
+    next: u64,
+    /// our fh → (inode, plugin fh, uses the inode's backing file)
+    open: HashMap<u64, (u64, u64, bool)>,
+    /// inode → its backing file and the number of opens using it. The kernel wants one
+    /// backing file per inode, kept registered while any open uses it.
+    backing: HashMap<u64, (BackingId, usize)>,
+}
+
+/// What a mount's plugin did, for `fshostctl mounts --json`.
+#[derive(Debug, Default)]
+pub struct MountStats {
+    /// `read` calls served by the plugin (passthrough reads never reach it).
+    pub plugin_reads: AtomicU64,
+    pub plugin_writes: AtomicU64,
+    /// Opens handed to the kernel as passthrough.
+    pub passthrough_opens: AtomicU64,
 }
 
 impl Adapter {
-    pub fn new(plugin: Arc<Plugin>, instance: Instance) -> Self {
-        Adapter { plugin, instance }
+    pub fn new(plugin: Arc<Plugin>, instance: Instance, stats: Arc<MountStats>) -> Self {
+        Adapter {
+            plugin,
+            instance,
+            stats,
+            passthrough: false,
+            handles: Mutex::new(Handles::default()),
+        }
+    }
+
+    fn maps_handles(&self) -> bool {
+        self.plugin.library.offers_passthrough()
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, Handles> {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The plugin's file handle for the kernel's.
+    fn plugin_fh(&self, fh: FileHandle) -> u64 {
+        if !self.maps_handles() {
+            return fh.0;
+        }
+        self.handles()
+            .open
+            .get(&fh.0)
+            .map_or(fh.0, |(_, plugin_fh, _)| *plugin_fh)
+    }
+
+    /// Registers an open of a passthrough-capable plugin; returns our handle and, if the
+    /// open goes through passthrough, registers (or reuses) the inode's backing file and
+    /// calls `reply_passthrough` with it while it is held.
+    fn register_open(
+        &self,
+        ino: u64,
+        plugin_fh: u64,
+        backing: Option<std::os::fd::OwnedFd>,
+        open_backing: impl FnOnce(&std::os::fd::OwnedFd) -> std::io::Result<BackingId>,
+    ) -> (u64, bool) {
+        let mut handles = self.handles();
+        handles.next += 1;
+        let fh = handles.next;
+        let mut passthrough = false;
+        if let (true, Some(fd)) = (self.passthrough, backing) {
+            if let Some(entry) = handles.backing.get_mut(&ino) {
+                entry.1 += 1;
+                passthrough = true;
+            } else {
+                match open_backing(&fd) {
+                    Ok(id) => {
+                        handles.backing.insert(ino, (id, 1));
+                        passthrough = true;
+                    }
+                    Err(e) => {
+                        tracing::debug!(ino, error = %e, "passthrough refused; the plugin serves this file")
+                    }
+                }
+            }
+        }
+        if passthrough {
+            self.stats.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+        }
+        handles.open.insert(fh, (ino, plugin_fh, passthrough));
+        (fh, passthrough)
+    }
+
+    /// Forgets one of our handles; the inode's backing file goes with its last user.
+    fn unregister_open(&self, fh: FileHandle) -> u64 {
+        let mut handles = self.handles();
+        let Some((ino, plugin_fh, passthrough)) = handles.open.remove(&fh.0) else {
+            return fh.0;
+        };
+        if passthrough {
+            if let Some(entry) = handles.backing.get_mut(&ino) {
+                entry.1 -= 1;
+                if entry.1 == 0 {
+                    handles.backing.remove(&ino);
+                }
+            }
+        }
+        plugin_fh
     }
 }
 
@@ -139,6 +247,18 @@ fn time_or_now(t: Option<TimeOrNow>, set: &mut Setattr, bit: u32, now_bit: u32) 
 }
 
 impl Filesystem for Adapter {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if self.plugin.library.offers_passthrough() {
+            let accepted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            self.passthrough = accepted;
+            if !accepted {
+                tracing::info!(plugin = %self.plugin.name, "the kernel does not offer FUSE passthrough; the plugin serves reads and writes itself");
+            }
+        }
+        Ok(())
+    }
+
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let result = cstring(name).map_err(|_| fshost_sdk::Errno::EINVAL);
         entry(
@@ -205,7 +325,7 @@ impl Filesystem for Adapter {
             set.valid |= SET_CTIME;
         }
         if let Some(fh) = fh {
-            set.fh = fh.0;
+            set.fh = self.plugin_fh(fh);
             set.valid |= SET_FH;
         }
         match self
@@ -354,14 +474,34 @@ impl Filesystem for Adapter {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self
-            .plugin
-            .library
-            .open(self.instance, &ctx(req), ino.0, flags.0)
-        {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(e) => reply.error(errno(e)),
+        if !self.maps_handles() {
+            return match self
+                .plugin
+                .library
+                .open(self.instance, &ctx(req), ino.0, flags.0)
+            {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Err(e) => reply.error(errno(e)),
+            };
         }
+        let (plugin_fh, backing) =
+            match self
+                .plugin
+                .library
+                .open_backing(self.instance, &ctx(req), ino.0, flags.0)
+            {
+                Ok(opened) => opened,
+                Err(e) => return reply.error(errno(e)),
+            };
+        let (fh, passthrough) =
+            self.register_open(ino.0, plugin_fh, backing, |fd| reply.open_backing(fd));
+        if passthrough {
+            // Our registered open keeps the inode's entry alive until its release.
+            if let Some((id, _)) = self.handles().backing.get(&ino.0) {
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
+            }
+        }
+        reply.opened(FileHandle(fh), FopenFlags::empty());
     }
 
     fn read(
@@ -375,11 +515,13 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        self.stats.plugin_reads.fetch_add(1, Ordering::Relaxed);
         let mut buf = vec![0u8; size as usize];
+        let fh = self.plugin_fh(fh);
         match self
             .plugin
             .library
-            .read(self.instance, &ctx(req), ino.0, fh.0, offset, &mut buf)
+            .read(self.instance, &ctx(req), ino.0, fh, offset, &mut buf)
         {
             Ok(n) => reply.data(&buf[..n]),
             Err(e) => reply.error(errno(e)),
@@ -398,11 +540,12 @@ impl Filesystem for Adapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
+        self.stats.plugin_writes.fetch_add(1, Ordering::Relaxed);
         match self.plugin.library.write(
             self.instance,
             &ctx(req),
             ino.0,
-            fh.0,
+            self.plugin_fh(fh),
             offset,
             data,
             flags.0,
@@ -423,7 +566,7 @@ impl Filesystem for Adapter {
         let result = self
             .plugin
             .library
-            .flush(self.instance, &ctx(req), ino.0, fh.0);
+            .flush(self.instance, &ctx(req), ino.0, self.plugin_fh(fh));
         empty(reply, result.or_else(ignore_enosys));
     }
 
@@ -437,10 +580,15 @@ impl Filesystem for Adapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let result = self
-            .plugin
-            .library
-            .release(self.instance, &ctx(req), ino.0, fh.0, flags.0);
+        let plugin_fh = if self.maps_handles() {
+            self.unregister_open(fh)
+        } else {
+            fh.0
+        };
+        let result =
+            self.plugin
+                .library
+                .release(self.instance, &ctx(req), ino.0, plugin_fh, flags.0);
         empty(reply, result.or_else(ignore_enosys));
     }
 
@@ -452,10 +600,13 @@ impl Filesystem for Adapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let result = self
-            .plugin
-            .library
-            .fsync(self.instance, &ctx(req), ino.0, fh.0, datasync);
+        let result = self.plugin.library.fsync(
+            self.instance,
+            &ctx(req),
+            ino.0,
+            self.plugin_fh(fh),
+            datasync,
+        );
         empty(reply, result.or_else(ignore_enosys));
     }
 
@@ -582,23 +733,47 @@ impl Filesystem for Adapter {
             return reply.error(Errno::EINVAL);
         };
         let mode = mode & !(umask & 0o777);
-        match self.plugin.library.create_file(
-            self.instance,
-            &ctx(req),
-            parent.0,
-            &name,
-            mode,
-            flags,
-        ) {
-            Ok((attr, fh)) => reply.created(
-                &TTL,
-                &file_attr(&attr),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::empty(),
-            ),
-            Err(e) => reply.error(errno(e)),
+        let library = &self.plugin.library;
+        if !self.maps_handles() {
+            return match library.create_file(self.instance, &ctx(req), parent.0, &name, mode, flags)
+            {
+                Ok((attr, fh)) => reply.created(
+                    &TTL,
+                    &file_attr(&attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                ),
+                Err(e) => reply.error(errno(e)),
+            };
         }
+        let (attr, plugin_fh, backing) =
+            match library.create_backing(self.instance, &ctx(req), parent.0, &name, mode, flags) {
+                Ok(created) => created,
+                Err(e) => return reply.error(errno(e)),
+            };
+        let (fh, passthrough) =
+            self.register_open(attr.ino, plugin_fh, backing, |fd| reply.open_backing(fd));
+        let fuse_attr = file_attr(&attr);
+        if passthrough {
+            if let Some((id, _)) = self.handles().backing.get(&attr.ino) {
+                return reply.created_passthrough(
+                    &TTL,
+                    &fuse_attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                    id,
+                );
+            }
+        }
+        reply.created(
+            &TTL,
+            &fuse_attr,
+            Generation(0),
+            FileHandle(fh),
+            FopenFlags::empty(),
+        );
     }
 }
 

@@ -4,6 +4,8 @@
 
 mod adapter;
 
+pub use adapter::MountStats;
+
 use std::collections::BTreeMap;
 use std::ffi::CString;
 use std::io;
@@ -30,6 +32,7 @@ pub struct MountSpec {
     pub read_only: bool,
     /// Uid and gid of the mount's owner: the kernel lets only them in, unless allow_other.
     pub owner: (u32, u32),
+    pub stats: Arc<MountStats>,
 }
 
 /// Why a mount failed.
@@ -149,7 +152,7 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
                     return;
                 }
             };
-            let adapter = Adapter::new(Arc::clone(&plugin), instance);
+            let adapter = Adapter::new(Arc::clone(&plugin), instance, Arc::clone(&spec.stats));
             // The adapter owns our only other reference to the plugin from here on.
             drop(plugin);
             let session = kernel_mount(&name, &spec.mountpoint, spec.read_only, allow_other, spec.owner).and_then(|fd| {

@@ -1,15 +1,16 @@
 //! All `unsafe` of the daemon: `dlopen`, the ABI gate, and every call through a plugin's
 //! vtable. Everything outside this file sees a safe [`Library`].
 //!
-//! Why the calls below are sound: the descriptor pointer comes from the plugin's entry
-//! function and points into the library, which stays mapped while `Library` lives (it owns
-//! the handle; invariant 2 keeps it alive while any mount uses it). Every pointer we pass is
+//! Why the calls below are sound: the function pointers come from the plugin's descriptor
+//! (copied at load) and point into the library, which stays mapped while `Library` lives
+//! (it owns the handle; invariant 2 keeps it alive while any mount uses it). Every pointer we pass is
 //! valid for the duration of the call, as the ABI (fs-plugins/sdk/src/abi.rs) requires.
 
 // The wrappers mirror the C ABI one to one, arguments included.
 #![allow(clippy::too_many_arguments)]
 
 use std::ffi::{c_char, c_int, c_void, CStr, OsStr};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Mutex;
@@ -67,7 +68,9 @@ unsafe impl Sync for Instance {}
 
 /// An open plugin library that passed the ABI gate.
 pub struct Library {
-    descriptor: *const PluginDescriptor,
+    /// Our copy of the plugin's descriptor: its first `struct_size` bytes, the rest zero
+    /// (an older plugin's missing entries read as absent, as nbdkit does it).
+    descriptor: PluginDescriptor,
     /// Taint reason, set the first time the plugin contains a panic.
     taint: Mutex<Option<String>>,
     /// The mapping; dropping it is the `dlclose`.
@@ -79,6 +82,13 @@ pub struct Library {
 unsafe impl Send for Library {}
 // SAFETY: as above; the only mutable state (`taint`) is behind a mutex.
 unsafe impl Sync for Library {}
+
+/// Takes ownership of a file descriptor a plugin handed over (-1: none).
+fn owned_fd(fd: c_int) -> Option<OwnedFd> {
+    // SAFETY: the ABI transfers ownership of a non-negative `backing_fd` to the host; the
+    // plugin no longer uses or closes it, so this is its only owner.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+}
 
 /// The fixed prefix every descriptor starts with, whatever its ABI version.
 #[repr(C)]
@@ -140,8 +150,21 @@ impl Library {
                 found: prefix.struct_size,
             });
         }
-        // SAFETY: magic, version and size say the full descriptor of this ABI version is there.
-        let d = unsafe { &*descriptor };
+        let mut copy = std::mem::MaybeUninit::<PluginDescriptor>::zeroed();
+        let len = (prefix.struct_size as usize).min(std::mem::size_of::<PluginDescriptor>());
+        // SAFETY: the plugin promises `struct_size` readable bytes of descriptor; we copy no
+        // more than that nor more than our type holds, into our own zeroed value.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                descriptor.cast::<u8>(),
+                copy.as_mut_ptr().cast::<u8>(),
+                len,
+            )
+        };
+        // SAFETY: all-zero bytes are valid for every field (integers, raw pointers and
+        // `Option<fn>`), and the copied prefix is a valid descriptor of this ABI version.
+        let copy = unsafe { copy.assume_init() };
+        let d = &copy;
         // SAFETY: the descriptor's strings are static data inside the library.
         let (name, version) = unsafe {
             (
@@ -161,7 +184,7 @@ impl Library {
             abi_version: prefix.abi_version,
         };
         let library = Library {
-            descriptor,
+            descriptor: copy,
             taint: Mutex::new(None),
             _raw: raw,
         };
@@ -169,8 +192,65 @@ impl Library {
     }
 
     fn d(&self) -> &PluginDescriptor {
-        // SAFETY: see the module docs: valid while `self._raw` is open, which `self` ensures.
-        unsafe { &*self.descriptor }
+        &self.descriptor
+    }
+
+    /// Whether the plugin offers FUSE passthrough (the descriptor extension).
+    pub fn offers_passthrough(&self) -> bool {
+        self.d().open_backing.is_some() && self.d().create_backing.is_some()
+    }
+
+    /// `open`, through `open_backing` when the plugin offers passthrough: then the backing
+    /// file's descriptor, if the plugin handed one over, comes back too.
+    pub fn open_backing(
+        &self,
+        inst: Instance,
+        ctx: &Context,
+        ino: u64,
+        flags: i32,
+    ) -> Result<(u64, Option<OwnedFd>), Errno> {
+        let Some(f) = self.d().open_backing else {
+            return self.open(inst, ctx, ino, flags).map(|fh| (fh, None));
+        };
+        let (mut fh, mut fd) = (0u64, -1 as c_int);
+        // SAFETY: `inst` is live, `ctx` valid, both outputs writable.
+        let rc = unsafe { f(inst.0, ctx, ino, flags, &mut fh, &mut fd) };
+        self.check("open_backing", rc)?;
+        Ok((fh, owned_fd(fd)))
+    }
+
+    /// `create_file`, through `create_backing` when the plugin offers passthrough.
+    pub fn create_backing(
+        &self,
+        inst: Instance,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, u64, Option<OwnedFd>), Errno> {
+        let Some(f) = self.d().create_backing else {
+            return self
+                .create_file(inst, ctx, parent, name, mode, flags)
+                .map(|(attr, fh)| (attr, fh, None));
+        };
+        let (mut attr, mut fh, mut fd) = (Attr::default(), 0u64, -1 as c_int);
+        // SAFETY: `inst` is live, `ctx`/`name` valid, every output writable.
+        let rc = unsafe {
+            f(
+                inst.0,
+                ctx,
+                parent,
+                name.as_ptr(),
+                mode,
+                flags,
+                &mut attr,
+                &mut fh,
+                &mut fd,
+            )
+        };
+        self.check("create_backing", rc)?;
+        Ok((attr, fh, owned_fd(fd)))
     }
 
     /// Why the plugin is tainted, if it is.

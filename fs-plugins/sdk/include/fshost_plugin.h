@@ -158,7 +158,24 @@ struct fshost_plugin {
     int (*removexattr)(void *inst, fshost_ctx *ctx, uint64_t ino, const char *name);
     int (*create_file)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name,
                        uint32_t mode, int32_t flags, struct fshost_attr *out, uint64_t *fh);
+
+    /* ---- Appended after the first release; the host uses them only when struct_size
+     * covers them (FSHOST_PASSTHROUGH_STRUCT_SIZE). ---- */
+
+    /* FUSE passthrough: like open, and may also hand over an open fd of the backing file in
+     * *backing_fd (or leave it at -1). The host owns that fd from then on; the kernel then
+     * reads and writes the backing file directly, read/write stay the fallback. */
+    int (*open_backing)(void *inst, fshost_ctx *ctx, uint64_t ino, int32_t flags, uint64_t *fh,
+                        int *backing_fd);
+    int (*create_backing)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name,
+                          uint32_t mode, int32_t flags, struct fshost_attr *out, uint64_t *fh,
+                          int *backing_fd);
 };
+
+/* The descriptor of the first release ends at create_file: a plugin built against it sets
+ * struct_size to this and keeps loading. */
+#define FSHOST_MIN_STRUCT_SIZE offsetof(struct fshost_plugin, open_backing)
+#define FSHOST_PASSTHROUGH_STRUCT_SIZE sizeof(struct fshost_plugin)
 
 const struct fshost_plugin *fshost_plugin_entry(void);
 

@@ -319,6 +319,36 @@ pub struct PluginDescriptor {
             fh: *mut u64,
         ) -> c_int,
     >,
+
+    // ---- Appended after the first release: present when `struct_size` covers them. ----
+    /// FUSE passthrough: like `open`, and may also hand over an open file descriptor of the
+    /// backing file in `*backing_fd` (or leave it at -1). The host owns that fd from then
+    /// on. With it, the kernel reads and writes the backing file directly; `read`/`write`
+    /// stay the fallback where the kernel cannot do passthrough.
+    pub open_backing: Option<
+        unsafe extern "C" fn(
+            Instance,
+            Ctx,
+            ino: u64,
+            flags: i32,
+            fh: *mut u64,
+            backing_fd: *mut c_int,
+        ) -> c_int,
+    >,
+    /// FUSE passthrough for `create_file`, as `open_backing` is for `open`.
+    pub create_backing: Option<
+        unsafe extern "C" fn(
+            Instance,
+            Ctx,
+            parent: u64,
+            name: *const c_char,
+            mode: u32,
+            flags: i32,
+            out: *mut Attr,
+            fh: *mut u64,
+            backing_fd: *mut c_int,
+        ) -> c_int,
+    >,
 }
 
 // SAFETY: the descriptor is immutable static data; its raw pointers point to static,
@@ -327,8 +357,13 @@ unsafe impl Sync for PluginDescriptor {}
 // SAFETY: as above; nothing in it is tied to a thread.
 unsafe impl Send for PluginDescriptor {}
 
-/// Smallest `struct_size` the host accepts: everything up to and including `create_file`.
-pub const MIN_STRUCT_SIZE: u32 = std::mem::size_of::<PluginDescriptor>() as u32;
+/// Smallest `struct_size` the host accepts: the descriptor of the first release, everything
+/// up to and including `create_file`. Fields after it are optional extensions.
+pub const MIN_STRUCT_SIZE: u32 = std::mem::offset_of!(PluginDescriptor, open_backing) as u32;
+
+/// `struct_size` of a descriptor that has the passthrough extension.
+pub const PASSTHROUGH_STRUCT_SIZE: u32 =
+    (std::mem::offset_of!(PluginDescriptor, create_backing) + std::mem::size_of::<usize>()) as u32;
 
 /// The type of `fshost_plugin_entry`.
 pub type EntryFn = unsafe extern "C" fn() -> *const PluginDescriptor;

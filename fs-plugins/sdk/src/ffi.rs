@@ -7,6 +7,7 @@
 //! initialized memory of the given length.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString, OsStr};
+use std::os::fd::IntoRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
@@ -119,6 +120,16 @@ pub const fn descriptor<T: Plugin>(
         listxattr: Some(listxattr::<T>),
         removexattr: Some(removexattr::<T>),
         create_file: Some(create_file::<T>),
+        open_backing: if T::PASSTHROUGH {
+            Some(open_backing::<T>)
+        } else {
+            None
+        },
+        create_backing: if T::PASSTHROUGH {
+            Some(create_backing::<T>)
+        } else {
+            None
+        },
     }
 }
 
@@ -419,6 +430,33 @@ wrapper!(create_file(parent: u64, name: *const c_char, mode: u32, flags: i32, ou
         unsafe {
             out.write(attr);
             fh.write(handle);
+        }
+        Ok(())
+    }
+});
+
+wrapper!(open_backing(ino: u64, flags: i32, fh: *mut u64, backing_fd: *mut c_int) {
+    |fs: &T, ctx| {
+        let (handle, fd) = fs.open_backing(ctx, ino, flags)?;
+        // SAFETY: host contract: `fh` and `backing_fd` are writable; the fd's ownership
+        // passes to the host.
+        unsafe {
+            fh.write(handle);
+            backing_fd.write(fd.map_or(-1, IntoRawFd::into_raw_fd));
+        }
+        Ok(())
+    }
+});
+
+wrapper!(create_backing(parent: u64, name: *const c_char, mode: u32, flags: i32, out: *mut Attr, fh: *mut u64, backing_fd: *mut c_int) {
+    |fs: &T, ctx| {
+        // SAFETY: host contract: `name` is a valid C string.
+        let (attr, handle, fd) = fs.create_backing(ctx, parent, unsafe { os(name) }, mode, flags)?;
+        // SAFETY: host contract: the outputs are writable; the fd's ownership passes to the host.
+        unsafe {
+            out.write(attr);
+            fh.write(handle);
+            backing_fd.write(fd.map_or(-1, IntoRawFd::into_raw_fd));
         }
         Ok(())
     }

@@ -23,6 +23,7 @@ pub mod ffi;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::fmt;
+use std::os::fd::OwnedFd;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use abi::{Attr, Context, Setattr, Statfs, Timespec};
@@ -257,6 +258,30 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     fn removexattr(&self, ctx: &Context, ino: u64, name: &OsStr) -> Result<()> {
         Err(Errno::EOPNOTSUPP)
     }
+    /// Set to true to offer FUSE passthrough: the host then calls `open_backing` and
+    /// `create_backing` instead of `open` and `create_file`.
+    const PASSTHROUGH: bool = false;
+
+    /// Opens a file and may hand over a file descriptor of its backing file, which the
+    /// kernel then reads and writes directly (FUSE passthrough, Linux 6.9+). `read` and
+    /// `write` remain the fallback where the kernel cannot do it.
+    fn open_backing(&self, ctx: &Context, ino: u64, flags: i32) -> Result<(u64, Option<OwnedFd>)> {
+        Ok((self.open(ctx, ino, flags)?, None))
+    }
+
+    /// `create_file` with passthrough, as `open_backing` is to `open`.
+    fn create_backing(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, u64, Option<OwnedFd>)> {
+        let (attr, fh) = self.create_file(ctx, parent, name, mode, flags)?;
+        Ok((attr, fh, None))
+    }
+
     /// Creates and opens a regular file; returns its attributes and file handle.
     fn create_file(
         &self,

@@ -42,9 +42,15 @@ fn c_header_matches_rust_layout() {
             create, destroy, lookup, forget, getattr, setattr, readlink, mknod, mkdir, unlink,
             rmdir, symlink, rename, link, open, read, write, flush, release, fsync, opendir,
             readdir, releasedir, statfs, setxattr, getxattr, listxattr, removexattr, create_file,
+            open_backing, create_backing,
         }
     };
-    let constants: [(&str, u64); 13] = [
+    let constants: [(&str, u64); 15] = [
+        ("FSHOST_MIN_STRUCT_SIZE", MIN_STRUCT_SIZE.into()),
+        (
+            "FSHOST_PASSTHROUGH_STRUCT_SIZE",
+            PASSTHROUGH_STRUCT_SIZE.into(),
+        ),
         ("FSHOST_PLUGIN_MAGIC", MAGIC),
         ("FSHOST_ABI_VERSION", ABI_VERSION.into()),
         ("FSHOST_PANICKED", PANICKED as i64 as u64),

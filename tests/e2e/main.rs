@@ -11,22 +11,23 @@ use fshost_tests::{artifact, eventually, fshost_mounts_below, fuse_available, ru
 
 mod faults;
 mod lifecycle;
+mod passthrough;
 mod recovery;
 mod storm;
 mod system;
 
-const MINIMAL_C: &str = include_str!("plugins/minimal.c");
+pub(crate) const MINIMAL_C: &str = include_str!("plugins/minimal.c");
 
-fn path_str(path: &Path) -> &str {
+pub(crate) fn path_str(path: &Path) -> &str {
     path.to_str().expect("UTF-8 test path")
 }
 
-fn memfs() -> String {
+pub(crate) fn memfs() -> String {
     artifact("libmemfs.so").display().to_string()
 }
 
 /// Loads memfs and mounts it at `<dir>/<name>`; returns the mount point.
-fn mounted_memfs(env: &Env, name: &str) -> std::path::PathBuf {
+pub(crate) fn mounted_memfs(env: &Env, name: &str) -> std::path::PathBuf {
     if !env.plugins().iter().any(|p| p.0 == "memfs") {
         env.ctl(&["load", &memfs()]).ok();
     }

@@ -25,14 +25,12 @@ use fuser::{
 
 use crate::plugin::{Answer, Instance, Plugin};
 
-/// How long the kernel may cache attributes and entries. Plugins own their trees (nothing
-/// changes them behind the kernel's back), so caching is safe and saves round trips.
-const TTL: Duration = Duration::from_secs(1);
-
 pub struct Adapter {
     plugin: Arc<Plugin>,
     instance: Instance,
     stats: Arc<MountStats>,
+    /// How long the kernel may cache attributes and entries (`-o attr_timeout`).
+    ttl: Duration,
     /// Set in `init` when the plugin offers passthrough and the kernel accepted it.
     passthrough: bool,
     /// For plugins that offer passthrough: the kernel sees our own file handles, mapped to
@@ -62,11 +60,17 @@ pub struct MountStats {
 }
 
 impl Adapter {
-    pub fn new(plugin: Arc<Plugin>, instance: Instance, stats: Arc<MountStats>) -> Self {
+    pub fn new(
+        plugin: Arc<Plugin>,
+        instance: Instance,
+        stats: Arc<MountStats>,
+        ttl: Duration,
+    ) -> Self {
         Adapter {
             plugin,
             instance,
             stats,
+            ttl,
             passthrough: false,
             handles: Mutex::new(Handles::default()),
         }
@@ -210,9 +214,9 @@ fn file_attr(a: &Attr) -> FileAttr {
     }
 }
 
-fn entry(reply: ReplyEntry, result: Result<Attr, fshost_sdk::Errno>) {
+fn entry(reply: ReplyEntry, ttl: Duration, result: Result<Attr, fshost_sdk::Errno>) {
     match result {
-        Ok(attr) => reply.entry(&TTL, &file_attr(&attr), Generation(0)),
+        Ok(attr) => reply.entry(&ttl, &file_attr(&attr), Generation(0)),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -263,6 +267,7 @@ impl Filesystem for Adapter {
         let result = cstring(name).map_err(|_| fshost_sdk::Errno::EINVAL);
         entry(
             reply,
+            self.ttl,
             result.and_then(|n| {
                 self.plugin
                     .library
@@ -277,7 +282,7 @@ impl Filesystem for Adapter {
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         match self.plugin.library.getattr(self.instance, &ctx(req), ino.0) {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -333,7 +338,7 @@ impl Filesystem for Adapter {
             .library
             .setattr(self.instance, &ctx(req), ino.0, &set)
         {
-            Ok(attr) => reply.attr(&TTL, &file_attr(&attr)),
+            Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -367,7 +372,7 @@ impl Filesystem for Adapter {
             self.plugin
                 .library
                 .mknod(self.instance, &ctx(req), parent.0, &name, mode, rdev);
-        entry(reply, result);
+        entry(reply, self.ttl, result);
     }
 
     fn mkdir(
@@ -387,7 +392,7 @@ impl Filesystem for Adapter {
             .plugin
             .library
             .mkdir(self.instance, &ctx(req), parent.0, &name, mode);
-        entry(reply, result);
+        entry(reply, self.ttl, result);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -427,7 +432,7 @@ impl Filesystem for Adapter {
             self.plugin
                 .library
                 .symlink(self.instance, &ctx(req), parent.0, &name, &target);
-        entry(reply, result);
+        entry(reply, self.ttl, result);
     }
 
     fn rename(
@@ -470,7 +475,7 @@ impl Filesystem for Adapter {
             self.plugin
                 .library
                 .link(self.instance, &ctx(req), ino.0, newparent.0, &newname);
-        entry(reply, result);
+        entry(reply, self.ttl, result);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -738,7 +743,7 @@ impl Filesystem for Adapter {
             return match library.create_file(self.instance, &ctx(req), parent.0, &name, mode, flags)
             {
                 Ok((attr, fh)) => reply.created(
-                    &TTL,
+                    &self.ttl,
                     &file_attr(&attr),
                     Generation(0),
                     FileHandle(fh),
@@ -758,7 +763,7 @@ impl Filesystem for Adapter {
         if passthrough {
             if let Some((id, _)) = self.handles().backing.get(&attr.ino) {
                 return reply.created_passthrough(
-                    &TTL,
+                    &self.ttl,
                     &fuse_attr,
                     Generation(0),
                     FileHandle(fh),
@@ -768,7 +773,7 @@ impl Filesystem for Adapter {
             }
         }
         reply.created(
-            &TTL,
+            &self.ttl,
             &fuse_attr,
             Generation(0),
             FileHandle(fh),

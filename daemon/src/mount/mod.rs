@@ -22,7 +22,12 @@ use crate::plugin::Plugin;
 use adapter::Adapter;
 
 /// Mount options the daemon handles itself instead of passing them to the plugin.
-pub const DAEMON_OPTIONS: [&str; 1] = ["allow_other"];
+pub const DAEMON_OPTIONS: [&str; 2] = ["allow_other", "attr_timeout"];
+
+/// How long the kernel may cache attributes and entries unless `-o attr_timeout=SECS`
+/// says otherwise. Plugins that own their tree can keep it; a mirror of a directory that
+/// others change (passthroughfs) may want 0.
+const DEFAULT_ATTR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What to mount where.
 pub struct MountSpec {
@@ -38,7 +43,7 @@ pub struct MountSpec {
 /// Why a mount failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("option {key:?} contains a NUL byte")]
+    #[error("option {key:?} is invalid (a NUL byte, or attr_timeout not a number of seconds from 0 to 86400)")]
     BadOption { key: String },
     #[error("plugin \"{plugin}\" refused to create a filesystem for these options: {}", describe_errno(.errno.0))]
     Create {
@@ -131,6 +136,17 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
         }
     }
     let allow_other = spec.options.contains_key("allow_other");
+    let ttl = match spec.options.get("attr_timeout") {
+        None => DEFAULT_ATTR_TIMEOUT,
+        Some(secs) => secs
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && (0.0..=86_400.0).contains(s))
+            .map(std::time::Duration::from_secs_f64)
+            .ok_or_else(|| MountError::BadOption {
+                key: "attr_timeout".into(),
+            })?,
+    };
     // Who may use the mount is the kernel's decision (user_id=, allow_other); fuser's own
     // filter would only let the daemon's uid in, which is wrong for a user's mount.
     let acl = fuser::SessionACL::All;
@@ -152,7 +168,7 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
                     return;
                 }
             };
-            let adapter = Adapter::new(Arc::clone(&plugin), instance, Arc::clone(&spec.stats));
+            let adapter = Adapter::new(Arc::clone(&plugin), instance, Arc::clone(&spec.stats), ttl);
             // The adapter owns our only other reference to the plugin from here on.
             drop(plugin);
             let session = kernel_mount(&name, &spec.mountpoint, spec.read_only, allow_other, spec.owner).and_then(|fd| {

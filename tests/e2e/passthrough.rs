@@ -1,0 +1,187 @@
+//! passthroughfs: a mirror of a source directory whose file data goes through FUSE
+//! passthrough; and the ABI extension it needs not breaking older plugins.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::ErrorKind;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use fshost_tests::{fuse_available, Env};
+
+use crate::{path_str, MINIMAL_C};
+
+/// Everything `ls -ln` and `readlink` and `cat` would show about a tree, by relative path.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(relative) = stack.pop() {
+        let full = root.join(&relative);
+        let meta = fs::symlink_metadata(&full).unwrap();
+        let kind = meta.file_type();
+        let detail = if kind.is_symlink() {
+            format!("-> {}", fs::read_link(&full).unwrap().display())
+        } else if kind.is_file() {
+            format!(
+                "{:x?}",
+                fs::read(&full).unwrap().iter().take(64).collect::<Vec<_>>()
+            )
+        } else {
+            String::new()
+        };
+        let dir_size = if kind.is_dir() { 0 } else { meta.size() };
+        out.insert(
+            relative.clone(),
+            format!(
+                "mode {:o} uid {} gid {} nlink {} size {} mtime {}.{} {detail}",
+                meta.mode(),
+                meta.uid(),
+                meta.gid(),
+                meta.nlink(),
+                dir_size,
+                meta.mtime(),
+                meta.mtime_nsec()
+            ),
+        );
+        if kind.is_dir() {
+            for entry in fs::read_dir(&full).unwrap() {
+                stack.push(relative.join(entry.unwrap().file_name()));
+            }
+        }
+    }
+    out
+}
+
+fn errno<T>(result: std::io::Result<T>) -> Option<i32> {
+    result.err().and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn passthroughfs_mirrors_its_source_and_reads_bypass_the_daemon() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let src = env.path("src");
+    fs::create_dir_all(src.join("dir/sub")).unwrap();
+    fs::write(src.join("small"), b"hello passthrough\n").unwrap();
+    let big: Vec<u8> = (0..4 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    fs::write(src.join("dir/big"), &big).unwrap();
+    fs::set_permissions(src.join("small"), fs::Permissions::from_mode(0o640)).unwrap();
+    std::os::unix::fs::symlink("../small", src.join("dir/link")).unwrap();
+    fs::hard_link(src.join("small"), src.join("dir/hard")).unwrap();
+    nix::unistd::mkfifo(
+        &src.join("fifo"),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    nix::unistd::chown(&src.join("dir/sub"), Some(65534.into()), Some(65534.into())).unwrap();
+
+    env.ctl(&["load", "passthroughfs"]).ok();
+    let mnt = env.mountpoint("mirror");
+    let source_option = format!("source={}", src.display());
+    env.ctl(&[
+        "mount",
+        "passthroughfs",
+        path_str(&mnt),
+        "-o",
+        &source_option,
+    ])
+    .ok();
+
+    // Contents and metadata match the source exactly (the root's own inode aside).
+    assert_eq!(snapshot(&mnt), snapshot(&src));
+    assert_eq!(fs::read(mnt.join("dir/big")).unwrap(), big);
+
+    // Errors match too.
+    assert_eq!(errno(fs::read(mnt.join("missing"))), Some(libc::ENOENT));
+    assert_eq!(
+        errno(fs::remove_dir(mnt.join("dir"))),
+        Some(libc::ENOTEMPTY)
+    );
+    assert_eq!(errno(fs::create_dir(mnt.join("dir"))), Some(libc::EEXIST));
+    assert_eq!(
+        errno(fs::remove_file(mnt.join("dir"))),
+        errno(fs::remove_file(src.join("dir")))
+    );
+    assert_eq!(
+        errno(fs::rename(mnt.join("dir"), mnt.join("dir/sub/x"))),
+        Some(libc::EINVAL)
+    );
+
+    // Writes through the mount land in the source, and the other way round.
+    fs::write(mnt.join("dir/new"), b"written through fshost").unwrap();
+    assert_eq!(
+        fs::read(src.join("dir/new")).unwrap(),
+        b"written through fshost"
+    );
+    fs::write(src.join("from-source"), b"written beside fshost").unwrap();
+    assert_eq!(
+        fs::read(mnt.join("from-source")).unwrap(),
+        b"written beside fshost"
+    );
+    fs::rename(mnt.join("dir/new"), mnt.join("renamed")).unwrap();
+    assert!(src.join("renamed").exists() && !src.join("dir/new").exists());
+    fs::remove_file(mnt.join("renamed")).unwrap();
+    assert_eq!(
+        src.join("renamed").symlink_metadata().unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(snapshot(&mnt), snapshot(&src));
+
+    // The data went through passthrough: the plugin served no read and no write.
+    let mounts = env.ctl(&["--json", "mounts"]).ok().json();
+    let stats = &mounts["mounts"][0];
+    assert!(stats["passthrough_opens"].as_u64().unwrap() >= 3, "{stats}");
+    assert_eq!(stats["plugin_reads"], 0, "{stats}");
+    assert_eq!(stats["plugin_writes"], 0, "{stats}");
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}
+
+#[test]
+fn passthroughfs_needs_a_source_directory() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", "passthroughfs"]).ok();
+    let mnt = env.mountpoint("m");
+    let out = env.ctl(&["mount", "passthroughfs", path_str(&mnt)]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("refused to create a filesystem"),
+        "{out:?}"
+    );
+    let out = env.ctl(&[
+        "mount",
+        "passthroughfs",
+        path_str(&mnt),
+        "-o",
+        "attr_timeout=soon",
+    ]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("attr_timeout"), "{out:?}");
+}
+
+#[test]
+fn a_plugin_built_before_the_passthrough_extension_still_loads() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let old = env.compile_c_plugin(
+        "olddesc",
+        MINIMAL_C,
+        &[
+            "PLUGIN_NAME=\"olddesc\"",
+            "STRUCT_SIZE=FSHOST_MIN_STRUCT_SIZE",
+        ],
+    );
+    env.ctl(&["load", path_str(&old)]).ok();
+    let mnt = env.mountpoint("old");
+    env.ctl(&["mount", "olddesc", path_str(&mnt)]).ok();
+    assert_eq!(fs::metadata(&mnt).unwrap().mode(), libc::S_IFDIR | 0o555);
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}

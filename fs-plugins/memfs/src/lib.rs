@@ -1,13 +1,20 @@
-//! memfs: an in-memory read-write filesystem served through fshost.
+//! memfs: an in-memory read-write filesystem served through fshost, with tmpfs's semantics.
 //!
-//! One instance per mount; everything lives in one `Mutex<Tree>`. Permission checks are the
-//! kernel's job (the daemon mounts with `default_permissions`); memfs keeps owners, modes,
-//! link counts and times the way tmpfs does for the operations it implements.
+//! One instance per mount. The tree sits behind one `RwLock`: lookups, stats, reads and
+//! directory listings run in parallel; changes take the lock alone. Permission checks are
+//! the kernel's job (the daemon mounts with `default_permissions`, which also clears
+//! setuid/setgid bits on write and chown through `setattr`); memfs keeps owners, modes,
+//! link counts, times, sparse contents and extended attributes the way tmpfs does.
+//!
+//! Options: `size=N[K|M|G]` limits the stored data (`ENOSPC` past it).
+
+mod data;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use data::{FileData, PAGE};
 use fshost_sdk::abi::{
     SET_ATIME, SET_ATIME_NOW, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID,
 };
@@ -18,16 +25,61 @@ use fshost_sdk::{
 
 const ROOT: u64 = 1;
 const NAME_MAX: usize = 255;
-const BLOCK: u64 = 4096;
-/// Largest file memfs will hold; offsets past it give `EFBIG` instead of a huge allocation.
-const MAX_FILE_SIZE: u64 = 1 << 40;
+/// Largest file size, as on tmpfs (MAX_LFS_FILESIZE).
+const MAX_FILE_SIZE: u64 = i64::MAX as u64;
+/// Reported capacity when no `size=` is given.
+const DEFAULT_CAPACITY: u64 = 1 << 40;
+const XATTR_CREATE: i32 = 1;
+const XATTR_REPLACE: i32 = 2;
+/// readdir offsets: 0 is ".", 1 is "..", entries carry cookies from here on.
+const FIRST_COOKIE: u64 = 2;
+
+/// A directory's entries. Each entry gets a cookie that never changes and is never reused
+/// in this directory, so a listing resumed at an offset survives concurrent unlinks.
+struct Dir {
+    entries: BTreeMap<OsString, (u64, u64)>,
+    by_cookie: BTreeMap<u64, OsString>,
+    next_cookie: u64,
+    parent: u64,
+}
+
+impl Dir {
+    fn new(parent: u64) -> Dir {
+        Dir {
+            entries: BTreeMap::new(),
+            by_cookie: BTreeMap::new(),
+            next_cookie: FIRST_COOKIE,
+            parent,
+        }
+    }
+
+    fn get(&self, name: &OsStr) -> Option<u64> {
+        self.entries.get(name).map(|(ino, _)| *ino)
+    }
+
+    /// Adds or replaces `name`.
+    fn insert(&mut self, name: &OsStr, ino: u64) {
+        self.remove(name);
+        let cookie = self.next_cookie;
+        self.next_cookie += 1;
+        self.entries.insert(name.to_owned(), (ino, cookie));
+        self.by_cookie.insert(cookie, name.to_owned());
+    }
+
+    fn remove(&mut self, name: &OsStr) -> Option<u64> {
+        let (ino, cookie) = self.entries.remove(name)?;
+        self.by_cookie.remove(&cookie);
+        Some(ino)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
 
 enum Content {
-    File(Vec<u8>),
-    Dir {
-        entries: BTreeMap<OsString, u64>,
-        parent: u64,
-    },
+    File(FileData),
+    Dir(Dir),
     Symlink(Vec<u8>),
     /// FIFOs, sockets and device nodes: only metadata.
     Special,
@@ -38,15 +90,19 @@ struct Node {
     content: Content,
     /// Open file handles; an unlinked node lives until the last one is released.
     open: u32,
+    xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 struct Tree {
     nodes: HashMap<u64, Node>,
     next_ino: u64,
+    /// Pages stored in all files, and the most allowed (`size=`).
+    used_pages: u64,
+    limit_pages: Option<u64>,
 }
 
 pub struct MemFs {
-    tree: Mutex<Tree>,
+    tree: RwLock<Tree>,
 }
 
 fn is_dir(attr: &Attr) -> bool {
@@ -70,31 +126,48 @@ impl Tree {
         self.nodes.get_mut(&ino).ok_or(Errno::ENOENT)
     }
 
-    fn entries(&self, dir: u64) -> Result<&BTreeMap<OsString, u64>> {
-        match &self.node(dir)?.content {
-            Content::Dir { entries, .. } => Ok(entries),
+    fn dir(&self, ino: u64) -> Result<&Dir> {
+        match &self.node(ino)?.content {
+            Content::Dir(dir) => Ok(dir),
             _ => Err(Errno::ENOTDIR),
         }
     }
 
-    fn entries_mut(&mut self, dir: u64) -> Result<&mut BTreeMap<OsString, u64>> {
-        match &mut self.node_mut(dir)?.content {
-            Content::Dir { entries, .. } => Ok(entries),
+    fn dir_mut(&mut self, ino: u64) -> Result<&mut Dir> {
+        match &mut self.node_mut(ino)?.content {
+            Content::Dir(dir) => Ok(dir),
             _ => Err(Errno::ENOTDIR),
         }
     }
 
     fn child(&self, dir: u64, name: &OsStr) -> Result<u64> {
         check_name(name)?;
-        self.entries(dir)?.get(name).copied().ok_or(Errno::ENOENT)
+        self.dir(dir)?.get(name).ok_or(Errno::ENOENT)
     }
 
-    /// Marks a directory's contents as changed now.
-    fn touch_dir(&mut self, dir: u64) {
-        if let Some(node) = self.nodes.get_mut(&dir) {
+    /// Marks a node's contents as changed now (mtime and ctime).
+    fn modified(&mut self, ino: u64) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
             let now = Timespec::now();
             node.attr.mtime = now;
             node.attr.ctime = now;
+        }
+    }
+
+    /// Marks a node's metadata as changed now (ctime).
+    fn changed(&mut self, ino: u64) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.attr.ctime = Timespec::now();
+        }
+    }
+
+    fn adjust_nlink(&mut self, ino: u64, up: bool) {
+        if let Some(node) = self.nodes.get_mut(&ino) {
+            node.attr.nlink = if up {
+                node.attr.nlink + 1
+            } else {
+                node.attr.nlink.saturating_sub(1)
+            };
         }
     }
 
@@ -110,13 +183,13 @@ impl Tree {
     ) -> Result<Attr> {
         check_name(name)?;
         let parent_attr = self.node(parent)?.attr;
-        if self.entries(parent)?.contains_key(name) {
+        if self.dir(parent)?.get(name).is_some() {
             return Err(Errno::EEXIST);
         }
         let ino = self.next_ino;
         self.next_ino += 1;
         let now = Timespec::now();
-        let dir = matches!(content, Content::Dir { .. });
+        let dir = matches!(content, Content::Dir(_));
         // A setgid directory passes its group (and, to subdirectories, the setgid bit) on.
         let (gid, mode) = if parent_attr.mode & libc::S_ISGID != 0 {
             (
@@ -142,21 +215,20 @@ impl Tree {
             uid: ctx.uid,
             gid,
             rdev,
-            blksize: BLOCK as u32,
+            blksize: PAGE as u32,
         };
-        self.nodes.insert(
-            ino,
-            Node {
-                attr,
-                content,
-                open: 0,
-            },
-        );
-        self.entries_mut(parent)?.insert(name.to_owned(), ino);
+        let node = Node {
+            attr,
+            content,
+            open: 0,
+            xattrs: BTreeMap::new(),
+        };
+        self.nodes.insert(ino, node);
+        self.dir_mut(parent)?.insert(name, ino);
         if dir {
-            self.node_mut(parent)?.attr.nlink += 1;
+            self.adjust_nlink(parent, true);
         }
-        self.touch_dir(parent);
+        self.modified(parent);
         Ok(attr)
     }
 
@@ -165,18 +237,27 @@ impl Tree {
         let Some(node) = self.nodes.get_mut(&ino) else {
             return;
         };
-        node.attr.nlink = node.attr.nlink.saturating_sub(1);
+        node.attr.nlink = if is_dir(&node.attr) {
+            0 // a removed directory loses its "." link too
+        } else {
+            node.attr.nlink.saturating_sub(1)
+        };
         node.attr.ctime = Timespec::now();
-        if is_dir(&node.attr) {
-            node.attr.nlink = 0; // a removed directory has no "." link either
-        }
         self.collect(ino);
     }
 
     fn collect(&mut self, ino: u64) {
-        if let Some(node) = self.nodes.get(&ino) {
-            if node.attr.nlink == 0 && node.open == 0 {
-                self.nodes.remove(&ino);
+        let gone = self
+            .nodes
+            .get(&ino)
+            .is_some_and(|n| n.attr.nlink == 0 && n.open == 0);
+        if gone {
+            if let Some(Node {
+                content: Content::File(data),
+                ..
+            }) = self.nodes.remove(&ino)
+            {
+                self.used_pages -= data.pages();
             }
         }
     }
@@ -188,19 +269,15 @@ impl Tree {
                 return true;
             }
             match self.nodes.get(&ino).map(|n| &n.content) {
-                Some(Content::Dir { parent, .. }) if *parent != ino => ino = *parent,
+                Some(Content::Dir(dir)) if dir.parent != ino => ino = dir.parent,
                 _ => return false,
             }
         }
     }
 
     fn set_parent(&mut self, ino: u64, new_parent: u64) {
-        if let Some(Node {
-            content: Content::Dir { parent, .. },
-            ..
-        }) = self.nodes.get_mut(&ino)
-        {
-            *parent = new_parent;
+        if let Ok(dir) = self.dir_mut(ino) {
+            dir.parent = new_parent;
         }
     }
 
@@ -214,36 +291,34 @@ impl Tree {
     ) -> Result<()> {
         check_name(newname)?;
         let ino = self.child(parent, name)?;
-        self.entries(newparent)?;
-        let target = self.entries(newparent)?.get(newname).copied();
+        let target = self.dir(newparent)?.get(newname);
         let moving_dir = is_dir(&self.node(ino)?.attr);
-        if moving_dir && newparent != parent && self.is_ancestor(ino, newparent) {
+        if moving_dir && self.is_ancestor(ino, newparent) {
             return Err(Errno::EINVAL);
         }
         if flags & libc::RENAME_EXCHANGE != 0 {
             let other = target.ok_or(Errno::ENOENT)?;
-            if is_dir(&self.node(other)?.attr) && self.is_ancestor(other, parent) {
+            let other_is_dir = is_dir(&self.node(other)?.attr);
+            if other_is_dir && self.is_ancestor(other, parent) {
                 return Err(Errno::EINVAL);
             }
-            self.entries_mut(parent)?.insert(name.to_owned(), other);
-            self.entries_mut(newparent)?.insert(newname.to_owned(), ino);
-            let other_is_dir = is_dir(&self.node(other)?.attr);
+            self.dir_mut(parent)?.insert(name, other);
+            self.dir_mut(newparent)?.insert(newname, ino);
             if parent != newparent && moving_dir != other_is_dir {
                 let (from, to) = if moving_dir {
                     (parent, newparent)
                 } else {
                     (newparent, parent)
                 };
-                self.node_mut(from)?.attr.nlink -= 1;
-                self.node_mut(to)?.attr.nlink += 1;
+                self.adjust_nlink(from, false);
+                self.adjust_nlink(to, true);
             }
             self.set_parent(ino, newparent);
             self.set_parent(other, parent);
-            for changed in [ino, other] {
-                self.node_mut(changed)?.attr.ctime = Timespec::now();
-            }
-            self.touch_dir(parent);
-            self.touch_dir(newparent);
+            self.changed(ino);
+            self.changed(other);
+            self.modified(parent);
+            self.modified(newparent);
             return Ok(());
         }
         if let Some(target) = target {
@@ -253,54 +328,125 @@ impl Tree {
             if target == ino {
                 return Ok(()); // both names are links to the same file: nothing to do
             }
-            let target_attr = self.node(target)?.attr;
-            match (moving_dir, is_dir(&target_attr)) {
+            let target_is_dir = is_dir(&self.node(target)?.attr);
+            match (moving_dir, target_is_dir) {
                 (true, false) => return Err(Errno::ENOTDIR),
                 (false, true) => return Err(Errno::EISDIR),
-                (true, true) if !self.entries(target)?.is_empty() => return Err(Errno::ENOTEMPTY),
+                (true, true) if !self.dir(target)?.is_empty() => return Err(Errno::ENOTEMPTY),
                 _ => {}
             }
-            if is_dir(&target_attr) {
-                self.node_mut(newparent)?.attr.nlink -= 1;
+            if target_is_dir {
+                self.adjust_nlink(newparent, false);
             }
             self.drop_link(target);
         }
-        self.entries_mut(parent)?.remove(name);
-        self.entries_mut(newparent)?.insert(newname.to_owned(), ino);
+        self.dir_mut(parent)?.remove(name);
+        self.dir_mut(newparent)?.insert(newname, ino);
         if moving_dir && parent != newparent {
-            self.node_mut(parent)?.attr.nlink -= 1;
-            self.node_mut(newparent)?.attr.nlink += 1;
+            self.adjust_nlink(parent, false);
+            self.adjust_nlink(newparent, true);
             self.set_parent(ino, newparent);
         }
-        self.node_mut(ino)?.attr.ctime = Timespec::now();
-        self.touch_dir(parent);
-        self.touch_dir(newparent);
+        self.changed(ino);
+        self.modified(parent);
+        self.modified(newparent);
+        Ok(())
+    }
+
+    /// Resizes a file, within the size limit for the pages a growth would store.
+    fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<()> {
+        let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
+        if end > MAX_FILE_SIZE {
+            return Err(Errno::EFBIG);
+        }
+        let (used, limit) = (self.used_pages, self.limit_pages);
+        let node = self.node_mut(ino)?;
+        let Content::File(file) = &mut node.content else {
+            return Err(Errno::EISDIR);
+        };
+        let new_pages = file.new_pages(offset, data.len() as u64);
+        if limit.is_some_and(|limit| used + new_pages > limit) {
+            return Err(Errno::ENOSPC);
+        }
+        file.write(offset, data);
+        node.attr.size = file.size();
+        node.attr.blocks = file.pages() * (PAGE / 512);
+        let now = Timespec::now();
+        node.attr.mtime = now;
+        node.attr.ctime = now;
+        self.used_pages += new_pages;
+        Ok(())
+    }
+
+    fn truncate(&mut self, ino: u64, size: u64) -> Result<()> {
+        if size > MAX_FILE_SIZE {
+            return Err(Errno::EFBIG);
+        }
+        let node = self.node_mut(ino)?;
+        let Content::File(file) = &mut node.content else {
+            return Err(if is_dir(&node.attr) {
+                Errno::EISDIR
+            } else {
+                Errno::EINVAL
+            });
+        };
+        let before = file.pages();
+        file.truncate(size);
+        let after = file.pages();
+        node.attr.size = size;
+        node.attr.blocks = after * (PAGE / 512);
+        self.used_pages -= before - after;
         Ok(())
     }
 }
 
 impl MemFs {
-    fn tree(&self) -> MutexGuard<'_, Tree> {
-        // A panic while holding the lock is already reported as a taint; keep serving.
-        self.tree.lock().unwrap_or_else(|e| e.into_inner())
+    // A panic while holding the lock is already reported as a taint; keep serving.
+    fn read_tree(&self) -> RwLockReadGuard<'_, Tree> {
+        self.tree.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tree(&self) -> RwLockWriteGuard<'_, Tree> {
+        self.tree.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-fn set_size(data: &mut Vec<u8>, attr: &mut Attr, size: u64) -> Result<()> {
-    if size > MAX_FILE_SIZE {
-        return Err(Errno::EFBIG);
+/// `64M`, `1G`, `4096`: a size in bytes.
+fn parse_size(text: &str) -> Option<u64> {
+    let (digits, factor) = match text.char_indices().last()? {
+        (i, 'k' | 'K') => (&text[..i], 1 << 10),
+        (i, 'm' | 'M') => (&text[..i], 1 << 20),
+        (i, 'g' | 'G') => (&text[..i], 1 << 30),
+        _ => (text, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(factor)
+}
+
+/// Extended attributes memfs stores: the user, trusted and security namespaces, as tmpfs
+/// does (the kernel lets only privileged callers at trusted.*). POSIX ACLs (system.*) are
+/// not supported.
+fn xattr_namespace_ok(name: &OsStr) -> Result<()> {
+    let name = name.as_encoded_bytes();
+    if [&b"user."[..], b"trusted.", b"security."]
+        .iter()
+        .any(|prefix| name.starts_with(prefix))
+    {
+        Ok(())
+    } else {
+        Err(Errno::EOPNOTSUPP)
     }
-    data.resize(size as usize, 0);
-    attr.size = size;
-    attr.blocks = size.div_ceil(512);
-    Ok(())
 }
 
 impl Plugin for MemFs {
     fn create(options: &Options) -> Result<Self> {
-        if !options.0.is_empty() {
-            // memfs takes no options yet: refuse rather than silently ignore a typo.
-            return Err(Errno::EINVAL);
+        let mut limit_pages = None;
+        for (key, value) in &options.0 {
+            match key.as_str() {
+                "size" => {
+                    limit_pages = Some(parse_size(value).ok_or(Errno::EINVAL)?.div_ceil(PAGE))
+                }
+                _ => return Err(Errno::EINVAL), // refuse rather than ignore a typo
+            }
         }
         let now = Timespec::now();
         let root = Node {
@@ -311,45 +457,41 @@ impl Plugin for MemFs {
                 atime: now,
                 mtime: now,
                 ctime: now,
-                blksize: BLOCK as u32,
+                blksize: PAGE as u32,
                 ..Attr::default()
             },
-            content: Content::Dir {
-                entries: BTreeMap::new(),
-                parent: ROOT,
-            },
+            content: Content::Dir(Dir::new(ROOT)),
             open: 0,
+            xattrs: BTreeMap::new(),
         };
         Ok(MemFs {
-            tree: Mutex::new(Tree {
+            tree: RwLock::new(Tree {
                 nodes: HashMap::from([(ROOT, root)]),
                 next_ino: ROOT + 1,
+                used_pages: 0,
+                limit_pages,
             }),
         })
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Attr> {
-        let tree = self.tree();
+        let tree = self.read_tree();
         let ino = tree.child(parent, name)?;
         Ok(tree.node(ino)?.attr)
     }
 
     fn getattr(&self, _ctx: &Context, ino: u64) -> Result<Attr> {
-        Ok(self.tree().node(ino)?.attr)
+        Ok(self.read_tree().node(ino)?.attr)
     }
 
     fn setattr(&self, _ctx: &Context, ino: u64, set: &Setattr) -> Result<Attr> {
         let mut tree = self.tree();
-        let node = tree.node_mut(ino)?;
         let now = Timespec::now();
         if set.valid & SET_SIZE != 0 {
-            match &mut node.content {
-                Content::File(data) => set_size(data, &mut node.attr, set.size)?,
-                Content::Dir { .. } => return Err(Errno::EISDIR),
-                _ => return Err(Errno::EINVAL),
-            }
-            node.attr.mtime = now;
+            tree.truncate(ino, set.size)?;
+            tree.node_mut(ino)?.attr.mtime = now;
         }
+        let node = tree.node_mut(ino)?;
         if set.valid & SET_MODE != 0 {
             node.attr.mode = (node.attr.mode & mode::S_IFMT) | (set.mode & 0o7777);
         }
@@ -374,7 +516,7 @@ impl Plugin for MemFs {
     }
 
     fn readlink(&self, _ctx: &Context, ino: u64) -> Result<Vec<u8>> {
-        match &self.tree().node(ino)?.content {
+        match &self.read_tree().node(ino)?.content {
             Content::Symlink(target) => Ok(target.clone()),
             _ => Err(Errno::EINVAL),
         }
@@ -389,7 +531,7 @@ impl Plugin for MemFs {
         rdev: u32,
     ) -> Result<Attr> {
         let content = match mode & mode::S_IFMT {
-            mode::S_IFREG => Content::File(Vec::new()),
+            mode::S_IFREG => Content::File(FileData::default()),
             mode::S_IFIFO | mode::S_IFSOCK | mode::S_IFCHR | mode::S_IFBLK => Content::Special,
             _ => return Err(Errno::EINVAL),
         };
@@ -397,12 +539,9 @@ impl Plugin for MemFs {
     }
 
     fn mkdir(&self, ctx: &Context, parent: u64, name: &OsStr, mode: u32) -> Result<Attr> {
-        let content = Content::Dir {
-            entries: BTreeMap::new(),
-            parent,
-        };
         let mode = mode::S_IFDIR | (mode & 0o7777);
-        self.tree().insert(ctx, parent, name, mode, 0, content)
+        self.tree()
+            .insert(ctx, parent, name, mode, 0, Content::Dir(Dir::new(parent)))
     }
 
     fn unlink(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
@@ -411,8 +550,8 @@ impl Plugin for MemFs {
         if is_dir(&tree.node(ino)?.attr) {
             return Err(Errno::EISDIR);
         }
-        tree.entries_mut(parent)?.remove(name);
-        tree.touch_dir(parent);
+        tree.dir_mut(parent)?.remove(name);
+        tree.modified(parent);
         tree.drop_link(ino);
         Ok(())
     }
@@ -420,12 +559,12 @@ impl Plugin for MemFs {
     fn rmdir(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
         let mut tree = self.tree();
         let ino = tree.child(parent, name)?;
-        if !tree.entries(ino)?.is_empty() {
+        if !tree.dir(ino)?.is_empty() {
             return Err(Errno::ENOTEMPTY);
         }
-        tree.entries_mut(parent)?.remove(name);
-        tree.node_mut(parent)?.attr.nlink -= 1;
-        tree.touch_dir(parent);
+        tree.dir_mut(parent)?.remove(name);
+        tree.adjust_nlink(parent, false);
+        tree.modified(parent);
         tree.drop_link(ino);
         Ok(())
     }
@@ -454,15 +593,14 @@ impl Plugin for MemFs {
         if is_dir(&tree.node(ino)?.attr) {
             return Err(Errno::EPERM);
         }
-        if tree.entries(newparent)?.contains_key(newname) {
+        if tree.dir(newparent)?.get(newname).is_some() {
             return Err(Errno::EEXIST);
         }
-        tree.entries_mut(newparent)?.insert(newname.to_owned(), ino);
-        tree.touch_dir(newparent);
-        let node = tree.node_mut(ino)?;
-        node.attr.nlink += 1;
-        node.attr.ctime = Timespec::now();
-        Ok(node.attr)
+        tree.dir_mut(newparent)?.insert(newname, ino);
+        tree.modified(newparent);
+        tree.adjust_nlink(ino, true);
+        tree.changed(ino);
+        Ok(tree.node(ino)?.attr)
     }
 
     fn open(&self, _ctx: &Context, ino: u64, _flags: i32) -> Result<u64> {
@@ -478,16 +616,11 @@ impl Plugin for MemFs {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize> {
-        let tree = self.tree();
-        let Content::File(data) = &tree.node(ino)?.content else {
-            return Err(Errno::EISDIR);
-        };
-        let start = data
-            .len()
-            .min(usize::try_from(offset).unwrap_or(usize::MAX));
-        let n = buf.len().min(data.len() - start);
-        buf[..n].copy_from_slice(&data[start..start + n]);
-        Ok(n)
+        let tree = self.read_tree();
+        match &tree.node(ino)?.content {
+            Content::File(file) => Ok(file.read(offset, buf)),
+            _ => Err(Errno::EISDIR),
+        }
     }
 
     fn write(
@@ -500,25 +633,12 @@ impl Plugin for MemFs {
         flags: i32,
     ) -> Result<usize> {
         let mut tree = self.tree();
-        let node = tree.node_mut(ino)?;
-        let Content::File(bytes) = &mut node.content else {
-            return Err(Errno::EISDIR);
-        };
         let offset = if flags & libc::O_APPEND != 0 {
-            bytes.len() as u64
+            tree.node(ino)?.attr.size
         } else {
             offset
         };
-        let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
-        if end > bytes.len() as u64 {
-            set_size(bytes, &mut node.attr, end)?;
-        }
-        bytes[offset as usize..end as usize].copy_from_slice(data);
-        let now = Timespec::now();
-        node.attr.mtime = now;
-        node.attr.ctime = now;
-        // Writing by a non-owner clears setuid/setgid, as the kernel expects of a filesystem.
-        node.attr.mode &= !(libc::S_ISUID | libc::S_ISGID);
+        tree.write(ino, offset, data)?;
         Ok(data.len())
     }
 
@@ -538,21 +658,21 @@ impl Plugin for MemFs {
         offset: u64,
         out: &mut DirFiller,
     ) -> Result<()> {
-        let tree = self.tree();
-        let node = tree.node(ino)?;
-        let Content::Dir { entries, parent } = &node.content else {
-            return Err(Errno::ENOTDIR);
-        };
-        let dots = [(ino, OsStr::new(".")), (*parent, OsStr::new(".."))];
-        let all = dots
-            .into_iter()
-            .chain(entries.iter().map(|(name, ino)| (*ino, name.as_os_str())));
-        for (index, (child, name)) in all.enumerate().skip(offset as usize) {
+        let tree = self.read_tree();
+        let dir = tree.dir(ino)?;
+        let dots = [(0, ino, "."), (1, dir.parent, "..")];
+        for (at, child, name) in dots {
+            if offset <= at && out.add(child, at + 1, mode::S_IFDIR, OsStr::new(name)) {
+                return Ok(());
+            }
+        }
+        for (cookie, name) in dir.by_cookie.range(offset.max(FIRST_COOKIE)..) {
+            let Some(child) = dir.get(name) else { continue };
             let kind = tree
                 .nodes
                 .get(&child)
-                .map_or(mode::S_IFDIR, |n| n.attr.mode & mode::S_IFMT);
-            if out.add(child, index as u64 + 1, kind, name) {
+                .map_or(0, |n| n.attr.mode & mode::S_IFMT);
+            if out.add(child, cookie + 1, kind, name) {
                 break;
             }
         }
@@ -560,24 +680,78 @@ impl Plugin for MemFs {
     }
 
     fn statfs(&self, _ctx: &Context, _ino: u64) -> Result<Statfs> {
-        let tree = self.tree();
-        let used: u64 = tree
-            .nodes
-            .values()
-            .map(|n| n.attr.size.div_ceil(BLOCK))
-            .sum();
-        let total = (MAX_FILE_SIZE / BLOCK).max(used);
+        let tree = self.read_tree();
+        let total = tree
+            .limit_pages
+            .unwrap_or(DEFAULT_CAPACITY / PAGE)
+            .max(tree.used_pages);
+        let free = total - tree.used_pages;
         Ok(Statfs {
             blocks: total,
-            bfree: total - used,
-            bavail: total - used,
+            bfree: free,
+            bavail: free,
             files: u32::MAX as u64,
             ffree: u32::MAX as u64 - tree.nodes.len() as u64,
-            bsize: BLOCK as u32,
+            bsize: PAGE as u32,
             namelen: NAME_MAX as u32,
-            frsize: BLOCK as u32,
+            frsize: PAGE as u32,
             reserved: 0,
         })
+    }
+
+    fn setxattr(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+    ) -> Result<()> {
+        xattr_namespace_ok(name)?;
+        let mut tree = self.tree();
+        let node = tree.node_mut(ino)?;
+        let key = name.as_encoded_bytes().to_vec();
+        let exists = node.xattrs.contains_key(&key);
+        if flags & XATTR_CREATE != 0 && exists {
+            return Err(Errno::EEXIST);
+        }
+        if flags & XATTR_REPLACE != 0 && !exists {
+            return Err(Errno::ENODATA);
+        }
+        node.xattrs.insert(key, value.to_vec());
+        node.attr.ctime = Timespec::now();
+        Ok(())
+    }
+
+    fn getxattr(&self, _ctx: &Context, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
+        xattr_namespace_ok(name)?;
+        let tree = self.read_tree();
+        let node = tree.node(ino)?;
+        node.xattrs
+            .get(name.as_encoded_bytes())
+            .cloned()
+            .ok_or(Errno::ENODATA)
+    }
+
+    fn listxattr(&self, _ctx: &Context, ino: u64) -> Result<Vec<u8>> {
+        let tree = self.read_tree();
+        let mut names = Vec::new();
+        for name in tree.node(ino)?.xattrs.keys() {
+            names.extend_from_slice(name);
+            names.push(0);
+        }
+        Ok(names)
+    }
+
+    fn removexattr(&self, _ctx: &Context, ino: u64, name: &OsStr) -> Result<()> {
+        xattr_namespace_ok(name)?;
+        let mut tree = self.tree();
+        let node = tree.node_mut(ino)?;
+        node.xattrs
+            .remove(name.as_encoded_bytes())
+            .ok_or(Errno::ENODATA)?;
+        node.attr.ctime = Timespec::now();
+        Ok(())
     }
 
     fn create_file(
@@ -590,7 +764,14 @@ impl Plugin for MemFs {
     ) -> Result<(Attr, u64)> {
         let mut tree = self.tree();
         let mode = mode::S_IFREG | (mode & 0o7777);
-        let attr = tree.insert(ctx, parent, name, mode, 0, Content::File(Vec::new()))?;
+        let attr = tree.insert(
+            ctx,
+            parent,
+            name,
+            mode,
+            0,
+            Content::File(FileData::default()),
+        )?;
         tree.node_mut(attr.ino)?.open += 1;
         Ok((attr, 0))
     }

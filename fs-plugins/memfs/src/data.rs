@@ -1,0 +1,114 @@
+//! File contents as sparse pages: holes read as zeros and take no memory, so a write at
+//! 5 GiB costs one page, and `st_blocks` counts what is really stored (as tmpfs does).
+
+use std::collections::BTreeMap;
+
+pub const PAGE: u64 = 4096;
+
+#[derive(Default)]
+pub struct FileData {
+    pages: BTreeMap<u64, Box<[u8]>>,
+    size: u64,
+}
+
+impl FileData {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Pages stored; a page is 8 blocks of 512 bytes.
+    pub fn pages(&self) -> u64 {
+        self.pages.len() as u64
+    }
+
+    /// How many new pages a write of `len` bytes at `offset` would add.
+    pub fn new_pages(&self, offset: u64, len: u64) -> u64 {
+        if len == 0 {
+            return 0;
+        }
+        (offset / PAGE..=(offset + len - 1) / PAGE)
+            .filter(|index| !self.pages.contains_key(index))
+            .count() as u64
+    }
+
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> usize {
+        let end = self.size.min(offset.saturating_add(buf.len() as u64));
+        if offset >= end {
+            return 0;
+        }
+        let wanted = (end - offset) as usize;
+        buf[..wanted].fill(0);
+        for (index, page) in self.pages.range(offset / PAGE..=(end - 1) / PAGE) {
+            let page_start = index * PAGE;
+            let from = offset.max(page_start);
+            let to = end.min(page_start + PAGE);
+            buf[(from - offset) as usize..(to - offset) as usize]
+                .copy_from_slice(&page[(from - page_start) as usize..(to - page_start) as usize]);
+        }
+        wanted
+    }
+
+    pub fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut done = 0usize;
+        while done < data.len() {
+            let at = offset + done as u64;
+            let index = at / PAGE;
+            let within = (at % PAGE) as usize;
+            let n = (PAGE as usize - within).min(data.len() - done);
+            let page = self
+                .pages
+                .entry(index)
+                .or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
+            page[within..within + n].copy_from_slice(&data[done..done + n]);
+            done += n;
+        }
+        self.size = self.size.max(offset + data.len() as u64);
+    }
+
+    /// Sets the size; shrinking drops whole pages past the end and zeroes the tail of the
+    /// last one, so growing again reads zeros.
+    pub fn truncate(&mut self, size: u64) {
+        if size < self.size {
+            let keep = size.div_ceil(PAGE);
+            self.pages.retain(|index, _| *index < keep);
+            if !size.is_multiple_of(PAGE) {
+                if let Some(page) = self.pages.get_mut(&(size / PAGE)) {
+                    page[(size % PAGE) as usize..].fill(0);
+                }
+            }
+        }
+        self.size = size;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holes_read_as_zeros_and_cost_nothing() {
+        let mut f = FileData::default();
+        f.write(5 << 30, b"far");
+        assert_eq!(f.size(), (5 << 30) + 3);
+        assert_eq!(f.pages(), 1);
+        let mut buf = [9u8; 6];
+        assert_eq!(f.read((5 << 30) - 3, &mut buf), 6);
+        assert_eq!(&buf, b"\0\0\0far");
+    }
+
+    #[test]
+    fn truncate_down_then_up_reads_zeros() {
+        let mut f = FileData::default();
+        f.write(0, &[7u8; 10_000]);
+        assert_eq!(f.pages(), 3);
+        f.truncate(5000);
+        assert_eq!(f.pages(), 2);
+        f.truncate(9000);
+        let mut buf = vec![1u8; 9000];
+        assert_eq!(f.read(0, &mut buf), 9000);
+        assert!(buf[..5000].iter().all(|b| *b == 7));
+        assert!(buf[5000..].iter().all(|b| *b == 0));
+        assert_eq!(f.new_pages(4095, 2), 0);
+        assert_eq!(f.new_pages(8192, 1), 1);
+    }
+}

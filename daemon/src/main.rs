@@ -54,13 +54,14 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
+    plugin::fix_malloc_mmap_threshold();
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,fuser=warn".into()),
+                .unwrap_or_else(|_| "info,fuser=error".into()),
         )
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -31,6 +31,8 @@ pub struct Adapter {
     stats: Arc<MountStats>,
     /// How long the kernel may cache attributes and entries (`-o attr_timeout`).
     ttl: Duration,
+    /// Flags for file opens (`-o keep_cache`: keep the page cache between opens).
+    open_flags: FopenFlags,
     /// Set in `init` when the plugin offers passthrough and the kernel accepted it.
     passthrough: bool,
     /// For plugins that offer passthrough: the kernel sees our own file handles, mapped to
@@ -65,12 +67,18 @@ impl Adapter {
         instance: Instance,
         stats: Arc<MountStats>,
         ttl: Duration,
+        keep_cache: bool,
     ) -> Self {
         Adapter {
             plugin,
             instance,
             stats,
             ttl,
+            open_flags: if keep_cache {
+                FopenFlags::FOPEN_KEEP_CACHE
+            } else {
+                FopenFlags::empty()
+            },
             passthrough: false,
             handles: Mutex::new(Handles::default()),
         }
@@ -154,6 +162,12 @@ impl Drop for Adapter {
     fn drop(&mut self) {
         self.plugin.library.destroy(self.instance);
     }
+}
+
+thread_local! {
+    /// The read buffer of the session thread this runs on (the daemon's own thread-local,
+    /// not a plugin's: it does not keep any plugin library mapped).
+    static READ_BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn ctx(req: &Request) -> Context {
@@ -485,7 +499,7 @@ impl Filesystem for Adapter {
                 .library
                 .open(self.instance, &ctx(req), ino.0, flags.0)
             {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
+                Ok(fh) => reply.opened(FileHandle(fh), self.open_flags),
                 Err(e) => reply.error(errno(e)),
             };
         }
@@ -506,7 +520,7 @@ impl Filesystem for Adapter {
                 return reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), id);
             }
         }
-        reply.opened(FileHandle(fh), FopenFlags::empty());
+        reply.opened(FileHandle(fh), self.open_flags);
     }
 
     fn read(
@@ -521,16 +535,22 @@ impl Filesystem for Adapter {
         reply: ReplyData,
     ) {
         self.stats.plugin_reads.fetch_add(1, Ordering::Relaxed);
-        let mut buf = vec![0u8; size as usize];
         let fh = self.plugin_fh(fh);
-        match self
-            .plugin
-            .library
-            .read(self.instance, &ctx(req), ino.0, fh, offset, &mut buf)
-        {
-            Ok(n) => reply.data(&buf[..n]),
-            Err(e) => reply.error(errno(e)),
-        }
+        READ_BUFFER.with_borrow_mut(|buf| {
+            // One buffer per session thread, grown once: no allocation per read.
+            if buf.len() < size as usize {
+                buf.resize(size as usize, 0);
+            }
+            let buf = &mut buf[..size as usize];
+            match self
+                .plugin
+                .library
+                .read(self.instance, &ctx(req), ino.0, fh, offset, buf)
+            {
+                Ok(n) => reply.data(&buf[..n]),
+                Err(e) => reply.error(errno(e)),
+            }
+        });
     }
 
     fn write(
@@ -747,7 +767,7 @@ impl Filesystem for Adapter {
                     &file_attr(&attr),
                     Generation(0),
                     FileHandle(fh),
-                    FopenFlags::empty(),
+                    self.open_flags,
                 ),
                 Err(e) => reply.error(errno(e)),
             };

@@ -22,7 +22,7 @@ use crate::plugin::Plugin;
 use adapter::Adapter;
 
 /// Mount options the daemon handles itself instead of passing them to the plugin.
-pub const DAEMON_OPTIONS: [&str; 2] = ["allow_other", "attr_timeout"];
+pub const DAEMON_OPTIONS: [&str; 4] = ["allow_other", "attr_timeout", "keep_cache", "threads"];
 
 /// How long the kernel may cache attributes and entries unless `-o attr_timeout=SECS`
 /// says otherwise. Plugins that own their tree can keep it; a mirror of a directory that
@@ -43,7 +43,7 @@ pub struct MountSpec {
 /// Why a mount failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("option {key:?} is invalid (a NUL byte, or attr_timeout not a number of seconds from 0 to 86400)")]
+    #[error("option {key:?} is invalid (a NUL byte, attr_timeout not 0 to 86400 seconds, or threads not 1 to 16)")]
     BadOption { key: String },
     #[error("plugin \"{plugin}\" refused to create a filesystem for these options: {}", describe_errno(.errno.0))]
     Create {
@@ -136,6 +136,20 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
         }
     }
     let allow_other = spec.options.contains_key("allow_other");
+    // Session threads per mount (1 keeps 1,000 mounts cheap; more help busy mounts).
+    let threads = match spec.options.get("threads") {
+        None => 1,
+        Some(n) => n
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=16).contains(n))
+            .ok_or_else(|| MountError::BadOption {
+                key: "threads".into(),
+            })?,
+    };
+    // Keep the page cache between opens: right when nothing but this mount changes the
+    // files (memfs), wrong for a mirror others write to.
+    let keep_cache = spec.options.contains_key("keep_cache");
     let ttl = match spec.options.get("attr_timeout") {
         None => DEFAULT_ATTR_TIMEOUT,
         Some(secs) => secs
@@ -168,12 +182,12 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
                     return;
                 }
             };
-            let adapter = Adapter::new(Arc::clone(&plugin), instance, Arc::clone(&spec.stats), ttl);
+            let adapter = Adapter::new(Arc::clone(&plugin), instance, Arc::clone(&spec.stats), ttl, keep_cache);
             // The adapter owns our only other reference to the plugin from here on.
             drop(plugin);
             let session = kernel_mount(&name, &spec.mountpoint, spec.read_only, allow_other, spec.owner).and_then(|fd| {
                 let mut config = Config::default();
-                config.n_threads = Some(1);
+                config.n_threads = Some(threads);
                 // The handshake (kernel INIT) happens here; a failure leaves a dead mount.
                 Session::from_fd(adapter, fd, acl, config).inspect_err(|_| {
                     let _ = umount2(&spec.mountpoint, MntFlags::MNT_DETACH);

@@ -652,3 +652,17 @@ pub enum Answer {
     Size(usize),
     Data(Vec<u8>),
 }
+
+/// Fixes glibc's mmap threshold at 1 MiB. Left dynamic, freeing one of fuser's 16 MiB
+/// per-session read buffers raises the threshold past that size, and every later buffer
+/// then comes from the heap, where calloc must zero (touch) all 16 MiB: 1,000 mounts cost
+/// gigabytes of RSS. With the threshold fixed, each buffer is a fresh lazily-zeroed mmap.
+/// (It lives here because this is the daemon's one module allowed `unsafe`.)
+pub fn fix_malloc_mmap_threshold() {
+    // SAFETY: mallopt only changes allocator tuning; it is called once at start, before
+    // any other thread exists.
+    let ok = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20) };
+    if ok != 1 {
+        tracing::warn!("mallopt(M_MMAP_THRESHOLD) failed; many mounts will use more memory");
+    }
+}

@@ -9,7 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use ffi::{Answer, GateError, Instance, Library};
+pub use ffi::{fix_malloc_mmap_threshold, Answer, GateError, Instance, Library};
 
 /// A loaded plugin: its library plus what we know about it.
 pub struct Plugin {

@@ -131,16 +131,14 @@ impl Plugin for FaultFs {
         if ino != ROOT {
             return Err(Errno::ENOTDIR);
         }
-        let entries = [
-            (ROOT, mode::S_IFDIR, "."),
-            (ROOT, mode::S_IFDIR, ".."),
-            (DATA, mode::S_IFREG, "data"),
-        ];
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if out.add(*ino, i as u64 + 1, *kind, OsStr::new(name)) {
-                break;
-            }
-        }
+        out.add_entries(
+            offset,
+            &[
+                (ROOT, mode::S_IFDIR, "."),
+                (ROOT, mode::S_IFDIR, ".."),
+                (DATA, mode::S_IFREG, "data"),
+            ],
+        );
         Ok(())
     }
 }

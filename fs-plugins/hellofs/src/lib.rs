@@ -72,16 +72,14 @@ impl Plugin for HelloFs {
         if ino != ROOT {
             return Err(Errno::ENOTDIR);
         }
-        let entries = [
-            (ROOT, mode::S_IFDIR, "."),
-            (ROOT, mode::S_IFDIR, ".."),
-            (HELLO, mode::S_IFREG, "hello"),
-        ];
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if out.add(*ino, i as u64 + 1, *kind, OsStr::new(name)) {
-                break;
-            }
-        }
+        out.add_entries(
+            offset,
+            &[
+                (ROOT, mode::S_IFDIR, "."),
+                (ROOT, mode::S_IFDIR, ".."),
+                (HELLO, mode::S_IFREG, "hello"),
+            ],
+        );
         Ok(())
     }
 }

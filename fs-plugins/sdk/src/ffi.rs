@@ -75,6 +75,16 @@ impl DirFiller {
         // SAFETY: `fill` and `buf` come from the host's readdir call, which is still running.
         unsafe { (self.fill)(self.buf, ino, next_offset, mode, name.as_ptr()) != 0 }
     }
+
+    /// Lists a fixed set of `(ino, mode, name)` entries from `offset` on, each resuming at
+    /// its index + 1: all a directory of a few static entries needs.
+    pub fn add_entries(&mut self, offset: u64, entries: &[(u64, u32, &str)]) {
+        for (i, (ino, mode, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if self.add(*ino, i as u64 + 1, *mode, OsStr::new(name)) {
+                break;
+            }
+        }
+    }
 }
 
 /// Builds the descriptor for `T`; used by [`crate::export_plugin!`].

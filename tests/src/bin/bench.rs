@@ -1,0 +1,511 @@
+//! The benchmark suite: tmpfs, hosted memfs, hosted passthroughfs and a native directory
+//! measured side by side in one run, plus the control plane (load → mount → unmount →
+//! unload cycles) and scale (many mounts in one daemon). Prints a table of absolute
+//! numbers and ratios against the reference measured in the same run; with `--write`
+//! also writes BENCHMARKS.md and benchmarks.svg. Benchmarks are not tests: no pass/fail.
+//!
+//! Usage: bench BUILD_DIR [--smoke] [--write REPO_DIR]   (as root; needs fio)
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+struct Sizes {
+    data_mib: u64,
+    files: usize,
+    cycles: usize,
+    mounts: usize,
+}
+
+struct Daemon {
+    child: Child,
+    socket: PathBuf,
+    reader: BufReader<UnixStream>,
+}
+
+impl Daemon {
+    fn start(build: &Path, dir: &Path) -> Daemon {
+        let socket = dir.join("fshostd.sock");
+        let config = dir.join("fshostd.toml");
+        std::fs::write(&config, "[limits]\nrequests_per_second = 1000000\n").unwrap();
+        let child = Command::new(build.join("fshostd"))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--config")
+            .arg(&config)
+            .arg("--plugin-dir")
+            .arg(build)
+            .env("RUST_LOG", "warn,fuser=error")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start fshostd");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            if let Ok(s) = UnixStream::connect(&socket) {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "fshostd did not start");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Daemon {
+            child,
+            socket,
+            reader: BufReader::new(stream),
+        }
+    }
+
+    fn call(&mut self, request: Value) -> Value {
+        let mut line = request.to_string();
+        line.push('\n');
+        self.reader.get_mut().write_all(line.as_bytes()).unwrap();
+        let mut answer = String::new();
+        self.reader.read_line(&mut answer).unwrap();
+        let answer: Value = serde_json::from_str(&answer).unwrap();
+        assert_eq!(answer["ok"], true, "{request} → {answer}");
+        answer
+    }
+
+    fn status_field(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+fn drop_caches() {
+    nix::unistd::sync();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+}
+
+/// Runs fio once; returns bytes per second (read or write side).
+fn fio(dir: &Path, rw: &str, bs: &str, mib: u64, direct: bool) -> f64 {
+    let out = Command::new("fio")
+        .args([
+            "--name=bench",
+            "--ioengine=psync",
+            "--output-format=json",
+            &format!("--filename={}", dir.join("fio.dat").display()),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--size={mib}M"),
+            &format!("--direct={}", u8::from(direct)),
+        ])
+        .output()
+        .expect("run fio (apt-get install fio)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let start = text.find('{').unwrap_or(0);
+    let v: Value = serde_json::from_str(&text[start..]).unwrap_or_else(|e| {
+        panic!(
+            "fio output not JSON ({e}): {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let job = &v["jobs"][0];
+    let side = if rw.contains("write") {
+        "write"
+    } else {
+        "read"
+    };
+    job[side]["bw_bytes"].as_f64().unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Data measurements of one target, bytes/s (medians of three runs after a warm-up).
+fn data(dir: &Path, mib: u64) -> [f64; 5] {
+    let runs = 3;
+    fio(dir, "write", "1M", mib, false); // warm-up: first touch of fresh memory is slow
+    let seq_write = median(
+        (0..runs)
+            .map(|_| fio(dir, "write", "1M", mib, false))
+            .collect(),
+    );
+    let seq_read_cold = median(
+        (0..runs)
+            .map(|_| {
+                drop_caches();
+                fio(dir, "read", "1M", mib, false)
+            })
+            .collect(),
+    );
+    let reread = median(
+        (0..runs)
+            .map(|_| fio(dir, "read", "1M", mib, false))
+            .collect(),
+    );
+    let rand = median(
+        (0..runs)
+            .map(|_| fio(dir, "randread", "4k", mib.min(64), false))
+            .collect(),
+    );
+    let rand_direct = median(
+        (0..runs)
+            .map(|_| fio(dir, "randread", "4k", mib.min(64), true))
+            .collect(),
+    );
+    let _ = std::fs::remove_file(dir.join("fio.dat"));
+    [seq_write, seq_read_cold, reread, rand, rand_direct]
+}
+
+/// Metadata: microseconds per create, stat, readdir entry and unlink of `n` files.
+fn metadata(dir: &Path, n: usize) -> [f64; 4] {
+    let dir = dir.join("meta");
+    std::fs::create_dir_all(&dir).unwrap();
+    let names: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("f{i:06}"))).collect();
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    let t = Instant::now();
+    for p in &names {
+        std::fs::File::create(p).unwrap();
+    }
+    let create = per(t.elapsed());
+    let t = Instant::now();
+    for p in &names {
+        std::fs::metadata(p).unwrap();
+    }
+    let stat = per(t.elapsed());
+    let t = Instant::now();
+    let listed = std::fs::read_dir(&dir).unwrap().count();
+    let readdir = per(t.elapsed());
+    assert_eq!(listed, n);
+    let t = Instant::now();
+    for p in &names {
+        std::fs::remove_file(p).unwrap();
+    }
+    let unlink = per(t.elapsed());
+    let _ = std::fs::remove_dir(&dir);
+    [create, stat, readdir, unlink]
+}
+
+fn mount_tmpfs(path: &Path) {
+    std::fs::create_dir_all(path).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        path,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .expect("mount tmpfs");
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let build = PathBuf::from(
+        args.get(1)
+            .expect("usage: bench BUILD_DIR [--smoke] [--write REPO]"),
+    );
+    let smoke = args.iter().any(|a| a == "--smoke");
+    let write_to = args
+        .iter()
+        .position(|a| a == "--write")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from);
+    let sizes = if smoke {
+        Sizes {
+            data_mib: 8,
+            files: 200,
+            cycles: 10,
+            mounts: 10,
+        }
+    } else {
+        Sizes {
+            data_mib: 1024,
+            files: 10_000,
+            cycles: 200,
+            mounts: 1000,
+        }
+    };
+    // Native directory on the disk file system, outside /tmp (which may be tmpfs).
+    let base = tempfile::Builder::new()
+        .prefix("fshost-bench-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let dir = base.path();
+    let (tmpfs, memfs, pt, native) = (
+        dir.join("tmpfs"),
+        dir.join("memfs"),
+        dir.join("passthrough"),
+        dir.join("native"),
+    );
+    mount_tmpfs(&tmpfs);
+    for d in [&memfs, &pt, &native] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let mut daemon = Daemon::start(&build, dir);
+    daemon.call(json!({"op": "load", "path": "memfs"}));
+    daemon.call(json!({"op": "load", "path": "passthroughfs"}));
+    // memfs alone changes its files: the kernel may keep pages and attributes.
+    daemon.call(
+        json!({"op": "mount", "plugin": "memfs", "mountpoint": memfs,
+        "options": {"keep_cache": "", "attr_timeout": "60", "threads": "2"}}),
+    );
+    daemon.call(
+        json!({"op": "mount", "plugin": "passthroughfs", "mountpoint": pt,
+        "options": {"source": native.display().to_string()}}),
+    );
+
+    eprintln!("scale ({} mounts)...", sizes.mounts);
+    daemon.call(json!({"op": "load", "path": "hellofs"}));
+    let rss_before = daemon.status_field("VmRSS:");
+    let t = Instant::now();
+    let scale_dirs: Vec<PathBuf> = (0..sizes.mounts)
+        .map(|i| dir.join(format!("many/{i:04}")))
+        .collect();
+    for d in &scale_dirs {
+        std::fs::create_dir_all(d).unwrap();
+        daemon.call(json!({"op": "mount", "plugin": "hellofs", "mountpoint": d}));
+    }
+    let mount_all = t.elapsed().as_secs_f64();
+    let rss = daemon.status_field("VmRSS:");
+    let threads = daemon.status_field("Threads:");
+    let list_ms = median(
+        (0..21)
+            .map(|_| {
+                let t = Instant::now();
+                daemon.call(json!({"op": "list"}));
+                t.elapsed().as_secs_f64() * 1e3
+            })
+            .collect(),
+    );
+    let t = Instant::now();
+    for d in &scale_dirs {
+        daemon.call(json!({"op": "unmount", "mountpoint": d}));
+    }
+    let unmount_all = t.elapsed().as_secs_f64();
+    eprintln!("data ({} MiB per run)...", sizes.data_mib);
+    let d_tmpfs = data(&tmpfs, sizes.data_mib);
+    let d_memfs = data(&memfs, sizes.data_mib);
+    let d_native = data(&native, sizes.data_mib);
+    let d_pt = data(&pt, sizes.data_mib);
+    eprintln!("metadata ({} files)...", sizes.files);
+    let m_tmpfs = metadata(&tmpfs, sizes.files);
+    let m_memfs = metadata(&memfs, sizes.files);
+    let m_native = metadata(&native, sizes.files);
+    let m_pt = metadata(&pt, sizes.files);
+
+    eprintln!("control plane ({} cycles)...", sizes.cycles);
+    let cycle_dir = dir.join("cycle");
+    std::fs::create_dir_all(&cycle_dir).unwrap();
+    let mut cycles = Vec::new();
+    for _ in 0..sizes.cycles {
+        let t = Instant::now();
+        daemon.call(json!({"op": "load", "path": "hellofs", "name": "cyclefs"}));
+        daemon.call(json!({"op": "mount", "plugin": "cyclefs", "mountpoint": cycle_dir}));
+        daemon.call(json!({"op": "unmount", "mountpoint": cycle_dir}));
+        daemon.call(json!({"op": "unload", "name": "cyclefs"}));
+        cycles.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let (cycle_p50, cycle_p99) = (percentile(cycles.clone(), 0.5), percentile(cycles, 0.99));
+
+    let stats = daemon.call(json!({"op": "mounts"}));
+    let pt_stats = stats["result"]["mounts"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["plugin"] == "passthroughfs").cloned())
+        .unwrap_or_default();
+    daemon.call(json!({"op": "unmount", "mountpoint": memfs}));
+    daemon.call(json!({"op": "unmount", "mountpoint": pt}));
+    drop(daemon);
+    let _ = nix::mount::umount2(&tmpfs, nix::mount::MntFlags::MNT_DETACH);
+
+    // ---- report ----
+    let mb = |b: f64| b / (1 << 20) as f64;
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| metric | reference | target | ratio (target/reference) | goal |"
+    );
+    let _ = writeln!(table, "|---|---|---|---|---|");
+    let data_names = [
+        "seq write 1 MiB (MiB/s)",
+        "seq read 1 MiB, cache dropped (MiB/s)",
+        "re-read 1 MiB, warm (MiB/s)",
+        "random read 4 KiB buffered (MiB/s)",
+        "random read 4 KiB O_DIRECT (MiB/s)",
+    ];
+    let data_goals = ["≥ 0.50", "≥ 0.60", "≥ 0.90", "", ""];
+    let mut ratios: Vec<(String, f64)> = Vec::new();
+    for i in 0..5 {
+        let r = d_memfs[i] / d_tmpfs[i];
+        let _ = writeln!(
+            table,
+            "| memfs vs tmpfs: {} | {:.0} | {:.0} | {r:.2} | {} |",
+            data_names[i],
+            mb(d_tmpfs[i]),
+            mb(d_memfs[i]),
+            data_goals[i]
+        );
+        ratios.push((format!("memfs {}", data_names[i]), r));
+    }
+    for i in 0..5 {
+        let r = d_pt[i] / d_native[i];
+        let goal = if i == 2 { "≥ 0.95" } else { "" };
+        let _ = writeln!(
+            table,
+            "| passthroughfs vs native dir: {} | {:.0} | {:.0} | {r:.2} | {goal} |",
+            data_names[i],
+            mb(d_native[i]),
+            mb(d_pt[i])
+        );
+        ratios.push((format!("passthroughfs {}", data_names[i]), r));
+    }
+    let meta_names = [
+        "create (µs/file)",
+        "stat (µs/file)",
+        "readdir (µs/entry)",
+        "unlink (µs/file)",
+    ];
+    let meta_goals = ["≤ 8×", "≤ 1.5×", "", ""];
+    for i in 0..4 {
+        let r = m_memfs[i] / m_tmpfs[i];
+        let _ = writeln!(
+            table,
+            "| memfs vs tmpfs: {} | {:.1} | {:.1} | {r:.1}× time | {} |",
+            meta_names[i], m_tmpfs[i], m_memfs[i], meta_goals[i]
+        );
+        ratios.push((format!("memfs {} (time ×)", meta_names[i]), 1.0 / r));
+    }
+    for i in 0..4 {
+        let r = m_pt[i] / m_native[i];
+        let _ = writeln!(
+            table,
+            "| passthroughfs vs native dir: {} | {:.1} | {:.1} | {r:.1}× time | |",
+            meta_names[i], m_native[i], m_pt[i]
+        );
+    }
+    let mut other = String::new();
+    let _ = writeln!(other, "| metric | value | goal |");
+    let _ = writeln!(other, "|---|---|---|");
+    let _ = writeln!(
+        other,
+        "| load → mount → unmount → unload cycle, p50 ({} cycles) | {cycle_p50:.2} ms | < 5 ms |",
+        sizes.cycles
+    );
+    let _ = writeln!(other, "| same cycle, p99 | {cycle_p99:.2} ms | |");
+    let _ = writeln!(
+        other,
+        "| {} mounts: time to mount all / unmount all | {mount_all:.2} s / {unmount_all:.2} s | |",
+        sizes.mounts
+    );
+    let _ = writeln!(
+        other,
+        "| {} mounts: daemon RSS (before: {} MiB) | {} MiB | < 200 MiB |",
+        sizes.mounts,
+        rss_before / 1024,
+        rss / 1024
+    );
+    let _ = writeln!(
+        other,
+        "| {} mounts: daemon threads | {threads} | |",
+        sizes.mounts
+    );
+    let _ = writeln!(
+        other,
+        "| {} mounts: `list` latency, median of 21 | {list_ms:.2} ms | < 50 ms |",
+        sizes.mounts
+    );
+    let _ = writeln!(other, "| passthroughfs: reads / writes served by the plugin during the data runs | {} / {} ({} opens through passthrough) | 0 / 0 |", pt_stats["plugin_reads"], pt_stats["plugin_writes"], pt_stats["passthrough_opens"]);
+    println!("{table}\n{other}");
+
+    if let Some(repo) = write_to {
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let cpu = std::fs::read_to_string("/proc/cpuinfo")
+            .ok()
+            .and_then(|c| {
+                c.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
+            .unwrap_or_default();
+        let doc = format!(
+            "# fshost benchmarks\n\nMeasured by `tests/bench/run` (which runs `target/release/bench target/release --write .`)\n\
+             on {} CPUs ({cpu}), kernel {}, {} MiB per data run (medians of 3 after a warm-up write),\n\
+             {} files for metadata, {} control-plane cycles, {} mounts for scale. Ratios compare\n\
+             targets measured in the same run; run-to-run noise on this VM is about ±25%.\n\
+             memfs is mounted with `-o keep_cache,attr_timeout=60,threads=2` (nothing but the\n\
+             mount changes its files); passthroughfs with defaults over a directory on the\n\
+             disk file system (`/var/tmp`), which is also the native reference.\n\
+             The plot is `benchmarks.svg`.\n\n## File systems\n\n{table}\n## Control plane and scale\n\n{other}\n",
+            std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernel.trim(),
+            sizes.data_mib, sizes.files, sizes.cycles, sizes.mounts
+        );
+        std::fs::write(repo.join("BENCHMARKS.generated.md"), doc).unwrap();
+        std::fs::write(repo.join("benchmarks.svg"), svg(&ratios)).unwrap();
+        eprintln!("wrote BENCHMARKS.generated.md and benchmarks.svg");
+    }
+}
+
+/// A horizontal bar chart of ratios (1.0 = as fast as the reference).
+fn svg(ratios: &[(String, f64)]) -> String {
+    let (row, left, width) = (22.0, 420.0, 360.0);
+    let height = row * ratios.len() as f64 + 50.0;
+    let max = ratios.iter().map(|r| r.1).fold(1.2f64, f64::max).min(3.0);
+    let scale = width / max;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"10\" y=\"18\" font-size=\"14\">fshost: speed relative to the reference (tmpfs or native dir), higher is better</text>\n",
+        left + width + 60.0
+    );
+    for (i, (name, r)) in ratios.iter().enumerate() {
+        let y = 30.0 + row * i as f64;
+        let w = (r.min(max) * scale).max(1.0);
+        let color = if *r >= 0.9 {
+            "#4a9"
+        } else if *r >= 0.5 {
+            "#e96"
+        } else {
+            "#d55"
+        };
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
+            left - 8.0,
+            y + 14.0,
+            name.replace('&', "&amp;").replace('<', "&lt;")
+        );
+        let _ = writeln!(
+            s,
+            "<rect x=\"{left}\" y=\"{}\" width=\"{w:.1}\" height=\"{}\" fill=\"{color}\"/>",
+            y + 3.0,
+            row - 6.0
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\">{r:.2}</text>",
+            left + w + 4.0,
+            y + 14.0
+        );
+    }
+    let x1 = left + scale;
+    let _ = writeln!(s, "<line x1=\"{x1:.1}\" y1=\"26\" x2=\"{x1:.1}\" y2=\"{}\" stroke=\"#333\" stroke-dasharray=\"4 3\"/>", height - 16.0);
+    s.push_str("</svg>\n");
+    s
+}

@@ -390,7 +390,7 @@ fn main() {
             "| memfs vs tmpfs: {} | {:.1} | {:.1} | {r:.1}× time | {} |",
             meta_names[i], m_tmpfs[i], m_memfs[i], meta_goals[i]
         );
-        ratios.push((format!("memfs {} (time ×)", meta_names[i]), 1.0 / r));
+        ratios.push((format!("memfs {} (relative speed)", meta_names[i]), 1.0 / r));
     }
     for i in 0..4 {
         let r = m_pt[i] / m_native[i];

@@ -125,7 +125,7 @@ impl From<SystemTime> for Timespec {
 /// everything the filesystem needs lives in it, so no global state is needed.
 ///
 /// Only `create`, `lookup` and `getattr` are required; every other operation answers
-/// `ENOSYS` (or succeeds trivially, for open/release/flush/fsync) unless overridden.
+/// `ENOSYS` (or succeeds trivially, for open/release/opendir/releasedir) unless overridden.
 #[allow(unused_variables)]
 pub trait Plugin: Sized + Send + Sync + 'static {
     /// Makes the instance for one mount from its `-o` options.
@@ -203,14 +203,17 @@ pub trait Plugin: Sized + Send + Sync + 'static {
     ) -> Result<usize> {
         Err(Errno::ENOSYS)
     }
+    /// Called on every close. Left out (ENOSYS), the kernel stops calling it for the mount,
+    /// which saves a round trip per close.
     fn flush(&self, ctx: &Context, ino: u64, fh: u64) -> Result<()> {
-        Ok(())
+        Err(Errno::ENOSYS)
     }
     fn release(&self, ctx: &Context, ino: u64, fh: u64, flags: i32) -> Result<()> {
         Ok(())
     }
+    /// Left out (ENOSYS), the kernel treats fsync as done (right for memory-backed files).
     fn fsync(&self, ctx: &Context, ino: u64, fh: u64, datasync: bool) -> Result<()> {
-        Ok(())
+        Err(Errno::ENOSYS)
     }
     fn opendir(&self, ctx: &Context, ino: u64, flags: i32) -> Result<u64> {
         Ok(0)

@@ -13,7 +13,6 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File};
 use std::os::fd::OwnedFd;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -77,6 +76,10 @@ impl PassthroughFs {
     fn child(&self, parent: u64, name: &OsStr) -> Result<PathBuf> {
         if name.len() > 255 {
             return Err(Errno::ENAMETOOLONG);
+        }
+        // The kernel never sends these, but a name must never leave the source directory.
+        if name == "." || name == ".." || name.as_encoded_bytes().contains(&b'/') {
+            return Err(Errno::EINVAL);
         }
         Ok(self.relative(parent)?.join(name))
     }
@@ -458,9 +461,5 @@ impl Plugin for PassthroughFs {
         Ok((attr, self.keep(file), Some(OwnedFd::from(backing))))
     }
 }
-
-// The name is only ever joined under the source directory; `..` cannot escape because the
-// kernel never sends `.` or `..` as a name in lookups and creations.
-const _: fn(&OsStr) -> &[u8] = OsStr::as_bytes;
 
 export_plugin!(PassthroughFs, "passthroughfs");

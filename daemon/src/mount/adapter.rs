@@ -5,8 +5,7 @@
 //! exited. Only then does the mount count drop (see `mount::spawn`).
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsStr};
-use std::os::unix::ffi::OsStrExt;
+use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -183,10 +182,6 @@ fn errno(e: fshost_sdk::Errno) -> Errno {
     Errno::from_i32(e.0)
 }
 
-fn cstring(name: &OsStr) -> Result<CString, Errno> {
-    CString::new(name.as_bytes()).map_err(|_| Errno::EINVAL)
-}
-
 fn to_system_time(t: Timespec) -> SystemTime {
     if t.sec >= 0 {
         UNIX_EPOCH + Duration::new(t.sec as u64, t.nsec.min(999_999_999))
@@ -278,16 +273,11 @@ impl Filesystem for Adapter {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let result = cstring(name).map_err(|_| fshost_sdk::Errno::EINVAL);
-        entry(
-            reply,
-            self.ttl,
-            result.and_then(|n| {
-                self.plugin
-                    .library
-                    .lookup(self.instance, &ctx(req), parent.0, &n)
-            }),
-        );
+        let result = self
+            .plugin
+            .library
+            .lookup(self.instance, &ctx(req), parent.0, name);
+        entry(reply, self.ttl, result);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -378,14 +368,11 @@ impl Filesystem for Adapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let Ok(name) = cstring(name) else {
-            return reply.error(Errno::EINVAL);
-        };
         let mode = mode & !(umask & 0o777);
         let result =
             self.plugin
                 .library
-                .mknod(self.instance, &ctx(req), parent.0, &name, mode, rdev);
+                .mknod(self.instance, &ctx(req), parent.0, name, mode, rdev);
         entry(reply, self.ttl, result);
     }
 
@@ -398,36 +385,27 @@ impl Filesystem for Adapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let Ok(name) = cstring(name) else {
-            return reply.error(Errno::EINVAL);
-        };
         let mode = mode & !(umask & 0o777);
         let result = self
             .plugin
             .library
-            .mkdir(self.instance, &ctx(req), parent.0, &name, mode);
+            .mkdir(self.instance, &ctx(req), parent.0, name, mode);
         entry(reply, self.ttl, result);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Ok(name) = cstring(name) else {
-            return reply.error(Errno::EINVAL);
-        };
         let result = self
             .plugin
             .library
-            .unlink(self.instance, &ctx(req), parent.0, &name);
+            .unlink(self.instance, &ctx(req), parent.0, name);
         empty(reply, result);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Ok(name) = cstring(name) else {
-            return reply.error(Errno::EINVAL);
-        };
         let result = self
             .plugin
             .library
-            .rmdir(self.instance, &ctx(req), parent.0, &name);
+            .rmdir(self.instance, &ctx(req), parent.0, name);
         empty(reply, result);
     }
 
@@ -439,13 +417,13 @@ impl Filesystem for Adapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let (Ok(name), Ok(target)) = (cstring(link_name), cstring(target.as_os_str())) else {
-            return reply.error(Errno::EINVAL);
-        };
-        let result =
-            self.plugin
-                .library
-                .symlink(self.instance, &ctx(req), parent.0, &name, &target);
+        let result = self.plugin.library.symlink(
+            self.instance,
+            &ctx(req),
+            parent.0,
+            link_name,
+            target.as_os_str(),
+        );
         entry(reply, self.ttl, result);
     }
 
@@ -459,16 +437,13 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let (Ok(name), Ok(newname)) = (cstring(name), cstring(newname)) else {
-            return reply.error(Errno::EINVAL);
-        };
         let result = self.plugin.library.rename(
             self.instance,
             &ctx(req),
             parent.0,
-            &name,
+            name,
             newparent.0,
-            &newname,
+            newname,
             flags.bits(),
         );
         empty(reply, result);
@@ -482,13 +457,10 @@ impl Filesystem for Adapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let Ok(newname) = cstring(newname) else {
-            return reply.error(Errno::EINVAL);
-        };
         let result =
             self.plugin
                 .library
-                .link(self.instance, &ctx(req), ino.0, newparent.0, &newname);
+                .link(self.instance, &ctx(req), ino.0, newparent.0, newname);
         entry(reply, self.ttl, result);
     }
 
@@ -707,24 +679,18 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let Ok(name) = cstring(name) else {
-            return reply.error(Errno::EINVAL);
-        };
         let result =
             self.plugin
                 .library
-                .setxattr(self.instance, &ctx(req), ino.0, &name, value, flags);
+                .setxattr(self.instance, &ctx(req), ino.0, name, value, flags);
         empty(reply, result);
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let Ok(name) = cstring(name) else {
-            return reply.error(Errno::EINVAL);
-        };
         let result =
             self.plugin
                 .library
-                .getxattr(self.instance, &ctx(req), ino.0, &name, size as usize);
+                .getxattr(self.instance, &ctx(req), ino.0, name, size as usize);
         xattr(reply, result);
     }
 
@@ -737,13 +703,10 @@ impl Filesystem for Adapter {
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let Ok(name) = cstring(name) else {
-            return reply.error(Errno::EINVAL);
-        };
         let result = self
             .plugin
             .library
-            .removexattr(self.instance, &ctx(req), ino.0, &name);
+            .removexattr(self.instance, &ctx(req), ino.0, name);
         empty(reply, result);
     }
 
@@ -757,13 +720,10 @@ impl Filesystem for Adapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let Ok(name) = cstring(name) else {
-            return reply.error(Errno::EINVAL);
-        };
         let mode = mode & !(umask & 0o777);
         let library = &self.plugin.library;
         if !self.maps_handles() {
-            return match library.create_file(self.instance, &ctx(req), parent.0, &name, mode, flags)
+            return match library.create_file(self.instance, &ctx(req), parent.0, name, mode, flags)
             {
                 Ok((attr, fh)) => reply.created(
                     &self.ttl,
@@ -776,7 +736,7 @@ impl Filesystem for Adapter {
             };
         }
         let (attr, plugin_fh, backing) =
-            match library.create_backing(self.instance, &ctx(req), parent.0, &name, mode, flags) {
+            match library.create_backing(self.instance, &ctx(req), parent.0, name, mode, flags) {
                 Ok(created) => created,
                 Err(e) => return reply.error(errno(e)),
             };

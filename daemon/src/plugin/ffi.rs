@@ -9,7 +9,7 @@
 // The wrappers mirror the C ABI one to one, arguments included.
 #![allow(clippy::too_many_arguments)]
 
-use std::ffi::{c_char, c_int, c_void, CStr, OsStr};
+use std::ffi::{c_char, c_int, c_void, CStr, CString, OsStr};
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -225,7 +225,7 @@ impl Library {
         inst: Instance,
         ctx: &Context,
         parent: u64,
-        name: &CStr,
+        name: &OsStr,
         mode: u32,
         flags: i32,
     ) -> Result<(Attr, u64, Option<OwnedFd>), Errno> {
@@ -234,6 +234,7 @@ impl Library {
                 .create_file(inst, ctx, parent, name, mode, flags)
                 .map(|(attr, fh)| (attr, fh, None));
         };
+        let name = name.hold()?;
         let (mut attr, mut fh, mut fd) = (Attr::default(), 0u64, -1 as c_int);
         // SAFETY: `inst` is live, `ctx`/`name` valid, every output writable.
         let rc = unsafe {
@@ -337,18 +338,17 @@ impl Library {
 
 /// Declares a vtable call that fills one output value.
 macro_rules! call_out {
-    ($(#[$doc:meta])* $name:ident($($arg:ident: $ty:ty),*) -> $out:ty) => {
-        $(#[$doc])*
+    ($name:ident($($arg:ident: $ty:ty),*) -> $out:ty) => {
         pub fn $name(&self, inst: Instance, ctx: &Context $(, $arg: $ty)*) -> Result<$out, Errno> {
             let f = self.d().$name.ok_or(Errno::ENOSYS)?;
+            $(let $arg = $arg.hold()?;)*
             let mut out = <$out>::default();
-            // SAFETY: `inst` is live, `ctx` and every argument pointer are valid for the call,
-            // and `out` is writable.
-            let rc = unsafe { f(inst.0, ctx $(, call_out!(@arg $arg))*, &mut out) };
+            // SAFETY: `inst` is live, `ctx` and every argument (held above) are valid for the
+            // call, and `out` is writable.
+            let rc = unsafe { f(inst.0, ctx $(, $arg.abi())*, &mut out) };
             self.check(stringify!($name), rc).map(|()| out)
         }
     };
-    (@arg $arg:ident) => { $arg.into_abi() };
 }
 
 /// Declares a vtable call without output.
@@ -356,68 +356,87 @@ macro_rules! call_unit {
     ($name:ident($($arg:ident: $ty:ty),*)) => {
         pub fn $name(&self, inst: Instance, ctx: &Context $(, $arg: $ty)*) -> Result<(), Errno> {
             let f = self.d().$name.ok_or(Errno::ENOSYS)?;
-            // SAFETY: `inst` is live; `ctx` and every argument pointer are valid for the call.
-            let rc = unsafe { f(inst.0, ctx $(, $arg.into_abi())*) };
+            $(let $arg = $arg.hold()?;)*
+            // SAFETY: `inst` is live; `ctx` and every argument (held above) are valid for the call.
+            let rc = unsafe { f(inst.0, ctx $(, $arg.abi())*) };
             self.check(stringify!($name), rc)
         }
     };
 }
 
-/// How a safe argument crosses the ABI.
-trait IntoAbi {
-    type Abi;
-    fn into_abi(self) -> Self::Abi;
+/// How a safe argument crosses the ABI: `hold` makes what must live through the call (a
+/// NUL-terminated copy of a name; a name with a NUL byte is EINVAL), `abi` passes it.
+trait Hold {
+    type Held: Held;
+    fn hold(self) -> Result<Self::Held, Errno>;
 }
 
-impl IntoAbi for u64 {
-    type Abi = u64;
-    fn into_abi(self) -> u64 {
-        self
+trait Held {
+    type Abi;
+    fn abi(&self) -> Self::Abi;
+}
+
+macro_rules! plain_arg {
+    ($($t:ty),*) => {$(
+        impl Hold for $t {
+            type Held = $t;
+            fn hold(self) -> Result<$t, Errno> {
+                Ok(self)
+            }
+        }
+        impl Held for $t {
+            type Abi = $t;
+            fn abi(&self) -> $t {
+                *self
+            }
+        }
+    )*};
+}
+plain_arg!(u64, u32, i32);
+
+impl Hold for &OsStr {
+    type Held = CString;
+    fn hold(self) -> Result<CString, Errno> {
+        CString::new(self.as_bytes()).map_err(|_| Errno::EINVAL)
     }
 }
-impl IntoAbi for u32 {
-    type Abi = u32;
-    fn into_abi(self) -> u32 {
-        self
-    }
-}
-impl IntoAbi for i32 {
-    type Abi = i32;
-    fn into_abi(self) -> i32 {
-        self
-    }
-}
-impl IntoAbi for &CStr {
+impl Held for CString {
     type Abi = *const c_char;
-    fn into_abi(self) -> *const c_char {
+    fn abi(&self) -> *const c_char {
         self.as_ptr()
     }
 }
-impl IntoAbi for &Setattr {
+impl<'a> Hold for &'a Setattr {
+    type Held = &'a Setattr;
+    fn hold(self) -> Result<&'a Setattr, Errno> {
+        Ok(self)
+    }
+}
+impl Held for &Setattr {
     type Abi = *const Setattr;
-    fn into_abi(self) -> *const Setattr {
-        self
+    fn abi(&self) -> *const Setattr {
+        *self
     }
 }
 
 impl Library {
-    call_out!(lookup(parent: u64, name: &CStr) -> Attr);
+    call_out!(lookup(parent: u64, name: &OsStr) -> Attr);
     call_out!(getattr(ino: u64) -> Attr);
     call_out!(setattr(ino: u64, set: &Setattr) -> Attr);
-    call_out!(mknod(parent: u64, name: &CStr, mode: u32, rdev: u32) -> Attr);
-    call_out!(mkdir(parent: u64, name: &CStr, mode: u32) -> Attr);
-    call_out!(symlink(parent: u64, name: &CStr, target: &CStr) -> Attr);
-    call_out!(link(ino: u64, newparent: u64, newname: &CStr) -> Attr);
+    call_out!(mknod(parent: u64, name: &OsStr, mode: u32, rdev: u32) -> Attr);
+    call_out!(mkdir(parent: u64, name: &OsStr, mode: u32) -> Attr);
+    call_out!(symlink(parent: u64, name: &OsStr, target: &OsStr) -> Attr);
+    call_out!(link(ino: u64, newparent: u64, newname: &OsStr) -> Attr);
     call_out!(open(ino: u64, flags: i32) -> u64);
     call_out!(opendir(ino: u64, flags: i32) -> u64);
     call_out!(statfs(ino: u64) -> Statfs);
-    call_unit!(unlink(parent: u64, name: &CStr));
-    call_unit!(rmdir(parent: u64, name: &CStr));
-    call_unit!(rename(parent: u64, name: &CStr, newparent: u64, newname: &CStr, flags: u32));
+    call_unit!(unlink(parent: u64, name: &OsStr));
+    call_unit!(rmdir(parent: u64, name: &OsStr));
+    call_unit!(rename(parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32));
     call_unit!(flush(ino: u64, fh: u64));
     call_unit!(release(ino: u64, fh: u64, flags: i32));
     call_unit!(releasedir(ino: u64, fh: u64));
-    call_unit!(removexattr(ino: u64, name: &CStr));
+    call_unit!(removexattr(ino: u64, name: &OsStr));
 
     pub fn fsync(
         &self,
@@ -438,11 +457,12 @@ impl Library {
         inst: Instance,
         ctx: &Context,
         parent: u64,
-        name: &CStr,
+        name: &OsStr,
         mode: u32,
         flags: i32,
     ) -> Result<(Attr, u64), Errno> {
         let f = self.d().create_file.ok_or(Errno::ENOSYS)?;
+        let name = name.hold()?;
         let (mut attr, mut fh) = (Attr::default(), 0u64);
         // SAFETY: `inst` is live, `ctx`/`name` valid, both outputs writable.
         let rc = unsafe {
@@ -522,11 +542,12 @@ impl Library {
         inst: Instance,
         ctx: &Context,
         ino: u64,
-        name: &CStr,
+        name: &OsStr,
         value: &[u8],
         flags: i32,
     ) -> Result<(), Errno> {
         let f = self.d().setxattr.ok_or(Errno::ENOSYS)?;
+        let name = name.hold()?;
         // SAFETY: `name` is a C string and `value` valid for its length, for the call.
         let rc = unsafe {
             f(
@@ -578,10 +599,11 @@ impl Library {
         inst: Instance,
         ctx: &Context,
         ino: u64,
-        name: &CStr,
+        name: &OsStr,
         cap: usize,
     ) -> Result<Answer, Errno> {
         let f = self.d().getxattr.ok_or(Errno::ENOSYS)?;
+        let name = name.hold()?;
         // SAFETY: `sized` passes a buffer valid for `cap` bytes and a writable `len`; `name`
         // is a C string.
         self.sized("getxattr", cap, |buf, cap, len| unsafe {

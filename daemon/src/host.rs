@@ -16,7 +16,9 @@ use fshost_protocol::{ErrorCode, MountInfo, PluginInfo, PluginState};
 
 use crate::mount::{self, MountError, MountSpec, MountStats, UnmountError};
 use crate::plugin::{self, LoadError, Plugin};
-use crate::registry::{MountId, MountRecord, MountState, PluginEntry, Registry, RegistryError};
+use crate::registry::{
+    join_paths, mount_count, MountId, MountRecord, MountState, PluginEntry, Registry, RegistryError,
+};
 
 /// How long an unmount waits for the FUSE session to end after the kernel detached it.
 const SESSION_END_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,7 +48,7 @@ pub enum HostError {
     BadRequest(String),
     #[error("permission denied: {0}")]
     Denied(String),
-    #[error("plugin \"{name}\" {why}: {} mount(s) left ({}); it is live again", .mounts.len(), join_paths(.mounts))]
+    #[error("plugin \"{name}\" {why}: {} left ({}); it is live again", mount_count(.mounts.len()), join_paths(.mounts))]
     DrainEnded {
         name: String,
         why: DrainEnd,
@@ -68,7 +70,9 @@ impl HostError {
                 | RegistryError::MountBusy { .. }
                 | RegistryError::ShuttingDown => ErrorCode::Busy,
             },
-            HostError::Load(LoadError::NotFound(_)) => ErrorCode::NotFound,
+            HostError::Load(LoadError::NotFound(_) | LoadError::NotInPluginDirs { .. }) => {
+                ErrorCode::NotFound
+            }
             HostError::Load(LoadError::Untrusted { .. }) => ErrorCode::PermissionDenied,
             HostError::Load(LoadError::Copy { .. } | LoadError::Unreadable { .. }) => ErrorCode::Io,
             HostError::Load(_) | HostError::OnLoad { .. } => ErrorCode::InvalidPlugin,
@@ -107,11 +111,6 @@ impl std::fmt::Display for DrainEnd {
             DrainEnd::Cancelled => f.write_str("drain cancelled by the client"),
         }
     }
-}
-
-fn join_paths(paths: &[PathBuf]) -> String {
-    let paths: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-    paths.join(", ")
 }
 
 /// State shared with mount threads, which report the end of their session through it.
@@ -338,21 +337,10 @@ impl Host {
                 }
             }
         }
-        let searched: Vec<String> = trust
-            .plugin_dirs
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect();
-        Err(HostError::Load(LoadError::NotFound(PathBuf::from(
-            format!(
-                "{path} (searched plugin directories: {})",
-                if searched.is_empty() {
-                    "none configured; pass --plugin-dir".to_string()
-                } else {
-                    searched.join(", ")
-                }
-            ),
-        ))))
+        Err(HostError::Load(LoadError::NotInPluginDirs {
+            name: path.to_string(),
+            dirs: trust.plugin_dirs,
+        }))
     }
 
     pub fn load(&self, path: &str, name: Option<&str>) -> Result<PluginInfo, HostError> {

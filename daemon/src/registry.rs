@@ -86,7 +86,8 @@ pub enum RegistryError {
     ShuttingDown,
 }
 
-fn mount_count(n: usize) -> String {
+/// "1 mount", "2 mounts": for messages.
+pub fn mount_count(n: usize) -> String {
     if n == 1 {
         "1 mount".to_string()
     } else {
@@ -94,7 +95,8 @@ fn mount_count(n: usize) -> String {
     }
 }
 
-fn join_paths(paths: &[PathBuf]) -> String {
+/// Paths as "a, b, c": for messages.
+pub fn join_paths(paths: &[PathBuf]) -> String {
     paths
         .iter()
         .map(|p| p.display().to_string())

@@ -245,6 +245,12 @@ fn bad_input_is_refused_clearly_and_the_daemon_stays_healthy() {
     let env = Env::start();
     let missing = env.path("missing.so");
     refused(&env, &["load", path_str(&missing)], 1, "does not exist");
+    refused(
+        &env,
+        &["load", "nosuchplugin"],
+        1,
+        "no plugin \"nosuchplugin\" in the plugin directories",
+    );
     let text = env.path("text.so");
     fs::write(&text, "this is not ELF").unwrap();
     refused(&env, &["load", path_str(&text)], 1, "not a shared object");

@@ -9,6 +9,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::registry::join_paths;
 pub use ffi::{fix_malloc_mmap_threshold, Answer, GateError, Instance, Library};
 
 /// A loaded plugin: its library plus what we know about it.
@@ -45,6 +46,8 @@ pub enum LoadError {
     },
     #[error("{} is not a loadable fshost plugin: {source}", .path.display())]
     Gate { path: PathBuf, source: GateError },
+    #[error("no plugin {name:?} in the plugin directories ({}); give a path, or pass --plugin-dir", if .dirs.is_empty() { "none configured".to_string() } else { join_paths(.dirs) })]
+    NotInPluginDirs { name: String, dirs: Vec<PathBuf> },
     #[error("{} is not trusted: {reason}", .path.display())]
     Untrusted { path: PathBuf, reason: String },
     #[error("plugin name {0:?} is not a safe identifier: use 1-64 of a-z, A-Z, 0-9, '_' or '-', starting with a letter or digit")]
@@ -84,14 +87,13 @@ pub fn check_trust(path: &Path, trust: &Trust) -> Result<(), LoadError> {
         .filter_map(|dir| dir.canonicalize().ok())
         .any(|dir| canonical.starts_with(dir));
     if !inside {
-        let dirs: Vec<String> = trust
-            .plugin_dirs
-            .iter()
-            .map(|d| d.display().to_string())
-            .collect();
+        let dirs = if trust.plugin_dirs.is_empty() {
+            "none configured".to_string()
+        } else {
+            join_paths(&trust.plugin_dirs)
+        };
         return Err(untrusted(format!(
-            "it is outside the plugin directories ({}); install it there, or start fshostd with --dev",
-            if dirs.is_empty() { "none configured".to_string() } else { dirs.join(", ") }
+            "it is outside the plugin directories ({dirs}); install it there, or start fshostd with --dev"
         )));
     }
     let meta = fs::metadata(&canonical).map_err(|source| LoadError::Unreadable {

@@ -166,8 +166,12 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
+/// Sends the counts to systemd; skipped (not even computed) when not run by systemd,
+/// since it follows every request that changes something.
 pub(crate) fn notify_status(host: &Host) {
-    notify(&[NotifyState::Status(&host.status_line())]);
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        notify(&[NotifyState::Status(&host.status_line())]);
+    }
 }
 
 /// Loads the config's preloads and makes its mounts (errors are logged, not fatal).

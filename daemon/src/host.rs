@@ -375,13 +375,9 @@ impl Host {
     /// Unloads a plugin; with `drain`, first waits for its mounts to go (see [`Drain`]).
     /// Returns true if the library is still mapped after it was closed.
     pub fn unload(&self, name: &str, drain: Option<Drain<'_>>) -> Result<bool, HostError> {
-        match drain {
-            None => drop(self.transition(|reg| reg.begin_unload(name))?),
+        let plugin = match drain {
+            None => self.transition(|reg| reg.begin_unload(name))?,
             Some(drain) => self.drain(name, drain)?,
-        }
-        let plugin = match self.lock().plugin(name) {
-            Some(entry) => Arc::clone(&entry.handle),
-            None => return Err(RegistryError::UnknownPlugin { name: name.into() }.into()),
         };
         plugin::on_fresh_thread(|| plugin.library.on_unload());
         let mapped_path = plugin.mapped_path.clone();
@@ -404,8 +400,8 @@ impl Host {
     /// `Deregistering` at once (new mounts refused), then wait until the last mount has
     /// gone; on timeout or cancellation the plugin is `Live` again and the error names the
     /// mounts that kept it busy.
-    fn drain(&self, name: &str, drain: Drain<'_>) -> Result<(), HostError> {
-        self.transition(|reg| reg.begin_drain(name))?;
+    fn drain(&self, name: &str, drain: Drain<'_>) -> Result<Arc<Plugin>, HostError> {
+        let plugin = self.transition(|reg| reg.begin_drain(name))?;
         tracing::info!(plugin = %name, timeout = ?drain.timeout, "draining: new mounts refused until the last mount is gone");
         let cancelled = || drain.cancelled.load(Ordering::SeqCst);
         self.wait_until(drain.timeout, |reg| {
@@ -419,7 +415,7 @@ impl Host {
             Ok::<_, RegistryError>(mounts)
         })?;
         if mounts.is_empty() {
-            return Ok(());
+            return Ok(plugin);
         }
         let why = if cancelled() {
             DrainEnd::Cancelled

@@ -325,10 +325,10 @@ impl<P> Registry<P> {
 
     /// Drain-unload, step 1: `Live` → `Deregistering` even with mounts. New mounts are
     /// refused from now; the existing ones go on until they are unmounted.
-    pub fn begin_drain(&mut self, name: &str) -> Result<(), RegistryError> {
+    pub fn begin_drain(&mut self, name: &str) -> Result<Arc<P>, RegistryError> {
         let entry = self.entry_in(name, PluginState::Live)?;
         entry.state = PluginState::Deregistering;
-        Ok(())
+        Ok(Arc::clone(&entry.handle))
     }
 
     /// A drain that timed out or was cancelled: `Deregistering` → `Live`.

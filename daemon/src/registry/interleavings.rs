@@ -147,7 +147,7 @@ impl World {
                 Err(_) => Pc::Done,
             },
             (Spec::Unload { n, drain: true }, Pc::Start) => match self.reg.begin_drain(NAMES[*n]) {
-                Ok(()) => Pc::Draining,
+                Ok(_) => Pc::Draining,
                 Err(_) => Pc::Done,
             },
             (Spec::Unload { n, .. }, Pc::Draining) => {

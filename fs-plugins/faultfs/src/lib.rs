@@ -113,10 +113,7 @@ impl Plugin for FaultFs {
         if ino != DATA {
             return Err(Errno::EISDIR);
         }
-        let start = CONTENT.len().min(offset as usize);
-        let n = buf.len().min(CONTENT.len() - start);
-        buf[..n].copy_from_slice(&CONTENT[start..start + n]);
-        Ok(n)
+        Ok(fshost_sdk::read_slice(CONTENT, offset, buf))
     }
 
     fn readdir(

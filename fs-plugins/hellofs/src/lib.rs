@@ -55,10 +55,7 @@ impl Plugin for HelloFs {
         if ino != HELLO {
             return Err(Errno::EISDIR);
         }
-        let start = CONTENT.len().min(offset.try_into().unwrap_or(usize::MAX));
-        let n = buf.len().min(CONTENT.len() - start);
-        buf[..n].copy_from_slice(&CONTENT[start..start + n]);
-        Ok(n)
+        Ok(fshost_sdk::read_slice(CONTENT, offset, buf))
     }
 
     fn readdir(

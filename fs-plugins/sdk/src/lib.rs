@@ -121,6 +121,17 @@ impl From<SystemTime> for Timespec {
     }
 }
 
+/// Copies what `data` holds from `offset` on into `buf`; returns how many bytes that was
+/// (0 at or past the end). The whole `read` of a file whose contents sit in memory.
+pub fn read_slice(data: &[u8], offset: u64, buf: &mut [u8]) -> usize {
+    let start = usize::try_from(offset)
+        .unwrap_or(usize::MAX)
+        .min(data.len());
+    let n = buf.len().min(data.len() - start);
+    buf[..n].copy_from_slice(&data[start..start + n]);
+    n
+}
+
 /// A filesystem plugin. One value of this type serves one mount (the instance handle);
 /// everything the filesystem needs lives in it, so no global state is needed.
 ///
@@ -313,4 +324,20 @@ macro_rules! export_plugin {
             &DESCRIPTOR
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_slice_stops_at_the_end() {
+        let mut buf = [0u8; 4];
+        assert_eq!(read_slice(b"hello", 0, &mut buf), 4);
+        assert_eq!(&buf, b"hell");
+        assert_eq!(read_slice(b"hello", 3, &mut buf), 2);
+        assert_eq!(&buf[..2], b"lo");
+        assert_eq!(read_slice(b"hello", 5, &mut buf), 0);
+        assert_eq!(read_slice(b"hello", u64::MAX, &mut buf), 0);
+    }
 }

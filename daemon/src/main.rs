@@ -6,14 +6,6 @@
 //! socket.
 #![deny(unsafe_code)]
 
-mod access;
-mod config;
-mod control;
-mod host;
-mod mount;
-mod plugin;
-mod registry;
-
 use std::io::IsTerminal;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -26,8 +18,9 @@ use sd_notify::NotifyState;
 use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
-use config::Config;
-use host::{Caller, Host, Trust};
+use fshostd::config::{self, Config};
+use fshostd::host::{Caller, Host, Trust};
+use fshostd::{access, control, mount, notify, notify_status, plugin};
 
 /// Hosts user-space filesystem plugins and serves them through FUSE.
 #[derive(Debug, Parser)]
@@ -158,20 +151,6 @@ fn activated_listener() -> anyhow::Result<Option<UnixListener>> {
     };
     listener.set_nonblocking(true)?;
     Ok(Some(UnixListener::from_std(listener)?))
-}
-
-fn notify(states: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(states) {
-        tracing::warn!(error = %e, "cannot notify systemd");
-    }
-}
-
-/// Sends the counts to systemd; skipped (not even computed) when not run by systemd,
-/// since it follows every request that changes something.
-pub(crate) fn notify_status(host: &Host) {
-    if std::env::var_os("NOTIFY_SOCKET").is_some() {
-        notify(&[NotifyState::Status(&host.status_line())]);
-    }
 }
 
 /// Loads the config's preloads and makes its mounts (errors are logged, not fatal).

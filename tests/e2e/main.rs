@@ -16,6 +16,7 @@ mod passthrough;
 mod recovery;
 mod storm;
 mod system;
+mod tuning;
 
 pub(crate) const MINIMAL_C: &str = include_str!("plugins/minimal.c");
 

@@ -22,16 +22,18 @@ use fuser::{
     ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use crate::plugin::{Answer, Instance, Plugin};
+use super::backend::Backend;
+use crate::plugin::Answer;
 
-pub struct Adapter {
-    plugin: Arc<Plugin>,
-    instance: Instance,
+pub struct Adapter<B: Backend> {
+    fs: B,
     stats: Arc<MountStats>,
     /// How long the kernel may cache attributes and entries (`-o attr_timeout`).
     ttl: Duration,
     /// Flags for file opens (`-o keep_cache`: keep the page cache between opens).
     open_flags: FopenFlags,
+    /// `-o writeback`: ask the kernel for its writeback cache.
+    writeback: bool,
     /// Set in `init` when the plugin offers passthrough and the kernel accepted it.
     passthrough: bool,
     /// For plugins that offer passthrough: the kernel sees our own file handles, mapped to
@@ -50,6 +52,18 @@ struct Handles {
     backing: HashMap<u64, (BackingId, usize)>,
 }
 
+/// What the kernel may cache for one mount (the daemon's mount options).
+#[derive(Debug, Clone)]
+pub struct CachePolicy {
+    /// How long attributes and entries stay valid (`-o attr_timeout`).
+    pub ttl: Duration,
+    /// Keep file pages between opens (`-o keep_cache`).
+    pub keep_cache: bool,
+    /// Writes go to the page cache and reach the plugin later, in large batches
+    /// (`-o writeback`). Only for plugins whose files nothing else changes.
+    pub writeback: bool,
+}
+
 /// What a mount's plugin did, for `fshostctl mounts --json`.
 #[derive(Debug, Default)]
 pub struct MountStats {
@@ -60,31 +74,25 @@ pub struct MountStats {
     pub passthrough_opens: AtomicU64,
 }
 
-impl Adapter {
-    pub fn new(
-        plugin: Arc<Plugin>,
-        instance: Instance,
-        stats: Arc<MountStats>,
-        ttl: Duration,
-        keep_cache: bool,
-    ) -> Self {
+impl<B: Backend> Adapter<B> {
+    pub fn new(fs: B, stats: Arc<MountStats>, cache: &CachePolicy) -> Self {
         Adapter {
-            plugin,
-            instance,
+            fs,
             stats,
-            ttl,
-            open_flags: if keep_cache {
+            ttl: cache.ttl,
+            open_flags: if cache.keep_cache {
                 FopenFlags::FOPEN_KEEP_CACHE
             } else {
                 FopenFlags::empty()
             },
+            writeback: cache.writeback,
             passthrough: false,
             handles: Mutex::new(Handles::default()),
         }
     }
 
     fn maps_handles(&self) -> bool {
-        self.plugin.library.offers_passthrough()
+        self.fs.offers_passthrough()
     }
 
     fn handles(&self) -> std::sync::MutexGuard<'_, Handles> {
@@ -154,12 +162,6 @@ impl Adapter {
             }
         }
         plugin_fh
-    }
-}
-
-impl Drop for Adapter {
-    fn drop(&mut self) {
-        self.plugin.library.destroy(self.instance);
     }
 }
 
@@ -259,33 +261,37 @@ fn time_or_now(t: Option<TimeOrNow>, set: &mut Setattr, bit: u32, now_bit: u32) 
     }
 }
 
-impl Filesystem for Adapter {
+impl<B: Backend> Filesystem for Adapter<B> {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        if self.plugin.library.offers_passthrough() {
+        if self.writeback
+            && config
+                .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
+                .is_err()
+        {
+            tracing::info!(plugin = %self.fs.name(), "the kernel does not offer a writeback cache; writes go through");
+        }
+        if self.fs.offers_passthrough() {
             let accepted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             self.passthrough = accepted;
             if !accepted {
-                tracing::info!(plugin = %self.plugin.name, "the kernel does not offer FUSE passthrough; the plugin serves reads and writes itself");
+                tracing::info!(plugin = %self.fs.name(), "the kernel does not offer FUSE passthrough; the plugin serves reads and writes itself");
             }
         }
         Ok(())
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let result = self
-            .plugin
-            .library
-            .lookup(self.instance, &ctx(req), parent.0, name);
+        let result = self.fs.lookup(&ctx(req), parent.0, name);
         entry(reply, self.ttl, result);
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.plugin.library.forget(self.instance, ino.0, nlookup);
+        self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.plugin.library.getattr(self.instance, &ctx(req), ino.0) {
+        match self.fs.getattr(&ctx(req), ino.0) {
             Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
             Err(e) => reply.error(errno(e)),
         }
@@ -337,22 +343,14 @@ impl Filesystem for Adapter {
             set.fh = self.plugin_fh(fh);
             set.valid |= SET_FH;
         }
-        match self
-            .plugin
-            .library
-            .setattr(self.instance, &ctx(req), ino.0, &set)
-        {
+        match self.fs.setattr(&ctx(req), ino.0, &set) {
             Ok(attr) => reply.attr(&self.ttl, &file_attr(&attr)),
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self
-            .plugin
-            .library
-            .readlink(self.instance, &ctx(req), ino.0)
-        {
+        match self.fs.readlink(&ctx(req), ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(errno(e)),
         }
@@ -369,10 +367,7 @@ impl Filesystem for Adapter {
         reply: ReplyEntry,
     ) {
         let mode = mode & !(umask & 0o777);
-        let result =
-            self.plugin
-                .library
-                .mknod(self.instance, &ctx(req), parent.0, name, mode, rdev);
+        let result = self.fs.mknod(&ctx(req), parent.0, name, mode, rdev);
         entry(reply, self.ttl, result);
     }
 
@@ -386,26 +381,17 @@ impl Filesystem for Adapter {
         reply: ReplyEntry,
     ) {
         let mode = mode & !(umask & 0o777);
-        let result = self
-            .plugin
-            .library
-            .mkdir(self.instance, &ctx(req), parent.0, name, mode);
+        let result = self.fs.mkdir(&ctx(req), parent.0, name, mode);
         entry(reply, self.ttl, result);
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self
-            .plugin
-            .library
-            .unlink(self.instance, &ctx(req), parent.0, name);
+        let result = self.fs.unlink(&ctx(req), parent.0, name);
         empty(reply, result);
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self
-            .plugin
-            .library
-            .rmdir(self.instance, &ctx(req), parent.0, name);
+        let result = self.fs.rmdir(&ctx(req), parent.0, name);
         empty(reply, result);
     }
 
@@ -417,13 +403,9 @@ impl Filesystem for Adapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let result = self.plugin.library.symlink(
-            self.instance,
-            &ctx(req),
-            parent.0,
-            link_name,
-            target.as_os_str(),
-        );
+        let result = self
+            .fs
+            .symlink(&ctx(req), parent.0, link_name, target.as_os_str());
         entry(reply, self.ttl, result);
     }
 
@@ -437,8 +419,7 @@ impl Filesystem for Adapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        let result = self.plugin.library.rename(
-            self.instance,
+        let result = self.fs.rename(
             &ctx(req),
             parent.0,
             name,
@@ -457,33 +438,21 @@ impl Filesystem for Adapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let result =
-            self.plugin
-                .library
-                .link(self.instance, &ctx(req), ino.0, newparent.0, newname);
+        let result = self.fs.link(&ctx(req), ino.0, newparent.0, newname);
         entry(reply, self.ttl, result);
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if !self.maps_handles() {
-            return match self
-                .plugin
-                .library
-                .open(self.instance, &ctx(req), ino.0, flags.0)
-            {
+            return match self.fs.open(&ctx(req), ino.0, flags.0) {
                 Ok(fh) => reply.opened(FileHandle(fh), self.open_flags),
                 Err(e) => reply.error(errno(e)),
             };
         }
-        let (plugin_fh, backing) =
-            match self
-                .plugin
-                .library
-                .open_backing(self.instance, &ctx(req), ino.0, flags.0)
-            {
-                Ok(opened) => opened,
-                Err(e) => return reply.error(errno(e)),
-            };
+        let (plugin_fh, backing) = match self.fs.open_backing(&ctx(req), ino.0, flags.0) {
+            Ok(opened) => opened,
+            Err(e) => return reply.error(errno(e)),
+        };
         let (fh, passthrough) =
             self.register_open(ino.0, plugin_fh, backing, |fd| reply.open_backing(fd));
         if passthrough {
@@ -514,11 +483,7 @@ impl Filesystem for Adapter {
                 buf.resize(size as usize, 0);
             }
             let buf = &mut buf[..size as usize];
-            match self
-                .plugin
-                .library
-                .read(self.instance, &ctx(req), ino.0, fh, offset, buf)
-            {
+            match self.fs.read(&ctx(req), ino.0, fh, offset, buf) {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(errno(e)),
             }
@@ -538,15 +503,10 @@ impl Filesystem for Adapter {
         reply: ReplyWrite,
     ) {
         self.stats.plugin_writes.fetch_add(1, Ordering::Relaxed);
-        match self.plugin.library.write(
-            self.instance,
-            &ctx(req),
-            ino.0,
-            self.plugin_fh(fh),
-            offset,
-            data,
-            flags.0,
-        ) {
+        match self
+            .fs
+            .write(&ctx(req), ino.0, self.plugin_fh(fh), offset, data, flags.0)
+        {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
         }
@@ -560,10 +520,7 @@ impl Filesystem for Adapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        let result = self
-            .plugin
-            .library
-            .flush(self.instance, &ctx(req), ino.0, self.plugin_fh(fh));
+        let result = self.fs.flush(&ctx(req), ino.0, self.plugin_fh(fh));
         // ENOSYS goes to the kernel on purpose: it then stops sending FLUSH on every
         // close of this mount (one round trip less per close), and treats it as success.
         empty(reply, result);
@@ -584,10 +541,7 @@ impl Filesystem for Adapter {
         } else {
             fh.0
         };
-        let result =
-            self.plugin
-                .library
-                .release(self.instance, &ctx(req), ino.0, plugin_fh, flags.0);
+        let result = self.fs.release(&ctx(req), ino.0, plugin_fh, flags.0);
         empty(reply, result.or_else(ignore_enosys));
     }
 
@@ -599,23 +553,15 @@ impl Filesystem for Adapter {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let result = self.plugin.library.fsync(
-            self.instance,
-            &ctx(req),
-            ino.0,
-            self.plugin_fh(fh),
-            datasync,
-        );
+        let result = self
+            .fs
+            .fsync(&ctx(req), ino.0, self.plugin_fh(fh), datasync);
         // As for flush: the kernel takes ENOSYS as "nothing to sync" and stops asking.
         empty(reply, result);
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self
-            .plugin
-            .library
-            .opendir(self.instance, &ctx(req), ino.0, flags.0)
-        {
+        match self.fs.opendir(&ctx(req), ino.0, flags.0) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) if e == fshost_sdk::Errno::ENOSYS => {
                 reply.opened(FileHandle(0), FopenFlags::empty())
@@ -635,10 +581,7 @@ impl Filesystem for Adapter {
         let mut add = |ino: u64, next: u64, mode: u32, name: &OsStr| {
             reply.add(INodeNo(ino), next, file_type(mode), name)
         };
-        let result =
-            self.plugin
-                .library
-                .readdir(self.instance, &ctx(req), ino.0, fh.0, offset, &mut add);
+        let result = self.fs.readdir(&ctx(req), ino.0, fh.0, offset, &mut add);
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -653,15 +596,12 @@ impl Filesystem for Adapter {
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
-        let result = self
-            .plugin
-            .library
-            .releasedir(self.instance, &ctx(req), ino.0, fh.0);
+        let result = self.fs.releasedir(&ctx(req), ino.0, fh.0);
         empty(reply, result.or_else(ignore_enosys));
     }
 
     fn statfs(&self, req: &Request, ino: INodeNo, reply: ReplyStatfs) {
-        match self.plugin.library.statfs(self.instance, &ctx(req), ino.0) {
+        match self.fs.statfs(&ctx(req), ino.0) {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.frsize,
             ),
@@ -679,34 +619,22 @@ impl Filesystem for Adapter {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let result =
-            self.plugin
-                .library
-                .setxattr(self.instance, &ctx(req), ino.0, name, value, flags);
+        let result = self.fs.setxattr(&ctx(req), ino.0, name, value, flags);
         empty(reply, result);
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let result =
-            self.plugin
-                .library
-                .getxattr(self.instance, &ctx(req), ino.0, name, size as usize);
+        let result = self.fs.getxattr(&ctx(req), ino.0, name, size as usize);
         xattr(reply, result);
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let result = self
-            .plugin
-            .library
-            .listxattr(self.instance, &ctx(req), ino.0, size as usize);
+        let result = self.fs.listxattr(&ctx(req), ino.0, size as usize);
         xattr(reply, result);
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let result = self
-            .plugin
-            .library
-            .removexattr(self.instance, &ctx(req), ino.0, name);
+        let result = self.fs.removexattr(&ctx(req), ino.0, name);
         empty(reply, result);
     }
 
@@ -721,10 +649,8 @@ impl Filesystem for Adapter {
         reply: ReplyCreate,
     ) {
         let mode = mode & !(umask & 0o777);
-        let library = &self.plugin.library;
         if !self.maps_handles() {
-            return match library.create_file(self.instance, &ctx(req), parent.0, name, mode, flags)
-            {
+            return match self.fs.create_file(&ctx(req), parent.0, name, mode, flags) {
                 Ok((attr, fh)) => reply.created(
                     &self.ttl,
                     &file_attr(&attr),
@@ -736,7 +662,10 @@ impl Filesystem for Adapter {
             };
         }
         let (attr, plugin_fh, backing) =
-            match library.create_backing(self.instance, &ctx(req), parent.0, name, mode, flags) {
+            match self
+                .fs
+                .create_backing(&ctx(req), parent.0, name, mode, flags)
+            {
                 Ok(created) => created,
                 Err(e) => return reply.error(errno(e)),
             };

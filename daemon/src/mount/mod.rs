@@ -3,8 +3,10 @@
 //! module that touches `fuser`.
 
 mod adapter;
+mod backend;
 
-pub use adapter::MountStats;
+pub use adapter::{Adapter, CachePolicy, MountStats};
+pub use backend::{Backend, Direct, Hosted};
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -19,10 +21,21 @@ use fuser::{Config, Session};
 use nix::mount::{umount2, MntFlags, MsFlags};
 
 use crate::plugin::Plugin;
-use adapter::Adapter;
 
 /// Mount options the daemon handles itself instead of passing them to the plugin.
-pub const DAEMON_OPTIONS: [&str; 4] = ["allow_other", "attr_timeout", "keep_cache", "threads"];
+pub const DAEMON_OPTIONS: [&str; 6] = [
+    "allow_other",
+    "attr_timeout",
+    "keep_cache",
+    "read_ahead_kb",
+    "threads",
+    "writeback",
+];
+
+/// Kernel readahead per mount unless `-o read_ahead_kb=N` says otherwise: 1 MiB, the
+/// largest request FUSE sends (max_pages 256), instead of the kernel's 128 KiB, so that a
+/// sequential read costs one round trip per MiB instead of eight.
+const DEFAULT_READ_AHEAD_KB: u32 = 1024;
 
 /// How long the kernel may cache attributes and entries unless `-o attr_timeout=SECS`
 /// says otherwise. Plugins that own their tree can keep it; a mirror of a directory that
@@ -43,7 +56,7 @@ pub struct MountSpec {
 /// Why a mount failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("option {key:?} is invalid (a NUL byte, attr_timeout not 0 to 86400 seconds, or threads not 1 to 16)")]
+    #[error("option {key:?} is invalid (a NUL byte, attr_timeout not 0 to 86400 seconds, threads not 1 to 16, or read_ahead_kb not 0 to 65536)")]
     BadOption { key: String },
     #[error("plugin \"{plugin}\" refused to create a filesystem for these options: {}", describe_errno(.errno.0))]
     Create {
@@ -120,50 +133,116 @@ fn kernel_mount(
     Ok(OwnedFd::from(dev))
 }
 
+/// The mount options fshostd handles itself (`DAEMON_OPTIONS`), parsed.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    pub allow_other: bool,
+    /// Session threads (1 keeps 1,000 mounts cheap; more help busy mounts).
+    pub threads: usize,
+    pub read_ahead_kb: u32,
+    pub cache: CachePolicy,
+}
+
+/// A number option within `range`, or `default` when absent.
+fn number<T: std::str::FromStr + PartialOrd>(
+    options: &BTreeMap<String, String>,
+    key: &str,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<T, MountError> {
+    match options.get(key) {
+        None => Ok(default),
+        Some(text) => text
+            .parse::<T>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| MountError::BadOption { key: key.into() }),
+    }
+}
+
+impl SessionOptions {
+    /// Parses the daemon's options out of `options` and returns the plugin's (the rest).
+    pub fn parse(
+        options: &BTreeMap<String, String>,
+    ) -> Result<(SessionOptions, BTreeMap<String, String>), MountError> {
+        let attr_timeout = number(
+            options,
+            "attr_timeout",
+            DEFAULT_ATTR_TIMEOUT.as_secs_f64(),
+            0.0..=86_400.0,
+        )?;
+        let parsed = SessionOptions {
+            allow_other: options.contains_key("allow_other"),
+            threads: number(options, "threads", 1, 1..=16)?,
+            read_ahead_kb: number(options, "read_ahead_kb", DEFAULT_READ_AHEAD_KB, 0..=65_536)?,
+            cache: CachePolicy {
+                ttl: std::time::Duration::from_secs_f64(attr_timeout),
+                // Keep the page cache between opens: right when nothing but this mount
+                // changes the files (memfs), wrong for a mirror others write to.
+                keep_cache: options.contains_key("keep_cache"),
+                writeback: options.contains_key("writeback"),
+            },
+        };
+        let rest = options
+            .iter()
+            .filter(|(key, _)| !DAEMON_OPTIONS.contains(&key.as_str()))
+            .map(|(key, value)| (key.clone(), value.clone()))
+            .collect();
+        Ok((parsed, rest))
+    }
+}
+
+/// Mounts `fs` on `mountpoint` and makes the FUSE session that serves it (the kernel's INIT
+/// handshake included); `Session::run` on the result serves it until it is unmounted.
+pub fn start_session<B: Backend>(
+    fs: B,
+    stats: Arc<MountStats>,
+    mountpoint: &Path,
+    read_only: bool,
+    owner: (u32, u32),
+    options: &SessionOptions,
+) -> io::Result<Session<Adapter<B>>> {
+    let name = fs.name().to_string();
+    let adapter = Adapter::new(fs, stats, &options.cache);
+    let fd = kernel_mount(&name, mountpoint, read_only, options.allow_other, owner)?;
+    let mut config = Config::default();
+    config.n_threads = Some(options.threads);
+    // Who may use the mount is the kernel's decision (user_id=, allow_other); fuser's own
+    // filter would only let the daemon's uid in, which is wrong for a user's mount.
+    let session =
+        Session::from_fd(adapter, fd, fuser::SessionACL::All, config).inspect_err(|_| {
+            // A failed handshake leaves a dead mount behind.
+            let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
+        })?;
+    if let Err(e) = set_read_ahead(mountpoint, options.read_ahead_kb) {
+        tracing::info!(mountpoint = %mountpoint.display(), error = %e, "cannot set the mount's readahead; the kernel's default stays");
+    }
+    Ok(session)
+}
+
+/// Serves `session` until the mount is gone.
+pub fn run_session<B: Backend>(session: Session<Adapter<B>>, mountpoint: &Path) {
+    if let Err(e) = session.run() {
+        // The kernel did not end the session, so the mount is still there but no longer
+        // served: detach it rather than leave a dead mount behind.
+        tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "FUSE session failed; detaching the mount");
+        let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
+    }
+}
+
 /// Mounts `spec` on a new thread and returns once the kernel mount exists (or failed).
 /// The thread then serves the mount; when the session has fully ended (unmounted from here
 /// or from outside, every session thread joined, the plugin instance destroyed) it calls
 /// `on_end`. `on_end` is not called when this returns an error.
 pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<(), MountError> {
+    let (session_options, plugin_options) = SessionOptions::parse(&spec.options)?;
     let mut options = Vec::new();
-    for (key, value) in &spec.options {
-        if DAEMON_OPTIONS.contains(&key.as_str()) {
-            continue;
-        }
+    for (key, value) in &plugin_options {
         match (CString::new(key.as_str()), CString::new(value.as_str())) {
             (Ok(k), Ok(v)) => options.push((k, v)),
             _ => return Err(MountError::BadOption { key: key.clone() }),
         }
     }
-    let allow_other = spec.options.contains_key("allow_other");
-    // Session threads per mount (1 keeps 1,000 mounts cheap; more help busy mounts).
-    let threads = match spec.options.get("threads") {
-        None => 1,
-        Some(n) => n
-            .parse::<usize>()
-            .ok()
-            .filter(|n| (1..=16).contains(n))
-            .ok_or_else(|| MountError::BadOption {
-                key: "threads".into(),
-            })?,
-    };
-    // Keep the page cache between opens: right when nothing but this mount changes the
-    // files (memfs), wrong for a mirror others write to.
-    let keep_cache = spec.options.contains_key("keep_cache");
-    let ttl = match spec.options.get("attr_timeout") {
-        None => DEFAULT_ATTR_TIMEOUT,
-        Some(secs) => secs
-            .parse::<f64>()
-            .ok()
-            .filter(|s| s.is_finite() && (0.0..=86_400.0).contains(s))
-            .map(std::time::Duration::from_secs_f64)
-            .ok_or_else(|| MountError::BadOption {
-                key: "attr_timeout".into(),
-            })?,
-    };
-    // Who may use the mount is the kernel's decision (user_id=, allow_other); fuser's own
-    // filter would only let the daemon's uid in, which is wrong for a user's mount.
-    let acl = fuser::SessionACL::All;
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), MountError>>(1);
     let thread_name = format!("mount:{}", spec.plugin.name);
     std::thread::Builder::new()
@@ -171,28 +250,34 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
         .spawn(move || {
             let plugin = spec.plugin;
             let name = plugin.name.clone();
-            let pairs: Vec<_> = options.iter().map(|(k, v)| (k.as_c_str(), v.as_c_str())).collect();
+            let pairs: Vec<_> = options
+                .iter()
+                .map(|(k, v)| (k.as_c_str(), v.as_c_str()))
+                .collect();
             let instance = match plugin.library.create(&pairs) {
                 Ok(instance) => instance,
                 Err(errno) => {
                     // Release our reference before reporting, so that once the caller has
                     // dropped the count nothing of ours holds the library.
                     drop(plugin);
-                    let _ = ready_tx.send(Err(MountError::Create { plugin: name, errno }));
+                    let _ = ready_tx.send(Err(MountError::Create {
+                        plugin: name,
+                        errno,
+                    }));
                     return;
                 }
             };
-            let adapter = Adapter::new(Arc::clone(&plugin), instance, Arc::clone(&spec.stats), ttl, keep_cache);
-            // The adapter owns our only other reference to the plugin from here on.
-            drop(plugin);
-            let session = kernel_mount(&name, &spec.mountpoint, spec.read_only, allow_other, spec.owner).and_then(|fd| {
-                let mut config = Config::default();
-                config.n_threads = Some(threads);
-                // The handshake (kernel INIT) happens here; a failure leaves a dead mount.
-                Session::from_fd(adapter, fd, acl, config).inspect_err(|_| {
-                    let _ = umount2(&spec.mountpoint, MntFlags::MNT_DETACH);
-                })
-            });
+            // From here on the session's adapter holds the only reference to the plugin;
+            // dropping it (when the session ends) destroys the instance.
+            let fs = Hosted::new(plugin, instance);
+            let session = start_session(
+                fs,
+                spec.stats,
+                &spec.mountpoint,
+                spec.read_only,
+                spec.owner,
+                &session_options,
+            );
             let session = match session {
                 Ok(session) => session,
                 Err(source) => {
@@ -202,16 +287,28 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            if let Err(e) = session.run() {
-                // The kernel did not end the session, so the mount is still there but no
-                // longer served: detach it rather than leave a dead mount behind.
-                tracing::warn!(mountpoint = %spec.mountpoint.display(), error = %e, "FUSE session failed; detaching the mount");
-                let _ = umount2(&spec.mountpoint, MntFlags::MNT_DETACH);
-            }
+            run_session(session, &spec.mountpoint);
             on_end();
         })
         .map_err(MountError::Thread)?;
     ready_rx.recv().unwrap_or(Err(MountError::ThreadLost))
+}
+
+/// Sets the readahead of the mount on `mountpoint` (the one mounted last there: ours, just
+/// made). The kernel caps FUSE readahead at 128 KiB in the INIT handshake, so this must run
+/// after it; only the mount's backing device in sysfs can raise it.
+fn set_read_ahead(mountpoint: &Path, kb: u32) -> io::Result<()> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let mounts = parse_mountinfo(&text);
+    let ours = mounts
+        .iter()
+        .rev()
+        .find(|m| m.mountpoint == mountpoint)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "mount not in mountinfo"))?;
+    std::fs::write(
+        format!("/sys/class/bdi/{}/read_ahead_kb", ours.device),
+        kb.to_string(),
+    )
 }
 
 /// Unmounts `path`; `lazy` detaches it even while files are open (MNT_DETACH).
@@ -234,6 +331,8 @@ pub fn unmount(path: &Path, lazy: bool) -> Result<(), UnmountError> {
 /// One line of /proc/self/mountinfo that matters here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelMount {
+    /// `major:minor` of the mount's device (its backing device info in sysfs).
+    pub device: String,
     pub mountpoint: PathBuf,
     pub fstype: String,
     pub source: String,
@@ -246,6 +345,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<KernelMount> {
             let fields: Vec<&str> = line.split(' ').collect();
             let dash = fields.iter().position(|f| *f == "-")?;
             Some(KernelMount {
+                device: fields.get(2)?.to_string(),
                 mountpoint: PathBuf::from(unescape_mountinfo(fields.get(4)?)),
                 fstype: fields.get(dash + 1)?.to_string(),
                 source: unescape_mountinfo(fields.get(dash + 2)?),
@@ -322,6 +422,7 @@ mod tests {
         assert_eq!(
             mounts[0],
             KernelMount {
+                device: "0:39".into(),
                 mountpoint: PathBuf::from("/tmp/a b"),
                 fstype: "fuse.fshost-memfs".into(),
                 source: "fshost:memfs".into(),

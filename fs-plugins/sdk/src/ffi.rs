@@ -76,6 +76,42 @@ impl DirFiller {
         unsafe { (self.fill)(self.buf, ino, next_offset, mode, name.as_ptr()) != 0 }
     }
 
+    /// Runs `list` with a filler whose entries go to `add(ino, next_offset, mode, name)`
+    /// (which returns true when the reply is full): for hosts that call a [`Plugin`]
+    /// directly instead of through the C ABI, and for testing a plugin's `readdir`.
+    pub fn over<R>(
+        mut add: &mut dyn FnMut(u64, u64, u32, &OsStr) -> bool,
+        list: impl FnOnce(&mut DirFiller) -> R,
+    ) -> R {
+        unsafe extern "C" fn trampoline(
+            buf: *mut c_void,
+            ino: u64,
+            next_offset: u64,
+            mode: u32,
+            name: *const c_char,
+        ) -> c_int {
+            // SAFETY: `buf` is the `&mut &mut dyn FnMut` of `over` below, alive for the whole
+            // `list` call; `name` is the C string `DirFiller::add` made for this call.
+            let (add, name) = unsafe {
+                (
+                    &mut *buf.cast::<&mut dyn FnMut(u64, u64, u32, &OsStr) -> bool>(),
+                    CStr::from_ptr(name),
+                )
+            };
+            c_int::from(add(
+                ino,
+                next_offset,
+                mode,
+                OsStr::from_bytes(name.to_bytes()),
+            ))
+        }
+        let buf = (&mut add as *mut &mut dyn FnMut(u64, u64, u32, &OsStr) -> bool).cast();
+        list(&mut DirFiller {
+            fill: trampoline,
+            buf,
+        })
+    }
+
     /// Lists a fixed set of `(ino, mode, name)` entries from `offset` on, each resuming at
     /// its index + 1: all a directory of a few static entries needs.
     pub fn add_entries(&mut self, offset: u64, entries: &[(u64, u32, &str)]) {

@@ -15,6 +15,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// Runs per measurement; the median is reported.
+const RUNS: usize = 3;
+
+/// The options of every memfs mount in the suite: memfs alone changes its files, so the
+/// kernel may keep pages and attributes.
+const MEMFS_OPTIONS: &str = "keep_cache,attr_timeout=60,threads=2";
+
 struct Sizes {
     data_mib: u64,
     files: usize,
@@ -142,26 +149,70 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Data measurements of one target, bytes/s (medians of three runs after a warm-up).
-fn data(dir: &Path, mib: u64) -> [f64; 5] {
-    let runs = 3;
-    let median_of = |run: &dyn Fn() -> f64| median((0..runs).map(|_| run()).collect());
-    fio(dir, "write", "1M", mib, false, false); // warm-up: first touch of fresh memory is slow
-    let seq_write = median_of(&|| fio(dir, "write", "1M", mib, false, false));
-    let seq_read_cold = median_of(&|| {
+/// Data measurements, bytes/s per target: medians of `RUNS` runs after a warm-up write.
+/// Each run goes over every target in turn, so that drift in the machine's speed during
+/// the suite hits all targets alike instead of skewing their ratios.
+fn data(targets: &[&Path], mib: u64) -> Vec<[f64; 5]> {
+    let each = |run: &dyn Fn(&Path) -> f64| -> Vec<f64> {
+        let mut samples = vec![Vec::new(); targets.len()];
+        for _ in 0..RUNS {
+            for (t, dir) in targets.iter().enumerate() {
+                samples[t].push(run(dir));
+            }
+        }
+        samples.into_iter().map(median).collect()
+    };
+    for dir in targets {
+        fio(dir, "write", "1M", mib, false, false); // warm-up: first touch of fresh memory is slow
+    }
+    // Overwrites of the file just written, its pages kept: with fio's default
+    // (`invalidate=1`) a FUSE file's cached pages are dropped before every run, and the run
+    // then measures how fast this VM hands out fresh memory (tmpfs ignores the request).
+    let seq_write = each(&|dir| fio(dir, "write", "1M", mib, false, true));
+    let seq_read_cold = each(&|dir| {
         drop_caches();
         fio(dir, "read", "1M", mib, false, false)
     });
-    fio(dir, "read", "1M", mib, false, true); // fill the page cache
-    let reread = median_of(&|| fio(dir, "read", "1M", mib, false, true));
-    let rand = median_of(&|| fio(dir, "randread", "4k", mib.min(64), false, true));
-    let rand_direct = median_of(&|| fio(dir, "randread", "4k", mib.min(64), true, false));
-    let _ = std::fs::remove_file(dir.join("fio.dat"));
-    [seq_write, seq_read_cold, reread, rand, rand_direct]
+    for dir in targets {
+        fio(dir, "read", "1M", mib, false, true); // fill the page cache
+    }
+    let reread = each(&|dir| fio(dir, "read", "1M", mib, false, true));
+    let rand = each(&|dir| fio(dir, "randread", "4k", mib.min(64), false, true));
+    let rand_direct = each(&|dir| fio(dir, "randread", "4k", mib.min(64), true, false));
+    for dir in targets {
+        let _ = std::fs::remove_file(dir.join("fio.dat"));
+    }
+    (0..targets.len())
+        .map(|t| {
+            [
+                seq_write[t],
+                seq_read_cold[t],
+                reread[t],
+                rand[t],
+                rand_direct[t],
+            ]
+        })
+        .collect()
 }
 
-/// Metadata: microseconds per create, stat, readdir entry and unlink of `n` files.
-fn metadata(dir: &Path, n: usize) -> [f64; 4] {
+/// Metadata, per target: microseconds per create, stat, readdir entry and unlink of `n`
+/// files (medians of `RUNS` runs, interleaved over the targets as in `data`).
+fn metadata(targets: &[&Path], n: usize) -> Vec<[f64; 4]> {
+    let mut samples = vec![Vec::new(); targets.len()];
+    for _ in 0..RUNS {
+        for (t, dir) in targets.iter().enumerate() {
+            samples[t].push(metadata_once(dir, n));
+        }
+    }
+    samples
+        .into_iter()
+        .map(|runs: Vec<[f64; 4]>| {
+            std::array::from_fn(|i| median(runs.iter().map(|r| r[i]).collect()))
+        })
+        .collect()
+}
+
+fn metadata_once(dir: &Path, n: usize) -> [f64; 4] {
     let dir = dir.join("meta");
     std::fs::create_dir_all(&dir).unwrap();
     let names: Vec<PathBuf> = (0..n).map(|i| dir.join(format!("f{i:06}"))).collect();
@@ -189,7 +240,16 @@ fn metadata(dir: &Path, n: usize) -> [f64; 4] {
     [create, stat, readdir, unlink]
 }
 
-fn mount_tmpfs(path: &Path) {
+/// A mount made by the suite itself; detached when dropped (also when the suite panics).
+struct Mounted(PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+fn mount_tmpfs(path: &Path) -> Mounted {
     std::fs::create_dir_all(path).unwrap();
     nix::mount::mount(
         Some("tmpfs"),
@@ -199,6 +259,55 @@ fn mount_tmpfs(path: &Path) {
         None::<&str>,
     )
     .expect("mount tmpfs");
+    Mounted(path.to_path_buf())
+}
+
+/// memfs served by `memfs-standalone` (no daemon, no plugin ABI). Dropping it unmounts,
+/// which ends the process.
+struct Standalone {
+    child: Child,
+    mount: Mounted,
+}
+
+impl Standalone {
+    fn start(build: &Path, path: &Path, options: &str) -> Standalone {
+        std::fs::create_dir_all(path).unwrap();
+        let mut child = Command::new(build.join("memfs-standalone"))
+            .arg(path)
+            .args(["-o", options])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start memfs-standalone");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "memfs-standalone did not mount");
+        Standalone {
+            child,
+            mount: Mounted(path.to_path_buf()),
+        }
+    }
+}
+
+impl Drop for Standalone {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.mount.0, nix::mount::MntFlags::MNT_DETACH);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `key=value,flag` as the daemon's JSON options.
+fn options_json(options: &str) -> Value {
+    options
+        .split(',')
+        .map(|item| {
+            let (key, value) = item.split_once('=').unwrap_or((item, ""));
+            (key.to_string(), Value::from(value))
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 fn main() {
@@ -234,28 +343,35 @@ fn main() {
         .tempdir_in("/var/tmp")
         .unwrap();
     let dir = base.path();
-    let (tmpfs, memfs, pt, native) = (
-        dir.join("tmpfs"),
-        dir.join("memfs"),
-        dir.join("passthrough"),
-        dir.join("native"),
-    );
-    mount_tmpfs(&tmpfs);
-    for d in [&memfs, &pt, &native] {
+    let [tmpfs, memfs, standalone, writeback, pt, native] = [
+        "tmpfs",
+        "memfs",
+        "standalone",
+        "writeback",
+        "passthrough",
+        "native",
+    ]
+    .map(|name| dir.join(name));
+    let _tmpfs = mount_tmpfs(&tmpfs);
+    for d in [&memfs, &writeback, &pt, &native] {
         std::fs::create_dir_all(d).unwrap();
     }
     let mut daemon = Daemon::start(&build, dir);
     daemon.call(json!({"op": "load", "path": "memfs"}));
     daemon.call(json!({"op": "load", "path": "passthroughfs"}));
-    // memfs alone changes its files: the kernel may keep pages and attributes.
     daemon.call(
         json!({"op": "mount", "plugin": "memfs", "mountpoint": memfs,
-        "options": {"keep_cache": "", "attr_timeout": "60", "threads": "2"}}),
+        "options": options_json(MEMFS_OPTIONS)}),
+    );
+    daemon.call(
+        json!({"op": "mount", "plugin": "memfs", "mountpoint": writeback,
+        "options": options_json(&format!("{MEMFS_OPTIONS},writeback"))}),
     );
     daemon.call(
         json!({"op": "mount", "plugin": "passthroughfs", "mountpoint": pt,
         "options": {"source": native.display().to_string()}}),
     );
+    let _standalone = Standalone::start(&build, &standalone, MEMFS_OPTIONS);
 
     eprintln!("scale ({} mounts)...", sizes.mounts);
     daemon.call(json!({"op": "load", "path": "hellofs"}));
@@ -286,15 +402,14 @@ fn main() {
     }
     let unmount_all = t.elapsed().as_secs_f64();
     eprintln!("data ({} MiB per run)...", sizes.data_mib);
-    let d_tmpfs = data(&tmpfs, sizes.data_mib);
-    let d_memfs = data(&memfs, sizes.data_mib);
-    let d_native = data(&native, sizes.data_mib);
-    let d_pt = data(&pt, sizes.data_mib);
+    let targets = [&tmpfs, &memfs, &standalone, &writeback, &native, &pt].map(PathBuf::as_path);
+    let d = data(&targets, sizes.data_mib);
     eprintln!("metadata ({} files)...", sizes.files);
-    let m_tmpfs = metadata(&tmpfs, sizes.files);
-    let m_memfs = metadata(&memfs, sizes.files);
-    let m_native = metadata(&native, sizes.files);
-    let m_pt = metadata(&pt, sizes.files);
+    let m = metadata(&targets, sizes.files);
+    let [d_tmpfs, d_memfs, d_standalone, d_writeback, d_native, d_pt] =
+        std::array::from_fn(|i| d[i]);
+    let [m_tmpfs, m_memfs, m_standalone, m_writeback, m_native, m_pt] =
+        std::array::from_fn(|i| m[i]);
 
     eprintln!("control plane ({} cycles)...", sizes.cycles);
     let cycle_dir = dir.join("cycle");
@@ -315,10 +430,10 @@ fn main() {
         .as_array()
         .and_then(|m| m.iter().find(|m| m["plugin"] == "passthroughfs").cloned())
         .unwrap_or_default();
-    daemon.call(json!({"op": "unmount", "mountpoint": memfs}));
-    daemon.call(json!({"op": "unmount", "mountpoint": pt}));
+    for mountpoint in [&memfs, &writeback, &pt] {
+        daemon.call(json!({"op": "unmount", "mountpoint": mountpoint}));
+    }
     drop(daemon);
-    let _ = nix::mount::umount2(&tmpfs, nix::mount::MntFlags::MNT_DETACH);
 
     // ---- report ----
     let mb = |b: f64| b / (1 << 20) as f64;
@@ -335,56 +450,70 @@ fn main() {
         "random read 4 KiB buffered, warm (MiB/s)",
         "random read 4 KiB O_DIRECT (MiB/s)",
     ];
-    let data_goals = ["≥ 0.50", "≥ 0.60", "≥ 0.90", "", ""];
-    let mut ratios: Vec<(String, f64)> = Vec::new();
-    for i in 0..5 {
-        let r = d_memfs[i] / d_tmpfs[i];
-        let _ = writeln!(
-            table,
-            "| memfs vs tmpfs: {} | {:.0} | {:.0} | {r:.2} | {} |",
-            data_names[i],
-            mb(d_tmpfs[i]),
-            mb(d_memfs[i]),
-            data_goals[i]
-        );
-        ratios.push((format!("memfs {}", data_names[i]), r));
-    }
-    for i in 0..5 {
-        let r = d_pt[i] / d_native[i];
-        let goal = if i == 2 { "≥ 0.95" } else { "" };
-        let _ = writeln!(
-            table,
-            "| passthroughfs vs native dir: {} | {:.0} | {:.0} | {r:.2} | {goal} |",
-            data_names[i],
-            mb(d_native[i]),
-            mb(d_pt[i])
-        );
-        ratios.push((format!("passthroughfs {}", data_names[i]), r));
-    }
     let meta_names = [
         "create (µs/file)",
         "stat (µs/file)",
         "readdir (µs/entry)",
         "unlink (µs/file)",
     ];
-    let meta_goals = ["≤ 8×", "≤ 1.5×", "", ""];
-    for i in 0..4 {
-        let r = m_memfs[i] / m_tmpfs[i];
-        let _ = writeln!(
-            table,
-            "| memfs vs tmpfs: {} | {:.1} | {:.1} | {r:.1}× time | {} |",
-            meta_names[i], m_tmpfs[i], m_memfs[i], meta_goals[i]
-        );
-        ratios.push((format!("memfs {} (relative speed)", meta_names[i]), 1.0 / r));
-    }
-    for i in 0..4 {
-        let r = m_pt[i] / m_native[i];
-        let _ = writeln!(
-            table,
-            "| passthroughfs vs native dir: {} | {:.1} | {:.1} | {r:.1}× time | |",
-            meta_names[i], m_native[i], m_pt[i]
-        );
-    }
+    let mut ratios: Vec<(String, f64)> = Vec::new();
+    // One block of rows: `target` against `reference`, data rows as speed ratios and
+    // metadata rows as time ratios (plotted as speed).
+    let mut compare = |label: &str,
+                       (reference, target): (&[f64; 5], &[f64; 5]),
+                       (meta_ref, meta_target): (&[f64; 4], &[f64; 4]),
+                       data_goals: [&str; 5],
+                       meta_goals: [&str; 4]| {
+        for i in 0..5 {
+            let r = target[i] / reference[i];
+            let _ = writeln!(
+                table,
+                "| {label}: {} | {:.0} | {:.0} | {r:.2} | {} |",
+                data_names[i],
+                mb(reference[i]),
+                mb(target[i]),
+                data_goals[i]
+            );
+            ratios.push((format!("{label}: {}", data_names[i]), r));
+        }
+        for i in 0..4 {
+            let r = meta_target[i] / meta_ref[i];
+            let _ = writeln!(
+                table,
+                "| {label}: {} | {:.1} | {:.1} | {r:.2}× time | {} |",
+                meta_names[i], meta_ref[i], meta_target[i], meta_goals[i]
+            );
+            ratios.push((format!("{label}: {} (speed)", meta_names[i]), 1.0 / r));
+        }
+    };
+    compare(
+        "memfs vs tmpfs",
+        (&d_tmpfs, &d_memfs),
+        (&m_tmpfs, &m_memfs),
+        ["≥ 0.50", "≥ 0.60", "≥ 0.90", "", ""],
+        ["≤ 8×", "≤ 1.5×", "", ""],
+    );
+    compare(
+        "hosted vs standalone memfs",
+        (&d_standalone, &d_memfs),
+        (&m_standalone, &m_memfs),
+        ["≥ 0.98"; 5],
+        ["≤ 1.02×"; 4],
+    );
+    compare(
+        "memfs -o writeback vs memfs",
+        (&d_memfs, &d_writeback),
+        (&m_memfs, &m_writeback),
+        [""; 5],
+        [""; 4],
+    );
+    compare(
+        "passthroughfs vs native dir",
+        (&d_native, &d_pt),
+        (&m_native, &m_pt),
+        ["", "", "≥ 0.95", "", ""],
+        [""; 4],
+    );
     let mut other = String::new();
     let _ = writeln!(other, "| metric | value | goal |");
     let _ = writeln!(other, "|---|---|---|");
@@ -431,12 +560,15 @@ fn main() {
             .unwrap_or_default();
         let doc = format!(
             "# fshost benchmarks\n\nMeasured by `tests/bench/run` (which runs `target/release/bench target/release --write .`)\n\
-             on {} CPUs ({cpu}), kernel {}, {} MiB per data run (medians of 3 after a warm-up write),\n\
+             on {} CPUs ({cpu}), kernel {}, {} MiB per data run (after a warm-up write),\n\
              {} files for metadata, {} control-plane cycles, {} mounts for scale. Ratios compare\n\
              targets measured in the same run; run-to-run noise on this VM is about ±25%.\n\
-             memfs is mounted with `-o keep_cache,attr_timeout=60,threads=2` (nothing but the\n\
-             mount changes its files); passthroughfs with defaults over a directory on the\n\
-             disk file system (`/var/tmp`), which is also the native reference.\n\
+             memfs is mounted with `-o {MEMFS_OPTIONS}` (nothing but the mount changes its\n\
+             files), hosted by fshostd and, for the hosting overhead, by `memfs-standalone`\n\
+             (the same memfs code and FUSE adapter in one small binary: no daemon, no plugin\n\
+             ABI); passthroughfs with defaults over a directory on the disk file system\n\
+             (`/var/tmp`), which is also the native reference. Every measurement is the\n\
+             median of {RUNS} runs, interleaved over the targets.\n\
              The plot is `benchmarks.svg`.\n\n## File systems\n\n{table}\n## Control plane and scale\n\n{other}\n",
             std::thread::available_parallelism().map_or(0, |n| n.get()),
             kernel.trim(),

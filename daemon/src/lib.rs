@@ -1,0 +1,31 @@
+//! The daemon's parts, as a library: `fshostd` (main.rs) is built on it, and so is the
+//! standalone benchmark binary that serves a plugin through the same FUSE adapter without
+//! the daemon and its plugin ABI (`tests/src/bin/standalone.rs`).
+//!
+//! Only `plugin::ffi` may use `unsafe` (it alone talks to loaded plugins).
+#![deny(unsafe_code)]
+
+pub mod access;
+pub mod config;
+pub mod control;
+pub mod host;
+pub mod mount;
+pub mod plugin;
+pub mod registry;
+
+use sd_notify::NotifyState;
+
+/// Tells systemd (if it started us) about a state change.
+pub fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Sends the counts to systemd; skipped (not even computed) when not run by systemd,
+/// since it follows every request that changes something.
+pub fn notify_status(host: &host::Host) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        notify(&[NotifyState::Status(&host.status_line())]);
+    }
+}

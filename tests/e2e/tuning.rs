@@ -1,0 +1,160 @@
+//! The speed-related mount options and the standalone benchmark binary: readahead raised
+//! past the kernel's FUSE cap, the writeback cache, memfs without xattrs, and memfs served
+//! without the daemon.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fshost_tests::{artifact, eventually, fuse_available, DetachOnDrop, Env, KillOnDrop};
+
+use crate::{memfs, path_str};
+
+/// The readahead the kernel uses for the mount on `path` (its backing device in sysfs).
+fn read_ahead_kb(path: &Path) -> u32 {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let device = mountinfo
+        .lines()
+        .filter(|l| l.split(' ').nth(4) == Some(path_str(path)))
+        .filter_map(|l| l.split(' ').nth(2))
+        .next_back()
+        .unwrap_or_else(|| panic!("{} is not mounted", path.display()));
+    fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn readahead_is_one_mib_unless_the_mount_says_otherwise() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", &memfs()]).ok();
+    let (a, b) = (env.mountpoint("a"), env.mountpoint("b"));
+    env.ctl(&["mount", "memfs", path_str(&a)]).ok();
+    env.ctl(&["mount", "memfs", path_str(&b), "-o", "read_ahead_kb=256"])
+        .ok();
+    // The kernel's own cap for FUSE is 128 KiB: 1024 can only come from the daemon.
+    assert_eq!(read_ahead_kb(&a), 1024);
+    assert_eq!(read_ahead_kb(&b), 256);
+    let c = env.mountpoint("c");
+    let out = env.ctl(&["mount", "memfs", path_str(&c), "-o", "read_ahead_kb=lots"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(out.stderr.contains("read_ahead_kb"), "{out:?}");
+    for m in [&a, &b] {
+        env.ctl(&["unmount", path_str(m)]).ok();
+    }
+}
+
+#[test]
+fn writeback_mount_keeps_every_byte_and_the_size() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", &memfs()]).ok();
+    let m = env.mountpoint("m");
+    env.ctl(&["mount", "memfs", path_str(&m), "-o", "writeback,keep_cache"])
+        .ok();
+    let data: Vec<u8> = (0..3 * 1024 * 1024 + 123)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    fs::write(m.join("f"), &data).unwrap();
+    let mut f = fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("f"))
+        .unwrap();
+    f.write_all(b"tail").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    let mut expected = data.clone();
+    expected.extend_from_slice(b"tail");
+    assert_eq!(
+        fs::metadata(m.join("f")).unwrap().len(),
+        expected.len() as u64
+    );
+    // Drop the kernel's copy: what comes back now was stored by memfs.
+    fs::write("/proc/sys/vm/drop_caches", "1").unwrap();
+    assert!(
+        fs::read(m.join("f")).unwrap() == expected,
+        "content differs"
+    );
+    env.ctl(&["unmount", path_str(&m)]).ok();
+}
+
+#[test]
+fn memfs_noxattr_refuses_xattrs() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", &memfs()]).ok();
+    let m = env.mountpoint("m");
+    env.ctl(&["mount", "memfs", path_str(&m), "-o", "noxattr"])
+        .ok();
+    fs::write(m.join("f"), b"x").unwrap();
+    let err = rustix::fs::setxattr(
+        m.join("f").as_path(),
+        "user.k",
+        b"v",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap_err();
+    assert_eq!(err, rustix::io::Errno::OPNOTSUPP);
+    env.ctl(&["unmount", path_str(&m)]).ok();
+}
+
+#[test]
+fn standalone_memfs_serves_until_unmounted() {
+    if !fuse_available() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let _detach = DetachOnDrop(dir.path());
+    let m = dir.path().join("m");
+    fs::create_dir(&m).unwrap();
+    let mut child = Command::new(artifact("memfs-standalone"))
+        .arg(&m)
+        .args(["-o", "keep_cache,attr_timeout=60,size=1M"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut child = KillOnDrop(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+
+    fs::create_dir(m.join("d")).unwrap();
+    fs::write(m.join("d/f"), b"standalone").unwrap();
+    fs::rename(m.join("d/f"), m.join("g")).unwrap();
+    assert_eq!(fs::read(m.join("g")).unwrap(), b"standalone");
+    let mut names: Vec<_> = fs::read_dir(&m)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["d", "g"]);
+    // The plugin's own options reach it: size=1M.
+    let err = fs::write(m.join("big"), vec![0u8; 2 << 20]).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
+
+    nix::mount::umount2(&m, nix::mount::MntFlags::empty()).unwrap();
+    let exited = eventually(Duration::from_secs(10), || {
+        matches!(child.0.try_wait(), Ok(Some(_)))
+    });
+    assert!(exited, "memfs-standalone still running after its unmount");
+
+    let out = Command::new(artifact("memfs-standalone"))
+        .arg(&m)
+        .args(["-o", "threads=99"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("threads"));
+}

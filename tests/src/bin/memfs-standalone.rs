@@ -1,0 +1,58 @@
+//! memfs served by a tiny standalone FUSE binary: memfs linked in and called directly (no
+//! daemon, no control socket, no plugin ABI), through the same adapter and session code
+//! as fshostd. The benchmark runs it next to a hosted memfs to measure what hosting costs.
+//!
+//! Usage: memfs-standalone MOUNTPOINT [-o KEY[=VALUE][,...]]...   (as root)
+//! Prints "ready" once mounted and serves until the mount is unmounted.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fshost_sdk::Plugin;
+use fshostd::mount::{self, Direct, MountStats, SessionOptions};
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut mountpoint = None;
+    let mut options = BTreeMap::new();
+    while let Some(arg) = args.next() {
+        if arg == "-o" {
+            let list = args.next().unwrap_or_default();
+            for item in list.split(',').filter(|i| !i.is_empty()) {
+                let (key, value) = item.split_once('=').unwrap_or((item, ""));
+                options.insert(key.to_string(), value.to_string());
+            }
+        } else {
+            mountpoint = Some(PathBuf::from(arg));
+        }
+    }
+    let Some(mountpoint) = mountpoint else {
+        eprintln!("usage: memfs-standalone MOUNTPOINT [-o KEY[=VALUE][,...]]...");
+        std::process::exit(2);
+    };
+    let fail = |what: String| -> ! {
+        eprintln!("memfs-standalone: {what}");
+        std::process::exit(1);
+    };
+    let (session_options, plugin_options) =
+        SessionOptions::parse(&options).unwrap_or_else(|e| fail(e.to_string()));
+    let fs = memfs::MemFs::create(&fshost_sdk::Options(plugin_options))
+        .unwrap_or_else(|e| fail(format!("memfs refused the options: {e:?}")));
+    let session = mount::start_session(
+        Direct::new("memfs", fs),
+        Arc::new(MountStats::default()),
+        &mountpoint,
+        false,
+        (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        ),
+        &session_options,
+    )
+    .unwrap_or_else(|e| fail(format!("mounting {} failed: {e}", mountpoint.display())));
+    println!("ready");
+    let _ = std::io::stdout().flush();
+    mount::run_session(session, &mountpoint);
+}

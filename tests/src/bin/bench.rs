@@ -5,6 +5,7 @@
 //! also writes BENCHMARKS.md and benchmarks.svg. Benchmarks are not tests: no pass/fail.
 //!
 //! Usage: bench BUILD_DIR [--smoke] [--write REPO_DIR]   (as root; needs fio)
+//!        bench --metadata DIR   (one metadata run of 10,000 files in DIR)
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
@@ -16,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 /// Runs per measurement; the median is reported.
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 
 /// The options of every memfs mount in the suite: memfs alone changes its files, so the
 /// kernel may keep pages and attributes.
@@ -312,6 +313,12 @@ fn options_json(options: &str) -> Value {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if let (Some("--metadata"), Some(dir)) = (args.get(1).map(String::as_str), args.get(2)) {
+        // One metadata run on an existing directory: the workload `tests/bench/profile` records.
+        let [create, stat, readdir, unlink] = metadata_once(Path::new(dir), 10_000);
+        println!("µs per create {create:.1}, stat {stat:.1}, readdir entry {readdir:.1}, unlink {unlink:.1}");
+        return;
+    }
     let build = PathBuf::from(
         args.get(1)
             .expect("usage: bench BUILD_DIR [--smoke] [--write REPO]"),

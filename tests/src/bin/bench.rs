@@ -431,6 +431,8 @@ fn main() {
     let [m_tmpfs, m_memfs, m_memfs2, m_standalone, m_writeback, m_native, m_pt] =
         std::array::from_fn(|i| m[i]);
 
+    // The disk may still be writing back the data runs' files; let that end first.
+    nix::unistd::sync();
     eprintln!("control plane ({} cycles)...", sizes.cycles);
     let cycle_dir = dir.join("cycle");
     std::fs::create_dir_all(&cycle_dir).unwrap();

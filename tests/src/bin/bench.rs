@@ -151,8 +151,7 @@ fn percentile(mut v: Vec<f64>, p: f64) -> f64 {
 }
 
 /// The order of the targets in round `round`: each round starts one target later, so that
-/// no target always runs right after the same other one (with a fixed order, the first
-/// of two identical memfs mounts created files 1.1–1.5× slower than the second).
+/// no target always runs right after the same other one.
 fn rotated(n: usize, round: usize) -> impl Iterator<Item = usize> {
     (0..n).map(move |k| (k + round) % n)
 }

@@ -636,35 +636,21 @@ impl Library {
         offset: u64,
         mut add: &mut dyn FnMut(u64, u64, u32, &OsStr) -> bool,
     ) -> Result<(), Errno> {
-        unsafe extern "C" fn fill(
-            buf: *mut c_void,
-            ino: u64,
-            next_offset: u64,
-            mode: u32,
-            name: *const c_char,
-        ) -> c_int {
-            if name.is_null() {
-                return 0;
-            }
-            // SAFETY: `buf` is the `&mut &mut dyn FnMut` passed below, alive for the whole
-            // readdir call; `name` is a C string from the plugin, valid during this callback.
-            let (add, name) = unsafe {
-                (
-                    &mut *buf.cast::<&mut dyn FnMut(u64, u64, u32, &OsStr) -> bool>(),
-                    CStr::from_ptr(name),
-                )
-            };
-            c_int::from(add(
-                ino,
-                next_offset,
-                mode,
-                OsStr::from_bytes(name.to_bytes()),
-            ))
-        }
         let f = self.d().readdir.ok_or(Errno::ENOSYS)?;
         let buf = (&mut add as *mut &mut dyn FnMut(u64, u64, u32, &OsStr) -> bool).cast::<c_void>();
-        // SAFETY: `fill` matches `FillDir`; `buf` stays valid until the call returns.
-        let rc = unsafe { f(inst.0, ctx, ino, fh, offset, fill, buf) };
+        // SAFETY: `buf` points to `add`, a `&mut dyn FnMut` as `fill_closure` needs, and
+        // stays valid until the call returns.
+        let rc = unsafe {
+            f(
+                inst.0,
+                ctx,
+                ino,
+                fh,
+                offset,
+                fshost_sdk::ffi::fill_closure,
+                buf,
+            )
+        };
         self.check("readdir", rc)
     }
 }

@@ -7,6 +7,7 @@
 //! initialized memory of the given length.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString, OsStr};
+use std::marker::PhantomData;
 use std::os::fd::IntoRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -59,13 +60,48 @@ unsafe fn copy_out(data: &[u8], buf: *mut u8, cap: usize, len: *mut usize) -> Re
     Ok(())
 }
 
-/// Adds directory entries to a `readdir` reply that the host owns.
-pub struct DirFiller {
-    fill: FillDir,
+/// A [`FillDir`] that hands each entry to a Rust closure: `buf` must point to a
+/// `&mut dyn FnMut(ino, next_offset, mode, name) -> bool` (true: the reply is full) that
+/// stays valid for the whole `readdir` call. Hosts pass it to a plugin's `readdir`.
+///
+/// # Safety
+/// `buf` as above; `name` a C string valid during the call.
+pub unsafe extern "C" fn fill_closure(
     buf: *mut c_void,
+    ino: u64,
+    next_offset: u64,
+    mode: u32,
+    name: *const c_char,
+) -> c_int {
+    if name.is_null() {
+        return 0;
+    }
+    // SAFETY: the caller guarantees what `buf` points to and that `name` is a C string.
+    let (add, name) = unsafe {
+        (
+            &mut *buf.cast::<&mut dyn FnMut(u64, u64, u32, &OsStr) -> bool>(),
+            CStr::from_ptr(name),
+        )
+    };
+    c_int::from(add(
+        ino,
+        next_offset,
+        mode,
+        OsStr::from_bytes(name.to_bytes()),
+    ))
 }
 
-impl DirFiller {
+/// Adds directory entries to a `readdir` reply that the host owns.
+///
+/// The lifetime ties a filler to the listing it belongs to, so that safe code cannot keep
+/// one (or swap two made by nested [`DirFiller::over`] calls) past that listing.
+pub struct DirFiller<'a> {
+    fill: FillDir,
+    buf: *mut c_void,
+    listing: PhantomData<&'a mut c_void>,
+}
+
+impl DirFiller<'_> {
     /// Adds one entry; returns true when the reply is full (this entry was not added).
     /// `mode` needs only the file type bits; `next_offset` is where the next call resumes.
     pub fn add(&mut self, ino: u64, next_offset: u64, mode: u32, name: &OsStr) -> bool {
@@ -79,36 +115,25 @@ impl DirFiller {
     /// Runs `list` with a filler whose entries go to `add(ino, next_offset, mode, name)`
     /// (which returns true when the reply is full): for hosts that call a [`Plugin`]
     /// directly instead of through the C ABI, and for testing a plugin's `readdir`.
+    ///
+    /// A filler cannot leave its listing, not even by swapping it with another one:
+    ///
+    /// ```compile_fail
+    /// use fshost_sdk::DirFiller;
+    /// let (mut a, mut b) = (|_, _, _, _: &_| false, |_, _, _, _: &_| false);
+    /// DirFiller::over(&mut a, |outer| {
+    ///     DirFiller::over(&mut b, |inner| std::mem::swap(outer, inner));
+    /// });
+    /// ```
     pub fn over<R>(
         mut add: &mut dyn FnMut(u64, u64, u32, &OsStr) -> bool,
-        list: impl FnOnce(&mut DirFiller) -> R,
+        list: impl FnOnce(&mut DirFiller<'_>) -> R,
     ) -> R {
-        unsafe extern "C" fn trampoline(
-            buf: *mut c_void,
-            ino: u64,
-            next_offset: u64,
-            mode: u32,
-            name: *const c_char,
-        ) -> c_int {
-            // SAFETY: `buf` is the `&mut &mut dyn FnMut` of `over` below, alive for the whole
-            // `list` call; `name` is the C string `DirFiller::add` made for this call.
-            let (add, name) = unsafe {
-                (
-                    &mut *buf.cast::<&mut dyn FnMut(u64, u64, u32, &OsStr) -> bool>(),
-                    CStr::from_ptr(name),
-                )
-            };
-            c_int::from(add(
-                ino,
-                next_offset,
-                mode,
-                OsStr::from_bytes(name.to_bytes()),
-            ))
-        }
         let buf = (&mut add as *mut &mut dyn FnMut(u64, u64, u32, &OsStr) -> bool).cast();
         list(&mut DirFiller {
-            fill: trampoline,
+            fill: fill_closure,
             buf,
+            listing: PhantomData,
         })
     }
 
@@ -415,7 +440,7 @@ wrapper!(opendir(ino: u64, flags: i32, fh: *mut u64) {
 });
 
 wrapper!(readdir(ino: u64, fh: u64, offset: u64, fill: FillDir, fill_buf: *mut c_void) {
-    |fs: &T, ctx| fs.readdir(ctx, ino, fh, offset, &mut DirFiller { fill, buf: fill_buf })
+    |fs: &T, ctx| fs.readdir(ctx, ino, fh, offset, &mut DirFiller { fill, buf: fill_buf, listing: PhantomData })
 });
 
 wrapper!(releasedir(ino: u64, fh: u64) {

@@ -52,7 +52,9 @@ enum Command {
     Mount {
         name: String,
         mountpoint: PathBuf,
-        /// Options for the plugin, KEY=VALUE[,KEY=VALUE...] (repeatable).
+        /// Options, KEY[=VALUE][,...] (repeatable): the daemon's own (allow_other,
+        /// attr_timeout=SECS, keep_cache, read_ahead_kb=N, threads=N, writeback; see
+        /// README) and the plugin's (memfs: size=64M, noxattr).
         #[arg(short = 'o', value_name = "KEY=VALUE,...")]
         options: Vec<String>,
         /// Mount read-only.

@@ -36,6 +36,11 @@ fn main() {
         eprintln!("memfs-standalone: {what}");
         std::process::exit(1);
     };
+    // Absolute, as /proc/self/mountinfo has it (the readahead setting looks the mount up
+    // there). Resolved before mounting: afterwards it would ask the not yet served mount.
+    let mountpoint = mountpoint
+        .canonicalize()
+        .unwrap_or_else(|e| fail(format!("{}: {e}", mountpoint.display())));
     let (session_options, plugin_options) =
         SessionOptions::parse(&options).unwrap_or_else(|e| fail(e.to_string()));
     let fs = memfs::MemFs::create(&fshost_sdk::Options(plugin_options))

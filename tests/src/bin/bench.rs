@@ -618,7 +618,11 @@ fn main() {
 /// A horizontal bar chart of ratios (1.0 = as fast as the reference).
 fn svg(ratios: &[(String, f64)]) -> String {
     // Room on the left for the longest label (about 6.5 px per character at 12 px).
-    let longest = ratios.iter().map(|r| r.0.chars().count()).max().unwrap_or(0);
+    let longest = ratios
+        .iter()
+        .map(|r| r.0.chars().count())
+        .max()
+        .unwrap_or(0);
     let (row, left, width) = (22.0, longest as f64 * 6.5 + 20.0, 360.0);
     let height = row * ratios.len() as f64 + 50.0;
     let max = ratios.iter().map(|r| r.1).fold(1.2f64, f64::max).min(3.0);

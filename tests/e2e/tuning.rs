@@ -158,3 +158,51 @@ fn standalone_memfs_serves_until_unmounted() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("threads"));
 }
+
+#[test]
+fn writeback_appends_and_overwrites_land_at_their_offsets() {
+    if !fuse_available() {
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let env = Env::start();
+    env.ctl(&["load", "passthroughfs"]).ok();
+    let src = env.mountpoint("src");
+    let m = env.mountpoint("m");
+    let original: Vec<u8> = b"0123456789".repeat(1000);
+    fs::write(src.join("f"), &original).unwrap();
+    let source = format!("source={},writeback", path_str(&src));
+    env.ctl(&["mount", "passthroughfs", path_str(&m), "-o", &source])
+        .ok();
+    // The kernel reads pages of write-only files to complete partial pages, and writes
+    // dirty pages back through any writable open file: an append-only open must reach the
+    // plugin readable and without O_APPEND, or `>>` fails (EBADF) and pages written back
+    // through it land at the end of the file.
+    let mut appender = fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("f"))
+        .unwrap();
+    appender.write_all(b"TAIL").unwrap();
+    let writer = fs::OpenOptions::new()
+        .write(true)
+        .open(m.join("f"))
+        .unwrap();
+    writer.write_at(b"ABCD", 0).unwrap();
+    let mut second = fs::OpenOptions::new()
+        .append(true)
+        .open(m.join("f"))
+        .unwrap();
+    second.write_all(b"END!").unwrap();
+    writer.sync_all().unwrap();
+    drop((appender, writer, second));
+    let mut expected = original.clone();
+    expected[..4].copy_from_slice(b"ABCD");
+    expected.extend_from_slice(b"TAILEND!");
+    let on_disk = fs::read(src.join("f")).unwrap();
+    assert_eq!(on_disk.len(), expected.len());
+    assert!(
+        on_disk == expected,
+        "the source file differs from what was written"
+    );
+    env.ctl(&["unmount", path_str(&m)]).ok();
+}

@@ -91,6 +91,32 @@ impl<B: Backend> Adapter<B> {
         }
     }
 
+    /// Open flags as the plugin must see them. With the writeback cache the kernel writes
+    /// pages back through any writable open file of the inode, reads pages of files opened
+    /// write-only (to complete partly written pages), and does O_APPEND itself (every
+    /// write carries its offset). So the plugin opens for reading too and never appends
+    /// on its own, as libfuse documents for its writeback cache capability.
+    fn plugin_open_flags(&self, flags: i32) -> i32 {
+        if !self.writeback {
+            return flags;
+        }
+        let flags = flags & !libc::O_APPEND;
+        if flags & libc::O_ACCMODE == libc::O_WRONLY {
+            (flags & !libc::O_ACCMODE) | libc::O_RDWR
+        } else {
+            flags
+        }
+    }
+
+    /// The flags of a WRITE: without O_APPEND under the writeback cache (see above).
+    fn plugin_write_flags(&self, flags: i32) -> i32 {
+        if self.writeback {
+            flags & !libc::O_APPEND
+        } else {
+            flags
+        }
+    }
+
     fn maps_handles(&self) -> bool {
         self.fs.offers_passthrough()
     }
@@ -268,6 +294,7 @@ impl<B: Backend> Filesystem for Adapter<B> {
                 .add_capabilities(InitFlags::FUSE_WRITEBACK_CACHE)
                 .is_err()
         {
+            self.writeback = false;
             tracing::info!(plugin = %self.fs.name(), "the kernel does not offer a writeback cache; writes go through");
         }
         if self.fs.offers_passthrough() {
@@ -444,12 +471,16 @@ impl<B: Backend> Filesystem for Adapter<B> {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if !self.maps_handles() {
-            return match self.fs.open(&ctx(req), ino.0, flags.0) {
+            return match self
+                .fs
+                .open(&ctx(req), ino.0, self.plugin_open_flags(flags.0))
+            {
                 Ok(fh) => reply.opened(FileHandle(fh), self.open_flags),
                 Err(e) => reply.error(errno(e)),
             };
         }
-        let (plugin_fh, backing) = match self.fs.open_backing(&ctx(req), ino.0, flags.0) {
+        let flags = self.plugin_open_flags(flags.0);
+        let (plugin_fh, backing) = match self.fs.open_backing(&ctx(req), ino.0, flags) {
             Ok(opened) => opened,
             Err(e) => return reply.error(errno(e)),
         };
@@ -503,10 +534,14 @@ impl<B: Backend> Filesystem for Adapter<B> {
         reply: ReplyWrite,
     ) {
         self.stats.plugin_writes.fetch_add(1, Ordering::Relaxed);
-        match self
-            .fs
-            .write(&ctx(req), ino.0, self.plugin_fh(fh), offset, data, flags.0)
-        {
+        match self.fs.write(
+            &ctx(req),
+            ino.0,
+            self.plugin_fh(fh),
+            offset,
+            data,
+            self.plugin_write_flags(flags.0),
+        ) {
             Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
         }
@@ -650,7 +685,13 @@ impl<B: Backend> Filesystem for Adapter<B> {
     ) {
         let mode = mode & !(umask & 0o777);
         if !self.maps_handles() {
-            return match self.fs.create_file(&ctx(req), parent.0, name, mode, flags) {
+            return match self.fs.create_file(
+                &ctx(req),
+                parent.0,
+                name,
+                mode,
+                self.plugin_open_flags(flags),
+            ) {
                 Ok((attr, fh)) => reply.created(
                     &self.ttl,
                     &file_attr(&attr),
@@ -661,14 +702,16 @@ impl<B: Backend> Filesystem for Adapter<B> {
                 Err(e) => reply.error(errno(e)),
             };
         }
-        let (attr, plugin_fh, backing) =
-            match self
-                .fs
-                .create_backing(&ctx(req), parent.0, name, mode, flags)
-            {
-                Ok(created) => created,
-                Err(e) => return reply.error(errno(e)),
-            };
+        let (attr, plugin_fh, backing) = match self.fs.create_backing(
+            &ctx(req),
+            parent.0,
+            name,
+            mode,
+            self.plugin_open_flags(flags),
+        ) {
+            Ok(created) => created,
+            Err(e) => return reply.error(errno(e)),
+        };
         let (fh, passthrough) =
             self.register_open(attr.ino, plugin_fh, backing, |fd| reply.open_backing(fd));
         let fuse_attr = file_attr(&attr);

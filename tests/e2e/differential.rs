@@ -81,14 +81,13 @@ fn memfs_matches_tmpfs_operation_by_operation() {
     env.ctl(&["load", "memfs"]).ok();
     let memfs = env.mountpoint("memfs");
     // No attribute caching: the comparison is of memfs, not of the kernel's cache.
-    env.ctl(&[
-        "mount",
-        "memfs",
-        path_str(&memfs),
-        "-o",
-        "allow_other,attr_timeout=0",
-    ])
-    .ok();
+    // FSHOST_DIFF_MOUNT_OPTIONS adds mount options (e.g. writeback) for a manual run.
+    let mut options = String::from("allow_other,attr_timeout=0");
+    if let Ok(extra) = std::env::var("FSHOST_DIFF_MOUNT_OPTIONS") {
+        options = format!("{options},{extra}");
+    }
+    env.ctl(&["mount", "memfs", path_str(&memfs), "-o", &options])
+        .ok();
     let tmpfs = Tmpfs::mount(env.path("tmpfs"));
     // A copy the unprivileged user can run (the build directory may not be reachable).
     let program = env.path("fsops");

@@ -12,8 +12,8 @@ use fshost_tests::{artifact, eventually, fuse_available, DetachOnDrop, Env, Kill
 
 use crate::{memfs, path_str};
 
-/// The readahead the kernel uses for the mount on `path` (its backing device in sysfs).
-fn read_ahead_kb(path: &Path) -> u32 {
+/// A setting of the mount on `path` in its backing device's sysfs directory.
+fn bdi_knob(path: &Path, knob: &str) -> u32 {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
     let device = mountinfo
         .lines()
@@ -21,7 +21,7 @@ fn read_ahead_kb(path: &Path) -> u32 {
         .filter_map(|l| l.split(' ').nth(2))
         .next_back()
         .unwrap_or_else(|| panic!("{} is not mounted", path.display()));
-    fs::read_to_string(format!("/sys/class/bdi/{device}/read_ahead_kb"))
+    fs::read_to_string(format!("/sys/class/bdi/{device}/{knob}"))
         .unwrap()
         .trim()
         .parse()
@@ -40,8 +40,10 @@ fn readahead_is_one_mib_unless_the_mount_says_otherwise() {
     env.ctl(&["mount", "memfs", path_str(&b), "-o", "read_ahead_kb=256"])
         .ok();
     // The kernel's own cap for FUSE is 128 KiB: 1024 can only come from the daemon.
-    assert_eq!(read_ahead_kb(&a), 1024);
-    assert_eq!(read_ahead_kb(&b), 256);
+    assert_eq!(bdi_knob(&a, "read_ahead_kb"), 1024);
+    assert_eq!(bdi_knob(&b, "read_ahead_kb"), 256);
+    // FUSE's strict per-mount dirty limit stays where there is no writeback cache.
+    assert_eq!(bdi_knob(&a, "strict_limit"), 1);
     let c = env.mountpoint("c");
     let out = env.ctl(&["mount", "memfs", path_str(&c), "-o", "read_ahead_kb=lots"]);
     assert_eq!(out.code, 1, "{out:?}");
@@ -61,6 +63,8 @@ fn writeback_mount_keeps_every_byte_and_the_size() {
     let m = env.mountpoint("m");
     env.ctl(&["mount", "memfs", path_str(&m), "-o", "writeback,keep_cache"])
         .ok();
+    // Throttled like a disk, not by FUSE's strict per-mount limit.
+    assert_eq!(bdi_knob(&m, "strict_limit"), 0);
     let data: Vec<u8> = (0..3 * 1024 * 1024 + 123)
         .map(|i| (i % 251) as u8)
         .collect();

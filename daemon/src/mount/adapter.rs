@@ -97,11 +97,8 @@ impl<B: Backend> Adapter<B> {
     /// write carries its offset). So the plugin opens for reading too and never appends
     /// on its own, as libfuse documents for its writeback cache capability.
     fn plugin_open_flags(&self, flags: i32) -> i32 {
-        if !self.writeback {
-            return flags;
-        }
-        let flags = flags & !libc::O_APPEND;
-        if flags & libc::O_ACCMODE == libc::O_WRONLY {
+        let flags = self.plugin_write_flags(flags);
+        if self.writeback && flags & libc::O_ACCMODE == libc::O_WRONLY {
             (flags & !libc::O_ACCMODE) | libc::O_RDWR
         } else {
             flags
@@ -136,9 +133,11 @@ impl<B: Backend> Adapter<B> {
             .map_or(fh.0, |(_, plugin_fh, _)| *plugin_fh)
     }
 
-    /// Registers an open of a passthrough-capable plugin; returns our handle and, if the
-    /// open goes through passthrough, registers (or reuses) the inode's backing file and
-    /// calls `reply_passthrough` with it while it is held.
+    /// Returns the handle the kernel gets for an open and whether it goes through
+    /// passthrough. A plugin without passthrough keeps its own handle; for one with it, the
+    /// open is registered under a handle of ours and, if the plugin handed over a backing
+    /// file, the inode's backing file is registered with the kernel (`open_backing`) or
+    /// reused.
     fn register_open(
         &self,
         ino: u64,
@@ -146,6 +145,9 @@ impl<B: Backend> Adapter<B> {
         backing: Option<std::os::fd::OwnedFd>,
         open_backing: impl FnOnce(&std::os::fd::OwnedFd) -> std::io::Result<BackingId>,
     ) -> (u64, bool) {
+        if !self.maps_handles() {
+            return (plugin_fh, false);
+        }
         let mut handles = self.handles();
         handles.next += 1;
         let fh = handles.next;
@@ -470,15 +472,6 @@ impl<B: Backend> Filesystem for Adapter<B> {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if !self.maps_handles() {
-            return match self
-                .fs
-                .open(&ctx(req), ino.0, self.plugin_open_flags(flags.0))
-            {
-                Ok(fh) => reply.opened(FileHandle(fh), self.open_flags),
-                Err(e) => reply.error(errno(e)),
-            };
-        }
         let flags = self.plugin_open_flags(flags.0);
         let (plugin_fh, backing) = match self.fs.open_backing(&ctx(req), ino.0, flags) {
             Ok(opened) => opened,
@@ -684,24 +677,6 @@ impl<B: Backend> Filesystem for Adapter<B> {
         reply: ReplyCreate,
     ) {
         let mode = mode & !(umask & 0o777);
-        if !self.maps_handles() {
-            return match self.fs.create_file(
-                &ctx(req),
-                parent.0,
-                name,
-                mode,
-                self.plugin_open_flags(flags),
-            ) {
-                Ok((attr, fh)) => reply.created(
-                    &self.ttl,
-                    &file_attr(&attr),
-                    Generation(0),
-                    FileHandle(fh),
-                    self.open_flags,
-                ),
-                Err(e) => reply.error(errno(e)),
-            };
-        }
         let (attr, plugin_fh, backing) = match self.fs.create_backing(
             &ctx(req),
             parent.0,
@@ -732,7 +707,7 @@ impl<B: Backend> Filesystem for Adapter<B> {
             &fuse_attr,
             Generation(0),
             FileHandle(fh),
-            FopenFlags::empty(),
+            self.open_flags,
         );
     }
 }

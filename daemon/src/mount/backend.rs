@@ -101,7 +101,6 @@ backend! {
         fn symlink(parent: u64, name: &OsStr, target: &OsStr) -> Attr;
         fn rename(parent: u64, name: &OsStr, newparent: u64, newname: &OsStr, flags: u32) -> ();
         fn link(ino: u64, newparent: u64, newname: &OsStr) -> Attr;
-        fn open(ino: u64, flags: i32) -> u64;
         fn open_backing(ino: u64, flags: i32) -> (u64, Option<OwnedFd>);
         fn read(ino: u64, fh: u64, offset: u64, buf: &mut [u8]) -> usize;
         fn write(ino: u64, fh: u64, offset: u64, data: &[u8], flags: i32) -> usize;
@@ -113,7 +112,6 @@ backend! {
         fn statfs(ino: u64) -> Statfs;
         fn setxattr(ino: u64, name: &OsStr, value: &[u8], flags: i32) -> ();
         fn removexattr(ino: u64, name: &OsStr) -> ();
-        fn create_file(parent: u64, name: &OsStr, mode: u32, flags: i32) -> (Attr, u64);
         fn create_backing(parent: u64, name: &OsStr, mode: u32, flags: i32) -> (Attr, u64, Option<OwnedFd>);
     }
     own {

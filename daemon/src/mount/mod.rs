@@ -227,10 +227,13 @@ pub fn start_session<B: Backend>(
         // mount is throttled like a disk, by the machine's dirty limits.
         tuning.push(("strict_limit", "0".to_string()));
     }
-    for (knob, value) in &tuning {
-        if let Err(e) = tune_bdi(mountpoint, knob, value) {
-            tracing::info!(mountpoint = %mountpoint.display(), knob, error = %e, "cannot tune the mount in sysfs; the kernel's default stays");
-        }
+    let tuned = bdi_dir(mountpoint).and_then(|dir| {
+        tuning
+            .iter()
+            .try_for_each(|(knob, value)| std::fs::write(dir.join(knob), value))
+    });
+    if let Err(e) = tuned {
+        tracing::info!(mountpoint = %mountpoint.display(), error = %e, "cannot tune the mount in sysfs; the kernel's defaults stay");
     }
     Ok(session)
 }
@@ -309,17 +312,16 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
     ready_rx.recv().unwrap_or(Err(MountError::ThreadLost))
 }
 
-/// Writes `knob` of the mount on `mountpoint` (the one mounted last there: ours, just made)
-/// in its backing device's sysfs directory, `/sys/class/bdi/<major:minor>/`.
-fn tune_bdi(mountpoint: &Path, knob: &str, value: &str) -> io::Result<()> {
+/// The sysfs directory of the backing device of the mount on `mountpoint` (the one mounted
+/// last there: ours, just made), `/sys/class/bdi/<major:minor>/`.
+fn bdi_dir(mountpoint: &Path) -> io::Result<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    let mounts = parse_mountinfo(&text);
-    let ours = mounts
-        .iter()
+    parse_mountinfo(&text)
+        .into_iter()
         .rev()
         .find(|m| m.mountpoint == mountpoint)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "mount not in mountinfo"))?;
-    std::fs::write(format!("/sys/class/bdi/{}/{knob}", ours.device), value)
+        .map(|m| Path::new("/sys/class/bdi").join(m.device))
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "mount not in mountinfo"))
 }
 
 /// Unmounts `path`; `lazy` detaches it even while files are open (MNT_DETACH).

@@ -3,7 +3,6 @@
 //! Exit codes: 0 success, 1 refused by the daemon (message on stderr), 2 usage error,
 //! 3 cannot reach the daemon.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -89,17 +88,6 @@ fn absolute(path: &std::path::Path) -> String {
         .to_string()
 }
 
-fn parse_options(raw: &[String]) -> BTreeMap<String, String> {
-    raw.iter()
-        .flat_map(|group| group.split(','))
-        .filter(|item| !item.is_empty())
-        .map(|item| match item.split_once('=') {
-            Some((k, v)) => (k.to_string(), v.to_string()),
-            None => (item.to_string(), String::new()),
-        })
-        .collect()
-}
-
 fn request(command: &Command) -> Request {
     match command {
         Command::Load { path, name } => Request::Load {
@@ -128,7 +116,7 @@ fn request(command: &Command) -> Request {
         } => Request::Mount {
             plugin: name.clone(),
             mountpoint: absolute(mountpoint),
-            options: parse_options(options),
+            options: fshost_protocol::parse_options(options),
             read_only: *read_only,
         },
         Command::Unmount { mountpoint, lazy } => Request::Unmount {
@@ -309,14 +297,6 @@ fn main() -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn options_split_on_commas_and_equals() {
-        let opts = parse_options(&["a=1,b".into(), "c=x=y".into()]);
-        assert_eq!(opts.get("a").map(String::as_str), Some("1"));
-        assert_eq!(opts.get("b").map(String::as_str), Some(""));
-        assert_eq!(opts.get("c").map(String::as_str), Some("x=y"));
-    }
 
     #[test]
     fn list_is_an_aligned_table() {

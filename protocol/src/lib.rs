@@ -250,6 +250,20 @@ pub fn decode_request(line: &str) -> Result<Request, String> {
     })
 }
 
+/// Mount options as people write them after `-o`: `KEY[=VALUE][,...]`, in one or more
+/// groups. A key without `=` gets the empty value (a flag); empty items are skipped.
+pub fn parse_options<S: AsRef<str>>(groups: &[S]) -> BTreeMap<String, String> {
+    groups
+        .iter()
+        .flat_map(|group| group.as_ref().split(','))
+        .filter(|item| !item.is_empty())
+        .map(|item| {
+            let (key, value) = item.split_once('=').unwrap_or((item, ""));
+            (key.to_string(), value.to_string())
+        })
+        .collect()
+}
+
 /// Encodes a value as one JSON line (with the trailing newline).
 pub fn to_line<T: Serialize>(value: &T) -> String {
     // Serializing these plain types cannot fail: no maps with non-string keys, no floats.
@@ -263,6 +277,14 @@ pub fn to_line<T: Serialize>(value: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_split_on_commas_and_equals() {
+        let opts = parse_options(&["a=1,b", "c=x=y"]);
+        assert_eq!(opts.get("a").map(String::as_str), Some("1"));
+        assert_eq!(opts.get("b").map(String::as_str), Some(""));
+        assert_eq!(opts.get("c").map(String::as_str), Some("x=y"));
+    }
 
     #[test]
     fn request_wire_format_is_tagged_by_op() {

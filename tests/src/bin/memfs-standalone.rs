@@ -5,7 +5,6 @@
 //! Usage: memfs-standalone MOUNTPOINT [-o KEY[=VALUE][,...]]...   (as root)
 //! Prints "ready" once mounted and serves until the mount is unmounted.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,18 +15,15 @@ use fshostd::mount::{self, Direct, MountStats, SessionOptions};
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut mountpoint = None;
-    let mut options = BTreeMap::new();
+    let mut groups = Vec::new();
     while let Some(arg) = args.next() {
         if arg == "-o" {
-            let list = args.next().unwrap_or_default();
-            for item in list.split(',').filter(|i| !i.is_empty()) {
-                let (key, value) = item.split_once('=').unwrap_or((item, ""));
-                options.insert(key.to_string(), value.to_string());
-            }
+            groups.extend(args.next());
         } else {
             mountpoint = Some(PathBuf::from(arg));
         }
     }
+    let options = fshost_protocol::parse_options(&groups);
     let Some(mountpoint) = mountpoint else {
         eprintln!("usage: memfs-standalone MOUNTPOINT [-o KEY[=VALUE][,...]]...");
         std::process::exit(2);

@@ -156,18 +156,24 @@ fn rotated(n: usize, round: usize) -> impl Iterator<Item = usize> {
     (0..n).map(move |k| (k + round) % n)
 }
 
-/// Data measurements, bytes/s per target: medians of `RUNS` runs after a warm-up write.
-/// Each run goes over every target in turn, so that drift in the machine's speed during
-/// the suite hits all targets alike instead of skewing their ratios.
+/// Runs `run` on every target `RUNS` times, one round over all targets at a time in a
+/// rotating order, so that drift in the machine's speed during the suite hits all targets
+/// alike instead of skewing their ratios. Returns the samples per target.
+fn interleaved<T>(targets: &[&Path], mut run: impl FnMut(&Path) -> T) -> Vec<Vec<T>> {
+    let mut samples: Vec<Vec<T>> = targets.iter().map(|_| Vec::new()).collect();
+    for round in 0..RUNS {
+        for t in rotated(targets.len(), round) {
+            samples[t].push(run(targets[t]));
+        }
+    }
+    samples
+}
+
+/// Data measurements, bytes/s per target: medians of `RUNS` interleaved runs after a
+/// warm-up write.
 fn data(targets: &[&Path], mib: u64) -> Vec<[f64; 5]> {
     let each = |run: &dyn Fn(&Path) -> f64| -> Vec<f64> {
-        let mut samples = vec![Vec::new(); targets.len()];
-        for round in 0..RUNS {
-            for t in rotated(targets.len(), round) {
-                samples[t].push(run(targets[t]));
-            }
-        }
-        samples.into_iter().map(median).collect()
+        interleaved(targets, run).into_iter().map(median).collect()
     };
     for dir in targets {
         fio(dir, "write", "1M", mib, false, false); // warm-up: first touch of fresh memory is slow
@@ -203,19 +209,11 @@ fn data(targets: &[&Path], mib: u64) -> Vec<[f64; 5]> {
 }
 
 /// Metadata, per target: microseconds per create, stat, readdir entry and unlink of `n`
-/// files (medians of `RUNS` runs, interleaved over the targets as in `data`).
+/// files (medians of `RUNS` interleaved runs).
 fn metadata(targets: &[&Path], n: usize) -> Vec<[f64; 4]> {
-    let mut samples = vec![Vec::new(); targets.len()];
-    for round in 0..RUNS {
-        for t in rotated(targets.len(), round) {
-            samples[t].push(metadata_once(targets[t], n));
-        }
-    }
-    samples
+    interleaved(targets, |dir| metadata_once(dir, n))
         .into_iter()
-        .map(|runs: Vec<[f64; 4]>| {
-            std::array::from_fn(|i| median(runs.iter().map(|r| r[i]).collect()))
-        })
+        .map(|runs| std::array::from_fn(|i| median(runs.iter().map(|r| r[i]).collect())))
         .collect()
 }
 
@@ -269,11 +267,11 @@ fn mount_tmpfs(path: &Path) -> Mounted {
     Mounted(path.to_path_buf())
 }
 
-/// memfs served by `memfs-standalone` (no daemon, no plugin ABI). Dropping it unmounts,
-/// which ends the process.
+/// memfs served by `memfs-standalone` (no daemon, no plugin ABI). Dropping it ends the
+/// process and detaches its mount.
 struct Standalone {
     child: Child,
-    mount: Mounted,
+    _mount: Mounted,
 }
 
 impl Standalone {
@@ -292,14 +290,14 @@ impl Standalone {
         assert_eq!(line.trim(), "ready", "memfs-standalone did not mount");
         Standalone {
             child,
-            mount: Mounted(path.to_path_buf()),
+            _mount: Mounted(path.to_path_buf()),
         }
     }
 }
 
 impl Drop for Standalone {
     fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.mount.0, nix::mount::MntFlags::MNT_DETACH);
+        // The mount, dead once its server is gone, is detached by `_mount` right after.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -307,14 +305,7 @@ impl Drop for Standalone {
 
 /// `key=value,flag` as the daemon's JSON options.
 fn options_json(options: &str) -> Value {
-    options
-        .split(',')
-        .map(|item| {
-            let (key, value) = item.split_once('=').unwrap_or((item, ""));
-            (key.to_string(), Value::from(value))
-        })
-        .collect::<serde_json::Map<_, _>>()
-        .into()
+    json!(fshost_protocol::parse_options(&[options]))
 }
 
 fn main() {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use fshost_tests::{eventually, fshost_mounts_below, fuse_available, Env, COMMAND_TIMEOUT};
+use fshost_tests::{eventually, fuse_available, Env, COMMAND_TIMEOUT};
 
 const PLUGINS: [&str; 3] = ["memfs", "hellofs", "faultfs"];
 const MOUNT_POINTS: usize = 8;
@@ -108,15 +108,12 @@ fn daemon_mounts(client: &mut Client) -> BTreeMap<PathBuf, String> {
 
 /// The kernel's fshost mounts below `dir` (path → plugin, from the fstype).
 fn kernel_mounts(dir: &Path) -> BTreeMap<PathBuf, String> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let below: BTreeSet<PathBuf> = fshost_mounts_below(dir).into_iter().collect();
-    info.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let dash = fields.iter().position(|f| *f == "-")?;
-            let path = PathBuf::from(fields[4]);
-            let plugin = fields[dash + 1].strip_prefix("fuse.fshost-")?;
-            below.contains(&path).then(|| (path, plugin.to_string()))
+    fshost_tests::kernel_mounts()
+        .into_iter()
+        .filter(|m| m.mountpoint.starts_with(dir))
+        .filter_map(|m| {
+            let plugin = m.fstype.strip_prefix("fuse.fshost-")?.to_string();
+            Some((m.mountpoint, plugin))
         })
         .collect()
 }

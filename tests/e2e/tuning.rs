@@ -14,13 +14,12 @@ use crate::{memfs, path_str};
 
 /// A setting of the mount on `path` in its backing device's sysfs directory.
 fn bdi_knob(path: &Path, knob: &str) -> u32 {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap();
-    let device = mountinfo
-        .lines()
-        .filter(|l| l.split(' ').nth(4) == Some(path_str(path)))
-        .filter_map(|l| l.split(' ').nth(2))
-        .next_back()
-        .unwrap_or_else(|| panic!("{} is not mounted", path.display()));
+    let device = fshost_tests::kernel_mounts()
+        .into_iter()
+        .rev()
+        .find(|m| m.mountpoint == path)
+        .unwrap_or_else(|| panic!("{} is not mounted", path.display()))
+        .device;
     fs::read_to_string(format!("/sys/class/bdi/{device}/{knob}"))
         .unwrap()
         .trim()

@@ -154,25 +154,17 @@ impl Ctl {
 
 /// Kernel mount points of type `fuse.fshost*` below `dir`, from /proc/self/mountinfo.
 pub fn fshost_mounts_below(dir: &Path) -> Vec<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    info.lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let dash = fields.iter().position(|f| *f == "-")?;
-            let fstype = fields.get(dash + 1)?;
-            let mountpoint = PathBuf::from(unescape(fields.get(4)?));
-            (fstype.starts_with("fuse.fshost") && mountpoint.starts_with(dir)).then_some(mountpoint)
-        })
+    kernel_mounts()
+        .into_iter()
+        .filter(|m| m.fstype.starts_with("fuse.fshost") && m.mountpoint.starts_with(dir))
+        .map(|m| m.mountpoint)
         .collect()
 }
 
-/// mountinfo escapes space, tab, newline and backslash as octal.
-fn unescape(field: &str) -> String {
-    field
-        .replace("\\040", " ")
-        .replace("\\011", "\t")
-        .replace("\\012", "\n")
-        .replace("\\134", "\\")
+/// The kernel's mounts, as the daemon reads them (`/proc/self/mountinfo`).
+pub fn kernel_mounts() -> Vec<fshostd::mount::KernelMount> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    fshostd::mount::parse_mountinfo(&info)
 }
 
 /// Detaches every fshost mount below a directory when dropped, so that a test that mounts

@@ -1,6 +1,6 @@
 //! The daemon's parts, as a library: `fshostd` (main.rs) is built on it, and so is the
 //! standalone benchmark binary that serves a plugin through the same FUSE adapter without
-//! the daemon and its plugin ABI (`tests/src/bin/standalone.rs`).
+//! the daemon and its plugin ABI (`tests/src/bin/memfs-standalone.rs`).
 //!
 //! Only `plugin::ffi` may use `unsafe` (it alone talks to loaded plugins).
 #![deny(unsafe_code)]

@@ -6,7 +6,8 @@
 //! setuid/setgid bits on write and chown through `setattr`); memfs keeps owners, modes,
 //! link counts, times, sparse contents and extended attributes the way tmpfs does.
 //!
-//! Options: `size=N[K|M|G]` limits the stored data (`ENOSPC` past it).
+//! Options: `size=N[K|M|G]` limits the stored data (`ENOSPC` past it); `noxattr` turns
+//! extended attributes off (see `MemFs::no_xattr`).
 
 mod data;
 
@@ -358,7 +359,7 @@ impl Tree {
         Ok(())
     }
 
-    /// Resizes a file, within the size limit for the pages a growth would store.
+    /// Writes `data` at `offset`, within the size limit for the pages it would add.
     fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<()> {
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
         if end > MAX_FILE_SIZE {

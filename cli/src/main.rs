@@ -88,6 +88,16 @@ fn absolute(path: &std::path::Path) -> String {
         .to_string()
 }
 
+/// A mount point as the daemon wants it: resolved here, as the caller (the daemon follows
+/// no symlinks); as given, made absolute, when it cannot be resolved (a dead mount).
+fn real_path(path: &std::path::Path) -> String {
+    path.canonicalize()
+        .or_else(|_| std::path::absolute(path))
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
 fn request(command: &Command) -> Request {
     match command {
         Command::Load { path, name } => Request::Load {
@@ -115,12 +125,12 @@ fn request(command: &Command) -> Request {
             read_only,
         } => Request::Mount {
             plugin: name.clone(),
-            mountpoint: absolute(mountpoint),
+            mountpoint: real_path(mountpoint),
             options: fshost_protocol::parse_options(options),
             read_only: *read_only,
         },
         Command::Unmount { mountpoint, lazy } => Request::Unmount {
-            mountpoint: absolute(mountpoint),
+            mountpoint: real_path(mountpoint),
             lazy: *lazy,
         },
         Command::List => Request::List {},

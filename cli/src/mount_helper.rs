@@ -9,7 +9,7 @@
 //! Exit codes as mount(8) expects: 0 mounted, 1 usage error, 32 mount failure.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use fshost_protocol::Request;
@@ -72,7 +72,10 @@ fn parse(args: &[String]) -> Result<Invocation, String> {
         }
     }
     let plugin = plugin.ok_or("no plugin: give -o plugin=NAME or use the plugin name as SPEC")?;
-    let mountpoint = std::path::absolute(dir)
+    // Resolved as the caller: the daemon follows no symlinks in mount points.
+    let mountpoint = Path::new(dir)
+        .canonicalize()
+        .or_else(|_| std::path::absolute(dir))
         .map_err(|e| format!("{dir}: {e}"))?
         .display()
         .to_string();

@@ -6,7 +6,6 @@
 //! (`Condvar::wait` releases it).
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -14,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fshost_protocol::{ErrorCode, MountInfo, PluginInfo, PluginState};
 
-use crate::mount::{self, MountError, MountSpec, MountStats, UnmountError};
+use crate::mount::{self, MountError, MountSpec, MountStats, MountTarget, UnmountError};
 use crate::plugin::{self, LoadError, Plugin};
 use crate::registry::{
     join_paths, mount_count, MountId, MountRecord, MountState, PluginEntry, Registry, RegistryError,
@@ -113,11 +112,20 @@ impl std::fmt::Display for DrainEnd {
     }
 }
 
+/// What the host keeps of a mount beside its registry record: where it is (as descriptors)
+/// and which kernel mount it is, so that unmounts act on exactly that mount.
+struct MountSide {
+    stats: Arc<MountStats>,
+    target: Arc<MountTarget>,
+    /// The kernel's mount id; 0 until the kernel mount exists.
+    kernel_id: AtomicU64,
+}
+
 /// State shared with mount threads, which report the end of their session through it.
 struct Shared {
     registry: Mutex<Registry<Plugin>>,
-    /// Per-mount counters, by mount id; gone with the mount.
-    stats: Mutex<HashMap<MountId, Arc<MountStats>>>,
+    /// Per-mount descriptors and counters, by mount id; gone with the mount.
+    sides: Mutex<HashMap<MountId, Arc<MountSide>>>,
     /// Signalled after every registry change that someone may be waiting for.
     changed: Condvar,
 }
@@ -148,14 +156,19 @@ impl Shared {
 
     /// Mount failed or session ended: drop the count and wake waiters.
     fn release_mount(&self, path: &Path, id: MountId) {
-        self.stats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&id);
+        self.sides().remove(&id);
         let released = self.transition(|reg| reg.release_mount(path, id));
         if released {
             tracing::info!(mountpoint = %path.display(), "mount ended");
         }
+    }
+
+    fn sides(&self) -> MutexGuard<'_, HashMap<MountId, Arc<MountSide>>> {
+        self.sides.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn side(&self, id: MountId) -> Option<Arc<MountSide>> {
+        self.sides().get(&id).cloned()
     }
 }
 
@@ -268,7 +281,7 @@ impl Host {
         Host {
             shared: Arc::new(Shared {
                 registry: Mutex::new(Registry::new()),
-                stats: Mutex::new(HashMap::new()),
+                sides: Mutex::new(HashMap::new()),
                 changed: Condvar::new(),
             }),
             lingering: Mutex::new(Vec::new()),
@@ -444,58 +457,58 @@ impl Host {
         caller: &Caller,
     ) -> Result<MountInfo, HostError> {
         let given = absolute(mountpoint, "mount point")?;
-        let path = given.canonicalize().map_err(|e| {
-            let (reason, code) = match e.raw_os_error() {
-                Some(libc::ENOENT) => ("does not exist; create the directory first".to_string(), ErrorCode::NotFound),
-                Some(libc::ENOTCONN) => ("is a dead FUSE mount (transport endpoint is not connected); clear it with `umount -l`".to_string(), ErrorCode::Io),
-                _ => (e.to_string(), ErrorCode::Io),
+        // Resolved once, following no symlink; everything after acts on the descriptors.
+        let target = MountTarget::resolve(&given).map_err(|e| {
+            let code = match e {
+                mount::TargetError::Missing => ErrorCode::NotFound,
+                mount::TargetError::Other(_) | mount::TargetError::DeadMount => ErrorCode::Io,
+                _ => ErrorCode::BadRequest,
             };
-            HostError::BadMountpoint { path: given.clone(), reason, code }
+            HostError::BadMountpoint {
+                path: given.clone(),
+                reason: e.to_string(),
+                code,
+            }
         })?;
-        let meta = std::fs::metadata(&path).map_err(|e| HostError::BadMountpoint {
-            path: path.clone(),
-            reason: e.to_string(),
-            code: ErrorCode::Io,
-        })?;
-        if !meta.is_dir() {
-            return Err(HostError::BadMountpoint {
-                path,
-                reason: "is not a directory".into(),
-                code: ErrorCode::BadRequest,
-            });
-        }
         // fusermount's rule: users mount only on directories they own.
-        if !caller.admin && meta.uid() != caller.uid {
+        if !caller.admin && target.uid != caller.uid {
             return Err(HostError::Denied(format!(
                 "user {} may not mount on {}: it is owned by uid {} (users may mount only on directories they own)",
                 caller.uid,
-                path.display(),
-                meta.uid()
+                given.display(),
+                target.uid
             )));
         }
+        // Options are checked before anything is reserved.
+        mount::SessionOptions::parse(&options)?;
+        let path = target.path.clone();
+        let target = Arc::new(target);
         let now = SystemTime::now();
         let (plugin, id) = self.transition(|reg| {
             reg.reserve_mount(name, &path, options.clone(), read_only, caller.uid, now)
         })?;
         let shared = Arc::clone(&self.shared);
         let ended_path = path.clone();
-        let stats = Arc::new(MountStats::default());
-        self.shared
-            .stats
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id, Arc::clone(&stats));
+        let side = Arc::new(MountSide {
+            stats: Arc::new(MountStats::default()),
+            target: Arc::clone(&target),
+            kernel_id: AtomicU64::new(0),
+        });
+        self.shared.sides().insert(id, Arc::clone(&side));
         let spec = MountSpec {
-            stats,
+            stats: Arc::clone(&side.stats),
             plugin,
-            mountpoint: path.clone(),
+            target,
             options: options.clone(),
             read_only,
             owner: (caller.uid, caller.gid),
         };
-        if let Err(e) = mount::spawn(spec, move || shared.release_mount(&ended_path, id)) {
-            self.shared.release_mount(&path, id);
-            return Err(e.into());
+        match mount::spawn(spec, move || shared.release_mount(&ended_path, id)) {
+            Ok(kernel_id) => side.kernel_id.store(kernel_id, Ordering::SeqCst),
+            Err(e) => {
+                self.shared.release_mount(&path, id);
+                return Err(e.into());
+            }
         }
         self.transition(|reg| reg.mount_started(&path, id));
         tracing::info!(plugin = %name, mountpoint = %path.display(), "mounted");
@@ -521,8 +534,7 @@ impl Host {
         caller: &Caller,
     ) -> Result<(PathBuf, bool), HostError> {
         let given = absolute(mountpoint, "mount point")?;
-        // A dead mount cannot be canonicalized; then the path must match as given.
-        let path = given.canonicalize().unwrap_or(given);
+        let path = self.record_path(&given);
         if !caller.admin {
             let owner = self.lock().mount_owner(&path);
             if let Some(owner) = owner.filter(|owner| *owner != caller.uid) {
@@ -536,9 +548,40 @@ impl Host {
         self.unmount_path(&path, lazy)
     }
 
+    /// The registry path of the mount a caller names: found by the identity of the mount
+    /// the path leads to (so a mount whose parent was renamed is found under its new name),
+    /// else by the path as recorded (a path that no longer resolves, e.g. swapped for a
+    /// symlink). Unmounting then acts on the recorded descriptors, never on `given`.
+    fn record_path(&self, given: &Path) -> PathBuf {
+        let kernel_id = MountTarget::resolve(given)
+            .ok()
+            .and_then(|target| target.current_mount_id().ok());
+        let found = kernel_id.and_then(|kernel_id| {
+            let ids: Vec<MountId> = self
+                .shared
+                .sides()
+                .iter()
+                .filter(|(_, side)| side.kernel_id.load(Ordering::SeqCst) == kernel_id)
+                .map(|(id, _)| *id)
+                .collect();
+            let reg = self.lock();
+            let path = reg
+                .mounts()
+                .find(|(_, record)| ids.contains(&record.id))
+                .map(|(path, _)| path.clone());
+            path
+        });
+        found.unwrap_or_else(|| given.to_path_buf())
+    }
+
     fn unmount_path(&self, path: &Path, lazy: bool) -> Result<(PathBuf, bool), HostError> {
         let id = self.transition(|reg| reg.begin_unmount(path))?;
-        if let Err(e) = mount::unmount(path, lazy) {
+        let side = self.shared.side(id);
+        let unmounted = match &side {
+            Some(side) => mount::unmount(&side.target, side.kernel_id.load(Ordering::SeqCst), lazy),
+            None => Err(UnmountError::NotOurs(path.to_path_buf())),
+        };
+        if let Err(e) = unmounted {
             self.transition(|reg| reg.abort_unmount(path, id));
             return Err(e.into());
         }
@@ -574,9 +617,15 @@ impl Host {
 
     pub fn mounts(&self) -> Vec<MountInfo> {
         let reg = self.lock();
-        let stats = self.shared.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let sides = self.shared.sides();
         reg.mounts()
-            .map(|(path, record)| mount_info(path, record, stats.get(&record.id).map(Arc::as_ref)))
+            .map(|(path, record)| {
+                mount_info(
+                    path,
+                    record,
+                    sides.get(&record.id).map(|s| s.stats.as_ref()),
+                )
+            })
             .collect()
     }
 

@@ -4,9 +4,11 @@
 
 mod adapter;
 mod backend;
+mod target;
 
 pub use adapter::{Adapter, CachePolicy, MountStats};
 pub use backend::{Backend, Direct, Hosted};
+pub use target::{mount_id, DetachError, MountTarget, TargetError};
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -15,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc};
 
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
 
 use fuser::{Config, Session};
 use nix::mount::{umount2, MntFlags, MsFlags};
@@ -48,7 +49,7 @@ const DEFAULT_ATTR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// What to mount where.
 pub struct MountSpec {
     pub plugin: Arc<Plugin>,
-    pub mountpoint: PathBuf,
+    pub target: Arc<MountTarget>,
     pub options: BTreeMap<String, String>,
     pub read_only: bool,
     /// Uid and gid of the mount's owner: the kernel lets only them in, unless allow_other.
@@ -79,8 +80,10 @@ pub enum MountError {
 pub enum UnmountError {
     #[error("{} is busy (a file is open or a process has its working directory there); close them or use --lazy", .0.display())]
     Busy(PathBuf),
+    #[error("{} is no longer the mount fshostd made there (it was unmounted or covered from outside); nothing was unmounted", .0.display())]
+    NotOurs(PathBuf),
     #[error("unmounting {} failed: {source}", .path.display())]
-    Failed { path: PathBuf, source: nix::Error },
+    Failed { path: PathBuf, source: io::Error },
 }
 
 /// `strerror`-like text for an errno, for messages people read.
@@ -88,24 +91,26 @@ pub fn describe_errno(e: i32) -> String {
     format!("{} (errno {e})", io::Error::from_raw_os_error(e))
 }
 
-/// Makes the kernel mount and returns the `/dev/fuse` connection that serves it.
+/// Makes the kernel mount on `target` and returns the `/dev/fuse` connection that serves
+/// it, with the mount's kernel id.
 ///
 /// We mount ourselves (as root, with mount(2)) instead of letting fuser do it, so that we
 /// alone decide when the mount goes: fuser's own unmount-on-drop can hit a different mount
-/// that was made on the same directory after ours ended.
+/// that was made on the same directory after ours ended. The mount goes onto the directory
+/// descriptor the caller's path was resolved to once, never onto the path again.
 fn kernel_mount(
     name: &str,
-    mountpoint: &Path,
+    target: &MountTarget,
     read_only: bool,
     allow_other: bool,
     (uid, gid): (u32, u32),
-) -> io::Result<OwnedFd> {
+) -> io::Result<(OwnedFd, u64)> {
     let dev = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .open("/dev/fuse")
         .map_err(|e| io::Error::new(e.kind(), format!("cannot open /dev/fuse: {e}")))?;
-    let root_mode = std::fs::metadata(mountpoint)?.mode();
+    let root_mode = target.mode;
     // fstype `fuse.fshost-<plugin>`, source `fshost:<plugin>` in /proc/self/mountinfo.
     let mut data = format!(
         "fd={},rootmode={root_mode:o},user_id={uid},group_id={gid},default_permissions,subtype=fshost-{name}",
@@ -119,9 +124,10 @@ fn kernel_mount(
         flags |= MsFlags::MS_RDONLY;
     }
     let source = format!("fshost:{name}");
+    let below = target.dir_mount_id()?;
     nix::mount::mount(
         Some(source.as_str()),
-        mountpoint,
+        &target.dir_path(),
         Some("fuse"),
         flags,
         Some(data.as_str()),
@@ -133,7 +139,13 @@ fn kernel_mount(
         ),
         e => io::Error::from(e),
     })?;
-    Ok(OwnedFd::from(dev))
+    let id = target.current_mount_id()?;
+    if id == below {
+        return Err(io::Error::other(
+            "the new mount is not visible at its mount point",
+        ));
+    }
+    Ok((OwnedFd::from(dev), id))
 }
 
 /// The mount options fshostd handles itself (`DAEMON_OPTIONS`), parsed.
@@ -198,17 +210,18 @@ impl SessionOptions {
 
 /// Mounts `fs` on `mountpoint` and makes the FUSE session that serves it (the kernel's INIT
 /// handshake included); `Session::run` on the result serves it until it is unmounted.
+/// Returns the session and the mount's kernel id.
 pub fn start_session<B: Backend>(
     fs: B,
     stats: Arc<MountStats>,
-    mountpoint: &Path,
+    target: &MountTarget,
     read_only: bool,
     owner: (u32, u32),
     options: &SessionOptions,
-) -> io::Result<Session<Adapter<B>>> {
+) -> io::Result<(Session<Adapter<B>>, u64)> {
     let name = fs.name().to_string();
     let adapter = Adapter::new(fs, stats, &options.cache);
-    let fd = kernel_mount(&name, mountpoint, read_only, options.allow_other, owner)?;
+    let (fd, id) = kernel_mount(&name, target, read_only, options.allow_other, owner)?;
     let mut config = Config::default();
     config.n_threads = Some(options.threads);
     // Who may use the mount is the kernel's decision (user_id=, allow_other); fuser's own
@@ -216,7 +229,7 @@ pub fn start_session<B: Backend>(
     let session =
         Session::from_fd(adapter, fd, fuser::SessionACL::All, config).inspect_err(|_| {
             // A failed handshake leaves a dead mount behind.
-            let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
+            let _ = target.detach(id, true);
         })?;
     // After INIT, which caps FUSE readahead at 128 KiB: only sysfs can raise it.
     let mut tuning = vec![("read_ahead_kb", options.read_ahead_kb.to_string())];
@@ -227,32 +240,32 @@ pub fn start_session<B: Backend>(
         // mount is throttled like a disk, by the machine's dirty limits.
         tuning.push(("strict_limit", "0".to_string()));
     }
-    let tuned = bdi_dir(mountpoint).and_then(|dir| {
+    let tuned = bdi_dir(id).and_then(|dir| {
         tuning
             .iter()
             .try_for_each(|(knob, value)| std::fs::write(dir.join(knob), value))
     });
     if let Err(e) = tuned {
-        tracing::info!(mountpoint = %mountpoint.display(), error = %e, "cannot tune the mount in sysfs; the kernel's defaults stay");
+        tracing::info!(mountpoint = %target.path.display(), error = %e, "cannot tune the mount in sysfs; the kernel's defaults stay");
     }
-    Ok(session)
+    Ok((session, id))
 }
 
 /// Serves `session` until the mount is gone.
-pub fn run_session<B: Backend>(session: Session<Adapter<B>>, mountpoint: &Path) {
+pub fn run_session<B: Backend>(session: Session<Adapter<B>>, target: &MountTarget, id: u64) {
     if let Err(e) = session.run() {
         // The kernel did not end the session, so the mount is still there but no longer
         // served: detach it rather than leave a dead mount behind.
-        tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "FUSE session failed; detaching the mount");
-        let _ = umount2(mountpoint, MntFlags::MNT_DETACH);
+        tracing::warn!(mountpoint = %target.path.display(), error = %e, "FUSE session failed; detaching the mount");
+        let _ = target.detach(id, true);
     }
 }
 
 /// Mounts `spec` on a new thread and returns once the kernel mount exists (or failed).
 /// The thread then serves the mount; when the session has fully ended (unmounted from here
 /// or from outside, every session thread joined, the plugin instance destroyed) it calls
-/// `on_end`. `on_end` is not called when this returns an error.
-pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<(), MountError> {
+/// `on_end`. `on_end` is not called when this returns an error. Returns the mount's kernel id.
+pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<u64, MountError> {
     let (session_options, plugin_options) = SessionOptions::parse(&spec.options)?;
     let mut options = Vec::new();
     for (key, value) in &plugin_options {
@@ -261,7 +274,7 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
             _ => return Err(MountError::BadOption { key: key.clone() }),
         }
     }
-    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), MountError>>(1);
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<u64, MountError>>(1);
     let thread_name = format!("mount:{}", spec.plugin.name);
     std::thread::Builder::new()
         .name(thread_name)
@@ -291,59 +304,56 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
             let session = start_session(
                 fs,
                 spec.stats,
-                &spec.mountpoint,
+                &spec.target,
                 spec.read_only,
                 spec.owner,
                 &session_options,
             );
-            let session = match session {
+            let (session, id) = match session {
                 Ok(session) => session,
                 Err(source) => {
-                    let path = spec.mountpoint;
+                    let path = spec.target.path.clone();
                     let _ = ready_tx.send(Err(MountError::Mount { path, source }));
                     return;
                 }
             };
-            let _ = ready_tx.send(Ok(()));
-            run_session(session, &spec.mountpoint);
+            let _ = ready_tx.send(Ok(id));
+            run_session(session, &spec.target, id);
             on_end();
         })
         .map_err(MountError::Thread)?;
     ready_rx.recv().unwrap_or(Err(MountError::ThreadLost))
 }
 
-/// The sysfs directory of the backing device of the mount on `mountpoint` (the one mounted
-/// last there: ours, just made), `/sys/class/bdi/<major:minor>/`.
-fn bdi_dir(mountpoint: &Path) -> io::Result<PathBuf> {
+/// The sysfs directory of the backing device of the mount with kernel id `id`,
+/// `/sys/class/bdi/<major:minor>/`.
+fn bdi_dir(id: u64) -> io::Result<PathBuf> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")?;
     parse_mountinfo(&text)
         .into_iter()
-        .rev()
-        .find(|m| m.mountpoint == mountpoint)
+        .find(|m| m.id == id)
         .map(|m| Path::new("/sys/class/bdi").join(m.device))
         .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "mount not in mountinfo"))
 }
 
-/// Unmounts `path`; `lazy` detaches it even while files are open (MNT_DETACH).
-pub fn unmount(path: &Path, lazy: bool) -> Result<(), UnmountError> {
-    let flags = if lazy {
-        MntFlags::MNT_DETACH
-    } else {
-        MntFlags::empty()
-    };
-    match umount2(path, flags) {
-        Ok(()) => Ok(()),
-        Err(nix::Error::EBUSY) => Err(UnmountError::Busy(path.to_path_buf())),
-        Err(source) => Err(UnmountError::Failed {
-            path: path.to_path_buf(),
+/// Unmounts the mount with kernel id `id` at `target`, and nothing else; `lazy` detaches it
+/// even while files are open (MNT_DETACH).
+pub fn unmount(target: &MountTarget, id: u64, lazy: bool) -> Result<(), UnmountError> {
+    target.detach(id, lazy).map_err(|e| match e {
+        DetachError::Busy => UnmountError::Busy(target.path.clone()),
+        DetachError::NotOurs => UnmountError::NotOurs(target.path.clone()),
+        DetachError::Failed(source) => UnmountError::Failed {
+            path: target.path.clone(),
             source,
-        }),
-    }
+        },
+    })
 }
 
 /// One line of /proc/self/mountinfo that matters here.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct KernelMount {
+    /// The kernel's mount id (stable for the mount's life, unique while it exists).
+    pub id: u64,
     /// `major:minor` of the mount's device (its backing device info in sysfs).
     pub device: String,
     pub mountpoint: PathBuf,
@@ -358,6 +368,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<KernelMount> {
             let fields: Vec<&str> = line.split(' ').collect();
             let dash = fields.iter().position(|f| *f == "-")?;
             Some(KernelMount {
+                id: fields.first()?.parse().ok()?,
                 device: fields.get(2)?.to_string(),
                 mountpoint: PathBuf::from(unescape_mountinfo(fields.get(4)?)),
                 fstype: fields.get(dash + 1)?.to_string(),
@@ -435,6 +446,7 @@ mod tests {
         assert_eq!(
             mounts[0],
             KernelMount {
+                id: 42,
                 device: "0:39".into(),
                 mountpoint: PathBuf::from("/tmp/a b"),
                 fstype: "fuse.fshost-memfs".into(),

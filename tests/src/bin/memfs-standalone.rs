@@ -41,10 +41,12 @@ fn main() {
         SessionOptions::parse(&options).unwrap_or_else(|e| fail(e.to_string()));
     let fs = memfs::MemFs::create(&fshost_sdk::Options(plugin_options))
         .unwrap_or_else(|e| fail(format!("memfs refused the options: {e:?}")));
-    let session = mount::start_session(
+    let target = mount::MountTarget::resolve(&mountpoint)
+        .unwrap_or_else(|e| fail(format!("{}: {e}", mountpoint.display())));
+    let (session, id) = mount::start_session(
         Direct::new("memfs", fs),
         Arc::new(MountStats::default()),
-        &mountpoint,
+        &target,
         false,
         (
             nix::unistd::getuid().as_raw(),
@@ -55,5 +57,5 @@ fn main() {
     .unwrap_or_else(|e| fail(format!("mounting {} failed: {e}", mountpoint.display())));
     println!("ready");
     let _ = std::io::stdout().flush();
-    mount::run_session(session, &mountpoint);
+    mount::run_session(session, &target, id);
 }

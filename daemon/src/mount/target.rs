@@ -1,0 +1,214 @@
+//! Mount points as descriptors, never as paths looked up twice.
+//!
+//! A caller names a directory once. [`MountTarget::resolve`] walks that path without
+//! following any symlink into an `O_PATH` descriptor of the directory (and one of its
+//! parent); ownership is checked on that descriptor (`fstat`), the kernel mount is made
+//! onto it (`/proc/self/fd/N`), and the mount's kernel identity (its mount id) is kept.
+//! Unmounting goes through the pinned parent and the final name with `UMOUNT_NOFOLLOW`, after
+//! checking that the mount found there is still the one this daemon made. A user who
+//! swaps directories for symlinks, or renames a parent of their mount, can therefore never
+//! steer a mount or an unmount onto another path.
+
+use std::ffi::OsString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
+use rustix::mount::UnmountFlags;
+
+/// A resolved mount point: the directory and its parent, pinned by descriptors.
+#[derive(Debug)]
+pub struct MountTarget {
+    /// The path as the caller gave it (absolute, normalized): for messages and records.
+    pub path: PathBuf,
+    parent: OwnedFd,
+    name: OsString,
+    /// The directory mounted on, as it was resolved (before the mount covers it).
+    dir: OwnedFd,
+    /// Owner and mode of the directory, read from `dir`.
+    pub uid: u32,
+    pub mode: u32,
+}
+
+/// Why a path could not be used as a mount point.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error("must be an absolute path without `.`, `..` or empty components (it names the directory to mount on)")]
+    NotNormal,
+    #[error("contains a symbolic link; fshostd never follows links in mount points: give the real path (see `realpath`)")]
+    Symlink,
+    #[error("does not exist; create the directory first")]
+    Missing,
+    #[error("is not a directory")]
+    NotADirectory,
+    #[error(
+        "is a dead FUSE mount (transport endpoint is not connected); clear it with `umount -l`"
+    )]
+    DeadMount,
+    #[error("cannot be opened: {0}")]
+    Other(io::Error),
+}
+
+impl TargetError {
+    fn from_errno(e: rustix::io::Errno) -> TargetError {
+        match e {
+            rustix::io::Errno::LOOP | rustix::io::Errno::XDEV => TargetError::Symlink,
+            rustix::io::Errno::NOENT => TargetError::Missing,
+            rustix::io::Errno::NOTDIR => TargetError::NotADirectory,
+            rustix::io::Errno::NOTCONN => TargetError::DeadMount,
+            e => TargetError::Other(e.into()),
+        }
+    }
+}
+
+/// Why an unmount through a target did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum DetachError {
+    /// The mount at the target is not (any more) the one we made: it was unmounted from
+    /// outside, or something else now covers it. Nothing was unmounted.
+    #[error("the mount there is no longer the one fshostd made")]
+    NotOurs,
+    #[error("busy")]
+    Busy,
+    #[error("{0}")]
+    Failed(io::Error),
+}
+
+const RESOLVE: ResolveFlags = ResolveFlags::NO_SYMLINKS.union(ResolveFlags::NO_MAGICLINKS);
+// No O_NOFOLLOW: it would open a final symlink itself (then fail as "not a directory");
+// RESOLVE_NO_SYMLINKS refuses it with ELOOP instead, as every other component.
+const PATH_DIR: OFlags = OFlags::PATH.union(OFlags::DIRECTORY).union(OFlags::CLOEXEC);
+
+impl MountTarget {
+    /// Resolves `path` (absolute, normalized) without following any symlink.
+    pub fn resolve(path: &Path) -> Result<MountTarget, TargetError> {
+        // `components()` quietly drops `.` and doubled slashes: compare the text too.
+        let rebuilt: PathBuf = path.components().collect();
+        let normal = path.is_absolute()
+            && rebuilt.as_os_str() == path.as_os_str()
+            && path
+                .components()
+                .skip(1)
+                .all(|c| matches!(c, Component::Normal(_)));
+        let (Some(parent_path), Some(name)) = (path.parent(), path.file_name()) else {
+            return Err(TargetError::NotNormal);
+        };
+        if !normal {
+            return Err(TargetError::NotNormal);
+        }
+        let parent = rustix::fs::openat2(CWD, parent_path, PATH_DIR, Mode::empty(), RESOLVE)
+            .map_err(TargetError::from_errno)?;
+        let dir = rustix::fs::openat2(&parent, name, PATH_DIR, Mode::empty(), RESOLVE)
+            .map_err(TargetError::from_errno)?;
+        let stat = rustix::fs::fstat(&dir).map_err(TargetError::from_errno)?;
+        Ok(MountTarget {
+            path: path.to_path_buf(),
+            parent,
+            name: name.to_os_string(),
+            dir,
+            uid: stat.st_uid,
+            mode: stat.st_mode,
+        })
+    }
+
+    /// The directory as a path the kernel resolves to exactly the pinned directory.
+    pub fn dir_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()))
+    }
+
+    /// The final name inside the pinned parent (a magic link only in the middle).
+    fn entry_path(&self) -> PathBuf {
+        Path::new(&format!("/proc/self/fd/{}", self.parent.as_raw_fd())).join(&self.name)
+    }
+
+    /// Kernel id of the mount that covers the directory now (after mounting: ours), or of
+    /// the directory's own mount if nothing covers it. Asks no filesystem: the id comes
+    /// from `/proc/self/fdinfo`, so it works on dead or unreachable FUSE mounts too.
+    pub fn current_mount_id(&self) -> io::Result<u64> {
+        let top = rustix::fs::openat2(&self.parent, &self.name, PATH_DIR, Mode::empty(), RESOLVE)?;
+        mount_id(&top)
+    }
+
+    /// Kernel id of the mount the directory itself lives on.
+    pub fn dir_mount_id(&self) -> io::Result<u64> {
+        mount_id(&self.dir)
+    }
+
+    /// Unmounts the mount with kernel id `id` at this target, and only that one.
+    pub fn detach(&self, id: u64, lazy: bool) -> Result<(), DetachError> {
+        match self.current_mount_id() {
+            Ok(now) if now == id => {}
+            Ok(_) => return Err(DetachError::NotOurs),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Err(DetachError::NotOurs),
+            Err(e) => return Err(DetachError::Failed(e)),
+        }
+        // A covered directory cannot be renamed or removed, so between the check and the
+        // call the name still leads to our mount (only root could stack another on top).
+        let mut flags = UnmountFlags::NOFOLLOW;
+        if lazy {
+            flags |= UnmountFlags::DETACH;
+        }
+        match rustix::mount::unmount(self.entry_path(), flags) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::BUSY) => Err(DetachError::Busy),
+            Err(e) => Err(DetachError::Failed(e.into())),
+        }
+    }
+}
+
+/// The `mnt_id` of an open descriptor, from `/proc/self/fdinfo`.
+pub fn mount_id(fd: impl AsFd) -> io::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd()))?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("mnt_id:"))
+        .and_then(|id| id.trim().parse().ok())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no mnt_id in fdinfo"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_absolute_directories_resolve() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join("link")).unwrap();
+        std::fs::write(dir.path().join("file"), b"").unwrap();
+        let target = MountTarget::resolve(&real).unwrap();
+        assert_eq!(target.path, real);
+        assert_eq!(target.uid, nix::unistd::geteuid().as_raw());
+        assert!(matches!(
+            MountTarget::resolve(&dir.path().join("link")),
+            Err(TargetError::Symlink)
+        ));
+        assert!(matches!(
+            MountTarget::resolve(&dir.path().join("link/x")),
+            Err(TargetError::Symlink | TargetError::Missing)
+        ));
+        assert!(matches!(
+            MountTarget::resolve(&dir.path().join("file")),
+            Err(TargetError::NotADirectory)
+        ));
+        assert!(matches!(
+            MountTarget::resolve(&dir.path().join("nope")),
+            Err(TargetError::Missing)
+        ));
+        for bad in ["relative", "/", "/a/../b", "/a/./b", "/a//b"] {
+            let bad = Path::new(bad);
+            assert!(
+                matches!(MountTarget::resolve(bad), Err(TargetError::NotNormal)),
+                "{}",
+                bad.display()
+            );
+        }
+        // Not mounted: the top mount is the directory's own.
+        assert_eq!(
+            target.current_mount_id().unwrap(),
+            target.dir_mount_id().unwrap()
+        );
+        assert!(matches!(target.detach(1, false), Err(DetachError::NotOurs)));
+    }
+}

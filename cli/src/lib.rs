@@ -34,15 +34,17 @@ pub fn exchange(socket: &Path, request: &Request) -> Result<(Response, String), 
     stream
         .set_read_timeout(Some(answer_timeout(request)))
         .map_err(|e| e.to_string())?;
-    stream
-        .write_all(to_line(request).as_bytes())
-        .map_err(|e| format!("cannot send the request to fshostd: {e}"))?;
+    // A daemon that refuses the connection (a limit) answers at once and closes; the write
+    // may then fail, but its answer is there to read and says why.
+    let sent = stream.write_all(to_line(request).as_bytes());
     let mut line = String::new();
-    BufReader::new(stream)
-        .read_line(&mut line)
-        .map_err(|e| format!("fshostd did not answer: {e}"))?;
+    let read = BufReader::new(stream).read_line(&mut line);
     if line.is_empty() {
-        return Err("fshostd closed the connection without answering".into());
+        return Err(match (sent, read) {
+            (Err(e), _) => format!("cannot send the request to fshostd: {e}"),
+            (_, Err(e)) => format!("fshostd did not answer: {e}"),
+            _ => "fshostd closed the connection without answering".into(),
+        });
     }
     let response = serde_json::from_str(&line)
         .map_err(|e| format!("fshostd sent an unreadable answer: {e}"))?;

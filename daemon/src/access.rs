@@ -1,11 +1,12 @@
-//! Who may do what. Each request is authorized from the caller's credentials (SO_PEERCRED):
+//! Who may do what. Each request is authorized from the caller's credentials, taken from the
+//! kernel when it connected (SO_PEERCRED, SO_PEERGROUPS):
 //! root and members of the daemon's group may do everything; other users may look
 //! (`list`, `mounts`, `info`, `status`) and, where the config allows, mount the plugins it
 //! names on directories they own and unmount their own mounts (host.rs checks ownership).
 
 use fshost_protocol::Request;
 
-use crate::config::{Config, Limits};
+use crate::config::{Config, Limits, UserPolicy};
 use crate::host::Caller;
 
 #[derive(Debug, Clone)]
@@ -15,6 +16,7 @@ pub struct Policy {
     mount_plugins: Vec<String>,
     allow_other: bool,
     pub limits: Limits,
+    pub users: UserPolicy,
 }
 
 impl Policy {
@@ -28,15 +30,16 @@ impl Policy {
             mount_plugins: config.users.mount_plugins.clone(),
             allow_other: config.users.allow_other,
             limits: config.limits.clone(),
+            users: config.users.clone(),
         }
     }
 
     /// Turns peer credentials into a caller: admin if root or in the group (primary or
-    /// supplementary, as the calling process has them in /proc/<pid>/status).
-    pub fn caller(&self, uid: u32, gid: u32, pid: Option<i32>) -> Caller {
-        let in_group = self.group_gid.is_some_and(|group| {
-            gid == group || pid.is_some_and(|pid| supplementary_groups(pid).contains(&group))
-        });
+    /// supplementary, as the kernel recorded them when the peer connected).
+    pub fn caller(&self, uid: u32, gid: u32, groups: &[u32]) -> Caller {
+        let in_group = self
+            .group_gid
+            .is_some_and(|group| gid == group || groups.contains(&group));
         Caller {
             uid,
             gid,
@@ -78,23 +81,6 @@ impl Policy {
     }
 }
 
-fn supplementary_groups(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|groups| {
-                    groups
-                        .split_whitespace()
-                        .filter_map(|g| g.parse().ok())
-                        .collect()
-                })
-        })
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -108,6 +94,7 @@ mod tests {
             mount_plugins: vec!["memfs".into()],
             allow_other: false,
             limits: Limits::default(),
+            users: UserPolicy::default(),
         }
     }
 
@@ -127,24 +114,17 @@ mod tests {
     #[test]
     fn root_and_group_members_are_admins() {
         let p = policy();
-        assert!(p.caller(0, 0, None).admin);
-        assert!(p.caller(1000, 990, None).admin);
-        assert!(!p.caller(1000, 1000, None).admin);
-        let me = std::process::id() as i32;
-        let my_groups = supplementary_groups(me);
-        if let Some(g) = my_groups.first() {
-            let p = Policy {
-                group_gid: Some(*g),
-                ..policy()
-            };
-            assert!(p.caller(1000, 1000, Some(me)).admin);
-        }
+        assert!(p.caller(0, 0, &[]).admin);
+        assert!(p.caller(1000, 990, &[]).admin);
+        assert!(!p.caller(1000, 1000, &[]).admin);
+        assert!(p.caller(1000, 1000, &[4, 990]).admin);
+        assert!(!p.caller(1000, 1000, &[4, 991]).admin);
     }
 
     #[test]
     fn users_may_look_and_mount_what_the_config_allows() {
         let p = policy();
-        let user = p.caller(65534, 65534, None);
+        let user = p.caller(65534, 65534, &[]);
         assert!(p.authorize(&user, &Request::List {}).is_ok());
         assert!(p.authorize(&user, &Request::Status {}).is_ok());
         assert!(p.authorize(&user, &mount("memfs", false)).is_ok());

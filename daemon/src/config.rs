@@ -40,7 +40,7 @@ pub struct Config {
     pub mounts: Vec<MountEntry>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UserPolicy {
     /// Plugins other users may mount, on directories they own (fusermount's rule).
@@ -49,14 +49,58 @@ pub struct UserPolicy {
     /// Whether their mounts may use `-o allow_other`.
     #[serde(default)]
     pub allow_other: bool,
+    /// Mounts one such user may have at once.
+    #[serde(default = "default_user_max_mounts")]
+    pub max_mounts: usize,
+    /// Most FUSE session threads (`-o threads=N`) one of their mounts may have.
+    #[serde(default = "default_user_max_threads")]
+    pub max_threads_per_mount: usize,
+    /// Memory their mounts may hold together (`64M`, `1G`): the sum of the `size=` of
+    /// one user's mounts. A user mount without `size=` gets `max_size / max_mounts`.
+    #[serde(default = "default_user_max_size")]
+    pub max_size: String,
+}
+
+impl UserPolicy {
+    /// `max_size` in bytes (validated at parse time).
+    pub fn max_size_bytes(&self) -> u64 {
+        fshost_sdk::parse_size(&self.max_size).unwrap_or(0)
+    }
+}
+
+impl Default for UserPolicy {
+    fn default() -> Self {
+        UserPolicy {
+            mount_plugins: Vec::new(),
+            allow_other: false,
+            max_mounts: default_user_max_mounts(),
+            max_threads_per_mount: default_user_max_threads(),
+            max_size: default_user_max_size(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Limits {
-    /// Connections served at once; more are answered with `busy` and closed.
+    /// Connections served at once; more are answered with `limit-reached` and closed.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Of those, how many only root and the admin group may use, so that no user can
+    /// lock the administrators out.
+    #[serde(default = "default_admin_reserved_connections")]
+    pub admin_reserved_connections: usize,
+    /// Connections one user (neither root nor in the group) may hold at once.
+    #[serde(default = "default_max_connections_per_user")]
+    pub max_connections_per_user: usize,
+    /// A connection with no request for this long is closed (seconds). A request that
+    /// takes longer (a drain) does not count as idle.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// Requests one connection may have sent ahead of their answers; past that the daemon
+    /// stops reading it until it catches up (the client's writes then block).
+    #[serde(default = "default_max_queued_requests")]
+    pub max_queued_requests: usize,
     /// Requests one connection may send per second before it is slowed down.
     #[serde(default = "default_requests_per_second")]
     pub requests_per_second: u32,
@@ -66,6 +110,10 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_connections: default_max_connections(),
+            admin_reserved_connections: default_admin_reserved_connections(),
+            max_connections_per_user: default_max_connections_per_user(),
+            idle_timeout_secs: default_idle_timeout_secs(),
+            max_queued_requests: default_max_queued_requests(),
             requests_per_second: default_requests_per_second(),
         }
     }
@@ -93,6 +141,27 @@ fn default_max_connections() -> usize {
 }
 fn default_requests_per_second() -> u32 {
     1000
+}
+fn default_admin_reserved_connections() -> usize {
+    16
+}
+fn default_max_connections_per_user() -> usize {
+    16
+}
+fn default_idle_timeout_secs() -> u64 {
+    60
+}
+fn default_max_queued_requests() -> usize {
+    16
+}
+fn default_user_max_mounts() -> usize {
+    16
+}
+fn default_user_max_threads() -> usize {
+    2
+}
+fn default_user_max_size() -> String {
+    "1G".into()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,8 +207,31 @@ impl Config {
 
     fn validate(&self) -> Result<(), String> {
         self.socket_mode_bits()?;
-        if self.limits.max_connections == 0 || self.limits.requests_per_second == 0 {
-            return Err("limits must be at least 1".into());
+        let limits = &self.limits;
+        if [
+            limits.max_connections,
+            limits.max_connections_per_user,
+            limits.max_queued_requests,
+            limits.requests_per_second as usize,
+            limits.idle_timeout_secs as usize,
+        ]
+        .contains(&0)
+        {
+            return Err("[limits] values must be at least 1".into());
+        }
+        if limits.admin_reserved_connections >= limits.max_connections {
+            return Err(
+                "[limits] admin_reserved_connections must be less than max_connections".into(),
+            );
+        }
+        if fshost_sdk::parse_size(&self.users.max_size).is_none() {
+            return Err(format!(
+                "[users] max_size {:?} is not a size like \"512M\" or \"1G\"",
+                self.users.max_size
+            ));
+        }
+        if !(1..=16).contains(&self.users.max_threads_per_mount) {
+            return Err("[users] max_threads_per_mount must be 1 to 16".into());
         }
         let mut seen = std::collections::BTreeSet::new();
         for entry in &self.mounts {

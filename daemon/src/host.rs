@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fshost_protocol::{ErrorCode, MountInfo, PluginInfo, PluginState};
 
+use crate::config::UserPolicy;
 use crate::mount::{self, MountError, MountSpec, MountStats, MountTarget, UnmountError};
 use crate::plugin::{self, LoadError, Plugin};
 use crate::registry::{
@@ -47,6 +48,8 @@ pub enum HostError {
     BadRequest(String),
     #[error("permission denied: {0}")]
     Denied(String),
+    #[error("{0}")]
+    Limit(String),
     #[error("plugin \"{name}\" {why}: {} left ({}); it is live again", mount_count(.mounts.len()), join_paths(.mounts))]
     DrainEnded {
         name: String,
@@ -84,6 +87,7 @@ impl HostError {
             HostError::SessionStuck(_) => ErrorCode::Timeout,
             HostError::BadRequest(_) => ErrorCode::BadRequest,
             HostError::Denied(_) => ErrorCode::PermissionDenied,
+            HostError::Limit(_) => ErrorCode::LimitReached,
             HostError::DrainEnded { .. } => ErrorCode::Timeout,
         }
     }
@@ -179,6 +183,8 @@ pub struct Host {
     lingering: Mutex<Vec<(PathBuf, PluginInfo)>>,
     /// Where plugins may come from; replaced on reload.
     trust: Mutex<Trust>,
+    /// What ordinary users' mounts may take; replaced on reload.
+    users: Mutex<UserPolicy>,
     /// Where private copies of plugin libraries are made (see `plugin::load`).
     copy_dir: PathBuf,
     socket: PathBuf,
@@ -245,6 +251,61 @@ fn mount_info(path: &Path, record: &MountRecord, stats: Option<&MountStats>) -> 
     }
 }
 
+/// Checks a user's new mount against their allowance, with the registry locked so that two
+/// mounts at once cannot both take the last place: at most `max_mounts` mounts, and `size=`
+/// summing to at most `max_size`. A mount without `size=` gets an equal share,
+/// `max_size / max_mounts`, or what is left if that is less.
+fn within_user_limits(
+    reg: &Registry<Plugin>,
+    uid: u32,
+    users: &UserPolicy,
+    options: &mut BTreeMap<String, String>,
+) -> Result<(), HostError> {
+    let mine: Vec<&MountRecord> = reg
+        .mounts()
+        .map(|(_, r)| r)
+        .filter(|r| r.owner == uid)
+        .collect();
+    if mine.len() >= users.max_mounts {
+        return Err(HostError::Limit(format!(
+            "user {uid} already has {} mounts ([users] max_mounts); unmount one first",
+            mine.len()
+        )));
+    }
+    let used: u64 = mine
+        .iter()
+        .filter_map(|r| r.options.get("size"))
+        .filter_map(|size| fshost_sdk::parse_size(size))
+        .sum();
+    let left = users.max_size_bytes().saturating_sub(used);
+    let share = users.max_size_bytes() / users.max_mounts.max(1) as u64;
+    let wanted = match options.get("size") {
+        None => share.min(left),
+        Some(text) => fshost_sdk::parse_size(text).ok_or_else(|| {
+            HostError::BadRequest(format!("option size={text:?} is not a size like 64M or 1G"))
+        })?,
+    };
+    if wanted == 0 || wanted > left {
+        return Err(HostError::Limit(format!(
+            "user {uid} may hold {} in all ([users] max_size); {} is left, {} was asked; unmount something or ask for less with -o size=",
+            users.max_size,
+            human_bytes(left),
+            human_bytes(wanted)
+        )));
+    }
+    options.insert("size".into(), wanted.to_string());
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}G", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}M", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}K", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
 /// Closes a plugin that the registry no longer holds; returns true if it stays mapped.
 fn close_plugin(plugin: Arc<Plugin>) -> bool {
     match Arc::try_unwrap(plugin) {
@@ -286,6 +347,7 @@ impl Host {
             }),
             lingering: Mutex::new(Vec::new()),
             trust: Mutex::new(trust),
+            users: Mutex::new(UserPolicy::default()),
             copy_dir,
             socket,
             started,
@@ -295,6 +357,12 @@ impl Host {
     /// Replaces where plugins may come from (config reload); loaded plugins stay.
     pub fn set_trust(&self, trust: Trust) {
         *self.trust.lock().unwrap_or_else(|e| e.into_inner()) = trust;
+    }
+
+    /// Replaces the limits of ordinary users' mounts (start and config reload); mounts that
+    /// exist stay as they are.
+    pub fn set_user_policy(&self, users: UserPolicy) {
+        *self.users.lock().unwrap_or_else(|e| e.into_inner()) = users;
     }
 
     fn trust(&self) -> Trust {
@@ -480,12 +548,33 @@ impl Host {
             )));
         }
         // Options are checked before anything is reserved.
-        mount::SessionOptions::parse(&options)?;
+        let (session, _) = mount::SessionOptions::parse(&options)?;
+        let users =
+            (!caller.admin).then(|| self.users.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        if let Some(users) = &users {
+            if session.threads > users.max_threads_per_mount {
+                return Err(HostError::Limit(format!(
+                    "users' mounts may have at most {} session threads ([users] max_threads_per_mount); ask for fewer with -o threads=N",
+                    users.max_threads_per_mount
+                )));
+            }
+        }
         let path = target.path.clone();
         let target = Arc::new(target);
         let now = SystemTime::now();
+        let mut options = options;
         let (plugin, id) = self.transition(|reg| {
-            reg.reserve_mount(name, &path, options.clone(), read_only, caller.uid, now)
+            if let Some(users) = &users {
+                within_user_limits(reg, caller.uid, users, &mut options)?;
+            }
+            Ok::<_, HostError>(reg.reserve_mount(
+                name,
+                &path,
+                options.clone(),
+                read_only,
+                caller.uid,
+                now,
+            )?)
         })?;
         let shared = Arc::clone(&self.shared);
         let ended_path = path.clone();
@@ -553,9 +642,7 @@ impl Host {
     /// else by the path as recorded (a path that no longer resolves, e.g. swapped for a
     /// symlink). Unmounting then acts on the recorded descriptors, never on `given`.
     fn record_path(&self, given: &Path) -> PathBuf {
-        let kernel_id = MountTarget::resolve(given)
-            .ok()
-            .and_then(|target| target.current_mount_id().ok());
+        let kernel_id = mount::mount_id_at(given).ok();
         let found = kernel_id.and_then(|kernel_id| {
             let ids: Vec<MountId> = self
                 .shared

@@ -2,7 +2,8 @@
 //! standalone benchmark binary that serves a plugin through the same FUSE adapter without
 //! the daemon and its plugin ABI (`tests/src/bin/memfs-standalone.rs`).
 //!
-//! Only `plugin::ffi` may use `unsafe` (it alone talks to loaded plugins).
+//! Only `plugin::ffi` (it alone talks to loaded plugins) and `sys` (the OS calls no crate
+//! wraps) may use `unsafe`.
 #![deny(unsafe_code)]
 
 pub mod access;
@@ -12,6 +13,8 @@ pub mod host;
 pub mod mount;
 pub mod plugin;
 pub mod registry;
+#[allow(unsafe_code)]
+pub mod sys;
 
 use sd_notify::NotifyState;
 

@@ -246,6 +246,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         settings.socket.clone(),
         started,
     ));
+    host.set_user_policy(config.users.clone());
     let applied = Arc::new(Mutex::new(config.clone()));
     {
         let host = Arc::clone(&host);
@@ -316,6 +317,7 @@ async fn reload(
     let changes = config::changes(&old, &new);
     tracing::info!(?changes, "reload: applying config changes");
     host.set_trust(trust(args, &new));
+    host.set_user_policy(new.users.clone());
     *access.lock().unwrap_or_else(|e| e.into_inner()) = access::Policy::from_config(&new);
     let task_host = Arc::clone(host);
     if let Err(e) = tokio::task::spawn_blocking(move || apply(&task_host, &changes)).await {

@@ -229,6 +229,9 @@ pub enum ErrorCode {
     Io,
     Timeout,
     Internal,
+    /// A limit of the daemon's (`[limits]`, `[users]`) refused it: too many connections,
+    /// mounts, threads or bytes for this caller. Retry after freeing some.
+    LimitReached,
 }
 
 impl fmt::Display for ErrorCode {

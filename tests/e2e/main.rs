@@ -14,6 +14,7 @@ mod faults;
 mod lifecycle;
 mod passthrough;
 mod recovery;
+mod security;
 mod storm;
 mod system;
 mod tuning;

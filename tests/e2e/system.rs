@@ -338,7 +338,7 @@ fn connection_and_request_rate_limits_hold() {
     use std::os::unix::net::UnixStream;
     let env = Env::start_configured(
         &[],
-        "[limits]\nmax_connections = 2\nrequests_per_second = 10\n",
+        "[limits]\nmax_connections = 2\nadmin_reserved_connections = 0\nrequests_per_second = 10\n",
     );
     // Take both slots, with two connections that are really served (the start-up probe's
     // connection may still hold a slot for a moment; then try again).
@@ -364,7 +364,7 @@ fn connection_and_request_rate_limits_hold() {
     // A third client is turned away.
     let refused = env.raw(b"{\"op\":\"list\"}\n");
     assert!(
-        refused.contains("\"code\":\"busy\"") && refused.contains("max_connections"),
+        refused.contains("\"code\":\"limit-reached\"") && refused.contains("max_connections"),
         "{refused}"
     );
 

@@ -3,7 +3,7 @@
 //! thread, so a slow mount never holds up `list` on another connection. Every request is
 //! authorized from the connection's peer credentials before it runs.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -15,10 +15,11 @@ use fshost_protocol::{
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 use crate::access::Policy;
+use crate::config::Limits;
 use crate::host::{Caller, Drain, Host, HostError};
 
 /// Accepts connections until `stop` turns true.
@@ -28,30 +29,15 @@ pub async fn serve(
     policy: Arc<Mutex<Policy>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let max_connections = policy
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .limits
-        .max_connections;
-    let slots = Arc::new(Semaphore::new(max_connections));
+    let connections = Arc::new(Connections::default());
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((mut stream, _)) => {
-                    let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                        let response = Response::failure(
-                            ErrorCode::Busy,
-                            format!("fshostd already serves {max_connections} connections (limits.max_connections); try again later"),
-                        );
-                        tokio::spawn(async move {
-                            let _ = stream.write_all(to_line(&response).as_bytes()).await;
-                        });
-                        continue;
-                    };
+                Ok((stream, _)) => {
                     let (host, policy) = (Arc::clone(&host), Arc::clone(&policy));
+                    let connections = Arc::clone(&connections);
                     tokio::spawn(async move {
-                        serve_connection(stream, host, policy).await;
-                        drop(slot);
+                        admit_and_serve(stream, host, policy, &connections).await;
                     });
                 }
                 Err(e) => {
@@ -63,6 +49,119 @@ pub async fn serve(
             _ = stop.changed() => return,
         }
     }
+}
+
+/// Connections being served: in all, and per uid of callers who are not admins.
+#[derive(Default)]
+struct Connections {
+    counts: Mutex<(usize, HashMap<u32, usize>)>,
+}
+
+/// One admitted connection; gives its place back when dropped.
+struct Slot<'a> {
+    connections: &'a Connections,
+    uid: Option<u32>,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut counts = self.connections.lock();
+        counts.0 -= 1;
+        if let Some(uid) = self.uid {
+            if let Some(n) = counts.1.get_mut(&uid) {
+                *n -= 1;
+                if *n == 0 {
+                    counts.1.remove(&uid);
+                }
+            }
+        }
+    }
+}
+
+impl Connections {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<u32, usize>)> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Admits `caller` or says which limit refuses it. The last `admin_reserved_connections`
+    /// places are for root and the admin group only, so users can never lock them out.
+    fn admit(&self, caller: &Caller, limits: &Limits) -> Result<Slot<'_>, String> {
+        let mut counts = self.lock();
+        let (total, per_user) = &mut *counts;
+        if *total >= limits.max_connections {
+            return Err(format!(
+                "too many connections: fshostd already serves {} (limits.max_connections); try again later",
+                limits.max_connections
+            ));
+        }
+        if caller.admin {
+            *total += 1;
+            return Ok(Slot {
+                connections: self,
+                uid: None,
+            });
+        }
+        if *total >= limits.max_connections - limits.admin_reserved_connections {
+            return Err(format!(
+                "too many connections: the remaining {} of fshostd's connections are reserved for root and group members (limits.admin_reserved_connections); try again later",
+                limits.max_connections - *total
+            ));
+        }
+        let mine = per_user.entry(caller.uid).or_default();
+        if *mine >= limits.max_connections_per_user {
+            return Err(format!(
+                "too many connections: user {} already has {} open (limits.max_connections_per_user); close some",
+                caller.uid, *mine
+            ));
+        }
+        *mine += 1;
+        *total += 1;
+        Ok(Slot {
+            connections: self,
+            uid: Some(caller.uid),
+        })
+    }
+}
+
+/// Takes the peer's credentials as the kernel recorded them at connect, admits the
+/// connection within the limits (or answers why not and closes it), then serves it.
+async fn admit_and_serve(
+    mut stream: UnixStream,
+    host: Arc<Host>,
+    policy: Arc<Mutex<Policy>>,
+    connections: &Connections,
+) {
+    let Ok(cred) = stream.peer_cred() else {
+        return; // no credentials, no service
+    };
+    let groups = match crate::sys::peer_groups(&stream) {
+        Ok(groups) => groups,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the peer's groups (SO_PEERGROUPS); refusing the connection");
+            return;
+        }
+    };
+    let (caller, limits) = {
+        let policy = policy.lock().unwrap_or_else(|e| e.into_inner());
+        (
+            policy.caller(cred.uid(), cred.gid(), &groups),
+            policy.limits.clone(),
+        )
+    };
+    let slot = match connections.admit(&caller, &limits) {
+        Ok(slot) => slot,
+        Err(why) => {
+            tracing::info!(uid = caller.uid, %why, "connection refused");
+            let response = Response::failure(ErrorCode::LimitReached, why);
+            let _ = stream.write_all(to_line(&response).as_bytes()).await;
+            // Let the client read the answer before the close: a client that writes its
+            // request first would otherwise see only "broken pipe".
+            let _ = stream.shutdown().await;
+            return;
+        }
+    };
+    serve_connection(stream, host, policy, caller, &limits).await;
+    drop(slot);
 }
 
 /// Slows a connection down to `per_second` requests (a fixed one-second window).
@@ -87,33 +186,43 @@ impl RateLimit {
     }
 }
 
-async fn serve_connection(stream: UnixStream, host: Arc<Host>, policy: Arc<Mutex<Policy>>) {
-    let Ok(cred) = stream.peer_cred() else {
-        return; // no credentials, no service
-    };
-    let (caller, per_second) = {
-        let policy = policy.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            policy.caller(cred.uid(), cred.gid(), cred.pid()),
-            policy.limits.requests_per_second,
-        )
+async fn serve_connection(
+    stream: UnixStream,
+    host: Arc<Host>,
+    policy: Arc<Mutex<Policy>>,
+    caller: Caller,
+    limits: &Limits,
+) {
+    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    let mut pending = Queue {
+        max: limits.max_queued_requests,
+        lines: VecDeque::new(),
     };
     let mut rate = RateLimit {
-        per_second,
+        per_second: limits.requests_per_second,
         window: Instant::now(),
         used: 0,
     };
     let (read, mut write) = stream.into_split();
     let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_REQUEST_BYTES));
-    // Lines that arrived while a request was running; answered in order afterwards.
-    let mut pending: VecDeque<String> = VecDeque::new();
     let mut peer_closed = false;
     loop {
-        let line = match pending.pop_front() {
+        let line = match pending.lines.pop_front() {
             Some(line) => line,
             None if peer_closed => return,
             None => {
-                match lines.next().await {
+                let Ok(next) = tokio::time::timeout(idle, lines.next()).await else {
+                    let response = Response::failure(
+                        ErrorCode::Timeout,
+                        format!(
+                            "no request for {}s (limits.idle_timeout_secs); closing the connection",
+                            idle.as_secs()
+                        ),
+                    );
+                    let _ = write.write_all(to_line(&response).as_bytes()).await;
+                    return;
+                };
+                match next {
                     Some(Ok(line)) => line,
                     Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
                         let response = Response::failure(
@@ -191,15 +300,23 @@ async fn serve_connection(stream: UnixStream, host: Arc<Host>, policy: Arc<Mutex
     }
 }
 
+/// Request lines that arrived while an earlier request ran, answered in order afterwards.
+/// Bounded: when it is full the connection is not read until it drains, so a client that
+/// pipelines faster than it is served only fills its own socket buffer.
+struct Queue {
+    max: usize,
+    lines: VecDeque<String>,
+}
+
 /// Runs a request on a blocking thread while watching the connection: a client that goes
 /// away cancels a waiting request (drain-unload) instead of leaving it to time out. Lines
-/// that arrive meanwhile are kept for later.
+/// that arrive meanwhile are kept for later, up to the queue's bound.
 async fn run_request(
     host: &Arc<Host>,
     request: Request,
     caller: Caller,
     lines: &mut FramedRead<tokio::net::unix::OwnedReadHalf, LinesCodec>,
-    pending: &mut VecDeque<String>,
+    pending: &mut Queue,
     peer_closed: &mut bool,
 ) -> Response {
     let cancelled = Arc::new(AtomicBool::new(false));
@@ -212,8 +329,8 @@ async fn run_request(
     let outcome = loop {
         tokio::select! {
             outcome = &mut task => break outcome,
-            next = lines.next(), if !*peer_closed => match next {
-                Some(Ok(line)) => pending.push_back(line),
+            next = lines.next(), if !*peer_closed && pending.lines.len() < pending.max => match next {
+                Some(Ok(line)) => pending.lines.push_back(line),
                 _ => {
                     *peer_closed = true;
                     cancelled.store(true, Ordering::SeqCst);

@@ -8,7 +8,7 @@ mod target;
 
 pub use adapter::{Adapter, CachePolicy, MountStats};
 pub use backend::{Backend, Direct, Hosted};
-pub use target::{mount_id, DetachError, MountTarget, TargetError};
+pub use target::{mount_id, mount_id_at, DetachError, MountTarget, TargetError};
 
 use std::collections::BTreeMap;
 use std::ffi::CString;

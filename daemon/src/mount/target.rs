@@ -83,29 +83,12 @@ const PATH_DIR: OFlags = OFlags::PATH.union(OFlags::DIRECTORY).union(OFlags::CLO
 impl MountTarget {
     /// Resolves `path` (absolute, normalized) without following any symlink.
     pub fn resolve(path: &Path) -> Result<MountTarget, TargetError> {
-        // `components()` quietly drops `.` and doubled slashes: compare the text too.
-        let rebuilt: PathBuf = path.components().collect();
-        let normal = path.is_absolute()
-            && rebuilt.as_os_str() == path.as_os_str()
-            && path
-                .components()
-                .skip(1)
-                .all(|c| matches!(c, Component::Normal(_)));
-        let (Some(parent_path), Some(name)) = (path.parent(), path.file_name()) else {
-            return Err(TargetError::NotNormal);
-        };
-        if !normal {
-            return Err(TargetError::NotNormal);
-        }
-        let parent = rustix::fs::openat2(CWD, parent_path, PATH_DIR, Mode::empty(), RESOLVE)
-            .map_err(TargetError::from_errno)?;
-        let dir = rustix::fs::openat2(&parent, name, PATH_DIR, Mode::empty(), RESOLVE)
-            .map_err(TargetError::from_errno)?;
+        let (parent, name, dir) = open_beneath_no_symlinks(path)?;
         let stat = rustix::fs::fstat(&dir).map_err(TargetError::from_errno)?;
         Ok(MountTarget {
             path: path.to_path_buf(),
             parent,
-            name: name.to_os_string(),
+            name,
             dir,
             uid: stat.st_uid,
             mode: stat.st_mode,
@@ -155,6 +138,37 @@ impl MountTarget {
             Err(e) => Err(DetachError::Failed(e.into())),
         }
     }
+}
+
+/// Opens `path`'s parent and `path` itself as `O_PATH` descriptors, following no symlink.
+fn open_beneath_no_symlinks(path: &Path) -> Result<(OwnedFd, OsString, OwnedFd), TargetError> {
+    // `components()` quietly drops `.` and doubled slashes: compare the text too.
+    let rebuilt: PathBuf = path.components().collect();
+    let normal = path.is_absolute()
+        && rebuilt.as_os_str() == path.as_os_str()
+        && path
+            .components()
+            .skip(1)
+            .all(|c| matches!(c, Component::Normal(_)));
+    let (Some(parent_path), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(TargetError::NotNormal);
+    };
+    if !normal {
+        return Err(TargetError::NotNormal);
+    }
+    let parent = rustix::fs::openat2(CWD, parent_path, PATH_DIR, Mode::empty(), RESOLVE)
+        .map_err(TargetError::from_errno)?;
+    let dir = rustix::fs::openat2(&parent, name, PATH_DIR, Mode::empty(), RESOLVE)
+        .map_err(TargetError::from_errno)?;
+    Ok((parent, name.to_os_string(), dir))
+}
+
+/// The kernel id of the mount at `path` (the top one), resolved as [`MountTarget::resolve`]
+/// does but without asking the filesystem anything: root may not `stat` a user's FUSE
+/// mount (the kernel refuses everyone but its owner without `allow_other`).
+pub fn mount_id_at(path: &Path) -> Result<u64, TargetError> {
+    let (_, _, dir) = open_beneath_no_symlinks(path)?;
+    mount_id(&dir).map_err(TargetError::Other)
 }
 
 /// The `mnt_id` of an open descriptor, from `/proc/self/fdinfo`.

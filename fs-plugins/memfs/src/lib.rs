@@ -417,17 +417,6 @@ impl MemFs {
     }
 }
 
-/// `64M`, `1G`, `4096`: a size in bytes.
-fn parse_size(text: &str) -> Option<u64> {
-    let (digits, factor) = match text.char_indices().last()? {
-        (i, 'k' | 'K') => (&text[..i], 1 << 10),
-        (i, 'm' | 'M') => (&text[..i], 1 << 20),
-        (i, 'g' | 'G') => (&text[..i], 1 << 30),
-        _ => (text, 1),
-    };
-    digits.parse::<u64>().ok()?.checked_mul(factor)
-}
-
 /// Extended attributes memfs stores: the user, trusted and security namespaces, as tmpfs
 /// does (the kernel lets only privileged callers at trusted.*). POSIX ACLs (system.*) are
 /// not supported.
@@ -460,7 +449,11 @@ impl Plugin for MemFs {
         for (key, value) in &options.0 {
             match key.as_str() {
                 "size" => {
-                    limit_pages = Some(parse_size(value).ok_or(Errno::EINVAL)?.div_ceil(PAGE))
+                    limit_pages = Some(
+                        fshost_sdk::parse_size(value)
+                            .ok_or(Errno::EINVAL)?
+                            .div_ceil(PAGE),
+                    )
                 }
                 "noxattr" if value.is_empty() => no_xattr = true,
                 _ => return Err(Errno::EINVAL), // refuse rather than ignore a typo

@@ -132,6 +132,21 @@ pub fn read_slice(data: &[u8], offset: u64, buf: &mut [u8]) -> usize {
     n
 }
 
+/// `64M`, `1G`, `4096`: a size in bytes, as the `size=` mount option gives it (suffixes K,
+/// M, G in either case, powers of 1024). `size` is the one option with a meaning fixed by
+/// fshost: the most memory a mount may hold. For ordinary users' mounts fshostd always
+/// passes one (their allowance, `[users] max_size`); a plugin that keeps data in memory
+/// must honour it, any other may ignore it.
+pub fn parse_size(text: &str) -> Option<u64> {
+    let (digits, factor) = match text.char_indices().last()? {
+        (i, 'k' | 'K') => (&text[..i], 1 << 10),
+        (i, 'm' | 'M') => (&text[..i], 1 << 20),
+        (i, 'g' | 'G') => (&text[..i], 1 << 30),
+        _ => (text, 1),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(factor)
+}
+
 /// A filesystem plugin. One value of this type serves one mount (the instance handle);
 /// everything the filesystem needs lives in it, so no global state is needed.
 ///

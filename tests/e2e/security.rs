@@ -1,0 +1,386 @@
+//! An ordinary user (uid 65534) attacking the root daemon, as SECURITY.md's threat model
+//! says they may try: path races, path swaps, connection and request floods, resource
+//! exhaustion. Each attack must fail, and the daemon must keep serving root.
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fshost_tests::{
+    artifact, eventually, fuse_available, kernel_mounts, run, tool_available, Env, COMMAND_TIMEOUT,
+};
+
+use crate::path_str;
+
+const NOBODY: u32 = 65534;
+
+/// A daemon that serves ordinary users memfs, with the test directory open to them.
+fn user_env(extra: &str) -> Option<Env> {
+    if !fuse_available() || !tool_available("setpriv") {
+        return None;
+    }
+    let env = Env::start_configured(
+        &[],
+        &format!("socket_mode = \"0666\"\n[users]\nmount_plugins = [\"memfs\"]\n{extra}"),
+    );
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    env.ctl(&["load", "memfs"]).ok();
+    Some(env)
+}
+
+/// A directory of the user's (uid 65534) below the test directory.
+fn user_dir(env: &Env, name: &str) -> PathBuf {
+    let dir = env.mountpoint(name);
+    nix::unistd::chown(&dir, Some(NOBODY.into()), Some(NOBODY.into())).unwrap();
+    dir
+}
+
+/// A command run as uid/gid 65534 with no supplementary groups, from a copy of `binary`
+/// in the test directory (the build directory may not be open to other users).
+fn as_nobody(env: &Env, binary: &str) -> Command {
+    let copy = env.path(binary);
+    if !copy.exists() {
+        fs::copy(artifact(binary), &copy).unwrap();
+    }
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(copy);
+    command
+}
+
+/// A tmpfs of root's, unmounted (lazily) when dropped.
+struct RootTmpfs(PathBuf);
+
+impl RootTmpfs {
+    fn mount(path: &Path) -> RootTmpfs {
+        fs::create_dir_all(path).unwrap();
+        nix::mount::mount(
+            Some("root-tmpfs"),
+            path,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=1M"),
+        )
+        .unwrap();
+        RootTmpfs(path.to_path_buf())
+    }
+
+    fn mounted(&self) -> bool {
+        kernel_mounts()
+            .iter()
+            .any(|m| m.mountpoint == self.0 && m.fstype == "tmpfs")
+    }
+}
+
+impl Drop for RootTmpfs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Runs one `attacker race` and returns (swaps, requests, wins).
+fn race(env: &Env, a: &Path, b: &Path, op: &str, path: &Path, victim: &Path) -> [u64; 3] {
+    let mut command = as_nobody(env, "attacker");
+    command.arg("race").arg(&env.socket).arg("10");
+    for arg in [a, b, Path::new(op), path, victim] {
+        command.arg(arg);
+    }
+    let out = run(command);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let numbers: Vec<u64> = stdout
+        .split_whitespace()
+        .filter_map(|field| field.split_once('=')?.1.parse().ok())
+        .collect();
+    numbers.try_into().unwrap_or_else(|_| panic!("{stdout}"))
+}
+
+#[test]
+fn a_mount_raced_with_symlink_swaps_never_lands_on_roots_directory() {
+    let Some(env) = user_env("") else { return };
+    // Root's directory `rootdir/m`; the user's `home/p/m`, whose parent the user swaps
+    // with a symlink to `rootdir` (a mounted directory cannot be renamed, its parent can).
+    let root_dir = env.mountpoint("rootdir");
+    let victim = env.mountpoint("rootdir/m");
+    let home = user_dir(&env, "home");
+    user_dir(&env, "home/p");
+    user_dir(&env, "home/p/m");
+    std::os::unix::fs::symlink(&root_dir, home.join("q")).unwrap();
+    let (parent, link) = (home.join("p"), home.join("q"));
+    let [swaps, requests, wins] = race(&env, &parent, &link, "mount", &parent.join("m"), &victim);
+    eprintln!("mount race: {swaps} swaps, {requests} requests, {wins} wins");
+    assert!(swaps >= 1000, "the race did not run: {swaps} swaps");
+    assert!(requests >= 100, "the race did not run: {requests} requests");
+    assert_eq!(wins, 0, "memfs was mounted over root's directory");
+    assert!(!kernel_mounts().iter().any(|m| m.mountpoint == victim));
+}
+
+#[test]
+fn an_unmount_raced_with_symlink_swaps_never_detaches_roots_mount() {
+    let Some(env) = user_env("") else { return };
+    let root_dir = env.mountpoint("rootdir");
+    let roots = RootTmpfs::mount(&root_dir.join("m"));
+    let home = user_dir(&env, "home");
+    let parent = home.join("p");
+    let link = home.join("q");
+    fs::create_dir(&parent).unwrap();
+    fs::create_dir(parent.join("m")).unwrap();
+    for dir in [&parent, &parent.join("m")] {
+        nix::unistd::chown(dir, Some(NOBODY.into()), Some(NOBODY.into())).unwrap();
+    }
+    std::os::unix::fs::symlink(&root_dir, &link).unwrap();
+    let [swaps, requests, wins] =
+        race(&env, &parent, &link, "unmount", &parent.join("m"), &roots.0);
+    eprintln!("unmount race: {swaps} swaps, {requests} requests, {wins} wins");
+    assert!(swaps >= 1000, "the race did not run: {swaps} swaps");
+    assert!(requests >= 100, "the race did not run: {requests} requests");
+    assert_eq!(wins, 0, "root's tmpfs was unmounted");
+    assert!(roots.mounted(), "root's tmpfs was unmounted");
+}
+
+#[test]
+fn a_renamed_parent_neither_misleads_unmount_nor_shutdown() {
+    let Some(mut env) = user_env("") else { return };
+    let root_dir = env.mountpoint("rootdir");
+    let roots = RootTmpfs::mount(&root_dir.join("m"));
+    let busy_roots = RootTmpfs::mount(&root_dir.join("busy"));
+    let _open = fs::File::create(busy_roots.0.join("f")).unwrap();
+    let home = user_dir(&env, "home");
+    for name in ["p", "p/m", "p/busy"] {
+        user_dir(&env, &format!("home/{name}"));
+    }
+    let ctl = |args: &[&str]| {
+        let mut command = as_nobody(&env, "fshostctl");
+        command.arg("--socket").arg(&env.socket).args(args);
+        run(command)
+    };
+    for name in ["m", "busy"] {
+        let out = ctl(&["mount", "memfs", path_str(&home.join("p").join(name))]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // The user moves the parent away and puts a symlink to root's directory in its place.
+    fs::rename(home.join("p"), home.join("moved")).unwrap();
+    std::os::unix::fs::symlink(&root_dir, home.join("p")).unwrap();
+    // The old path, sent as is, names the user's mount (the record), not root's.
+    let old = env.raw(
+        format!(
+            "{{\"op\":\"unmount\",\"mountpoint\":\"{}\"}}\n",
+            home.join("p/m").display()
+        )
+        .as_bytes(),
+    );
+    assert!(old.contains("\"ok\":true"), "{old}");
+    assert!(roots.mounted(), "root's tmpfs was unmounted");
+    assert!(!kernel_mounts()
+        .iter()
+        .any(|m| m.mountpoint == home.join("moved/m")));
+    // The user finds their other mount under its new name.
+    let out = ctl(&["unmount", path_str(&home.join("moved/busy"))]);
+    assert!(out.status.success(), "{out:?}");
+    let out = ctl(&["mount", "memfs", path_str(&home.join("moved/busy"))]);
+    assert!(out.status.success(), "{out:?}");
+    fs::rename(home.join("moved"), home.join("moved2")).unwrap();
+    // Shutdown unmounts the user's mount where it is now, and nothing of root's.
+    let status = env.terminate();
+    assert!(status.success(), "{status:?}");
+    assert!(roots.mounted(), "shutdown unmounted root's tmpfs");
+    assert!(busy_roots.mounted(), "shutdown detached root's busy tmpfs");
+    assert!(
+        !kernel_mounts()
+            .iter()
+            .any(|m| m.mountpoint.starts_with(&home)),
+        "the user's mount outlived the daemon"
+    );
+}
+
+/// Keeps an `attacker hold` child alive until dropped (its stdin closes then).
+struct Held(std::process::Child);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = fshost_tests::wait_with_deadline(&mut self.0, COMMAND_TIMEOUT);
+    }
+}
+
+fn spawn_hold(env: &Env, n: usize) -> (Held, usize) {
+    let mut command = as_nobody(env, "attacker");
+    command
+        .arg("hold")
+        .arg(&env.socket)
+        .arg(n.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut line = String::new();
+    let stdout = child.stdout.take().unwrap();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+    let accepted = line
+        .trim()
+        .strip_prefix("accepted=")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    (Held(child), accepted)
+}
+
+/// What a `fshostctl` run as the user says: (exit code, stderr).
+fn ctl_as_nobody(env: &Env, args: &[&str]) -> (i32, String) {
+    let mut command = as_nobody(env, "fshostctl");
+    command.arg("--socket").arg(&env.socket).args(args);
+    let out = run(command);
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_user_holding_connections_never_locks_out_root() {
+    let limits = "[limits]\nmax_connections = 64\nadmin_reserved_connections = 8\nmax_connections_per_user = 1000\n";
+    let Some(env) = user_env(limits) else { return };
+    let (_held, accepted) = spawn_hold(&env, 400);
+    assert_eq!(accepted, 56, "all but the admins' reserve");
+    // Root still gets answers, and the user is told why not, clearly.
+    let list = env.ctl(&["list"]).ok();
+    assert!(list.stdout.contains("memfs"), "{list:?}");
+    let (code, stderr) = ctl_as_nobody(&env, &["list"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("reserved for root and group members")
+            && stderr.contains("(limit-reached)"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn one_user_gets_a_bounded_number_of_connections_and_idle_ones_are_closed() {
+    let Some(env) = user_env("[limits]\nidle_timeout_secs = 1\n") else {
+        return;
+    };
+    let (held, accepted) = spawn_hold(&env, 400);
+    assert_eq!(accepted, 16, "limits.max_connections_per_user's default");
+    let (code, stderr) = ctl_as_nobody(&env, &["list"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("user 65534 already has 16 open"),
+        "{stderr}"
+    );
+    env.ctl(&["list"]).ok();
+    // Idle connections are closed after a second, which frees the user's places.
+    drop(held);
+    let mut stream = std::os::unix::net::UnixStream::connect(&env.socket).unwrap();
+    stream.set_read_timeout(Some(COMMAND_TIMEOUT)).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut answer).unwrap();
+    assert!(
+        answer.contains("no request for 1s") && answer.contains("\"timeout\""),
+        "{answer}"
+    );
+    assert!(eventually(Duration::from_secs(5), || ctl_as_nobody(
+        &env,
+        &["list"]
+    )
+    .0 == 0));
+}
+
+/// Resident memory of a process in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_pipelining_flood_does_not_grow_the_daemon() {
+    let Some(env) = user_env("[limits]\nrequests_per_second = 10\n") else {
+        return;
+    };
+    let before = rss_kib(env.pid());
+    let mut flood = as_nobody(&env, "attacker");
+    flood.arg("flood").arg(&env.socket).arg("5");
+    let out = run(flood);
+    assert!(out.status.success(), "{out:?}");
+    let after = rss_kib(env.pid());
+    eprintln!(
+        "flood: {} , daemon RSS {before} -> {after} KiB",
+        String::from_utf8_lossy(&out.stdout).trim()
+    );
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+    env.ctl(&["list"]).ok();
+}
+
+#[test]
+fn users_mounts_are_limited_in_number_threads_and_size() {
+    let users = "max_mounts = 2\nmax_size = \"8M\"\n";
+    let Some(env) = user_env(users) else { return };
+    let home = user_dir(&env, "home");
+    for name in ["a", "b", "c"] {
+        user_dir(&env, &format!("home/{name}"));
+    }
+    let at = |name: &str| home.join(name).display().to_string();
+    let cases: [(Vec<String>, &str); 2] = [
+        (
+            vec![
+                "mount".into(),
+                "memfs".into(),
+                at("a"),
+                "-o".into(),
+                "threads=16".into(),
+            ],
+            "at most 2 session threads",
+        ),
+        (
+            vec![
+                "mount".into(),
+                "memfs".into(),
+                at("a"),
+                "-o".into(),
+                "size=1G".into(),
+            ],
+            "user 65534 may hold 8M in all ([users] max_size); 8M is left, 1G was asked",
+        ),
+    ];
+    for (args, needle) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, stderr) = ctl_as_nobody(&env, &args);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(
+            stderr.contains(needle) && stderr.contains("(limit-reached)"),
+            "{stderr}"
+        );
+    }
+    let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", &at("a"), "-o", "size=6M"]);
+    assert_eq!(code, 0, "{stderr}");
+    // No size given: an equal share (4M), here cut to what is left (2M).
+    let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", &at("b")]);
+    assert_eq!(code, 0, "{stderr}");
+    let mounts = env.ctl(&["--json", "mounts"]).ok().json();
+    let sizes: Vec<&str> = mounts["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["options"]["size"].as_str().unwrap())
+        .collect();
+    assert_eq!(sizes, [(6 << 20).to_string(), (2 << 20).to_string()]);
+    let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", &at("c")]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("already has 2 mounts ([users] max_mounts)"),
+        "{stderr}"
+    );
+    // Root is not limited.
+    env.ctl(&["mount", "memfs", &at("c"), "-o", "threads=16"])
+        .ok();
+    for name in ["a", "b", "c"] {
+        env.ctl(&["unmount", &at(name)]).ok();
+    }
+}

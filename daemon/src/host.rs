@@ -185,8 +185,6 @@ pub struct Host {
     trust: Mutex<Trust>,
     /// What ordinary users' mounts may take; replaced on reload.
     users: Mutex<UserPolicy>,
-    /// Where private copies of plugin libraries are made (see `plugin::load`).
-    copy_dir: PathBuf,
     socket: PathBuf,
     started: Instant,
 }
@@ -338,7 +336,7 @@ fn absolute(path: &str, what: &str) -> Result<PathBuf, HostError> {
 }
 
 impl Host {
-    pub fn new(trust: Trust, copy_dir: PathBuf, socket: PathBuf, started: Instant) -> Host {
+    pub fn new(trust: Trust, socket: PathBuf, started: Instant) -> Host {
         Host {
             shared: Arc::new(Shared {
                 registry: Mutex::new(Registry::new()),
@@ -348,7 +346,6 @@ impl Host {
             lingering: Mutex::new(Vec::new()),
             trust: Mutex::new(trust),
             users: Mutex::new(UserPolicy::default()),
-            copy_dir,
             socket,
             started,
         }
@@ -426,9 +423,7 @@ impl Host {
 
     pub fn load(&self, path: &str, name: Option<&str>) -> Result<PluginInfo, HostError> {
         let path = self.resolve_plugin_path(path)?;
-        let path = path.canonicalize().unwrap_or(path);
-        plugin::check_trust(&path, &self.trust())?;
-        let plugin = Arc::new(plugin::load(&path, name, &self.copy_dir)?);
+        let plugin = Arc::new(plugin::load(&path, name, &self.trust())?);
         let name = plugin.name.clone();
         let reserved =
             self.transition(|reg| reg.begin_load(&name, Arc::clone(&plugin), SystemTime::now()));

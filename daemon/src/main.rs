@@ -38,9 +38,6 @@ struct Args {
     /// Development mode: load plugins from anywhere, owned by anyone. Never in production.
     #[arg(long)]
     dev: bool,
-    /// Where private copies of loaded libraries are made [default: the socket's directory].
-    #[arg(long, value_name = "DIR")]
-    runtime_dir: Option<PathBuf>,
     /// How long shutdown waits for busy mounts before detaching them lazily (seconds).
     #[arg(long, default_value_t = 2)]
     shutdown_grace: u64,
@@ -104,10 +101,28 @@ fn trust(args: &Args, config: &Config) -> Trust {
 }
 
 /// Binds the socket, refusing to steal it from a live daemon; a stale file is replaced.
+/// The socket's directory must be ours alone: in a directory others may write to, they
+/// could swap the socket for a link between bind and chown/chmod, and have root change
+/// the owner and mode of any file.
 async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+        let meta = std::fs::metadata(dir)
+            .with_context(|| format!("cannot inspect socket directory {}", dir.display()))?;
+        let me = nix::unistd::geteuid().as_raw();
+        if std::os::unix::fs::MetadataExt::uid(&meta) != me
+            || std::os::unix::fs::MetadataExt::mode(&meta) & 0o022 != 0
+        {
+            bail!(
+                "socket directory {} is not fshostd's own (owner uid {}, mode {:o}): others could swap the socket for a link; put the socket in a directory only uid {me} can write (e.g. /run/fshost), or `chown {me} {}` and `chmod go-w {}`",
+                dir.display(),
+                std::os::unix::fs::MetadataExt::uid(&meta),
+                std::os::unix::fs::MetadataExt::mode(&meta) & 0o7777,
+                dir.display(),
+                dir.display()
+            );
+        }
     }
     if socket.exists() {
         if tokio::net::UnixStream::connect(socket).await.is_ok() {
@@ -233,16 +248,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             (listener, true)
         }
     };
-    let copy_dir = args
-        .runtime_dir
-        .clone()
-        .or_else(|| settings.socket.parent().map(Path::to_path_buf))
-        .unwrap_or_else(std::env::temp_dir);
-    std::fs::create_dir_all(&copy_dir)
-        .with_context(|| format!("cannot create runtime directory {}", copy_dir.display()))?;
     let host = Arc::new(Host::new(
         settings.trust.clone(),
-        copy_dir,
         settings.socket.clone(),
         started,
     ));

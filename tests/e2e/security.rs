@@ -384,3 +384,55 @@ fn users_mounts_are_limited_in_number_threads_and_size() {
         env.ctl(&["unmount", &at(name)]).ok();
     }
 }
+
+#[test]
+fn plugin_copies_have_no_name_anyone_could_race() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    // The old copies were `.fshostd-<pid>-<n>-<file>` beside the socket: links there to a
+    // file of root's must not be followed.
+    let victim = env.path("victim");
+    fs::write(&victim, b"root's").unwrap();
+    fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+    for n in 1..=4 {
+        let name = format!(".fshostd-{}-{n}-libmemfs.so", env.pid());
+        std::os::unix::fs::symlink(&victim, env.path(&name)).unwrap();
+    }
+    env.ctl(&["load", "memfs"]).ok();
+    assert_eq!(fs::read(&victim).unwrap(), b"root's");
+    assert_eq!(
+        fs::metadata(&victim).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The copy is a sealed memfd, mapped under its own name only.
+    let maps = fs::read_to_string(format!("/proc/{}/maps", env.pid())).unwrap();
+    assert!(
+        maps.lines()
+            .any(|l| l.contains("/memfd:fshost-") && l.ends_with("libmemfs.so (deleted)")),
+        "{maps}"
+    );
+    env.ctl(&["unload", "memfs"]).ok();
+}
+
+#[test]
+fn plugin_directories_others_may_write_are_refused() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let plugins = env.mountpoint("plugins");
+    fs::copy(artifact("libhellofs.so"), plugins.join("libhellofs.so")).unwrap();
+    fs::set_permissions(&plugins, fs::Permissions::from_mode(0o777)).unwrap();
+    let refused = env.ctl(&["load", path_str(&plugins.join("libhellofs.so"))]);
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(
+        refused.stderr.contains("others could replace its files")
+            && refused.stderr.contains("chmod go-w"),
+        "{refused:?}"
+    );
+    fs::set_permissions(&plugins, fs::Permissions::from_mode(0o755)).unwrap();
+    env.ctl(&["load", path_str(&plugins.join("libhellofs.so"))])
+        .ok();
+}

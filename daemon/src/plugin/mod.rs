@@ -5,9 +5,13 @@
 mod ffi;
 
 use std::fs;
-use std::io::Read;
+use std::io::{Read, Seek};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::{MemfdFlags, SealFlags};
 
 use crate::registry::join_paths;
 pub use ffi::{fix_malloc_mmap_threshold, Answer, GateError, Instance, Library};
@@ -19,9 +23,14 @@ pub struct Plugin {
     pub abi_version: u32,
     /// The file the admin asked to load.
     pub source: PathBuf,
-    /// The private copy that is actually mapped (already unlinked; see [`load`]).
+    /// How the private copy shows in /proc/self/maps (`/memfd:fshost-<n>-<file>`; see
+    /// [`load`]): what the unmap proof looks for.
     pub mapped_path: PathBuf,
     pub library: Library,
+    /// The sealed in-memory copy the library was opened from. Closed after the library
+    /// (field order): while it is open no other copy can be opened under the same
+    /// `/proc/self/fd/N` name, which glibc would take for the library already loaded.
+    image: OwnedFd,
 }
 
 /// Why a plugin could not be loaded.
@@ -38,10 +47,9 @@ pub enum LoadError {
     NotAFile(PathBuf),
     #[error("{} is not a shared object (no ELF header); build the plugin as a cdylib", .0.display())]
     NotSharedObject(PathBuf),
-    #[error("cannot make a private copy of {} in {}: {source}", .path.display(), .dir.display())]
+    #[error("cannot make a private in-memory copy of {}: {source}", .path.display())]
     Copy {
         path: PathBuf,
-        dir: PathBuf,
         source: std::io::Error,
     },
     #[error("{} is not a loadable fshost plugin: {source}", .path.display())]
@@ -63,10 +71,11 @@ pub struct Trust {
     pub dev: bool,
 }
 
-/// Refuses a plugin file that an unprivileged user could have put there or changed:
-/// outside the plugin directories, not owned by root, or writable by group or others.
-pub fn check_trust(path: &Path, trust: &Trust) -> Result<(), LoadError> {
-    use std::os::unix::fs::MetadataExt;
+/// Refuses a plugin that an unprivileged user could have put there or changed: the file
+/// (as opened, `file`: the very descriptor that is then copied, so nothing can be swapped
+/// in between) must lie inside a plugin directory, be owned by root and writable by no one
+/// else, and so must the directory it is in and the plugin directory itself.
+fn check_trust(path: &Path, file: &fs::File, trust: &Trust) -> Result<(), LoadError> {
     if trust.dev {
         return Ok(());
     }
@@ -74,19 +83,18 @@ pub fn check_trust(path: &Path, trust: &Trust) -> Result<(), LoadError> {
         path: path.to_path_buf(),
         reason,
     };
-    let canonical = path.canonicalize().map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => LoadError::NotFound(path.to_path_buf()),
-        _ => LoadError::Unreadable {
-            path: path.to_path_buf(),
-            source: e,
-        },
-    })?;
-    let inside = trust
+    let unreadable = |source| LoadError::Unreadable {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Where the opened file really is, as the kernel knows it (symlinks resolved).
+    let real = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(unreadable)?;
+    let dir = trust
         .plugin_dirs
         .iter()
         .filter_map(|dir| dir.canonicalize().ok())
-        .any(|dir| canonical.starts_with(dir));
-    if !inside {
+        .find(|dir| real.starts_with(dir));
+    let Some(dir) = dir else {
         let dirs = if trust.plugin_dirs.is_empty() {
             "none configured".to_string()
         } else {
@@ -95,11 +103,8 @@ pub fn check_trust(path: &Path, trust: &Trust) -> Result<(), LoadError> {
         return Err(untrusted(format!(
             "it is outside the plugin directories ({dirs}); install it there, or start fshostd with --dev"
         )));
-    }
-    let meta = fs::metadata(&canonical).map_err(|source| LoadError::Unreadable {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    };
+    let meta = file.metadata().map_err(unreadable)?;
     if meta.uid() != 0 {
         return Err(untrusted(format!(
             "it is owned by uid {}, not root; `chown root:root` it",
@@ -112,6 +117,27 @@ pub fn check_trust(path: &Path, trust: &Trust) -> Result<(), LoadError> {
             meta.mode() & 0o7777
         )));
     }
+    let parent = real.parent().unwrap_or(&dir).to_path_buf();
+    for dir in [dir, parent] {
+        check_private_dir(&dir).map_err(|reason| untrusted(reason))?;
+    }
+    Ok(())
+}
+
+/// A directory root trusts: owned by root, writable by no one else (others could replace
+/// what is in it).
+pub fn check_private_dir(dir: &Path) -> Result<(), String> {
+    let meta = fs::metadata(dir).map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
+    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "directory {} is owned by uid {} with mode {:o}: others could replace its files; `chown root {}` and `chmod go-w {}`",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777,
+            dir.display(),
+            dir.display()
+        ));
+    }
     Ok(())
 }
 
@@ -123,62 +149,63 @@ pub fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
-/// Opens a plugin: checks the file, maps a private copy of it, runs the ABI gate.
+/// Opens a plugin: opens the file once, checks it (trust, ELF) on that descriptor, copies it
+/// into a sealed memfd, maps that copy and runs the ABI gate.
 ///
-/// The private copy (in `copy_dir`, unlinked right after `dlopen`) means the file on disk can
-/// be rebuilt or overwritten while the plugin is loaded without changing the code under a
-/// live mount, and two loads of the same file are two independent libraries.
-pub fn load(
-    path: &Path,
-    name_override: Option<&str>,
-    copy_dir: &Path,
-) -> Result<Plugin, LoadError> {
+/// The private copy means the file on disk can be rebuilt or overwritten while the plugin
+/// is loaded without changing the code under a live mount, and two loads of the same file
+/// are two independent libraries. In memory it has no name in any directory that anyone
+/// could race, and sealed it cannot change after the checks.
+pub fn load(path: &Path, name_override: Option<&str>, trust: &Trust) -> Result<Plugin, LoadError> {
     static NEXT_COPY: AtomicU64 = AtomicU64::new(1);
 
-    let meta = fs::metadata(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => LoadError::NotFound(path.to_path_buf()),
-        _ => LoadError::Unreadable {
-            path: path.to_path_buf(),
-            source,
-        },
-    })?;
-    if !meta.is_file() {
-        return Err(LoadError::NotAFile(path.to_path_buf()));
-    }
-    let mut magic = [0u8; 4];
     let unreadable = |source| LoadError::Unreadable {
         path: path.to_path_buf(),
         source,
     };
-    let mut file = fs::File::open(path).map_err(unreadable)?;
+    let mut file = fs::File::open(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => LoadError::NotFound(path.to_path_buf()),
+        _ => unreadable(source),
+    })?;
+    if !file.metadata().map_err(unreadable)?.is_file() {
+        return Err(LoadError::NotAFile(path.to_path_buf()));
+    }
+    check_trust(path, &file, trust)?;
+    let mut magic = [0u8; 4];
     if file.read_exact(&mut magic).is_err() || magic != *b"\x7fELF" {
         return Err(LoadError::NotSharedObject(path.to_path_buf()));
     }
-    drop(file);
+    file.rewind().map_err(unreadable)?;
 
     let file_name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "plugin.so".into());
-    let copy = copy_dir.join(format!(
-        ".fshostd-{}-{}-{file_name}",
-        std::process::id(),
+    let copy_name = format!(
+        "fshost-{}-{file_name}",
         NEXT_COPY.fetch_add(1, Ordering::Relaxed)
-    ));
+    );
     let copy_error = |source| LoadError::Copy {
         path: path.to_path_buf(),
-        dir: copy_dir.to_path_buf(),
         source,
     };
-    fs::copy(path, &copy).map_err(copy_error)?;
-    let opened = Library::dlopen(&copy);
-    // The mapping keeps the copy alive; unlinking now means nothing is left behind, even on
-    // a crash. /proc/self/maps then shows it as "<copy> (deleted)".
-    let _ = fs::remove_file(&copy);
-    let (library, info) = opened.map_err(|source| LoadError::Gate {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    let image = rustix::fs::memfd_create(
+        copy_name.as_str(),
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )
+    .map_err(|e| copy_error(e.into()))?;
+    let mut copy = fs::File::from(image);
+    std::io::copy(&mut file, &mut copy).map_err(copy_error)?;
+    let seals = SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE;
+    rustix::fs::fcntl_add_seals(&copy, seals).map_err(|e| copy_error(e.into()))?;
+    let image = OwnedFd::from(copy);
+    let (library, info) =
+        Library::dlopen(Path::new(&format!("/proc/self/fd/{}", image.as_raw_fd()))).map_err(
+            |source| LoadError::Gate {
+                path: path.to_path_buf(),
+                source,
+            },
+        )?;
     let name = name_override.map_or(info.name, str::to_owned);
     if !valid_name(&name) {
         return Err(LoadError::BadName(name));
@@ -188,26 +215,38 @@ pub fn load(
         version: info.version,
         abi_version: info.abi_version,
         source: path.to_path_buf(),
-        mapped_path: copy,
+        mapped_path: PathBuf::from(format!("/memfd:{copy_name}")),
         library,
+        image,
     })
 }
 
 /// Closes a plugin's library and reports whether it is still mapped afterwards
 /// (a plugin that left a thread or a TLS destructor behind stays mapped: see the SDK docs).
 pub fn close(plugin: Plugin) -> bool {
-    let mapped = plugin.mapped_path.clone();
-    drop(plugin);
-    is_mapped(&mapped)
+    let Plugin {
+        mapped_path,
+        library,
+        image,
+        ..
+    } = plugin;
+    drop(library);
+    let still_mapped = is_mapped(&mapped_path);
+    if still_mapped {
+        // glibc still holds the library under its `/proc/self/fd/N` name: keep that name
+        // from being reused by a later copy, which glibc would take for this one.
+        std::mem::forget(image);
+    }
+    still_mapped
 }
 
-/// True if `/proc/self/maps` still has a mapping of `path`.
+/// True if `/proc/self/maps` still has a mapping of `path` (as `<path> (deleted)`).
 pub fn is_mapped(path: &Path) -> bool {
     let Ok(maps) = fs::read_to_string("/proc/self/maps") else {
         return false;
     };
-    let needle = path.to_string_lossy();
-    maps.lines().any(|line| line.contains(needle.as_ref()))
+    let needle = format!("{} (deleted)", path.display());
+    maps.lines().any(|line| line.ends_with(&needle))
 }
 
 /// Runs `f` on a fresh thread that ends before this returns. Plugin-wide hooks run this
@@ -234,8 +273,12 @@ mod tests {
         }
     }
 
+    fn trusted(path: &Path, trust: &Trust) -> Result<(), LoadError> {
+        check_trust(path, &fs::File::open(path).unwrap(), trust)
+    }
+
     #[test]
-    fn only_root_owned_unwritable_files_inside_plugin_dirs_are_trusted() {
+    fn only_root_owned_unwritable_files_in_private_plugin_dirs_are_trusted() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let inside = dir.path().join("libx.so");
@@ -247,10 +290,19 @@ mod tests {
         };
         let root = nix::unistd::geteuid().is_root();
         if root {
-            check_trust(&inside, &trust).unwrap();
+            trusted(&inside, &trust).unwrap();
+            // A plugin directory others may write to is refused, with the fix.
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o1777)).unwrap();
+            let err = trusted(&inside, &trust).unwrap_err().to_string();
+            assert!(
+                err.contains("others could replace its files; `chown root"),
+                "{err}"
+            );
+            assert!(err.contains("`chmod go-w"), "{err}");
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         }
         fs::set_permissions(&inside, fs::Permissions::from_mode(0o775)).unwrap();
-        let err = check_trust(&inside, &trust).unwrap_err().to_string();
+        let err = trusted(&inside, &trust).unwrap_err().to_string();
         assert!(
             err.contains(if root {
                 "writable by group or others"
@@ -262,31 +314,40 @@ mod tests {
         let elsewhere = tempfile::tempdir().unwrap();
         let outside = elsewhere.path().join("liby.so");
         fs::write(&outside, b"\x7fELF").unwrap();
-        let err = check_trust(&outside, &trust).unwrap_err().to_string();
+        let err = trusted(&outside, &trust).unwrap_err().to_string();
+        assert!(err.contains("outside the plugin directories"), "{err}");
+        // A symlink inside pointing outside is judged by where the file really is.
+        let link = dir.path().join("liblink.so");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let err = trusted(&link, &trust).unwrap_err().to_string();
         assert!(err.contains("outside the plugin directories"), "{err}");
         let dev = Trust {
             plugin_dirs: vec![],
             dev: true,
         };
-        check_trust(&outside, &dev).unwrap();
+        trusted(&outside, &dev).unwrap();
     }
 
     #[test]
     fn missing_and_non_elf_files_are_refused_before_dlopen() {
         let dir = tempfile::tempdir().unwrap();
+        let dev = Trust {
+            plugin_dirs: vec![],
+            dev: true,
+        };
         let missing = dir.path().join("nope.so");
         assert!(matches!(
-            load(&missing, None, dir.path()),
+            load(&missing, None, &dev),
             Err(LoadError::NotFound(_))
         ));
         let text = dir.path().join("text.so");
         fs::write(&text, "not a library").unwrap();
         assert!(matches!(
-            load(&text, None, dir.path()),
+            load(&text, None, &dev),
             Err(LoadError::NotSharedObject(_))
         ));
         assert!(matches!(
-            load(dir.path(), None, dir.path()),
+            load(dir.path(), None, &dev),
             Err(LoadError::NotAFile(_))
         ));
     }

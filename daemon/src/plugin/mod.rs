@@ -119,7 +119,7 @@ fn check_trust(path: &Path, file: &fs::File, trust: &Trust) -> Result<(), LoadEr
     }
     let parent = real.parent().unwrap_or(&dir).to_path_buf();
     for dir in [dir, parent] {
-        check_private_dir(&dir).map_err(|reason| untrusted(reason))?;
+        check_private_dir(&dir).map_err(&untrusted)?;
     }
     Ok(())
 }

@@ -657,16 +657,7 @@ impl Host {
     }
 
     fn unmount_path(&self, path: &Path, lazy: bool) -> Result<(PathBuf, bool), HostError> {
-        let id = self.transition(|reg| reg.begin_unmount(path))?;
-        let side = self.shared.side(id);
-        let unmounted = match &side {
-            Some(side) => mount::unmount(&side.target, side.kernel_id.load(Ordering::SeqCst), lazy),
-            None => Err(UnmountError::NotOurs(path.to_path_buf())),
-        };
-        if let Err(e) = unmounted {
-            self.transition(|reg| reg.abort_unmount(path, id));
-            return Err(e.into());
-        }
+        let id = self.detach(path, lazy)?;
         let timeout = if lazy {
             Duration::from_millis(500)
         } else {
@@ -681,6 +672,22 @@ impl Host {
         } else {
             Err(HostError::SessionStuck(path.to_path_buf()))
         }
+    }
+
+    /// Unmount, first half: `Unmounting`, then the kernel unmount of exactly our mount (back
+    /// to `Active` if that fails). The record goes when the session has ended.
+    fn detach(&self, path: &Path, lazy: bool) -> Result<MountId, HostError> {
+        let id = self.transition(|reg| reg.begin_unmount(path))?;
+        let side = self.shared.side(id);
+        let unmounted = match &side {
+            Some(side) => mount::unmount(&side.target, side.kernel_id.load(Ordering::SeqCst), lazy),
+            None => Err(UnmountError::NotOurs(path.to_path_buf())),
+        };
+        if let Err(e) = unmounted {
+            self.transition(|reg| reg.abort_unmount(path, id));
+            return Err(e.into());
+        }
+        Ok(id)
     }
 
     /// Every registered plugin, then every unloaded one that is still mapped.
@@ -750,32 +757,50 @@ impl Host {
     }
 
     /// Unmounts everything (lazily for mounts still busy after `grace`), then unloads every
-    /// plugin. Used on SIGTERM/SIGINT.
+    /// plugin. Used on SIGTERM/SIGINT. One deadline for all mounts, not one per mount, so
+    /// that many busy mounts stop as fast as one (systemd's TimeoutStopSec is for all).
     pub fn shutdown(&self, grace: Duration) {
         self.transition(|reg| reg.close());
+        let deadline = Instant::now() + grace;
         // Let mounts that are being set up finish first, so none is missed.
         self.wait_until(Duration::from_secs(5), |reg| {
             reg.mounts().all(|(_, r)| r.state != MountState::Pending)
         });
-        let paths: Vec<PathBuf> = self.lock().mounts().map(|(p, _)| p.clone()).collect();
-        for path in paths {
-            let deadline = Instant::now() + grace;
-            loop {
-                match self.unmount_path(&path, false) {
-                    Err(HostError::Unmount(UnmountError::Busy(_))) if Instant::now() < deadline => {
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                    Err(HostError::Unmount(UnmountError::Busy(_))) => {
-                        tracing::warn!(mountpoint = %path.display(), "still busy after the grace period; detaching lazily");
-                        let _ = self.unmount_path(&path, true);
-                        break;
-                    }
+        let mut detached = Vec::new();
+        loop {
+            let active: Vec<PathBuf> = self
+                .lock()
+                .mounts()
+                .filter(|(_, r)| r.state == MountState::Active)
+                .map(|(p, _)| p.clone())
+                .collect();
+            if active.is_empty() {
+                break;
+            }
+            let lazy = Instant::now() >= deadline;
+            for path in active {
+                match self.detach(&path, lazy) {
+                    Ok(id) => detached.push((path, id)),
+                    Err(HostError::Unmount(UnmountError::Busy(_))) => {}
                     Err(e) => {
                         tracing::warn!(mountpoint = %path.display(), error = %e, "unmount at shutdown failed");
-                        break;
+                        let _ = self.transition(|reg| reg.begin_unmount(&path));
                     }
-                    Ok(_) => break,
                 }
+            }
+            if lazy {
+                break;
+            }
+            self.wait_until(Duration::from_millis(100), |_| false);
+        }
+        // Sessions end as the kernel lets go of them; a lazily detached mount whose files
+        // are still open ends when they close, which shutdown does not wait for.
+        self.wait_until(SESSION_END_TIMEOUT.min(Duration::from_secs(2)), |reg| {
+            detached.iter().all(|(_, id)| !reg.has_mount_id(*id))
+        });
+        for (path, id) in &detached {
+            if self.lock().has_mount_id(*id) {
+                tracing::warn!(mountpoint = %path.display(), "still busy after the grace period; detached lazily, its files keep it until they close");
             }
         }
         let names: Vec<String> = self.lock().plugins().map(|(n, _)| n.clone()).collect();

@@ -41,11 +41,30 @@ struct Args {
     /// How long shutdown waits for busy mounts before detaching them lazily (seconds).
     #[arg(long, default_value_t = 2)]
     shutdown_grace: u64,
+    /// Internal: exit 0 if PATH is a dead FUSE mount (ENOTCONN), 1 otherwise. fshostd runs
+    /// itself this way as a mount's owner to check a user's mount at start.
+    #[arg(long, value_name = "PATH", hide = true)]
+    probe_dead: Option<PathBuf>,
+    /// Internal, with --probe-dead: check as UID:GID.
+    #[arg(
+        long = "as",
+        value_name = "UID:GID",
+        hide = true,
+        requires = "probe_dead"
+    )]
+    probe_as: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
     plugin::fix_malloc_mmap_threshold();
     let args = Args::parse();
+    if let Some(path) = &args.probe_dead {
+        let dead = match &args.probe_as {
+            None => mount::answers_enotconn(path),
+            Some(owner) => mount::answers_enotconn_as(path, owner).unwrap_or(false),
+        };
+        std::process::exit(if dead { 0 } else { 1 });
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())

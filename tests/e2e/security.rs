@@ -436,3 +436,50 @@ fn plugin_directories_others_may_write_are_refused() {
     env.ctl(&["load", path_str(&plugins.join("libhellofs.so"))])
         .ok();
 }
+
+#[test]
+fn dead_mounts_of_users_are_cleaned_after_a_crash() {
+    let Some(mut env) = user_env("") else { return };
+    let home = user_dir(&env, "home");
+    let mine = user_dir(&env, "home/m");
+    let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", path_str(&mine)]);
+    assert_eq!(code, 0, "{stderr}");
+    let roots = crate::mounted_memfs(&env, "root");
+    env.crash_and_restart();
+    let log = env.log_text();
+    for mnt in [&mine, &roots] {
+        assert!(
+            log.contains(&format!(
+                "detached a stale mount left by a dead fshostd mountpoint={}",
+                mnt.display()
+            )),
+            "{log}"
+        );
+    }
+    // The user can mount there again.
+    env.ctl(&["load", "memfs"]).ok();
+    let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", path_str(&mine)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(home.exists());
+}
+
+#[test]
+fn sigterm_stops_twelve_busy_mounts_within_one_grace_period() {
+    if !fuse_available() {
+        return;
+    }
+    let mut env = Env::start();
+    let mut open = Vec::new();
+    for n in 0..12 {
+        let mnt = crate::mounted_memfs(&env, &format!("busy{n}"));
+        open.push(fs::File::create(mnt.join("held")).unwrap());
+    }
+    let started = std::time::Instant::now();
+    let status = env.terminate();
+    let took = started.elapsed();
+    eprintln!("SIGTERM with 12 busy mounts: {took:?}");
+    assert!(status.success(), "{status:?}");
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
+    assert!(fshost_tests::fshost_mounts_below(env.dir.path()).is_empty());
+    drop(open);
+}

@@ -359,6 +359,21 @@ pub struct KernelMount {
     pub mountpoint: PathBuf,
     pub fstype: String,
     pub source: String,
+    /// The filesystem's own options (`user_id=0,group_id=0,default_permissions,...`).
+    pub super_options: String,
+}
+
+impl KernelMount {
+    /// A FUSE mount's owner (`user_id=`, `group_id=`) and whether others may use it.
+    fn fuse_access(&self) -> (Option<u32>, Option<u32>, bool) {
+        let option = |key: &str| {
+            self.super_options
+                .split(',')
+                .find_map(|o| o.strip_prefix(key)?.parse().ok())
+        };
+        let allow_other = self.super_options.split(',').any(|o| o == "allow_other");
+        (option("user_id="), option("group_id="), allow_other)
+    }
 }
 
 /// Parses /proc/self/mountinfo text; mount points are unescaped (`\040` is a space).
@@ -373,6 +388,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<KernelMount> {
                 mountpoint: PathBuf::from(unescape_mountinfo(fields.get(4)?)),
                 fstype: fields.get(dash + 1)?.to_string(),
                 source: unescape_mountinfo(fields.get(dash + 2)?),
+                super_options: fields.get(dash + 3).unwrap_or(&"").to_string(),
             })
         })
         .collect()
@@ -402,18 +418,80 @@ fn unescape_mountinfo(field: &str) -> String {
 
 /// True if `path` answers ENOTCONN: a FUSE mount whose daemon is gone. `statfs` always
 /// asks the FUSE daemon (a `stat` may be answered from the kernel's attribute cache for a
-/// while after the daemon died). A live mount that does not answer within a second is left
-/// alone (slow is not dead).
-fn is_dead(path: &Path) -> bool {
-    let (tx, rx) = mpsc::channel();
-    let probe = path.to_path_buf();
-    let spawned = std::thread::Builder::new()
-        .name("stale-probe".into())
-        .spawn(move || {
-            let _ = tx.send(nix::sys::statfs::statfs(&probe).err());
-        });
-    spawned.is_ok()
-        && rx.recv_timeout(std::time::Duration::from_secs(1)) == Ok(Some(nix::Error::ENOTCONN))
+/// while after the daemon died).
+pub fn answers_enotconn(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).err() == Some(nix::Error::ENOTCONN)
+}
+
+/// [`answers_enotconn`] as user `uid:gid` (no supplementary groups), for `--probe-dead`:
+/// the process drops root for good first. Call it only from a single-threaded process.
+pub fn answers_enotconn_as(path: &Path, owner: &str) -> io::Result<bool> {
+    let (uid, gid) = owner
+        .split_once(':')
+        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+        .ok_or_else(|| io::Error::other("--as wants UID:GID"))?;
+    let (uid, gid) = (
+        nix::unistd::Uid::from_raw(uid),
+        nix::unistd::Gid::from_raw(gid),
+    );
+    nix::unistd::setgroups(&[])?;
+    nix::unistd::setresgid(gid, gid, gid)?;
+    nix::unistd::setresuid(uid, uid, uid)?;
+    Ok(answers_enotconn(path))
+}
+
+/// Whether a FUSE mount is dead, asked as someone the kernel lets in: the kernel answers
+/// no one but the owner of a mount without `allow_other` (root gets zeroes, not ENOTCONN),
+/// so such a mount is probed by a child process (`fshostd --probe-dead PATH --as UID:GID`)
+/// that becomes its owner before it looks. A mount that does not answer within a second is left alone (slow is not dead).
+fn is_dead(mount: &KernelMount) -> bool {
+    let me = nix::unistd::geteuid().as_raw();
+    let (uid, gid, allow_other) = mount.fuse_access();
+    let mut command = match (uid, gid) {
+        (Some(uid), Some(gid)) if uid != me && !allow_other => {
+            let Ok(exe) = std::env::current_exe() else {
+                return false;
+            };
+            let mut command = std::process::Command::new(exe);
+            command.arg("--as").arg(format!("{uid}:{gid}"));
+            command
+        }
+        _ => {
+            let (tx, rx) = mpsc::channel();
+            let probe = mount.mountpoint.clone();
+            let spawned = std::thread::Builder::new()
+                .name("stale-probe".into())
+                .spawn(move || {
+                    let _ = tx.send(answers_enotconn(&probe));
+                });
+            return spawned.is_ok()
+                && rx.recv_timeout(std::time::Duration::from_secs(1)) == Ok(true);
+        }
+    };
+    command
+        .arg("--probe-dead")
+        .arg(&mount.mountpoint)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let Ok(mut child) = command.spawn() else {
+        return false;
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return status.code() == Some(0),
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+        }
+    }
 }
 
 /// Detaches every dead `fuse.fshost*` mount (left by an fshostd that was killed) and
@@ -422,7 +500,7 @@ pub fn detach_stale_mounts() -> Vec<KernelMount> {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     parse_mountinfo(&text)
         .into_iter()
-        .filter(|m| m.fstype.starts_with("fuse.fshost") && is_dead(&m.mountpoint))
+        .filter(|m| m.fstype.starts_with("fuse.fshost") && is_dead(m))
         .filter(|m| match umount2(&m.mountpoint, MntFlags::MNT_DETACH) {
             Ok(()) => true,
             Err(e) => {
@@ -451,6 +529,7 @@ mod tests {
                 mountpoint: PathBuf::from("/tmp/a b"),
                 fstype: "fuse.fshost-memfs".into(),
                 source: "fshost:memfs".into(),
+                super_options: "rw,user_id=0".into(),
             }
         );
         assert_eq!(mounts[1].fstype, "ext4");

@@ -359,8 +359,10 @@ impl Tree {
         Ok(())
     }
 
-    /// Writes `data` at `offset`, within the size limit for the pages it would add.
-    fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<()> {
+    /// Writes `data` at `offset`, within the size limit for the pages it would add; returns
+    /// how many bytes that was. Like tmpfs, a write that crosses the limit writes the pages
+    /// that fit (a short write) and fails with ENOSPC only when not one byte fits.
+    fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
         let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
         if end > MAX_FILE_SIZE {
             return Err(Errno::EFBIG);
@@ -370,10 +372,26 @@ impl Tree {
         let Content::File(file) = &mut node.content else {
             return Err(Errno::EISDIR);
         };
-        let new_pages = file.new_pages(offset, data.len() as u64);
-        if limit.is_some_and(|limit| used + new_pages > limit) {
-            return Err(Errno::ENOSPC);
+        let mut len = data.len() as u64;
+        if let Some(limit) = limit {
+            let mut budget = limit.saturating_sub(used);
+            let mut fits = 0;
+            for index in offset / PAGE..end.div_ceil(PAGE) {
+                if file.new_pages(index * PAGE, 1) == 1 {
+                    if budget == 0 {
+                        break;
+                    }
+                    budget -= 1;
+                }
+                fits = ((index + 1) * PAGE).min(end) - offset;
+            }
+            if fits == 0 && len > 0 {
+                return Err(Errno::ENOSPC);
+            }
+            len = fits;
         }
+        let data = &data[..len as usize];
+        let new_pages = file.new_pages(offset, len);
         file.write(offset, data);
         node.attr.size = file.size();
         node.attr.blocks = file.pages() * (PAGE / 512);
@@ -381,7 +399,7 @@ impl Tree {
         node.attr.mtime = now;
         node.attr.ctime = now;
         self.used_pages += new_pages;
-        Ok(())
+        Ok(data.len())
     }
 
     fn truncate(&mut self, ino: u64, size: u64) -> Result<()> {
@@ -650,8 +668,7 @@ impl Plugin for MemFs {
         } else {
             offset
         };
-        tree.write(ino, offset, data)?;
-        Ok(data.len())
+        tree.write(ino, offset, data)
     }
 
     fn release(&self, _ctx: &Context, ino: u64, _fh: u64, _flags: i32) -> Result<()> {
@@ -827,6 +844,28 @@ mod tests {
         assert_eq!(memfs(&[("size", "lots")]).err(), Some(Errno::EINVAL));
         assert_eq!(memfs(&[("noxattr", "yes")]).err(), Some(Errno::EINVAL));
         assert!(memfs(&[("size", "64M"), ("noxattr", "")]).is_ok());
+    }
+
+    #[test]
+    fn a_write_across_the_size_limit_writes_what_fits_as_tmpfs_does() {
+        let ctx = Context::default();
+        let fs = memfs(&[("size", "16K")]).unwrap();
+        let (file, _) = fs
+            .create_file(&ctx, ROOT, OsStr::new("f"), 0o644, libc::O_RDWR)
+            .unwrap();
+        let data = vec![7u8; 6 * 4096];
+        // 16K is four pages: a 24K write at offset 100 writes up to the end of page four.
+        assert_eq!(
+            fs.write(&ctx, file.ino, 0, 100, &data, 0),
+            Ok(4 * 4096 - 100)
+        );
+        assert_eq!(
+            fs.write(&ctx, file.ino, 0, 4 * 4096, &data, 0),
+            Err(Errno::ENOSPC)
+        );
+        // Pages that exist can still be rewritten.
+        assert_eq!(fs.write(&ctx, file.ino, 0, 0, &data[..4096], 0), Ok(4096));
+        assert_eq!(fs.getattr(&ctx, file.ino).unwrap().size, 4 * 4096);
     }
 
     #[test]

@@ -93,8 +93,8 @@ pub struct Limits {
     /// Connections one user (neither root nor in the group) may hold at once.
     #[serde(default = "default_max_connections_per_user")]
     pub max_connections_per_user: usize,
-    /// A connection with no request for this long is closed (seconds). A request that
-    /// takes longer (a drain) does not count as idle.
+    /// A user's connection with no request for this long is closed (seconds); admins'
+    /// connections may stay idle. A request that takes longer (a drain) is not idleness.
     #[serde(default = "default_idle_timeout_secs")]
     pub idle_timeout_secs: u64,
     /// Requests one connection may have sent ahead of their answers; past that the daemon

@@ -197,28 +197,9 @@ fn sighup_applies_config_changes_and_keeps_state_on_a_bad_file() {
     assert_eq!(fs::read(m.join("f")).unwrap(), b"x");
 }
 
-/// Runs a copy of fshostctl as uid/gid 65534 (nobody) with no supplementary groups.
-fn ctl_as_nobody(env: &Env, args: &[&str]) -> (i32, String) {
-    let ctl = env.path("fshostctl");
-    if !ctl.exists() {
-        fs::copy(artifact("fshostctl"), &ctl).unwrap();
-    }
-    let mut command = Command::new("setpriv");
-    command
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&ctl)
-        .arg("--socket")
-        .arg(&env.socket)
-        .args(args);
-    let out = run(command);
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[test]
 fn unprivileged_users_get_exactly_what_the_config_allows() {
+    use crate::security::ctl_as_nobody;
     if !fuse_available() || !tool_available("setpriv") {
         return;
     }

@@ -193,7 +193,9 @@ async fn serve_connection(
     caller: Caller,
     limits: &Limits,
 ) {
-    let idle = Duration::from_secs(limits.idle_timeout_secs);
+    // Admins are trusted to hold a connection (a benchmark, a monitor); users are not, so
+    // that idle connections cannot pile up against their limit.
+    let idle = (!caller.admin).then(|| Duration::from_secs(limits.idle_timeout_secs));
     let mut pending = Queue {
         max: limits.max_queued_requests,
         lines: VecDeque::new(),
@@ -211,12 +213,12 @@ async fn serve_connection(
             Some(line) => line,
             None if peer_closed => return,
             None => {
-                let Ok(next) = tokio::time::timeout(idle, lines.next()).await else {
+                let Ok(next) = maybe_timeout(idle, lines.next()).await else {
                     let response = Response::failure(
                         ErrorCode::Timeout,
                         format!(
                             "no request for {}s (limits.idle_timeout_secs); closing the connection",
-                            idle.as_secs()
+                            limits.idle_timeout_secs
                         ),
                     );
                     let _ = write.write_all(to_line(&response).as_bytes()).await;
@@ -297,6 +299,17 @@ async fn serve_connection(
         {
             return;
         }
+    }
+}
+
+/// Awaits `future`, giving up after `limit` if there is one.
+async fn maybe_timeout<F: std::future::Future>(
+    limit: Option<Duration>,
+    future: F,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, future).await,
+        None => Ok(future.await),
     }
 }
 

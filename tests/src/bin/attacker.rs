@@ -10,6 +10,9 @@
 //! `attacker hold SOCKET N` opens N connections, prints how many the daemon accepted,
 //! then keeps them open until stdin closes.
 //!
+//! `attacker idle SOCKET` connects, sends nothing, and prints what the daemon says until it
+//! closes the connection.
+//!
 //! `attacker flood SOCKET SECS` writes `list` requests as fast as the socket takes them
 //! for SECS seconds without reading an answer; prints the bytes written.
 
@@ -130,6 +133,16 @@ fn hold(args: &[String]) {
     let _ = std::io::stdin().read_to_end(&mut Vec::new());
 }
 
+fn idle(args: &[String]) {
+    let [socket] = args else {
+        fail("usage: idle SOCKET".into());
+    };
+    let mut stream = UnixStream::connect(socket).unwrap_or_else(|e| fail(format!("{e}")));
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    print!("{answer}");
+}
+
 fn flood(args: &[String]) {
     let [socket, secs] = args else {
         fail("usage: flood SOCKET SECS".into());
@@ -159,6 +172,7 @@ fn main() {
         Some("race") => race(&args[1..]),
         Some("hold") => hold(&args[1..]),
         Some("flood") => flood(&args[1..]),
-        _ => fail("usage: attacker race|hold|flood ...".into()),
+        Some("idle") => idle(&args[1..]),
+        _ => fail("usage: attacker race|hold|flood|idle ...".into()),
     }
 }

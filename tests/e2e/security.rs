@@ -40,13 +40,18 @@ fn user_dir(env: &Env, name: &str) -> PathBuf {
 /// A command run as uid/gid 65534 with no supplementary groups, from a copy of `binary`
 /// in the test directory (the build directory may not be open to other users).
 fn as_nobody(env: &Env, binary: &str) -> Command {
+    as_nobody_in(env, binary, "--clear-groups")
+}
+
+/// Like [`as_nobody`], with setpriv's `groups` option (`--groups=100`).
+fn as_nobody_in(env: &Env, binary: &str, groups: &str) -> Command {
     let copy = env.path(binary);
     if !copy.exists() {
         fs::copy(artifact(binary), &copy).unwrap();
     }
     let mut command = Command::new("setpriv");
     command
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--reuid=65534", "--regid=65534", groups])
         .arg(copy);
     command
 }
@@ -482,4 +487,30 @@ fn sigterm_stops_twelve_busy_mounts_within_one_grace_period() {
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
     assert!(fshost_tests::fshost_mounts_below(env.dir.path()).is_empty());
     drop(open);
+}
+
+#[test]
+fn group_membership_comes_from_the_kernel_at_connect() {
+    if !fuse_available() || !tool_available("setpriv") {
+        return;
+    }
+    // Group `users` (gid 100 on Debian) as the admin group: a user with it as a
+    // supplementary group is an admin, without it not. The daemon learns the groups from
+    // SO_PEERGROUPS, not from /proc/<pid> (which a recycled pid could fake).
+    let env = Env::start_configured(&[], "socket_mode = \"0666\"\ngroup = \"users\"\n");
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let load = |groups: &str| {
+        let mut command = as_nobody_in(&env, "fshostctl", groups);
+        command
+            .arg("--socket")
+            .arg(&env.socket)
+            .args(["load", "hellofs"]);
+        run(command)
+    };
+    let out = load("--clear-groups");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only root and members of group users"));
+    let out = load("--groups=100");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(env.state_of("hellofs"), Some(("live".into(), 0)));
 }

@@ -6,6 +6,7 @@
 //! socket.
 #![deny(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::io::IsTerminal;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -187,8 +188,13 @@ fn activated_listener() -> anyhow::Result<Option<UnixListener>> {
     Ok(Some(UnixListener::from_std(listener)?))
 }
 
+/// The plugin each preload entry produced (by entry as written: a path or a bare name),
+/// so that removing the entry unloads exactly that plugin. A name cannot be guessed from a
+/// file name: `libhello_c.so` is plugin `hello-c`.
+type Preloaded = BTreeMap<String, String>;
+
 /// Loads the config's preloads and makes its mounts (errors are logged, not fatal).
-fn apply(host: &Host, changes: &config::Changes) {
+fn apply(host: &Host, changes: &config::Changes, preloaded: &mut Preloaded) {
     let admin = Caller::root();
     for path in &changes.unmount {
         match host.unmount(&path.display().to_string(), false, &admin) {
@@ -199,17 +205,19 @@ fn apply(host: &Host, changes: &config::Changes) {
         }
     }
     for plugin in &changes.unload {
-        let name = Path::new(plugin)
-            .file_stem()
-            .map(|s| s.to_string_lossy().trim_start_matches("lib").to_string())
-            .unwrap_or_default();
+        let Some(name) = preloaded.remove(plugin) else {
+            continue; // its load failed: nothing to unload
+        };
         if let Err(e) = host.unload(&name, None) {
-            tracing::warn!(plugin = %plugin, error = %e, "config: plugin removed from preload is kept");
+            tracing::warn!(plugin = %name, entry = %plugin, error = %e, "config: plugin removed from preload is kept");
         }
     }
     for plugin in &changes.load {
         match host.load(plugin, None) {
-            Ok(info) => tracing::info!(plugin = %info.name, "config: preloaded"),
+            Ok(info) => {
+                tracing::info!(plugin = %info.name, "config: preloaded");
+                preloaded.insert(plugin.clone(), info.name);
+            }
             Err(e) => tracing::error!(plugin = %plugin, error = %e, "config: preload failed"),
         }
     }
@@ -274,10 +282,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
     host.set_user_policy(config.users.clone());
     let applied = Arc::new(Mutex::new(config.clone()));
+    let preloaded = Arc::new(Mutex::new(Preloaded::new()));
     {
         let host = Arc::clone(&host);
         let initial = config::changes(&Config::default(), &config);
-        tokio::task::spawn_blocking(move || apply(&host, &initial)).await?;
+        let preloaded = Arc::clone(&preloaded);
+        tokio::task::spawn_blocking(move || {
+            apply(
+                &host,
+                &initial,
+                &mut preloaded.lock().unwrap_or_else(|e| e.into_inner()),
+            )
+        })
+        .await?;
     }
     let access = Arc::new(Mutex::new(access::Policy::from_config(&config)));
     tracing::info!(socket = %settings.socket.display(), pid = std::process::id(), activated = !owns_socket, "fshostd ready");
@@ -300,7 +317,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             _ = int.recv() => break "SIGINT",
             _ = hup.recv() => {
                 notify(&[NotifyState::Reloading]);
-                reload(&settings, &args, &host, &applied, &access).await;
+                reload(&settings, &args, &host, &applied, &access, &preloaded).await;
                 notify(&[NotifyState::Ready]);
                 notify_status(&host);
             }
@@ -331,6 +348,7 @@ async fn reload(
     host: &Arc<Host>,
     applied: &Arc<Mutex<Config>>,
     access: &Arc<Mutex<access::Policy>>,
+    preloaded: &Arc<Mutex<Preloaded>>,
 ) {
     let new = match Config::load(&settings.config_path, settings.config_required) {
         Ok(config) => config,
@@ -346,7 +364,15 @@ async fn reload(
     host.set_user_policy(new.users.clone());
     *access.lock().unwrap_or_else(|e| e.into_inner()) = access::Policy::from_config(&new);
     let task_host = Arc::clone(host);
-    if let Err(e) = tokio::task::spawn_blocking(move || apply(&task_host, &changes)).await {
+    let preloaded = Arc::clone(preloaded);
+    let applied_changes = tokio::task::spawn_blocking(move || {
+        apply(
+            &task_host,
+            &changes,
+            &mut preloaded.lock().unwrap_or_else(|e| e.into_inner()),
+        )
+    });
+    if let Err(e) = applied_changes.await {
         tracing::error!(error = %e, "reload task failed");
     }
     *applied.lock().unwrap_or_else(|e| e.into_inner()) = new;

@@ -367,3 +367,53 @@ fn connection_and_request_rate_limits_hold() {
         started.elapsed()
     );
 }
+
+#[test]
+fn sighup_unloads_removed_preloads_and_applies_new_limits() {
+    if !fuse_available() {
+        return;
+    }
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixStream;
+    // `hello_c` is the file libhello_c.so, whose plugin is named `hello-c`.
+    let env = Env::start_configured(&[], "preload = [\"hello_c\", \"hellofs\"]\n");
+    assert_eq!(env.state_of("hello-c"), Some(("live".into(), 0)));
+    env.write_config(
+        "preload = [\"hellofs\"]\n[limits]\nmax_connections = 2\nadmin_reserved_connections = 0\n",
+    );
+    env.signal(Signal::SIGHUP);
+    assert!(
+        eventually(Duration::from_secs(10), || env
+            .state_of("hello-c")
+            .is_none()),
+        "hello-c was not unloaded: {:?}",
+        env.plugins()
+    );
+    assert_eq!(env.state_of("hellofs"), Some(("live".into(), 0)));
+    // The new connection limit holds: two served connections, a third refused.
+    let served = |stream: &UnixStream| {
+        let mut line = String::new();
+        stream
+            .try_clone()
+            .unwrap()
+            .write_all(b"{\"op\":\"status\"}\n")
+            .is_ok()
+            && BufReader::new(stream.try_clone().unwrap())
+                .read_line(&mut line)
+                .is_ok()
+            && line.contains("\"ok\":true")
+    };
+    let mut held = Vec::new();
+    assert!(eventually(Duration::from_secs(5), || {
+        held = vec![
+            UnixStream::connect(&env.socket).unwrap(),
+            UnixStream::connect(&env.socket).unwrap(),
+        ];
+        held.iter().all(served)
+    }));
+    let refused = env.raw(b"{\"op\":\"list\"}\n");
+    assert!(
+        refused.contains("fshostd already serves 2 (limits.max_connections)"),
+        "{refused}"
+    );
+}

@@ -17,6 +17,7 @@ mod recovery;
 mod security;
 mod storm;
 mod system;
+mod tidy;
 mod tuning;
 
 pub(crate) const MINIMAL_C: &str = include_str!("plugins/minimal.c");

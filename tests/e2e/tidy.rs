@@ -1,0 +1,106 @@
+//! Conventions that would otherwise hold only by review (STYLE.md), checked on the source
+//! tree: every file says what it is for, `unsafe` stays in the FFI modules, only `mount/`
+//! uses fuser and only `plugin/` uses libloading, and no debugging leftovers.
+
+use std::path::{Path, PathBuf};
+
+/// Every `.rs` file of the workspace, relative to its root (build output excluded).
+fn sources() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut found = Vec::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            if path.is_dir() && !name.starts_with('.') && name != "target" {
+                dirs.push(path);
+            } else if name.ends_with(".rs") {
+                found.push(path.strip_prefix(&root).unwrap().to_path_buf());
+            }
+        }
+    }
+    assert!(found.len() > 40, "found only {found:?}");
+    found.sort();
+    found
+}
+
+fn text(path: &Path) -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)).unwrap()
+}
+
+/// Files whose lines contain one of `needles`, outside `allowed` (path prefixes).
+fn offenders(needles: &[&str], allowed: &[&str]) -> Vec<String> {
+    sources()
+        .into_iter()
+        .filter(|path| {
+            let shown = path.to_string_lossy();
+            !allowed.iter().any(|a| shown.starts_with(a)) && !shown.ends_with("e2e/tidy.rs")
+        })
+        .flat_map(|path| {
+            text(&path)
+                .lines()
+                .enumerate()
+                .filter(|(_, line)| !line.trim_start().starts_with("//"))
+                .filter(|(_, line)| needles.iter().any(|n| line.contains(n)))
+                .map(|(i, line)| format!("{}:{}: {}", path.display(), i + 1, line.trim()))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[test]
+fn every_source_file_starts_by_saying_what_it_is_for() {
+    let undocumented: Vec<PathBuf> = sources()
+        .into_iter()
+        .filter(|path| !text(path).starts_with("//!"))
+        .collect();
+    assert!(
+        undocumented.is_empty(),
+        "no leading //! line: {undocumented:?}"
+    );
+}
+
+#[test]
+fn unsafe_code_stays_in_the_ffi_modules() {
+    let found = offenders(
+        &["unsafe {", "unsafe fn", "unsafe impl", "allow(unsafe_code)"],
+        &[
+            "daemon/src/plugin/ffi.rs",
+            "daemon/src/sys.rs",
+            "fs-plugins/sdk/src/ffi.rs",
+            // The descriptor is plain static data: Send/Sync for the C ABI's pointers.
+            "fs-plugins/sdk/src/abi.rs",
+            // The two lines that let those modules use it.
+            "daemon/src/lib.rs",
+            "daemon/src/plugin/mod.rs",
+        ],
+    );
+    assert!(
+        found.is_empty(),
+        "unsafe outside the FFI modules:\n{}",
+        found.join("\n")
+    );
+}
+
+#[test]
+fn only_mount_uses_fuser_and_only_plugin_uses_libloading() {
+    let fuser = offenders(&["fuser::", "use fuser"], &["daemon/src/mount/"]);
+    assert!(
+        fuser.is_empty(),
+        "fuser outside daemon/src/mount/:\n{}",
+        fuser.join("\n")
+    );
+    let libloading = offenders(&["libloading"], &["daemon/src/plugin/"]);
+    assert!(
+        libloading.is_empty(),
+        "libloading outside daemon/src/plugin/:\n{}",
+        libloading.join("\n")
+    );
+}
+
+#[test]
+fn no_debugging_leftovers() {
+    let found = offenders(&["todo!(", "dbg!(", "unimplemented!("], &[]);
+    assert!(found.is_empty(), "{}", found.join("\n"));
+}

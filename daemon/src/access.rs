@@ -2,7 +2,7 @@
 //! kernel when it connected (SO_PEERCRED, SO_PEERGROUPS):
 //! root and members of the daemon's group may do everything; other users may look
 //! (`list`, `mounts`, `info`, `status`) and, where the config allows, mount the plugins it
-//! names on directories they own and unmount their own mounts (host.rs checks ownership).
+//! names on directories they own and unmount their own mounts (host/ checks ownership).
 
 use fshost_protocol::Request;
 
@@ -47,7 +47,7 @@ impl Policy {
         }
     }
 
-    /// The rules that need no file system access; host.rs adds the ownership rules.
+    /// The rules that need no file system access; host/ adds the ownership rules.
     pub fn authorize(&self, caller: &Caller, request: &Request) -> Result<(), String> {
         if caller.admin {
             return Ok(());

@@ -1,10 +1,10 @@
 //! Host operations as multi-step processes over the registry, run in every interleaving
-//! proptest picks. Each process takes the same steps, in the same order, as `host.rs`:
+//! proptest picks. Each process takes the same steps, in the same order, as `host/`:
 //! a transition under the lock, then the slow part (plugin code, mount, umount, waiting)
 //! with the lock released, then the next transition. The slow parts are where another
 //! process may run; this test lets any process run there.
 //!
-//! What it proves, for the step sequences of host.rs: (1) no library is closed while a
+//! What it proves, for the step sequences of host/: (1) no library is closed while a
 //! process still runs its code or serves a mount from it (invariant 2), (2) a plugin's
 //! count always equals its mounts that have been reserved and not yet fully ended
 //! (invariant 1), (3) the registry's own checks hold after every step, and (4) every

@@ -1,0 +1,299 @@
+//! The host: combines registry transitions with the slow work they guard (loading,
+//! mounting, unmounting, unloading), following DESIGN.md §2 step by step. One file per
+//! operation (`load.rs`, `unload.rs`, `mount.rs`, `unmount.rs`, `shutdown.rs`, `query.rs`);
+//! this one holds what they share.
+//!
+//! Every method is blocking and runs on a blocking thread; the registry lock is only ever
+//! held for one transition at a time, never across a plugin call, a mount syscall or a wait
+//! (`Condvar::wait` releases it).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use fshost_protocol::{ErrorCode, PluginInfo};
+
+use crate::config::UserPolicy;
+use crate::mount::{MountError, MountStats, MountTarget, UnmountError};
+use crate::plugin::{self, LoadError, Plugin};
+use crate::registry::{join_paths, mount_count, MountId, Registry, RegistryError};
+
+/// How long an unmount waits for the FUSE session to end after the kernel detached it.
+mod load;
+mod mount;
+mod query;
+mod shutdown;
+mod unload;
+mod unmount;
+
+pub use unload::{Drain, DrainEnd};
+
+const SESSION_END_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Why a host operation failed; each variant maps to one protocol error code.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("plugin \"{name}\" failed to initialise: on_load returned {}; it was not loaded", crate::mount::describe_errno(*.errno))]
+    OnLoad { name: String, errno: i32 },
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Unmount(#[from] UnmountError),
+    #[error("mount point {}: {reason}", .path.display())]
+    BadMountpoint {
+        path: PathBuf,
+        reason: String,
+        code: ErrorCode,
+    },
+    #[error("{} was unmounted but its FUSE session did not end within {}s", .0.display(), SESSION_END_TIMEOUT.as_secs())]
+    SessionStuck(PathBuf),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("permission denied: {0}")]
+    Denied(String),
+    #[error("{0}")]
+    Limit(String),
+    #[error("plugin \"{name}\" {why}: {} left ({}); it is live again", mount_count(.mounts.len()), join_paths(.mounts))]
+    DrainEnded {
+        name: String,
+        why: DrainEnd,
+        mounts: Vec<PathBuf>,
+    },
+}
+
+impl HostError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            HostError::Registry(e) => match e {
+                RegistryError::AlreadyLoaded { .. } => ErrorCode::AlreadyLoaded,
+                RegistryError::UnknownPlugin { .. } | RegistryError::UnknownMount { .. } => {
+                    ErrorCode::NotFound
+                }
+                RegistryError::NotLive { .. }
+                | RegistryError::PluginBusy { .. }
+                | RegistryError::MountpointInUse { .. }
+                | RegistryError::MountBusy { .. }
+                | RegistryError::ShuttingDown => ErrorCode::Busy,
+            },
+            HostError::Load(LoadError::NotFound(_) | LoadError::NotInPluginDirs { .. }) => {
+                ErrorCode::NotFound
+            }
+            HostError::Load(LoadError::Untrusted { .. }) => ErrorCode::PermissionDenied,
+            HostError::Load(LoadError::Copy { .. } | LoadError::Unreadable { .. }) => ErrorCode::Io,
+            HostError::Load(_) | HostError::OnLoad { .. } => ErrorCode::InvalidPlugin,
+            HostError::Mount(MountError::BadOption { .. }) => ErrorCode::BadRequest,
+            HostError::Mount(MountError::Create { .. }) => ErrorCode::InvalidPlugin,
+            HostError::Mount(_) => ErrorCode::Io,
+            HostError::Unmount(UnmountError::Busy(_)) => ErrorCode::Busy,
+            HostError::Unmount(_) => ErrorCode::Io,
+            HostError::BadMountpoint { code, .. } => *code,
+            HostError::SessionStuck(_) => ErrorCode::Timeout,
+            HostError::BadRequest(_) => ErrorCode::BadRequest,
+            HostError::Denied(_) => ErrorCode::PermissionDenied,
+            HostError::Limit(_) => ErrorCode::LimitReached,
+            HostError::DrainEnded { .. } => ErrorCode::Timeout,
+        }
+    }
+}
+
+/// What the host keeps of a mount beside its registry record: where it is (as descriptors)
+/// and which kernel mount it is, so that unmounts act on exactly that mount.
+struct MountSide {
+    stats: Arc<MountStats>,
+    target: Arc<MountTarget>,
+    /// The kernel's mount id; 0 until the kernel mount exists.
+    kernel_id: AtomicU64,
+}
+
+/// State shared with mount threads, which report the end of their session through it.
+struct Shared {
+    registry: Mutex<Registry<Plugin>>,
+    /// Per-mount descriptors and counters, by mount id; gone with the mount.
+    sides: Mutex<HashMap<MountId, Arc<MountSide>>>,
+    /// Signalled after every registry change that someone may be waiting for.
+    changed: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Registry<Plugin>> {
+        // The registry is plain data changed by single transitions; a panic cannot leave it
+        // half-changed, so a poisoned lock is still consistent.
+        self.registry.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Applies one registry transition under the lock, then wakes every waiter. Debug
+    /// builds check the registry's invariants after each transition and abort on a
+    /// violation, so that stress tests notice at once.
+    fn transition<R>(&self, change: impl FnOnce(&mut Registry<Plugin>) -> R) -> R {
+        let mut reg = self.lock();
+        let result = change(&mut reg);
+        if cfg!(debug_assertions) {
+            if let Err(violation) = reg.check() {
+                tracing::error!(%violation, "registry invariant violated");
+                std::process::abort();
+            }
+        }
+        drop(reg);
+        self.changed.notify_all();
+        result
+    }
+
+    /// Mount failed or session ended: drop the count and wake waiters.
+    fn release_mount(&self, path: &Path, id: MountId) {
+        self.sides().remove(&id);
+        let released = self.transition(|reg| reg.release_mount(path, id));
+        if released {
+            tracing::info!(mountpoint = %path.display(), "mount ended");
+        }
+    }
+
+    fn sides(&self) -> MutexGuard<'_, HashMap<MountId, Arc<MountSide>>> {
+        self.sides.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn side(&self, id: MountId) -> Option<Arc<MountSide>> {
+        self.sides().get(&id).cloned()
+    }
+}
+
+pub struct Host {
+    shared: Arc<Shared>,
+    /// Plugins that were unloaded but whose library stayed mapped (the unmap proof
+    /// failed), with the path of their mapping; shown by `list` until they unmap.
+    lingering: Mutex<Vec<(PathBuf, PluginInfo)>>,
+    /// Where plugins may come from; replaced on reload.
+    trust: Mutex<Trust>,
+    /// What ordinary users' mounts may take; replaced on reload.
+    users: Mutex<UserPolicy>,
+    socket: PathBuf,
+    started: Instant,
+}
+
+pub use crate::plugin::Trust;
+
+/// Who sent a request, from the socket's peer credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+    /// Root or a member of the daemon's group: may do everything.
+    pub admin: bool,
+}
+
+impl Caller {
+    /// The daemon itself (config file, shutdown).
+    pub fn root() -> Caller {
+        Caller {
+            uid: 0,
+            gid: 0,
+            admin: true,
+        }
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Closes a plugin that the registry no longer holds; returns true if it stays mapped.
+fn close_plugin(plugin: Arc<Plugin>) -> bool {
+    match Arc::try_unwrap(plugin) {
+        Ok(plugin) => {
+            let name = plugin.name.clone();
+            let still_mapped = plugin::close(plugin);
+            if still_mapped {
+                tracing::warn!(plugin = %name, "library is still mapped after dlclose: it left a thread or a thread-local destructor behind");
+            }
+            still_mapped
+        }
+        Err(plugin) => {
+            // Cannot happen while invariant 2 holds; never dlclose under a user.
+            tracing::error!(plugin = %plugin.name, "plugin still referenced at unload; leaving it mapped");
+            true
+        }
+    }
+}
+
+fn absolute(path: &str, what: &str) -> Result<PathBuf, HostError> {
+    let path = PathBuf::from(path);
+    if path.is_absolute() {
+        Ok(path)
+    } else {
+        Err(HostError::BadRequest(format!(
+            "{what} {} must be an absolute path",
+            path.display()
+        )))
+    }
+}
+
+impl Host {
+    pub fn new(trust: Trust, socket: PathBuf, started: Instant) -> Host {
+        Host {
+            shared: Arc::new(Shared {
+                registry: Mutex::new(Registry::new()),
+                sides: Mutex::new(HashMap::new()),
+                changed: Condvar::new(),
+            }),
+            lingering: Mutex::new(Vec::new()),
+            trust: Mutex::new(trust),
+            users: Mutex::new(UserPolicy::default()),
+            socket,
+            started,
+        }
+    }
+
+    /// Replaces where plugins may come from (config reload); loaded plugins stay.
+    pub fn set_trust(&self, trust: Trust) {
+        *self.trust.lock().unwrap_or_else(|e| e.into_inner()) = trust;
+    }
+
+    /// Replaces the limits of ordinary users' mounts (start and config reload); mounts that
+    /// exist stay as they are.
+    pub fn set_user_policy(&self, users: UserPolicy) {
+        *self.users.lock().unwrap_or_else(|e| e.into_inner()) = users;
+    }
+
+    fn trust(&self) -> Trust {
+        self.trust.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Registry<Plugin>> {
+        self.shared.lock()
+    }
+
+    fn transition<R>(&self, change: impl FnOnce(&mut Registry<Plugin>) -> R) -> R {
+        self.shared.transition(change)
+    }
+
+    /// Waits (releasing the lock) until `done` holds or the timeout passes.
+    fn wait_until(&self, timeout: Duration, done: impl Fn(&Registry<Plugin>) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut reg = self.lock();
+        loop {
+            if done(&reg) {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            reg = self
+                .shared
+                .changed
+                .wait_timeout(reg, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Wakes every waiter so it re-checks its condition (used when a client cancels).
+    pub fn wake_waiters(&self) {
+        self.shared.changed.notify_all();
+    }
+}

@@ -1,0 +1,171 @@
+//! Mount: resolve the mount point once into descriptors, check ownership and options,
+//! reserve the mount (counted from now on) within the caller's limits, then make the
+//! instance and the kernel mount on the mount thread.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use fshost_protocol::{ErrorCode, MountInfo};
+
+use super::{absolute, unix_secs, Caller, Host, HostError, MountSide};
+use crate::config::UserPolicy;
+use crate::mount::{self, MountSpec, MountStats, MountTarget};
+use crate::plugin::Plugin;
+use crate::registry::{MountRecord, Registry};
+
+impl Host {
+    pub fn mount(
+        &self,
+        name: &str,
+        mountpoint: &str,
+        options: BTreeMap<String, String>,
+        read_only: bool,
+        caller: &Caller,
+    ) -> Result<MountInfo, HostError> {
+        let given = absolute(mountpoint, "mount point")?;
+        // Resolved once, following no symlink; everything after acts on the descriptors.
+        let target = MountTarget::resolve(&given).map_err(|e| {
+            let code = match e {
+                mount::TargetError::Missing => ErrorCode::NotFound,
+                mount::TargetError::Other(_) | mount::TargetError::DeadMount => ErrorCode::Io,
+                _ => ErrorCode::BadRequest,
+            };
+            HostError::BadMountpoint {
+                path: given.clone(),
+                reason: e.to_string(),
+                code,
+            }
+        })?;
+        // fusermount's rule: users mount only on directories they own.
+        if !caller.admin && target.uid != caller.uid {
+            return Err(HostError::Denied(format!(
+                "user {} may not mount on {}: it is owned by uid {} (users may mount only on directories they own)",
+                caller.uid,
+                given.display(),
+                target.uid
+            )));
+        }
+        // Options are checked before anything is reserved.
+        let (session, _) = mount::SessionOptions::parse(&options)?;
+        let users =
+            (!caller.admin).then(|| self.users.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        if let Some(users) = &users {
+            if session.threads > users.max_threads_per_mount {
+                return Err(HostError::Limit(format!(
+                    "users' mounts may have at most {} session threads ([users] max_threads_per_mount); ask for fewer with -o threads=N",
+                    users.max_threads_per_mount
+                )));
+            }
+        }
+        let path = target.path.clone();
+        let target = Arc::new(target);
+        let now = SystemTime::now();
+        let mut options = options;
+        let (plugin, id) = self.transition(|reg| {
+            if let Some(users) = &users {
+                within_user_limits(reg, caller.uid, users, &mut options)?;
+            }
+            Ok::<_, HostError>(reg.reserve_mount(
+                name,
+                &path,
+                options.clone(),
+                read_only,
+                caller.uid,
+                now,
+            )?)
+        })?;
+        let shared = Arc::clone(&self.shared);
+        let ended_path = path.clone();
+        let side = Arc::new(MountSide {
+            stats: Arc::new(MountStats::default()),
+            target: Arc::clone(&target),
+            kernel_id: AtomicU64::new(0),
+        });
+        self.shared.sides().insert(id, Arc::clone(&side));
+        let spec = MountSpec {
+            stats: Arc::clone(&side.stats),
+            plugin,
+            target,
+            options: options.clone(),
+            read_only,
+            owner: (caller.uid, caller.gid),
+        };
+        match mount::spawn(spec, move || shared.release_mount(&ended_path, id)) {
+            Ok(kernel_id) => side.kernel_id.store(kernel_id, Ordering::SeqCst),
+            Err(e) => {
+                self.shared.release_mount(&path, id);
+                return Err(e.into());
+            }
+        }
+        self.transition(|reg| reg.mount_started(&path, id));
+        tracing::info!(plugin = %name, mountpoint = %path.display(), "mounted");
+        Ok(MountInfo {
+            mountpoint: path.display().to_string(),
+            plugin: name.to_string(),
+            since: unix_secs(now),
+            options,
+            read_only,
+            owner_uid: caller.uid,
+            plugin_reads: 0,
+            plugin_writes: 0,
+            passthrough_opens: 0,
+        })
+    }
+}
+
+/// Checks a user's new mount against their allowance, with the registry locked so that two
+/// mounts at once cannot both take the last place: at most `max_mounts` mounts, and `size=`
+/// summing to at most `max_size`. A mount without `size=` gets an equal share,
+/// `max_size / max_mounts`, or what is left if that is less.
+fn within_user_limits(
+    reg: &Registry<Plugin>,
+    uid: u32,
+    users: &UserPolicy,
+    options: &mut BTreeMap<String, String>,
+) -> Result<(), HostError> {
+    let mine: Vec<&MountRecord> = reg
+        .mounts()
+        .map(|(_, r)| r)
+        .filter(|r| r.owner == uid)
+        .collect();
+    if mine.len() >= users.max_mounts {
+        return Err(HostError::Limit(format!(
+            "user {uid} already has {} mounts ([users] max_mounts); unmount one first",
+            mine.len()
+        )));
+    }
+    let used: u64 = mine
+        .iter()
+        .filter_map(|r| r.options.get("size"))
+        .filter_map(|size| fshost_sdk::parse_size(size))
+        .sum();
+    let left = users.max_size_bytes().saturating_sub(used);
+    let share = users.max_size_bytes() / users.max_mounts.max(1) as u64;
+    let wanted = match options.get("size") {
+        None => share.min(left),
+        Some(text) => fshost_sdk::parse_size(text).ok_or_else(|| {
+            HostError::BadRequest(format!("option size={text:?} is not a size like 64M or 1G"))
+        })?,
+    };
+    if wanted == 0 || wanted > left {
+        return Err(HostError::Limit(format!(
+            "user {uid} may hold {} in all ([users] max_size); {} is left, {} was asked; unmount something or ask for less with -o size=",
+            users.max_size,
+            human_bytes(left),
+            human_bytes(wanted)
+        )));
+    }
+    options.insert("size".into(), wanted.to_string());
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}G", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}M", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}K", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}

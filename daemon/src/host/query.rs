@@ -1,0 +1,113 @@
+//! The read-only operations: `list`, `mounts`, `info`, `status`.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fshost_protocol::{MountInfo, PluginInfo};
+
+use super::{unix_secs, Host, HostError};
+use crate::mount::MountStats;
+use crate::plugin::{self, Plugin};
+use crate::registry::{MountRecord, PluginEntry, Registry, RegistryError};
+
+fn plugin_info(reg: &Registry<Plugin>, name: &str, entry: &PluginEntry<Plugin>) -> PluginInfo {
+    let plugin = &entry.handle;
+    PluginInfo {
+        name: name.to_string(),
+        state: entry.state,
+        version: plugin.version.clone(),
+        path: plugin.source.display().to_string(),
+        abi_version: plugin.abi_version,
+        mounts: reg
+            .mounts_of(name)
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect(),
+        loaded_at: unix_secs(entry.loaded_at),
+        tainted: plugin.library.taint(),
+    }
+}
+
+fn mount_info(path: &Path, record: &MountRecord, stats: Option<&MountStats>) -> MountInfo {
+    let count =
+        |get: fn(&MountStats) -> &AtomicU64| stats.map_or(0, |s| get(s).load(Ordering::Relaxed));
+    MountInfo {
+        plugin_reads: count(|s| &s.plugin_reads),
+        plugin_writes: count(|s| &s.plugin_writes),
+        passthrough_opens: count(|s| &s.passthrough_opens),
+        mountpoint: path.display().to_string(),
+        plugin: record.plugin.clone(),
+        since: unix_secs(record.since),
+        options: record.options.clone(),
+        read_only: record.read_only,
+        owner_uid: record.owner,
+    }
+}
+
+impl Host {
+    /// Every registered plugin, then every unloaded one that is still mapped.
+    pub fn list(&self) -> Vec<PluginInfo> {
+        let mut plugins: Vec<PluginInfo> = {
+            let reg = self.lock();
+            reg.plugins()
+                .map(|(name, entry)| plugin_info(&reg, name, entry))
+                .collect()
+        };
+        let mut lingering = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
+        lingering.retain(|(mapped, _)| plugin::is_mapped(mapped));
+        plugins.extend(lingering.iter().map(|(_, info)| info.clone()));
+        plugins
+    }
+
+    pub fn mounts(&self) -> Vec<MountInfo> {
+        let reg = self.lock();
+        let sides = self.shared.sides();
+        reg.mounts()
+            .map(|(path, record)| {
+                mount_info(
+                    path,
+                    record,
+                    sides.get(&record.id).map(|s| s.stats.as_ref()),
+                )
+            })
+            .collect()
+    }
+
+    pub fn info(&self, name: &str) -> Result<PluginInfo, HostError> {
+        let reg = self.lock();
+        let entry = reg
+            .plugin(name)
+            .ok_or_else(|| RegistryError::UnknownPlugin {
+                name: name.to_string(),
+            })?;
+        Ok(plugin_info(&reg, name, entry))
+    }
+
+    /// One line for `systemctl status`: counts of plugins, mounts and tainted plugins.
+    pub fn status_line(&self) -> String {
+        let status = self.status();
+        format!(
+            "{} plugins ({} tainted), {} mounts",
+            status.plugins,
+            status.tainted.len(),
+            status.mounts
+        )
+    }
+
+    pub fn status(&self) -> fshost_protocol::Status {
+        let plugins = self.list();
+        fshost_protocol::Status {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            pid: std::process::id(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            socket: self.socket.display().to_string(),
+            plugins: plugins.len(),
+            mounts: self.lock().mounts().count(),
+            tainted: plugins
+                .into_iter()
+                .filter(|p| p.tainted.is_some())
+                .map(|p| p.name)
+                .collect(),
+        }
+    }
+}

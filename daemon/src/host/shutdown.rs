@@ -1,0 +1,66 @@
+//! Shutdown (SIGTERM/SIGINT): no new loads or mounts, every mount unmounted within one
+//! deadline (the busy ones lazily after it), then every plugin unloaded.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use super::{Host, HostError, SESSION_END_TIMEOUT};
+use crate::mount::UnmountError;
+use crate::registry::MountState;
+
+impl Host {
+    /// Unmounts everything (lazily for mounts still busy after `grace`), then unloads every
+    /// plugin. Used on SIGTERM/SIGINT. One deadline for all mounts, not one per mount, so
+    /// that many busy mounts stop as fast as one (systemd's TimeoutStopSec is for all).
+    pub fn shutdown(&self, grace: Duration) {
+        self.transition(|reg| reg.close());
+        let deadline = Instant::now() + grace;
+        // Let mounts that are being set up finish first, so none is missed.
+        self.wait_until(Duration::from_secs(5), |reg| {
+            reg.mounts().all(|(_, r)| r.state != MountState::Pending)
+        });
+        let mut detached = Vec::new();
+        loop {
+            let active: Vec<PathBuf> = self
+                .lock()
+                .mounts()
+                .filter(|(_, r)| r.state == MountState::Active)
+                .map(|(p, _)| p.clone())
+                .collect();
+            if active.is_empty() {
+                break;
+            }
+            let lazy = Instant::now() >= deadline;
+            for path in active {
+                match self.detach(&path, lazy) {
+                    Ok(id) => detached.push((path, id)),
+                    Err(HostError::Unmount(UnmountError::Busy(_))) => {}
+                    Err(e) => {
+                        tracing::warn!(mountpoint = %path.display(), error = %e, "unmount at shutdown failed");
+                        let _ = self.transition(|reg| reg.begin_unmount(&path));
+                    }
+                }
+            }
+            if lazy {
+                break;
+            }
+            self.wait_until(Duration::from_millis(100), |_| false);
+        }
+        // Sessions end as the kernel lets go of them; a lazily detached mount whose files
+        // are still open ends when they close, which shutdown does not wait for.
+        self.wait_until(SESSION_END_TIMEOUT.min(Duration::from_secs(2)), |reg| {
+            detached.iter().all(|(_, id)| !reg.has_mount_id(*id))
+        });
+        for (path, id) in &detached {
+            if self.lock().has_mount_id(*id) {
+                tracing::warn!(mountpoint = %path.display(), "still busy after the grace period; detached lazily, its files keep it until they close");
+            }
+        }
+        let names: Vec<String> = self.lock().plugins().map(|(n, _)| n.clone()).collect();
+        for name in names {
+            if let Err(e) = self.unload(&name, None) {
+                tracing::warn!(plugin = %name, error = %e, "unload at shutdown failed");
+            }
+        }
+    }
+}

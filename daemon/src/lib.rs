@@ -6,7 +6,6 @@
 //! wraps) may use `unsafe`.
 #![deny(unsafe_code)]
 
-pub mod access;
 pub mod config;
 pub mod control;
 pub mod host;

@@ -20,8 +20,9 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use fshostd::config::{self, Config};
+use fshostd::control::{self, access};
 use fshostd::host::{Caller, Host, Trust};
-use fshostd::{access, control, mount, notify, notify_status, plugin};
+use fshostd::{mount, notify, notify_status, plugin};
 
 /// Hosts user-space filesystem plugins and serves them through FUSE.
 #[derive(Debug, Parser)]

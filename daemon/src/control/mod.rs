@@ -18,9 +18,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
-use crate::access::Policy;
+pub mod access;
+
 use crate::config::Limits;
 use crate::host::{Caller, Drain, Host, HostError};
+use access::Policy;
 
 /// Accepts connections until `stop` turns true.
 pub async fn serve(

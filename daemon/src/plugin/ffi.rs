@@ -77,12 +77,6 @@ pub struct Library {
     _raw: RawLibrary,
 }
 
-// SAFETY: the descriptor is immutable static data inside the library; the plugin ABI makes
-// every entry point callable from any thread.
-unsafe impl Send for Library {}
-// SAFETY: as above; the only mutable state (`taint`) is behind a mutex.
-unsafe impl Sync for Library {}
-
 /// Takes ownership of a file descriptor a plugin handed over (-1: none).
 fn owned_fd(fd: c_int) -> Option<OwnedFd> {
     // SAFETY: the ABI transfers ownership of a non-negative `backing_fd` to the host; the

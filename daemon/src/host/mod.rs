@@ -16,11 +16,12 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use fshost_protocol::{ErrorCode, PluginInfo};
 
 use crate::config::UserPolicy;
-use crate::mount::{MountError, MountStats, MountTarget, UnmountError};
-use crate::plugin::{self, LoadError, Plugin};
+use crate::mount::{MountError, MountStats, UnmountError};
+use crate::plugin::LoadError;
 use crate::registry::{join_paths, mount_count, MountId, Registry, RegistryError};
 
 /// How long an unmount waits for the FUSE session to end after the kernel detached it.
+mod effects;
 mod load;
 mod mount;
 mod query;
@@ -28,6 +29,7 @@ mod shutdown;
 mod unload;
 mod unmount;
 
+pub use effects::{Effects, MountRequest, PluginHandle, Real, TargetHandle};
 pub use unload::{Drain, DrainEnd};
 
 const SESSION_END_TIMEOUT: Duration = Duration::from_secs(10);
@@ -104,24 +106,25 @@ impl HostError {
 
 /// What the host keeps of a mount beside its registry record: where it is (as descriptors)
 /// and which kernel mount it is, so that unmounts act on exactly that mount.
-struct MountSide {
+struct MountSide<E: Effects> {
     stats: Arc<MountStats>,
-    target: Arc<MountTarget>,
+    target: Arc<E::Target>,
     /// The kernel's mount id; 0 until the kernel mount exists.
     kernel_id: AtomicU64,
 }
 
 /// State shared with mount threads, which report the end of their session through it.
-struct Shared {
-    registry: Mutex<Registry<Plugin>>,
+struct Shared<E: Effects> {
+    registry: Mutex<Registry<E::Plugin>>,
     /// Per-mount descriptors and counters, by mount id; gone with the mount.
-    sides: Mutex<HashMap<MountId, Arc<MountSide>>>,
+    sides: Mutex<HashMap<MountId, Arc<MountSide<E>>>>,
     /// Signalled after every registry change that someone may be waiting for.
     changed: Condvar,
+    effects: E,
 }
 
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, Registry<Plugin>> {
+impl<E: Effects> Shared<E> {
+    fn lock(&self) -> MutexGuard<'_, Registry<E::Plugin>> {
         // The registry is plain data changed by single transitions; a panic cannot leave it
         // half-changed, so a poisoned lock is still consistent.
         self.registry.lock().unwrap_or_else(|e| e.into_inner())
@@ -130,7 +133,8 @@ impl Shared {
     /// Applies one registry transition under the lock, then wakes every waiter. Debug
     /// builds check the registry's invariants after each transition and abort on a
     /// violation, so that stress tests notice at once.
-    fn transition<R>(&self, change: impl FnOnce(&mut Registry<Plugin>) -> R) -> R {
+    fn transition<R>(&self, change: impl FnOnce(&mut Registry<E::Plugin>) -> R) -> R {
+        self.effects.step();
         let mut reg = self.lock();
         let result = change(&mut reg);
         if cfg!(debug_assertions) {
@@ -153,17 +157,19 @@ impl Shared {
         }
     }
 
-    fn sides(&self) -> MutexGuard<'_, HashMap<MountId, Arc<MountSide>>> {
+    fn sides(&self) -> MutexGuard<'_, HashMap<MountId, Arc<MountSide<E>>>> {
         self.sides.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn side(&self, id: MountId) -> Option<Arc<MountSide>> {
+    fn side(&self, id: MountId) -> Option<Arc<MountSide<E>>> {
         self.sides().get(&id).cloned()
     }
 }
 
-pub struct Host {
-    shared: Arc<Shared>,
+/// The daemon's state and operations, over the outside world `E` (the real one but in the
+/// interleaving checker).
+pub struct Host<E: Effects = Real> {
+    shared: Arc<Shared<E>>,
     /// Plugins that were unloaded but whose library stayed mapped (the unmap proof
     /// failed), with the path of their mapping; shown by `list` until they unmap.
     lingering: Mutex<Vec<(PathBuf, PluginInfo)>>,
@@ -201,25 +207,6 @@ fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Closes a plugin that the registry no longer holds; returns true if it stays mapped.
-fn close_plugin(plugin: Arc<Plugin>) -> bool {
-    match Arc::try_unwrap(plugin) {
-        Ok(plugin) => {
-            let name = plugin.name.clone();
-            let still_mapped = plugin::close(plugin);
-            if still_mapped {
-                tracing::warn!(plugin = %name, "library is still mapped after dlclose: it left a thread or a thread-local destructor behind");
-            }
-            still_mapped
-        }
-        Err(plugin) => {
-            // Cannot happen while invariant 2 holds; never dlclose under a user.
-            tracing::error!(plugin = %plugin.name, "plugin still referenced at unload; leaving it mapped");
-            true
-        }
-    }
-}
-
 fn absolute(path: &str, what: &str) -> Result<PathBuf, HostError> {
     let path = PathBuf::from(path);
     if path.is_absolute() {
@@ -232,13 +219,20 @@ fn absolute(path: &str, what: &str) -> Result<PathBuf, HostError> {
     }
 }
 
-impl Host {
-    pub fn new(trust: Trust, socket: PathBuf, started: Instant) -> Host {
+impl Host<Real> {
+    pub fn new(trust: Trust, socket: PathBuf, started: Instant) -> Host<Real> {
+        Host::with_effects(Real, trust, socket, started)
+    }
+}
+
+impl<E: Effects> Host<E> {
+    pub fn with_effects(effects: E, trust: Trust, socket: PathBuf, started: Instant) -> Host<E> {
         Host {
             shared: Arc::new(Shared {
                 registry: Mutex::new(Registry::new()),
                 sides: Mutex::new(HashMap::new()),
                 changed: Condvar::new(),
+                effects,
             }),
             lingering: Mutex::new(Vec::new()),
             trust: Mutex::new(trust),
@@ -263,32 +257,32 @@ impl Host {
         self.trust.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn lock(&self) -> MutexGuard<'_, Registry<Plugin>> {
+    fn lock(&self) -> MutexGuard<'_, Registry<E::Plugin>> {
         self.shared.lock()
     }
 
-    fn transition<R>(&self, change: impl FnOnce(&mut Registry<Plugin>) -> R) -> R {
+    fn effects(&self) -> &E {
+        &self.shared.effects
+    }
+
+    fn transition<R>(&self, change: impl FnOnce(&mut Registry<E::Plugin>) -> R) -> R {
         self.shared.transition(change)
     }
 
     /// Waits (releasing the lock) until `done` holds or the timeout passes.
-    fn wait_until(&self, timeout: Duration, done: impl Fn(&Registry<Plugin>) -> bool) -> bool {
-        let deadline = Instant::now() + timeout;
+    fn wait_until(&self, timeout: Duration, done: impl Fn(&Registry<E::Plugin>) -> bool) -> bool {
+        let effects = self.effects();
+        let deadline = effects.now() + timeout;
         let mut reg = self.lock();
         loop {
             if done(&reg) {
                 return true;
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.saturating_duration_since(effects.now());
             if left.is_zero() {
                 return false;
             }
-            reg = self
-                .shared
-                .changed
-                .wait_timeout(reg, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            reg = effects.wait(&self.shared.changed, &self.shared.registry, reg, left);
         }
     }
 

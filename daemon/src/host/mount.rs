@@ -9,13 +9,14 @@ use std::time::SystemTime;
 
 use fshost_protocol::{ErrorCode, MountInfo};
 
-use super::{absolute, unix_secs, Caller, Host, HostError, MountSide};
+use super::{
+    absolute, unix_secs, Caller, Effects, Host, HostError, MountRequest, MountSide, TargetHandle,
+};
 use crate::config::UserPolicy;
-use crate::mount::{self, MountSpec, MountStats, MountTarget};
-use crate::plugin::Plugin;
+use crate::mount::{self, MountStats};
 use crate::registry::{MountRecord, Registry};
 
-impl Host {
+impl<E: Effects> Host<E> {
     pub fn mount(
         &self,
         name: &str,
@@ -26,7 +27,7 @@ impl Host {
     ) -> Result<MountInfo, HostError> {
         let given = absolute(mountpoint, "mount point")?;
         // Resolved once, following no symlink; everything after acts on the descriptors.
-        let target = MountTarget::resolve(&given).map_err(|e| {
+        let target = self.effects().resolve(&given).map_err(|e| {
             let code = match e {
                 mount::TargetError::Missing => ErrorCode::NotFound,
                 mount::TargetError::Other(_) | mount::TargetError::DeadMount => ErrorCode::Io,
@@ -39,12 +40,12 @@ impl Host {
             }
         })?;
         // fusermount's rule: users mount only on directories they own.
-        if !caller.admin && target.uid != caller.uid {
+        if !caller.admin && target.owner() != caller.uid {
             return Err(HostError::Denied(format!(
                 "user {} may not mount on {}: it is owned by uid {} (users may mount only on directories they own)",
                 caller.uid,
                 given.display(),
-                target.uid
+                target.owner()
             )));
         }
         // Options are checked before anything is reserved.
@@ -59,7 +60,7 @@ impl Host {
                 )));
             }
         }
-        let path = target.path.clone();
+        let path = target.path().to_path_buf();
         let target = Arc::new(target);
         let now = SystemTime::now();
         let mut options = options;
@@ -84,7 +85,7 @@ impl Host {
             kernel_id: AtomicU64::new(0),
         });
         self.shared.sides().insert(id, Arc::clone(&side));
-        let spec = MountSpec {
+        let request = MountRequest {
             stats: Arc::clone(&side.stats),
             plugin,
             target,
@@ -92,7 +93,8 @@ impl Host {
             read_only,
             owner: (caller.uid, caller.gid),
         };
-        match mount::spawn(spec, move || shared.release_mount(&ended_path, id)) {
+        let on_end = Box::new(move || shared.release_mount(&ended_path, id));
+        match self.effects().spawn_mount(request, on_end) {
             Ok(kernel_id) => side.kernel_id.store(kernel_id, Ordering::SeqCst),
             Err(e) => {
                 self.shared.release_mount(&path, id);
@@ -119,8 +121,8 @@ impl Host {
 /// mounts at once cannot both take the last place: at most `max_mounts` mounts, and `size=`
 /// summing to at most `max_size`. A mount without `size=` gets an equal share,
 /// `max_size / max_mounts`, or what is left if that is less.
-fn within_user_limits(
-    reg: &Registry<Plugin>,
+fn within_user_limits<P>(
+    reg: &Registry<P>,
     uid: u32,
     users: &UserPolicy,
     options: &mut BTreeMap<String, String>,

@@ -5,26 +5,29 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use fshost_protocol::{MountInfo, PluginInfo};
 
-use super::{unix_secs, Host, HostError};
+use super::{unix_secs, Effects, Host, HostError, PluginHandle};
 use crate::mount::MountStats;
-use crate::plugin::{self, Plugin};
 use crate::registry::{MountRecord, PluginEntry, Registry, RegistryError};
 
-fn plugin_info(reg: &Registry<Plugin>, name: &str, entry: &PluginEntry<Plugin>) -> PluginInfo {
+fn plugin_info<P: PluginHandle>(
+    reg: &Registry<P>,
+    name: &str,
+    entry: &PluginEntry<P>,
+) -> PluginInfo {
     let plugin = &entry.handle;
     PluginInfo {
         name: name.to_string(),
         state: entry.state,
-        version: plugin.version.clone(),
-        path: plugin.source.display().to_string(),
-        abi_version: plugin.abi_version,
+        version: plugin.version().to_string(),
+        path: plugin.source().display().to_string(),
+        abi_version: plugin.abi_version(),
         mounts: reg
             .mounts_of(name)
             .iter()
             .map(|p| p.display().to_string())
             .collect(),
         loaded_at: unix_secs(entry.loaded_at),
-        tainted: plugin.library.taint(),
+        tainted: plugin.taint(),
     }
 }
 
@@ -44,7 +47,7 @@ fn mount_info(path: &Path, record: &MountRecord, stats: Option<&MountStats>) -> 
     }
 }
 
-impl Host {
+impl<E: Effects> Host<E> {
     /// Every registered plugin, then every unloaded one that is still mapped.
     pub fn list(&self) -> Vec<PluginInfo> {
         let mut plugins: Vec<PluginInfo> = {
@@ -54,7 +57,7 @@ impl Host {
                 .collect()
         };
         let mut lingering = self.lingering.lock().unwrap_or_else(|e| e.into_inner());
-        lingering.retain(|(mapped, _)| plugin::is_mapped(mapped));
+        lingering.retain(|(mapped, _)| self.effects().is_mapped(mapped));
         plugins.extend(lingering.iter().map(|(_, info)| info.clone()));
         plugins
     }

@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{Host, HostError, SESSION_END_TIMEOUT};
+use super::{Effects, Host, HostError, SESSION_END_TIMEOUT};
 use crate::mount::UnmountError;
 use crate::registry::MountState;
 
-impl Host {
+impl<E: Effects> Host<E> {
     /// Unmounts everything (lazily for mounts still busy after `grace`), then unloads every
     /// plugin. Used on SIGTERM/SIGINT. One deadline for all mounts, not one per mount, so
     /// that many busy mounts stop as fast as one (systemd's TimeoutStopSec is for all).

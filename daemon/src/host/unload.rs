@@ -7,8 +7,7 @@ use std::time::Duration;
 
 use fshost_protocol::PluginState;
 
-use super::{close_plugin, Host, HostError};
-use crate::plugin::{self, Plugin};
+use super::{Effects, Host, HostError, PluginHandle};
 use crate::registry::RegistryError;
 
 /// How an `unload --drain` waits.
@@ -34,7 +33,7 @@ impl std::fmt::Display for DrainEnd {
     }
 }
 
-impl Host {
+impl<E: Effects> Host<E> {
     /// Unloads a plugin; with `drain`, first waits for its mounts to go (see [`Drain`]).
     /// Returns true if the library is still mapped after it was closed.
     pub fn unload(&self, name: &str, drain: Option<Drain<'_>>) -> Result<bool, HostError> {
@@ -42,12 +41,12 @@ impl Host {
             None => self.transition(|reg| reg.begin_unload(name))?,
             Some(drain) => self.drain(name, drain)?,
         };
-        plugin::on_fresh_thread(|| plugin.library.on_unload());
-        let mapped_path = plugin.mapped_path.clone();
+        self.effects().on_unload(&plugin);
+        let mapped_path = plugin.mapped_path();
         drop(plugin);
         let mut info = self.info(name)?;
         let plugin = self.transition(|reg| reg.finish_unload(name))?;
-        let still_mapped = close_plugin(plugin);
+        let still_mapped = self.effects().close(plugin);
         tracing::info!(plugin = %name, still_mapped, "plugin unloaded");
         if still_mapped {
             info.state = PluginState::Unloaded;
@@ -63,7 +62,7 @@ impl Host {
     /// `Deregistering` at once (new mounts refused), then wait until the last mount has
     /// gone; on timeout or cancellation the plugin is `Live` again and the error names the
     /// mounts that kept it busy.
-    fn drain(&self, name: &str, drain: Drain<'_>) -> Result<Arc<Plugin>, HostError> {
+    fn drain(&self, name: &str, drain: Drain<'_>) -> Result<Arc<E::Plugin>, HostError> {
         let plugin = self.transition(|reg| reg.begin_drain(name))?;
         tracing::info!(plugin = %name, timeout = ?drain.timeout, "draining: new mounts refused until the last mount is gone");
         let cancelled = || drain.cancelled.load(Ordering::SeqCst);

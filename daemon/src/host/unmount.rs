@@ -6,11 +6,11 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use super::{absolute, Caller, Host, HostError, SESSION_END_TIMEOUT};
-use crate::mount::{self, UnmountError};
+use super::{absolute, Caller, Effects, Host, HostError, SESSION_END_TIMEOUT};
+use crate::mount::UnmountError;
 use crate::registry::MountId;
 
-impl Host {
+impl<E: Effects> Host<E> {
     /// Unmounts and waits until the session has ended and the count dropped. Returns true if
     /// the mount was only detached (lazy, files still open).
     pub fn unmount(
@@ -39,7 +39,7 @@ impl Host {
     /// else by the path as recorded (a path that no longer resolves, e.g. swapped for a
     /// symlink). Unmounting then acts on the recorded descriptors, never on `given`.
     fn record_path(&self, given: &Path) -> PathBuf {
-        let kernel_id = mount::mount_id_at(given).ok();
+        let kernel_id = self.effects().mount_id_at(given);
         let found = kernel_id.and_then(|kernel_id| {
             let ids: Vec<MountId> = self
                 .shared
@@ -86,7 +86,10 @@ impl Host {
         let id = self.transition(|reg| reg.begin_unmount(path))?;
         let side = self.shared.side(id);
         let unmounted = match &side {
-            Some(side) => mount::unmount(&side.target, side.kernel_id.load(Ordering::SeqCst), lazy),
+            Some(side) => {
+                let kernel_id = side.kernel_id.load(Ordering::SeqCst);
+                self.effects().unmount(&side.target, kernel_id, lazy)
+            }
             None => Err(UnmountError::NotOurs(path.to_path_buf())),
         };
         if let Err(e) = unmounted {

@@ -412,6 +412,4 @@ impl<P> Registry<P> {
 }
 
 #[cfg(test)]
-mod interleavings;
-#[cfg(test)]
 mod tests;

@@ -22,6 +22,8 @@ use crate::registry::{join_paths, mount_count, MountId, Registry, RegistryError}
 
 /// How long an unmount waits for the FUSE session to end after the kernel detached it.
 mod effects;
+#[cfg(test)]
+mod interleavings;
 mod load;
 mod mount;
 mod query;

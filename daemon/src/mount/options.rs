@@ -62,6 +62,13 @@ impl SessionOptions {
     pub fn parse(
         options: &BTreeMap<String, String>,
     ) -> Result<(SessionOptions, BTreeMap<String, String>), MountError> {
+        // Options travel to the plugin as C strings.
+        if let Some((key, _)) = options
+            .iter()
+            .find(|(key, value)| key.contains('\0') || value.contains('\0'))
+        {
+            return Err(MountError::BadOption { key: key.clone() });
+        }
         let attr_timeout = number(
             options,
             "attr_timeout",

@@ -9,6 +9,19 @@ use fshost_protocol::Request;
 use crate::config::{Config, Limits, UserPolicy};
 use crate::host::Caller;
 
+/// Why a request was refused before it ran.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error(
+        "user {uid} may not load or unload plugins: only root and members of group {group} may"
+    )]
+    NotAdmin { uid: u32, group: String },
+    #[error("user {uid} may not mount plugin \"{plugin}\": it is not in the config's [users] mount_plugins")]
+    PluginNotForUsers { uid: u32, plugin: String },
+    #[error("user {uid} may not use -o allow_other: the config's [users] allow_other is false")]
+    AllowOther { uid: u32 },
+}
+
 #[derive(Debug, Clone)]
 pub struct Policy {
     pub group: String,
@@ -48,32 +61,31 @@ impl Policy {
     }
 
     /// The rules that need no file system access; host/ adds the ownership rules.
-    pub fn authorize(&self, caller: &Caller, request: &Request) -> Result<(), String> {
+    pub fn authorize(&self, caller: &Caller, request: &Request) -> Result<(), Refusal> {
         if caller.admin {
             return Ok(());
         }
-        let who = format!("user {}", caller.uid);
+        let uid = caller.uid;
         match request {
             Request::List {} | Request::Mounts {} | Request::Info { .. } | Request::Status {} => {
                 Ok(())
             }
             Request::Unmount { .. } => Ok(()),
-            Request::Load { .. } | Request::Unload { .. } => Err(format!(
-                "{who} may not load or unload plugins: only root and members of group {} may",
-                self.group
-            )),
+            Request::Load { .. } | Request::Unload { .. } => Err(Refusal::NotAdmin {
+                uid,
+                group: self.group.clone(),
+            }),
             Request::Mount {
                 plugin, options, ..
             } => {
                 if !self.mount_plugins.contains(plugin) {
-                    return Err(format!(
-                        "{who} may not mount plugin \"{plugin}\": it is not in the config's [users] mount_plugins"
-                    ));
+                    return Err(Refusal::PluginNotForUsers {
+                        uid,
+                        plugin: plugin.clone(),
+                    });
                 }
                 if options.contains_key("allow_other") && !self.allow_other {
-                    return Err(format!(
-                        "{who} may not use -o allow_other: the config's [users] allow_other is false"
-                    ));
+                    return Err(Refusal::AllowOther { uid });
                 }
                 Ok(())
             }
@@ -128,18 +140,24 @@ mod tests {
         assert!(p.authorize(&user, &Request::List {}).is_ok());
         assert!(p.authorize(&user, &Request::Status {}).is_ok());
         assert!(p.authorize(&user, &mount("memfs", false)).is_ok());
-        let err = p.authorize(&user, &mount("hellofs", false)).unwrap_err();
+        let err = p
+            .authorize(&user, &mount("hellofs", false))
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("user 65534 may not mount plugin \"hellofs\""),
             "{err}"
         );
-        let err = p.authorize(&user, &mount("memfs", true)).unwrap_err();
+        let err = p
+            .authorize(&user, &mount("memfs", true))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("allow_other"), "{err}");
         let load = Request::Load {
             path: "memfs".into(),
             name: None,
         };
-        let err = p.authorize(&user, &load).unwrap_err();
+        let err = p.authorize(&user, &load).unwrap_err().to_string();
         assert!(
             err.contains("only root and members of group fshost"),
             "{err}"

@@ -57,12 +57,25 @@ pub enum HostError {
     },
     #[error("{} was unmounted but its FUSE session did not end within {}s", .0.display(), SESSION_END_TIMEOUT.as_secs())]
     SessionStuck(PathBuf),
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("permission denied: {0}")]
-    Denied(String),
-    #[error("{0}")]
-    Limit(String),
+    #[error("{what} {} must be an absolute path", .path.display())]
+    NotAbsolute { what: &'static str, path: PathBuf },
+    #[error("option size={0:?} is not a size like 64M or 1G")]
+    BadSize(String),
+    #[error("permission denied: user {uid} may not mount on {}: it is owned by uid {owner} (users may mount only on directories they own)", .path.display())]
+    NotOwner { uid: u32, path: PathBuf, owner: u32 },
+    #[error("permission denied: user {uid} may not unmount {}: it was mounted by uid {owner}; only its owner, root or the admin group may", .path.display())]
+    NotTheirMount { uid: u32, path: PathBuf, owner: u32 },
+    #[error("users' mounts may have at most {max} session threads ([users] max_threads_per_mount); ask for fewer with -o threads=N")]
+    TooManyThreads { max: usize },
+    #[error("user {uid} already has {count} mounts ([users] max_mounts); unmount one first")]
+    TooManyMounts { uid: u32, count: usize },
+    #[error("user {uid} may hold {max_size} in all ([users] max_size); {} is left, {} was asked; unmount something or ask for less with -o size=", human_bytes(*.left), human_bytes(*.asked))]
+    OverAllowance {
+        uid: u32,
+        max_size: String,
+        left: u64,
+        asked: u64,
+    },
     #[error("plugin \"{name}\" {why}: {} left ({}); it is live again", mount_count(.mounts.len()), join_paths(.mounts))]
     DrainEnded {
         name: String,
@@ -98,9 +111,13 @@ impl HostError {
             HostError::Unmount(_) => ErrorCode::Io,
             HostError::BadMountpoint { code, .. } => *code,
             HostError::SessionStuck(_) => ErrorCode::Timeout,
-            HostError::BadRequest(_) => ErrorCode::BadRequest,
-            HostError::Denied(_) => ErrorCode::PermissionDenied,
-            HostError::Limit(_) => ErrorCode::LimitReached,
+            HostError::NotAbsolute { .. } | HostError::BadSize(_) => ErrorCode::BadRequest,
+            HostError::NotOwner { .. } | HostError::NotTheirMount { .. } => {
+                ErrorCode::PermissionDenied
+            }
+            HostError::TooManyThreads { .. }
+            | HostError::TooManyMounts { .. }
+            | HostError::OverAllowance { .. } => ErrorCode::LimitReached,
             HostError::DrainEnded { .. } => ErrorCode::Timeout,
         }
     }
@@ -209,15 +226,22 @@ fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn absolute(path: &str, what: &str) -> Result<PathBuf, HostError> {
+/// "64M", "1G" or "123 bytes": for messages.
+fn human_bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}G", n >> 30),
+        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}M", n >> 20),
+        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}K", n >> 10),
+        n => format!("{n} bytes"),
+    }
+}
+
+fn absolute(path: &str, what: &'static str) -> Result<PathBuf, HostError> {
     let path = PathBuf::from(path);
     if path.is_absolute() {
         Ok(path)
     } else {
-        Err(HostError::BadRequest(format!(
-            "{what} {} must be an absolute path",
-            path.display()
-        )))
+        Err(HostError::NotAbsolute { what, path })
     }
 }
 

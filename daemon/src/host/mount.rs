@@ -41,12 +41,11 @@ impl<E: Effects> Host<E> {
         })?;
         // fusermount's rule: users mount only on directories they own.
         if !caller.admin && target.owner() != caller.uid {
-            return Err(HostError::Denied(format!(
-                "user {} may not mount on {}: it is owned by uid {} (users may mount only on directories they own)",
-                caller.uid,
-                given.display(),
-                target.owner()
-            )));
+            return Err(HostError::NotOwner {
+                uid: caller.uid,
+                path: given,
+                owner: target.owner(),
+            });
         }
         // Options are checked before anything is reserved.
         let (session, _) = mount::SessionOptions::parse(&options)?;
@@ -54,10 +53,9 @@ impl<E: Effects> Host<E> {
             (!caller.admin).then(|| self.users.lock().unwrap_or_else(|e| e.into_inner()).clone());
         if let Some(users) = &users {
             if session.threads > users.max_threads_per_mount {
-                return Err(HostError::Limit(format!(
-                    "users' mounts may have at most {} session threads ([users] max_threads_per_mount); ask for fewer with -o threads=N",
-                    users.max_threads_per_mount
-                )));
+                return Err(HostError::TooManyThreads {
+                    max: users.max_threads_per_mount,
+                });
             }
         }
         let path = target.path().to_path_buf();
@@ -133,10 +131,10 @@ fn within_user_limits<P>(
         .filter(|r| r.owner == uid)
         .collect();
     if mine.len() >= users.max_mounts {
-        return Err(HostError::Limit(format!(
-            "user {uid} already has {} mounts ([users] max_mounts); unmount one first",
-            mine.len()
-        )));
+        return Err(HostError::TooManyMounts {
+            uid,
+            count: mine.len(),
+        });
     }
     let used: u64 = mine
         .iter()
@@ -147,27 +145,18 @@ fn within_user_limits<P>(
     let share = users.max_size_bytes() / users.max_mounts.max(1) as u64;
     let wanted = match options.get("size") {
         None => share.min(left),
-        Some(text) => fshost_sdk::parse_size(text).ok_or_else(|| {
-            HostError::BadRequest(format!("option size={text:?} is not a size like 64M or 1G"))
-        })?,
+        Some(text) => {
+            fshost_sdk::parse_size(text).ok_or_else(|| HostError::BadSize(text.clone()))?
+        }
     };
     if wanted == 0 || wanted > left {
-        return Err(HostError::Limit(format!(
-            "user {uid} may hold {} in all ([users] max_size); {} is left, {} was asked; unmount something or ask for less with -o size=",
-            users.max_size,
-            human_bytes(left),
-            human_bytes(wanted)
-        )));
+        return Err(HostError::OverAllowance {
+            uid,
+            max_size: users.max_size.clone(),
+            left,
+            asked: wanted,
+        });
     }
     options.insert("size".into(), wanted.to_string());
     Ok(())
-}
-
-fn human_bytes(n: u64) -> String {
-    match n {
-        n if n >= 1 << 30 && n % (1 << 30) == 0 => format!("{}G", n >> 30),
-        n if n >= 1 << 20 && n % (1 << 20) == 0 => format!("{}M", n >> 20),
-        n if n >= 1 << 10 && n % (1 << 10) == 0 => format!("{}K", n >> 10),
-        n => format!("{n} bytes"),
-    }
 }

@@ -24,11 +24,11 @@ impl<E: Effects> Host<E> {
         if !caller.admin {
             let owner = self.lock().mount_owner(&path);
             if let Some(owner) = owner.filter(|owner| *owner != caller.uid) {
-                return Err(HostError::Denied(format!(
-                    "user {} may not unmount {}: it was mounted by uid {owner}; only its owner, root or the admin group may",
-                    caller.uid,
-                    path.display()
-                )));
+                return Err(HostError::NotTheirMount {
+                    uid: caller.uid,
+                    path,
+                    owner,
+                });
             }
         }
         self.unmount_path(&path, lazy)

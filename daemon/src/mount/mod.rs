@@ -41,8 +41,12 @@ pub struct MountSpec {
 /// Why a mount failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
-    #[error("option {key:?} is invalid (a NUL byte, attr_timeout not 0 to 86400 seconds, threads not 1 to 16, or read_ahead_kb not 0 to 65536)")]
-    BadOption { key: String },
+    #[error("option {key}={value:?} is invalid: it must be {expected}")]
+    BadOption {
+        key: String,
+        value: String,
+        expected: String,
+    },
     #[error("plugin \"{plugin}\" refused to create a filesystem for these options: {}", describe_errno(.errno.0))]
     Create {
         plugin: String,
@@ -82,7 +86,13 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
     for (key, value) in &plugin_options {
         match (CString::new(key.as_str()), CString::new(value.as_str())) {
             (Ok(k), Ok(v)) => options.push((k, v)),
-            _ => return Err(MountError::BadOption { key: key.clone() }),
+            _ => {
+                return Err(MountError::BadOption {
+                    key: key.clone(),
+                    value: value.clone(),
+                    expected: "free of NUL bytes".into(),
+                })
+            }
         }
     }
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<u64, MountError>>(1);

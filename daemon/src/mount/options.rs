@@ -41,7 +41,7 @@ pub struct SessionOptions {
 }
 
 /// A number option within `range`, or `default` when absent.
-fn number<T: std::str::FromStr + PartialOrd>(
+fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
     options: &BTreeMap<String, String>,
     key: &str,
     default: T,
@@ -53,7 +53,11 @@ fn number<T: std::str::FromStr + PartialOrd>(
             .parse::<T>()
             .ok()
             .filter(|n| range.contains(n))
-            .ok_or_else(|| MountError::BadOption { key: key.into() }),
+            .ok_or_else(|| MountError::BadOption {
+                key: key.into(),
+                value: text.clone(),
+                expected: format!("a number from {} to {}", range.start(), range.end()),
+            }),
     }
 }
 
@@ -63,11 +67,15 @@ impl SessionOptions {
         options: &BTreeMap<String, String>,
     ) -> Result<(SessionOptions, BTreeMap<String, String>), MountError> {
         // Options travel to the plugin as C strings.
-        if let Some((key, _)) = options
+        if let Some((key, value)) = options
             .iter()
             .find(|(key, value)| key.contains('\0') || value.contains('\0'))
         {
-            return Err(MountError::BadOption { key: key.clone() });
+            return Err(MountError::BadOption {
+                key: key.clone(),
+                value: value.clone(),
+                expected: "free of NUL bytes".into(),
+            });
         }
         let attr_timeout = number(
             options,

@@ -171,8 +171,30 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("config file {}: {message}", .path.display())]
-    Invalid { path: PathBuf, message: String },
+    #[error("config file {}: {source}", .path.display())]
+    Invalid { path: PathBuf, source: Invalid },
+}
+
+/// What is wrong in a config file's text; names the one key at fault.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// Not TOML, an unknown key or a wrong type: toml's message names the line and the key.
+    #[error("{0}")]
+    Syntax(String),
+    #[error("socket_mode {0:?} is not an octal mode like \"0660\"")]
+    SocketMode(String),
+    #[error("[limits] {0} must be at least 1")]
+    LimitZero(&'static str),
+    #[error("[limits] admin_reserved_connections must be less than max_connections")]
+    ReserveTooLarge,
+    #[error("[users] max_size {0:?} is not a size like \"512M\" or \"1G\"")]
+    MaxSize(String),
+    #[error("[users] max_threads_per_mount must be 1 to 16")]
+    MaxThreads,
+    #[error("[[mount]] mountpoint {} must be an absolute path", .0.display())]
+    RelativeMountpoint(PathBuf),
+    #[error("[[mount]] mountpoint {} appears twice", .0.display())]
+    DuplicateMountpoint(PathBuf),
 }
 
 impl Config {
@@ -191,76 +213,62 @@ impl Config {
                 })
             }
         };
-        Config::parse(&text).map_err(|message| ConfigError::Invalid {
+        Config::parse(&text).map_err(|source| ConfigError::Invalid {
             path: path.to_path_buf(),
-            message,
+            source,
         })
     }
 
     /// Parses TOML text; the error names the line and the key (toml's message does both).
-    pub fn parse(text: &str) -> Result<Config, String> {
-        let config: Config =
-            toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())?;
+    pub fn parse(text: &str) -> Result<Config, Invalid> {
+        let config: Config = toml::from_str(text)
+            .map_err(|e| Invalid::Syntax(e.to_string().trim_end().to_string()))?;
         config.validate()?;
         Ok(config)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         self.socket_mode_bits()?;
         let limits = &self.limits;
-        if [
-            limits.max_connections,
-            limits.max_connections_per_user,
-            limits.max_queued_requests,
-            limits.requests_per_second as usize,
-            limits.idle_timeout_secs as usize,
-        ]
-        .contains(&0)
-        {
-            return Err("[limits] values must be at least 1".into());
+        let counts = [
+            ("max_connections", limits.max_connections as u64),
+            (
+                "max_connections_per_user",
+                limits.max_connections_per_user as u64,
+            ),
+            ("max_queued_requests", limits.max_queued_requests as u64),
+            ("requests_per_second", u64::from(limits.requests_per_second)),
+            ("idle_timeout_secs", limits.idle_timeout_secs),
+        ];
+        if let Some((key, _)) = counts.iter().find(|(_, value)| *value == 0) {
+            return Err(Invalid::LimitZero(key));
         }
         if limits.admin_reserved_connections >= limits.max_connections {
-            return Err(
-                "[limits] admin_reserved_connections must be less than max_connections".into(),
-            );
+            return Err(Invalid::ReserveTooLarge);
         }
         if fshost_sdk::parse_size(&self.users.max_size).is_none() {
-            return Err(format!(
-                "[users] max_size {:?} is not a size like \"512M\" or \"1G\"",
-                self.users.max_size
-            ));
+            return Err(Invalid::MaxSize(self.users.max_size.clone()));
         }
         if !(1..=16).contains(&self.users.max_threads_per_mount) {
-            return Err("[users] max_threads_per_mount must be 1 to 16".into());
+            return Err(Invalid::MaxThreads);
         }
         let mut seen = std::collections::BTreeSet::new();
         for entry in &self.mounts {
             if !entry.mountpoint.is_absolute() {
-                return Err(format!(
-                    "[[mount]] mountpoint {} must be an absolute path",
-                    entry.mountpoint.display()
-                ));
+                return Err(Invalid::RelativeMountpoint(entry.mountpoint.clone()));
             }
             if !seen.insert(&entry.mountpoint) {
-                return Err(format!(
-                    "[[mount]] mountpoint {} appears twice",
-                    entry.mountpoint.display()
-                ));
+                return Err(Invalid::DuplicateMountpoint(entry.mountpoint.clone()));
             }
         }
         Ok(())
     }
 
-    pub fn socket_mode_bits(&self) -> Result<u32, String> {
+    pub fn socket_mode_bits(&self) -> Result<u32, Invalid> {
         u32::from_str_radix(self.socket_mode.trim_start_matches("0o"), 8)
             .ok()
             .filter(|m| *m <= 0o777)
-            .ok_or_else(|| {
-                format!(
-                    "socket_mode {:?} is not an octal mode like \"0660\"",
-                    self.socket_mode
-                )
-            })
+            .ok_or_else(|| Invalid::SocketMode(self.socket_mode.clone()))
     }
 }
 
@@ -344,11 +352,14 @@ options = { size = "64M" }
 
     #[test]
     fn unknown_keys_are_errors_with_line_and_key() {
-        let err = Config::parse("preload = []\nbogus = 1\n").unwrap_err();
+        let err = Config::parse("preload = []\nbogus = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 2"), "{err}");
         assert!(err.contains("bogus"), "{err}");
         let err = Config::parse("[[mount]]\nplugin = \"m\"\nmountpoint = \"/x\"\nopts = {}\n")
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 4") && err.contains("opts"), "{err}");
     }
 
@@ -356,11 +367,31 @@ options = { size = "64M" }
     fn invalid_values_are_errors() {
         assert!(Config::parse("socket_mode = \"rw\"")
             .unwrap_err()
+            .to_string()
             .contains("octal"));
         let twice = "[[mount]]\nplugin=\"a\"\nmountpoint=\"/x\"\n[[mount]]\nplugin=\"b\"\nmountpoint=\"/x\"\n";
-        assert!(Config::parse(twice).unwrap_err().contains("appears twice"));
+        assert!(Config::parse(twice)
+            .unwrap_err()
+            .to_string()
+            .contains("appears twice"));
+        assert_eq!(
+            Config::parse("[limits]\nidle_timeout_secs = 0\n").unwrap_err(),
+            Invalid::LimitZero("idle_timeout_secs")
+        );
+        assert_eq!(
+            Config::parse("[limits]\nmax_connections = 8\nadmin_reserved_connections = 8\n")
+                .unwrap_err(),
+            Invalid::ReserveTooLarge
+        );
+        assert_eq!(
+            Config::parse("[users]\nmax_size = \"lots\"\n").unwrap_err(),
+            Invalid::MaxSize("lots".into())
+        );
         let relative = "[[mount]]\nplugin=\"a\"\nmountpoint=\"x\"\n";
-        assert!(Config::parse(relative).unwrap_err().contains("absolute"));
+        assert!(Config::parse(relative)
+            .unwrap_err()
+            .to_string()
+            .contains("absolute"));
     }
 
     #[test]

@@ -161,7 +161,7 @@ async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
 /// Gives the socket its mode and group. A missing group is not fatal: the socket then
 /// stays root's only, and the log says how to fix it.
 fn secure_socket(socket: &Path, config: &Config) -> anyhow::Result<()> {
-    let mode = config.socket_mode_bits().map_err(anyhow::Error::msg)?;
+    let mode = config.socket_mode_bits()?;
     match nix::unistd::Group::from_name(&config.group) {
         Ok(Some(group)) => {
             nix::unistd::chown(socket, None, Some(group.gid)).with_context(|| {

@@ -245,12 +245,26 @@ impl fmt::Display for ErrorCode {
     }
 }
 
-/// Decodes one request line (without its newline). Never panics, whatever the input; the
-/// error says what is wrong in words a client author can act on.
-pub fn decode_request(line: &str) -> Result<Request, String> {
-    serde_json::from_str(line).map_err(|e| {
-        format!("malformed request: {e} (expected one JSON object per line with an \"op\", see protocol/)")
-    })
+/// A request line that is not a request; says what is wrong in words a client author can
+/// act on (serde_json's message names the field and the column).
+#[derive(Debug)]
+pub struct MalformedRequest(serde_json::Error);
+
+impl fmt::Display for MalformedRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "malformed request: {} (expected one JSON object per line with an \"op\", see protocol/)",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for MalformedRequest {}
+
+/// Decodes one request line (without its newline). Never panics, whatever the input.
+pub fn decode_request(line: &str) -> Result<Request, MalformedRequest> {
+    serde_json::from_str(line).map_err(MalformedRequest)
 }
 
 /// Mount options as people write them after `-o`: `KEY[=VALUE][,...]`, in one or more

@@ -255,7 +255,7 @@ async fn serve_connection(
         }
         rate.wait().await;
         let response = match decode_request(&line) {
-            Err(message) => Response::failure(ErrorCode::BadRequest, message),
+            Err(malformed) => Response::failure(ErrorCode::BadRequest, malformed.to_string()),
             Ok(request) => {
                 let allowed = policy
                     .lock()

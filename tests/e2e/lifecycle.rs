@@ -164,3 +164,47 @@ fn a_client_that_vanishes_mid_request_leaves_a_consistent_daemon() {
     env.ctl(&["unload", "memfs"]).ok();
     assert!(env.plugins().is_empty());
 }
+
+/// README's "Writing a plugin", followed to the letter: a cargo project of its own, made
+/// from hellofs's source, built against the SDK by path, loaded and mounted.
+#[test]
+fn a_plugin_made_out_of_tree_from_hellofs_builds_loads_and_serves() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let project = env.path("myfs");
+    let mut new = std::process::Command::new(&cargo);
+    new.args(["new", "--lib", "--vcs", "none", "--quiet"])
+        .arg(&project);
+    assert!(fshost_tests::run(new).status.success());
+    let source = fs::read_to_string(repo.join("fs-plugins/hellofs/src/lib.rs")).unwrap();
+    let source = source
+        .replace("HelloFs", "MyFs")
+        .replace("\"hellofs\"", "\"myfs\"");
+    fs::write(project.join("src/lib.rs"), source).unwrap();
+    let mut manifest = fs::read_to_string(project.join("Cargo.toml")).unwrap();
+    manifest.push_str(&format!(
+        "fshost-sdk = {{ path = \"{}\" }}\n[lib]\ncrate-type = [\"cdylib\"]\n",
+        repo.join("fs-plugins/sdk").display()
+    ));
+    fs::write(project.join("Cargo.toml"), manifest).unwrap();
+    let mut build = std::process::Command::new(&cargo);
+    build
+        .args(["build", "--offline", "--quiet", "--manifest-path"])
+        .arg(project.join("Cargo.toml"));
+    let built = fshost_tests::run(build);
+    assert!(built.status.success(), "{built:?}");
+    let library = project.join("target/debug/libmyfs.so");
+    env.ctl(&["load", path_str(&library)]).ok();
+    let mnt = env.mountpoint("my");
+    env.ctl(&["mount", "myfs", path_str(&mnt)]).ok();
+    assert_eq!(
+        fs::read_to_string(mnt.join("hello")).unwrap(),
+        "Hello from fshost\n"
+    );
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+    env.ctl(&["unload", "myfs"]).ok();
+}

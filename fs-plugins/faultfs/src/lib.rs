@@ -15,11 +15,11 @@
 use std::ffi::OsStr;
 use std::time::Duration;
 
-use fshost_sdk::{export_plugin, mode, Attr, Context, DirFiller, Errno, Options, Plugin, Result};
+use fshost_sdk::{
+    export_plugin, Attr, Context, DirFiller, Errno, Options, Plugin, Result, StaticFiles,
+};
 
-const ROOT: u64 = 1;
-const DATA: u64 = 2;
-const CONTENT: &[u8] = b"faultfs data\n";
+const FILES: StaticFiles = StaticFiles(&[("data", b"faultfs data\n")]);
 
 pub struct FaultFs {
     panic_in: Option<String>,
@@ -41,21 +41,6 @@ impl Drop for FaultFs {
             panic!("faultfs was asked to panic in destroy");
         }
     }
-}
-
-fn attr(ino: u64) -> Result<Attr> {
-    let (mode, nlink, size) = match ino {
-        ROOT => (mode::S_IFDIR | 0o555, 2, 0),
-        DATA => (mode::S_IFREG | 0o444, 1, CONTENT.len() as u64),
-        _ => return Err(Errno::ENOENT),
-    };
-    Ok(Attr {
-        ino,
-        mode,
-        nlink,
-        size,
-        ..Attr::default()
-    })
 }
 
 impl Plugin for FaultFs {
@@ -89,15 +74,12 @@ impl Plugin for FaultFs {
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Attr> {
         self.maybe_panic("lookup");
-        match (parent, name.as_encoded_bytes()) {
-            (ROOT, b"data") => attr(DATA),
-            _ => Err(Errno::ENOENT),
-        }
+        FILES.lookup(parent, name)
     }
 
     fn getattr(&self, _ctx: &Context, ino: u64) -> Result<Attr> {
         self.maybe_panic("getattr");
-        attr(ino)
+        FILES.getattr(ino)
     }
 
     fn read(
@@ -110,10 +92,7 @@ impl Plugin for FaultFs {
     ) -> Result<usize> {
         self.maybe_panic("read");
         std::thread::sleep(self.slow);
-        if ino != DATA {
-            return Err(Errno::EISDIR);
-        }
-        Ok(fshost_sdk::read_slice(CONTENT, offset, buf))
+        FILES.read(ino, offset, buf)
     }
 
     fn readdir(
@@ -125,18 +104,7 @@ impl Plugin for FaultFs {
         out: &mut DirFiller,
     ) -> Result<()> {
         self.maybe_panic("readdir");
-        if ino != ROOT {
-            return Err(Errno::ENOTDIR);
-        }
-        out.add_entries(
-            offset,
-            &[
-                (ROOT, mode::S_IFDIR, "."),
-                (ROOT, mode::S_IFDIR, ".."),
-                (DATA, mode::S_IFREG, "data"),
-            ],
-        );
-        Ok(())
+        FILES.readdir(ino, offset, out)
     }
 }
 

@@ -19,6 +19,7 @@
 pub mod abi;
 #[doc(hidden)]
 pub mod ffi;
+mod static_files;
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -28,6 +29,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use abi::{Attr, Context, Setattr, Statfs, Timespec};
 pub use ffi::DirFiller;
+pub use static_files::{StaticFiles, ROOT};
 
 /// A positive errno value, as the kernel wants it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -82,7 +82,13 @@ impl RootTmpfs {
 
 impl Drop for RootTmpfs {
     fn drop(&mut self) {
-        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        // Whatever a failed attack stacked on it goes too.
+        for _ in 0..4 {
+            if !kernel_mounts().iter().any(|m| m.mountpoint == self.0) {
+                break;
+            }
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
     }
 }
 

@@ -194,6 +194,12 @@ fn a_renamed_parent_neither_misleads_unmount_nor_shutdown() {
     let out = ctl(&["mount", "memfs", path_str(&home.join("moved/busy"))]);
     assert!(out.status.success(), "{out:?}");
     fs::rename(home.join("moved"), home.join("moved2")).unwrap();
+    // `mounts` shows it where it is now.
+    let mounts = env.ctl(&["--json", "mounts"]).ok().json();
+    assert_eq!(
+        mounts["mounts"][0]["mountpoint"],
+        path_str(&home.join("moved2/busy"))
+    );
     // Shutdown unmounts the user's mount where it is now, and nothing of root's.
     let status = env.terminate();
     assert!(status.success(), "{status:?}");

@@ -84,6 +84,9 @@ pub trait Effects: Send + Sync + Sized + 'static {
     ) -> Result<u64, MountError>;
     /// Unmounts exactly the kernel mount `id` at `target`.
     fn unmount(&self, target: &Self::Target, id: u64, lazy: bool) -> Result<(), UnmountError>;
+    /// Where the kernel's mounts are now, by kernel id (a parent may have been renamed
+    /// since a mount was made).
+    fn mount_paths(&self) -> BTreeMap<u64, PathBuf>;
 
     fn now(&self) -> Instant;
     /// Releases `guard`, waits until `changed` is signalled or `timeout` passes (or
@@ -221,6 +224,14 @@ impl Effects for Real {
 
     fn unmount(&self, target: &MountTarget, id: u64, lazy: bool) -> Result<(), UnmountError> {
         mount::unmount(target, id, lazy)
+    }
+
+    fn mount_paths(&self) -> BTreeMap<u64, PathBuf> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        mount::parse_mountinfo(&text)
+            .into_iter()
+            .map(|m| (m.id, m.mountpoint))
+            .collect()
     }
 
     fn now(&self) -> Instant {

@@ -439,6 +439,12 @@ impl Effects for Model {
         Ok(())
     }
 
+    fn mount_paths(&self) -> BTreeMap<u64, PathBuf> {
+        let world = self.world();
+        let live = world.sessions.iter().filter(|(_, s)| !s.ending);
+        live.map(|(id, s)| (*id, s.path.clone())).collect()
+    }
+
     fn now(&self) -> Instant {
         self.base + self.sched.lock().clock
     }

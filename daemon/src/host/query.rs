@@ -62,16 +62,20 @@ impl<E: Effects> Host<E> {
         plugins
     }
 
+    /// Every mount, where it is now: a mount whose parent was renamed is shown at its new
+    /// path (where `unmount` finds it too).
     pub fn mounts(&self) -> Vec<MountInfo> {
+        let now_at = self.effects().mount_paths();
         let reg = self.lock();
         let sides = self.shared.sides();
         reg.mounts()
             .map(|(path, record)| {
-                mount_info(
-                    path,
-                    record,
-                    sides.get(&record.id).map(|s| s.stats.as_ref()),
-                )
+                let side = sides.get(&record.id);
+                let kernel_id = side.map(|s| s.kernel_id.load(Ordering::SeqCst));
+                let path = kernel_id
+                    .and_then(|id| now_at.get(&id))
+                    .map_or(path.as_path(), |p| p);
+                mount_info(path, record, side.map(|s| s.stats.as_ref()))
             })
             .collect()
     }

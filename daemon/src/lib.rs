@@ -10,10 +10,12 @@ pub mod config;
 pub mod control;
 pub mod host;
 pub mod mount;
-pub mod plugin;
-pub mod registry;
+pub(crate) mod plugin;
+pub(crate) mod registry;
 #[allow(unsafe_code)]
-pub mod sys;
+pub(crate) mod sys;
+
+pub use plugin::fix_malloc_mmap_threshold;
 
 use sd_notify::NotifyState;
 

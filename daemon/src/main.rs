@@ -22,7 +22,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use fshostd::config::{self, Config};
 use fshostd::control::{self, access};
 use fshostd::host::{Caller, Host, Trust};
-use fshostd::{mount, notify, notify_status, plugin};
+use fshostd::{mount, notify, notify_status};
 
 /// Hosts user-space filesystem plugins and serves them through FUSE.
 #[derive(Debug, Parser)]
@@ -58,7 +58,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    plugin::fix_malloc_mmap_threshold();
+    fshostd::fix_malloc_mmap_threshold();
     let args = Args::parse();
     if let Some(path) = &args.probe_dead {
         let dead = match &args.probe_as {

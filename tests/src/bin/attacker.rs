@@ -2,10 +2,10 @@
 //!
 //! `attacker race SOCKET SECS A B OP PATH VICTIM` swaps `A` and `B` (a directory and a
 //! symlink) with `renameat2(RENAME_EXCHANGE)` as fast as it can for SECS seconds while it
-//! asks the daemon, again and again, to mount memfs on PATH (`OP` = `mount`) or to mount and
-//! then unmount PATH (`OP` = `unmount`). After every answer it looks in mountinfo whether
-//! VICTIM (a directory of root's) was mounted over (`mount`) or lost its mount (`unmount`):
-//! a win. Prints `swaps=N requests=N wins=N` and exits 0.
+//! asks the daemon, again and again, to mount memfs on PATH and unmount it again. It counts
+//! a win each time mountinfo shows a change on VICTIM (a directory of root's) after the mount
+//! (`OP` = `mount`) or after the mount or the unmount (`OP` = `unmount`): memfs mounted over
+//! it, or root's own mount there gone. Prints `swaps=N requests=N wins=N` and exits 0.
 //!
 //! `attacker hold SOCKET N` opens N connections, prints how many the daemon accepted,
 //! then keeps them open until stdin closes.
@@ -77,24 +77,18 @@ fn race(args: &[String]) {
         let mut stream = BufReader::new(stream);
         let mount = serde_json::json!({"op": "mount", "plugin": "memfs", "mountpoint": path});
         let unmount = serde_json::json!({"op": "unmount", "mountpoint": path, "lazy": true});
+        // A win is any change of what is mounted on VICTIM, seen after any answer: memfs
+        // mounted over it, or its own mount gone.
+        let changed = || u64::from(mounted(victim) != victim_mounts);
         while Instant::now() < deadline {
             requests += 1;
             let made = ask(&mut stream, &mount);
-            if op == "unmount" {
-                if made {
-                    requests += 1;
-                    ask(&mut stream, &unmount);
-                }
-                if mounted(victim) < victim_mounts {
-                    wins += 1;
-                }
-            } else {
-                if mounted(victim) > victim_mounts {
-                    wins += 1;
-                }
-                if made {
-                    requests += 1;
-                    ask(&mut stream, &unmount);
+            wins += changed();
+            if made {
+                requests += 1;
+                ask(&mut stream, &unmount);
+                if op == "unmount" {
+                    wins += changed();
                 }
             }
         }

@@ -92,10 +92,7 @@ fn absolute(path: &std::path::Path) -> String {
 /// no symlinks); as given, made absolute, when it cannot be resolved (a dead mount).
 fn real_path(path: &std::path::Path) -> String {
     path.canonicalize()
-        .or_else(|_| std::path::absolute(path))
-        .unwrap_or_else(|_| path.to_path_buf())
-        .display()
-        .to_string()
+        .map_or_else(|_| absolute(path), |real| real.display().to_string())
 }
 
 fn request(command: &Command) -> Request {

@@ -17,7 +17,27 @@ pub(crate) mod sys;
 
 pub use plugin::fix_malloc_mmap_threshold;
 
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
 use sd_notify::NotifyState;
+
+/// Checks that `dir` belongs to `owner` and that no one else may write in it (who can, can
+/// replace or swap what is in it: plugin files, the control socket). The error says what
+/// is wrong; the caller says what to do.
+pub fn check_private_dir(dir: &Path, owner: u32) -> Result<(), String> {
+    let meta =
+        std::fs::metadata(dir).map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
+    if meta.uid() == owner && meta.mode() & 0o022 == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "directory {} is owned by uid {} with mode {:o}: others could replace its files",
+        dir.display(),
+        meta.uid(),
+        meta.mode() & 0o7777,
+    ))
+}
 
 /// Tells systemd (if it started us) about a state change.
 pub fn notify(states: &[NotifyState]) {

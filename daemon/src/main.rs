@@ -44,9 +44,12 @@ struct Args {
     #[arg(long, default_value_t = 2)]
     shutdown_grace: u64,
     /// Internal: exit 0 if PATH is a dead FUSE mount (ENOTCONN), 1 otherwise. fshostd runs
-    /// itself this way as a mount's owner to check a user's mount at start.
-    #[arg(long, value_name = "PATH", hide = true)]
+    /// itself this way (as a mount's owner, for a user's mount) to check mounts at start.
+    #[arg(long, value_name = "PATH", hide = true, requires = "mount_id")]
     probe_dead: Option<PathBuf>,
+    /// Internal, with --probe-dead: the kernel id of the mount expected at PATH.
+    #[arg(long, value_name = "ID", hide = true, requires = "probe_dead")]
+    mount_id: Option<u64>,
     /// Internal, with --probe-dead: check as UID:GID.
     #[arg(
         long = "as",
@@ -60,10 +63,10 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     fshostd::fix_malloc_mmap_threshold();
     let args = Args::parse();
-    if let Some(path) = &args.probe_dead {
+    if let (Some(path), Some(id)) = (&args.probe_dead, args.mount_id) {
         let dead = match &args.probe_as {
-            None => mount::answers_enotconn(path),
-            Some(owner) => mount::answers_enotconn_as(path, owner).unwrap_or(false),
+            None => mount::answers_enotconn(path, id),
+            Some(owner) => mount::answers_enotconn_as(path, id, owner).unwrap_or(false),
         };
         std::process::exit(if dead { 0 } else { 1 });
     }
@@ -129,20 +132,8 @@ async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = socket.parent() {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
-        let meta = std::fs::metadata(dir)
-            .with_context(|| format!("cannot inspect socket directory {}", dir.display()))?;
-        let me = nix::unistd::geteuid().as_raw();
-        if std::os::unix::fs::MetadataExt::uid(&meta) != me
-            || std::os::unix::fs::MetadataExt::mode(&meta) & 0o022 != 0
-        {
-            bail!(
-                "socket directory {} is not fshostd's own (owner uid {}, mode {:o}): others could swap the socket for a link; put the socket in a directory only uid {me} can write (e.g. /run/fshost), or `chown {me} {}` and `chmod go-w {}`",
-                dir.display(),
-                std::os::unix::fs::MetadataExt::uid(&meta),
-                std::os::unix::fs::MetadataExt::mode(&meta) & 0o7777,
-                dir.display(),
-                dir.display()
-            );
+        if let Err(why) = fshostd::check_private_dir(dir, nix::unistd::geteuid().as_raw()) {
+            bail!("the control socket cannot live there: {why}, and a socket swapped for a link before it is chmod'ed would make fshostd change any file; put it in a directory of fshostd's own, such as /run/fshost/fshostd.sock");
         }
     }
     if socket.exists() {

@@ -169,6 +169,14 @@ impl<P> Registry<P> {
         self.mounts.values().any(|r| r.id == id)
     }
 
+    /// The path the mount with this id is recorded at, while it has its record.
+    pub fn mount_path(&self, id: MountId) -> Option<PathBuf> {
+        let mut mounts = self.mounts.iter();
+        mounts
+            .find(|(_, r)| r.id == id)
+            .map(|(path, _)| path.clone())
+    }
+
     /// Refuses every later load and mount; what exists stays and can still be unmounted
     /// and unloaded. Used at shutdown so nothing new appears while everything is torn down.
     pub fn close(&mut self) {

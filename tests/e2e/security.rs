@@ -92,8 +92,8 @@ impl Drop for RootTmpfs {
     }
 }
 
-/// Runs one `attacker race` and returns (swaps, requests, wins).
-fn race(env: &Env, a: &Path, b: &Path, op: &str, path: &Path, victim: &Path) -> [u64; 3] {
+/// Runs one `attacker race` and returns (swaps, requests, mounts made, wins).
+fn race(env: &Env, a: &Path, b: &Path, op: &str, path: &Path, victim: &Path) -> [u64; 4] {
     let mut command = as_nobody(env, "attacker");
     command.arg("race").arg(&env.socket).arg("10");
     for arg in [a, b, Path::new(op), path, victim] {
@@ -121,10 +121,13 @@ fn a_mount_raced_with_symlink_swaps_never_lands_on_roots_directory() {
     user_dir(&env, "home/p/m");
     std::os::unix::fs::symlink(&root_dir, home.join("q")).unwrap();
     let (parent, link) = (home.join("p"), home.join("q"));
-    let [swaps, requests, wins] = race(&env, &parent, &link, "mount", &parent.join("m"), &victim);
-    eprintln!("mount race: {swaps} swaps, {requests} requests, {wins} wins");
+    let [swaps, requests, mounts, wins] =
+        race(&env, &parent, &link, "mount", &parent.join("m"), &victim);
+    eprintln!("mount race: {swaps} swaps, {requests} requests, {mounts} mounts, {wins} wins");
     assert!(swaps >= 1000, "the race did not run: {swaps} swaps");
     assert!(requests >= 100, "the race did not run: {requests} requests");
+    // Mounts that never succeed would make a race that cannot be won, nor lost.
+    assert!(mounts >= 10, "the daemon made only {mounts} mounts");
     assert_eq!(wins, 0, "memfs was mounted over root's directory");
     assert!(!kernel_mounts().iter().any(|m| m.mountpoint == victim));
 }
@@ -143,11 +146,15 @@ fn an_unmount_raced_with_symlink_swaps_never_detaches_roots_mount() {
         nix::unistd::chown(dir, Some(NOBODY.into()), Some(NOBODY.into())).unwrap();
     }
     std::os::unix::fs::symlink(&root_dir, &link).unwrap();
-    let [swaps, requests, wins] =
+    let [swaps, requests, mounts, wins] =
         race(&env, &parent, &link, "unmount", &parent.join("m"), &roots.0);
-    eprintln!("unmount race: {swaps} swaps, {requests} requests, {wins} wins");
+    eprintln!("unmount race: {swaps} swaps, {requests} requests, {mounts} mounts, {wins} wins");
     assert!(swaps >= 1000, "the race did not run: {swaps} swaps");
     assert!(requests >= 100, "the race did not run: {requests} requests");
+    assert!(
+        mounts >= 10,
+        "the daemon made only {mounts} mounts to unmount"
+    );
     assert_eq!(wins, 0, "root's tmpfs was unmounted");
     assert!(roots.mounted(), "root's tmpfs was unmounted");
 }

@@ -163,8 +163,7 @@ pub fn fshost_mounts_below(dir: &Path) -> Vec<PathBuf> {
 
 /// The kernel's mounts, as the daemon reads them (`/proc/self/mountinfo`).
 pub fn kernel_mounts() -> Vec<fshostd::mount::KernelMount> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    fshostd::mount::parse_mountinfo(&info)
+    fshostd::mount::kernel_mounts().unwrap_or_default()
 }
 
 /// Detaches every fshost mount below a directory when dropped, so that a test that mounts

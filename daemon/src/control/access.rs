@@ -6,7 +6,7 @@
 
 use fshost_protocol::Request;
 
-use crate::config::{Config, Limits, UserPolicy};
+use crate::config::{Config, Limits};
 use crate::host::Caller;
 
 /// Why a request was refused before it ran.
@@ -29,7 +29,6 @@ pub struct Policy {
     mount_plugins: Vec<String>,
     allow_other: bool,
     pub limits: Limits,
-    pub users: UserPolicy,
 }
 
 impl Policy {
@@ -43,7 +42,6 @@ impl Policy {
             mount_plugins: config.users.mount_plugins.clone(),
             allow_other: config.users.allow_other,
             limits: config.limits.clone(),
-            users: config.users.clone(),
         }
     }
 
@@ -106,7 +104,6 @@ mod tests {
             mount_plugins: vec!["memfs".into()],
             allow_other: false,
             limits: Limits::default(),
-            users: UserPolicy::default(),
         }
     }
 

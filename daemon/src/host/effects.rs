@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use super::{absolute, HostError};
 use crate::mount::UnmountError;
-use crate::mount::{self, MountError, MountSpec, MountStats, MountTarget, TargetError};
+use crate::mount::{self, MountError, MountSpec, MountTarget, TargetError};
 use crate::plugin::{self, LoadError, Plugin, Trust};
 
 /// What the host reads of a loaded plugin.
@@ -35,15 +35,7 @@ pub trait TargetHandle: Send + Sync + 'static {
 }
 
 /// A mount to make: the plugin, where, and how.
-pub struct MountRequest<E: Effects> {
-    pub plugin: Arc<E::Plugin>,
-    pub target: Arc<E::Target>,
-    /// The plugin's options and the daemon's (checked before the reservation).
-    pub options: BTreeMap<String, String>,
-    pub read_only: bool,
-    pub owner: (u32, u32),
-    pub stats: Arc<MountStats>,
-}
+pub type MountRequest<E> = MountSpec<<E as Effects>::Plugin, <E as Effects>::Target>;
 
 /// The host's outside world. Every method may block; none is called with the registry
 /// lock held (but `wait`, which releases it).
@@ -211,15 +203,7 @@ impl Effects for Real {
         request: MountRequest<Self>,
         on_end: Box<dyn FnOnce() + Send>,
     ) -> Result<u64, MountError> {
-        let spec = MountSpec {
-            plugin: request.plugin,
-            target: request.target,
-            options: request.options,
-            read_only: request.read_only,
-            owner: request.owner,
-            stats: request.stats,
-        };
-        mount::spawn(spec, on_end)
+        mount::spawn(request, on_end)
     }
 
     fn unmount(&self, target: &MountTarget, id: u64, lazy: bool) -> Result<(), UnmountError> {
@@ -227,8 +211,8 @@ impl Effects for Real {
     }
 
     fn mount_paths(&self) -> BTreeMap<u64, PathBuf> {
-        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        mount::parse_mountinfo(&text)
+        mount::kernel_mounts()
+            .unwrap_or_default()
             .into_iter()
             .map(|m| (m.id, m.mountpoint))
             .collect()

@@ -28,7 +28,8 @@ impl<E: Effects> Host<E> {
             return Err(HostError::OnLoad { name, errno });
         }
         self.transition(|reg| reg.finish_load(&name))?;
-        tracing::info!(plugin = %name, path = %path, "plugin loaded");
-        self.info(&name)
+        let info = self.info(&name)?;
+        tracing::info!(plugin = %name, path = %info.path, "plugin loaded");
+        Ok(info)
     }
 }

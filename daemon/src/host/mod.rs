@@ -20,7 +20,6 @@ use crate::mount::{MountError, MountStats, UnmountError};
 use crate::plugin::LoadError;
 use crate::registry::{join_paths, mount_count, MountId, Registry, RegistryError};
 
-/// How long an unmount waits for the FUSE session to end after the kernel detached it.
 mod effects;
 #[cfg(test)]
 mod interleavings;
@@ -34,6 +33,7 @@ mod unmount;
 pub use effects::{Effects, MountRequest, PluginHandle, Real, TargetHandle};
 pub use unload::{Drain, DrainEnd};
 
+/// How long an unmount waits for the FUSE session to end after the kernel detached it.
 const SESSION_END_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a host operation failed; each variant maps to one protocol error code.

@@ -48,7 +48,7 @@ impl<E: Effects> Host<E> {
             });
         }
         // Options are checked before anything is reserved.
-        let (session, _) = mount::SessionOptions::parse(&options)?;
+        let session = mount::SessionOptions::parse(&options)?;
         let users =
             (!caller.admin).then(|| self.users.lock().unwrap_or_else(|e| e.into_inner()).clone());
         if let Some(users) = &users {
@@ -83,10 +83,11 @@ impl<E: Effects> Host<E> {
             kernel_id: AtomicU64::new(0),
         });
         self.shared.sides().insert(id, Arc::clone(&side));
-        let request = MountRequest {
+        let request = MountRequest::<E> {
             stats: Arc::clone(&side.stats),
             plugin,
             target,
+            session,
             options: options.clone(),
             read_only,
             owner: (caller.uid, caller.gid),
@@ -141,8 +142,9 @@ fn within_user_limits<P>(
         .filter_map(|r| r.options.get("size"))
         .filter_map(|size| fshost_sdk::parse_size(size))
         .sum();
-    let left = users.max_size_bytes().saturating_sub(used);
-    let share = users.max_size_bytes() / users.max_mounts.max(1) as u64;
+    let max_size = users.max_size_bytes();
+    let left = max_size.saturating_sub(used);
+    let share = max_size / users.max_mounts.max(1) as u64;
     let wanted = match options.get("size") {
         None => share.min(left),
         Some(text) => {

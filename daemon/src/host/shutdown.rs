@@ -4,9 +4,12 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::{Effects, Host, HostError, SESSION_END_TIMEOUT};
+use super::{Effects, Host, HostError};
 use crate::mount::UnmountError;
 use crate::registry::MountState;
+
+/// How long shutdown waits, after the deadline, for the sessions of the mounts it detached.
+const SESSION_END_AT_SHUTDOWN: Duration = Duration::from_secs(2);
 
 impl<E: Effects> Host<E> {
     /// Unmounts everything (lazily for mounts still busy after `grace`), then unloads every
@@ -20,11 +23,13 @@ impl<E: Effects> Host<E> {
             reg.mounts().all(|(_, r)| r.state != MountState::Pending)
         });
         let mut detached = Vec::new();
+        // Mounts whose unmount failed for another reason than being busy: not retried.
+        let mut failed = Vec::new();
         loop {
             let active: Vec<PathBuf> = self
                 .lock()
                 .mounts()
-                .filter(|(_, r)| r.state == MountState::Active)
+                .filter(|(p, r)| r.state == MountState::Active && !failed.contains(*p))
                 .map(|(p, _)| p.clone())
                 .collect();
             if active.is_empty() {
@@ -37,18 +42,19 @@ impl<E: Effects> Host<E> {
                     Err(HostError::Unmount(UnmountError::Busy(_))) => {}
                     Err(e) => {
                         tracing::warn!(mountpoint = %path.display(), error = %e, "unmount at shutdown failed");
-                        let _ = self.transition(|reg| reg.begin_unmount(&path));
+                        failed.push(path);
                     }
                 }
             }
             if lazy {
                 break;
             }
+            // Busy ones are tried again when something changes, or in 100 ms.
             self.wait_until(Duration::from_millis(100), |_| false);
         }
         // Sessions end as the kernel lets go of them; a lazily detached mount whose files
         // are still open ends when they close, which shutdown does not wait for.
-        self.wait_until(SESSION_END_TIMEOUT.min(Duration::from_secs(2)), |reg| {
+        self.wait_until(SESSION_END_AT_SHUTDOWN, |reg| {
             detached.iter().all(|(_, id)| !reg.has_mount_id(*id))
         });
         for (path, id) in &detached {

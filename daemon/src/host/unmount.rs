@@ -39,23 +39,14 @@ impl<E: Effects> Host<E> {
     /// else by the path as recorded (a path that no longer resolves, e.g. swapped for a
     /// symlink). Unmounting then acts on the recorded descriptors, never on `given`.
     fn record_path(&self, given: &Path) -> PathBuf {
-        let kernel_id = self.effects().mount_id_at(given);
-        let found = kernel_id.and_then(|kernel_id| {
-            let ids: Vec<MountId> = self
-                .shared
-                .sides()
-                .iter()
-                .filter(|(_, side)| side.kernel_id.load(Ordering::SeqCst) == kernel_id)
+        let ours = self.effects().mount_id_at(given).and_then(|kernel_id| {
+            let sides = self.shared.sides();
+            let mut ids = sides.iter();
+            ids.find(|(_, side)| side.kernel_id.load(Ordering::SeqCst) == kernel_id)
                 .map(|(id, _)| *id)
-                .collect();
-            let reg = self.lock();
-            let path = reg
-                .mounts()
-                .find(|(_, record)| ids.contains(&record.id))
-                .map(|(path, _)| path.clone());
-            path
         });
-        found.unwrap_or_else(|| given.to_path_buf())
+        ours.and_then(|id| self.lock().mount_path(id))
+            .unwrap_or_else(|| given.to_path_buf())
     }
 
     pub(super) fn unmount_path(

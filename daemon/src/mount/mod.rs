@@ -13,11 +13,13 @@ mod tuning;
 
 pub use adapter::{Adapter, CachePolicy, MountStats};
 pub use backend::{Backend, Direct, Hosted};
-pub use mountinfo::{parse_mountinfo, KernelMount};
-pub use options::{SessionOptions, DAEMON_OPTIONS};
+pub use mountinfo::{kernel_mounts, parse_mountinfo, KernelMount};
+pub use options::{plugin_options, SessionOptions, DAEMON_OPTIONS};
 pub use session::{run_session, start_session};
-pub use stale::{answers_enotconn, answers_enotconn_as, detach_stale_mounts};
-pub use target::{mount_id, mount_id_at, DetachError, MountTarget, TargetError};
+pub use stale::{answers_enotconn_as, detach_stale_mounts};
+pub use target::{
+    answers_enotconn, detach_mount_at, mount_id, mount_id_at, DetachError, MountTarget, TargetError,
+};
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -27,10 +29,15 @@ use std::sync::{mpsc, Arc};
 
 use crate::plugin::Plugin;
 
-/// What to mount where.
-pub struct MountSpec {
-    pub plugin: Arc<Plugin>,
-    pub target: Arc<MountTarget>,
+/// What to mount where: a plugin and a resolved mount point (the real ones here, fakes in
+/// the host's interleaving checker), with the options already checked and split.
+pub struct MountSpec<P = Plugin, T = MountTarget> {
+    pub plugin: Arc<P>,
+    pub target: Arc<T>,
+    /// The daemon's own options, parsed from `options`.
+    pub session: SessionOptions,
+    /// All of the mount's options (checked by `SessionOptions::parse`); the plugin's
+    /// `create` gets those that are not the daemon's.
     pub options: BTreeMap<String, String>,
     pub read_only: bool,
     /// Uid and gid of the mount's owner: the kernel lets only them in, unless allow_other.
@@ -81,9 +88,8 @@ pub fn describe_errno(e: i32) -> String {
 /// or from outside, every session thread joined, the plugin instance destroyed) it calls
 /// `on_end`. `on_end` is not called when this returns an error. Returns the mount's kernel id.
 pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<u64, MountError> {
-    let (session_options, plugin_options) = SessionOptions::parse(&spec.options)?;
     let mut options = Vec::new();
-    for (key, value) in &plugin_options {
+    for (key, value) in plugin_options(&spec.options) {
         match (CString::new(key.as_str()), CString::new(value.as_str())) {
             (Ok(k), Ok(v)) => options.push((k, v)),
             _ => {
@@ -128,7 +134,7 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
                 &spec.target,
                 spec.read_only,
                 spec.owner,
-                &session_options,
+                &spec.session,
             );
             let (session, id) = match session {
                 Ok(session) => session,

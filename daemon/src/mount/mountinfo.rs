@@ -2,6 +2,7 @@
 //! (procfs 0.18 parses the same file but leaves `\040` and friends escaped in mount points,
 //! which would break every mount point with a space in it.)
 
+use std::io;
 use std::path::PathBuf;
 
 /// One line of /proc/self/mountinfo that matters here.
@@ -29,6 +30,13 @@ impl KernelMount {
         let allow_other = self.super_options.split(',').any(|o| o == "allow_other");
         (option("user_id="), option("group_id="), allow_other)
     }
+}
+
+/// The kernel's mounts as this process sees them (`/proc/self/mountinfo`).
+pub fn kernel_mounts() -> io::Result<Vec<KernelMount>> {
+    Ok(parse_mountinfo(&std::fs::read_to_string(
+        "/proc/self/mountinfo",
+    )?))
 }
 
 /// Parses /proc/self/mountinfo text; mount points are unescaped (`\040` is a space).

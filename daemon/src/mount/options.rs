@@ -62,10 +62,9 @@ fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
 }
 
 impl SessionOptions {
-    /// Parses the daemon's options out of `options` and returns the plugin's (the rest).
-    pub fn parse(
-        options: &BTreeMap<String, String>,
-    ) -> Result<(SessionOptions, BTreeMap<String, String>), MountError> {
+    /// Parses the daemon's options out of `options` (see [`plugin_options`] for the rest),
+    /// and checks that every option can travel to the plugin.
+    pub fn parse(options: &BTreeMap<String, String>) -> Result<SessionOptions, MountError> {
         // Options travel to the plugin as C strings.
         if let Some((key, value)) = options
             .iter()
@@ -83,7 +82,7 @@ impl SessionOptions {
             DEFAULT_ATTR_TIMEOUT.as_secs_f64(),
             0.0..=86_400.0,
         )?;
-        let parsed = SessionOptions {
+        Ok(SessionOptions {
             allow_other: options.contains_key("allow_other"),
             threads: number(options, "threads", DEFAULT_THREADS, 1..=16)?,
             read_ahead_kb: number(options, "read_ahead_kb", DEFAULT_READ_AHEAD_KB, 0..=65_536)?,
@@ -94,12 +93,15 @@ impl SessionOptions {
                 keep_cache: options.contains_key("keep_cache"),
                 writeback: options.contains_key("writeback"),
             },
-        };
-        let rest = options
-            .iter()
-            .filter(|(key, _)| !DAEMON_OPTIONS.contains(&key.as_str()))
-            .map(|(key, value)| (key.clone(), value.clone()))
-            .collect();
-        Ok((parsed, rest))
+        })
     }
+}
+
+/// The options that are the plugin's: all but the daemon's own.
+pub fn plugin_options(
+    options: &BTreeMap<String, String>,
+) -> impl Iterator<Item = (&String, &String)> {
+    options
+        .iter()
+        .filter(|(key, _)| !DAEMON_OPTIONS.contains(&key.as_str()))
 }

@@ -9,7 +9,7 @@
 //! swaps directories for symlinks, or renames a parent of their mount, can therefore never
 //! steer a mount or an unmount onto another path.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
@@ -100,17 +100,11 @@ impl MountTarget {
         PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()))
     }
 
-    /// The final name inside the pinned parent (a magic link only in the middle).
-    fn entry_path(&self) -> PathBuf {
-        Path::new(&format!("/proc/self/fd/{}", self.parent.as_raw_fd())).join(&self.name)
-    }
-
     /// Kernel id of the mount that covers the directory now (after mounting: ours), or of
     /// the directory's own mount if nothing covers it. Asks no filesystem: the id comes
     /// from `/proc/self/fdinfo`, so it works on dead or unreachable FUSE mounts too.
     pub fn current_mount_id(&self) -> io::Result<u64> {
-        let top = rustix::fs::openat2(&self.parent, &self.name, PATH_DIR, Mode::empty(), RESOLVE)?;
-        mount_id(&top)
+        top_mount_id(&self.parent, &self.name)
     }
 
     /// Kernel id of the mount the directory itself lives on.
@@ -120,24 +114,64 @@ impl MountTarget {
 
     /// Unmounts the mount with kernel id `id` at this target, and only that one.
     pub fn detach(&self, id: u64, lazy: bool) -> Result<(), DetachError> {
-        match self.current_mount_id() {
-            Ok(now) if now == id => {}
-            Ok(_) => return Err(DetachError::NotOurs),
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Err(DetachError::NotOurs),
-            Err(e) => return Err(DetachError::Failed(e)),
-        }
-        // A covered directory cannot be renamed or removed, so between the check and the
-        // call the name still leads to our mount (only root could stack another on top).
-        let mut flags = UnmountFlags::NOFOLLOW;
-        if lazy {
-            flags |= UnmountFlags::DETACH;
-        }
-        match rustix::mount::unmount(self.entry_path(), flags) {
-            Ok(()) => Ok(()),
-            Err(rustix::io::Errno::BUSY) => Err(DetachError::Busy),
-            Err(e) => Err(DetachError::Failed(e.into())),
-        }
+        detach_at(&self.parent, &self.name, id, lazy)
     }
+}
+
+/// Kernel id of the top mount at `name` in the directory `parent`.
+fn top_mount_id(parent: &OwnedFd, name: &OsStr) -> io::Result<u64> {
+    mount_id(rustix::fs::openat2(
+        parent,
+        name,
+        PATH_DIR,
+        Mode::empty(),
+        RESOLVE,
+    )?)
+}
+
+/// Unmounts the mount with kernel id `id` at `name` in the directory `parent`, and only
+/// that one: with `UMOUNT_NOFOLLOW`, through the pinned parent, after checking the id.
+fn detach_at(parent: &OwnedFd, name: &OsStr, id: u64, lazy: bool) -> Result<(), DetachError> {
+    match top_mount_id(parent, name) {
+        Ok(now) if now == id => {}
+        Ok(_) => return Err(DetachError::NotOurs),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Err(DetachError::NotOurs),
+        Err(e) => return Err(DetachError::Failed(e)),
+    }
+    // A covered directory cannot be renamed or removed, so between the check and the call
+    // the name still leads to that mount (only root could stack another on top).
+    let mut flags = UnmountFlags::NOFOLLOW;
+    if lazy {
+        flags |= UnmountFlags::DETACH;
+    }
+    let entry = Path::new(&format!("/proc/self/fd/{}", parent.as_raw_fd())).join(name);
+    match rustix::mount::unmount(entry, flags) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::BUSY) => Err(DetachError::Busy),
+        Err(e) => Err(DetachError::Failed(e.into())),
+    }
+}
+
+/// Unmounts the mount with kernel id `id` at `path`, resolved without following symlinks
+/// (a path from mountinfo, whose parents a user may have swapped since).
+pub fn detach_mount_at(path: &Path, id: u64, lazy: bool) -> Result<(), DetachError> {
+    match open_beneath_no_symlinks(path) {
+        Ok((parent, name, _)) => detach_at(&parent, &name, id, lazy),
+        Err(TargetError::Other(e)) => Err(DetachError::Failed(e)),
+        Err(_) => Err(DetachError::NotOurs),
+    }
+}
+
+/// True if the mount with kernel id `id` at `path` (resolved without following symlinks)
+/// answers ENOTCONN: a FUSE mount whose daemon is gone. `fstatfs` always asks the FUSE
+/// daemon (a `stat` may be answered from the kernel's attribute cache for a while after the
+/// daemon died).
+pub fn answers_enotconn(path: &Path, id: u64) -> bool {
+    let Ok((_, _, dir)) = open_beneath_no_symlinks(path) else {
+        return false;
+    };
+    mount_id(&dir).is_ok_and(|now| now == id)
+        && rustix::fs::fstatfs(&dir).err() == Some(rustix::io::Errno::NOTCONN)
 }
 
 /// Opens `path`'s parent and `path` itself as `O_PATH` descriptors, following no symlink.

@@ -4,7 +4,7 @@
 use std::io;
 use std::path::{Path, PathBuf};
 
-use super::{parse_mountinfo, SessionOptions};
+use super::{kernel_mounts, SessionOptions};
 
 /// Writes the mount's sysfs knobs; a failure is logged and the kernel's defaults stay.
 pub(super) fn tune(id: u64, mountpoint: &Path, options: &SessionOptions) {
@@ -30,8 +30,7 @@ pub(super) fn tune(id: u64, mountpoint: &Path, options: &SessionOptions) {
 /// The sysfs directory of the backing device of the mount with kernel id `id`,
 /// `/sys/class/bdi/<major:minor>/`.
 fn bdi_dir(id: u64) -> io::Result<PathBuf> {
-    let text = std::fs::read_to_string("/proc/self/mountinfo")?;
-    parse_mountinfo(&text)
+    kernel_mounts()?
         .into_iter()
         .find(|m| m.id == id)
         .map(|m| Path::new("/sys/class/bdi").join(m.device))

@@ -117,28 +117,17 @@ fn check_trust(path: &Path, file: &fs::File, trust: &Trust) -> Result<(), LoadEr
             meta.mode() & 0o7777
         )));
     }
-    let parent = real.parent().unwrap_or(&dir).to_path_buf();
-    for dir in [dir, parent] {
-        check_private_dir(&dir).map_err(&untrusted)?;
+    let private = |dir: &Path| {
+        crate::check_private_dir(dir, 0).map_err(|why| {
+            let dir = dir.display();
+            untrusted(format!("{why}; `chown root {dir}` and `chmod go-w {dir}`"))
+        })
+    };
+    private(&dir)?;
+    match real.parent() {
+        Some(parent) if parent != dir => private(parent),
+        _ => Ok(()),
     }
-    Ok(())
-}
-
-/// A directory root trusts: owned by root, writable by no one else (others could replace
-/// what is in it).
-pub fn check_private_dir(dir: &Path) -> Result<(), String> {
-    let meta = fs::metadata(dir).map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
-    if meta.uid() != 0 || meta.mode() & 0o022 != 0 {
-        return Err(format!(
-            "directory {} is owned by uid {} with mode {:o}: others could replace its files; `chown root {}` and `chmod go-w {}`",
-            dir.display(),
-            meta.uid(),
-            meta.mode() & 0o7777,
-            dir.display(),
-            dir.display()
-        ));
-    }
-    Ok(())
 }
 
 /// True for names that are safe in paths, mount sources and fstype strings.

@@ -372,26 +372,28 @@ impl Tree {
         let Content::File(file) = &mut node.content else {
             return Err(Errno::EISDIR);
         };
+        let mut new_pages = file.new_pages(offset, data.len() as u64);
+        let budget = limit.map_or(u64::MAX, |limit| limit.saturating_sub(used));
         let mut len = data.len() as u64;
-        if let Some(limit) = limit {
-            let mut budget = limit.saturating_sub(used);
-            let mut fits = 0;
+        if new_pages > budget {
+            // Only the pages up to the one that does not fit: walk them (this is the rare
+            // case; a write that fits is counted in one go above).
+            let (mut left, mut fits) = (budget, 0);
             for index in offset / PAGE..end.div_ceil(PAGE) {
                 if file.new_pages(index * PAGE, 1) == 1 {
-                    if budget == 0 {
+                    if left == 0 {
                         break;
                     }
-                    budget -= 1;
+                    left -= 1;
                 }
                 fits = ((index + 1) * PAGE).min(end) - offset;
             }
-            if fits == 0 && len > 0 {
+            if fits == 0 {
                 return Err(Errno::ENOSPC);
             }
-            len = fits;
+            (len, new_pages) = (fits, budget - left);
         }
         let data = &data[..len as usize];
-        let new_pages = file.new_pages(offset, len);
         file.write(offset, data);
         node.attr.size = file.size();
         node.attr.blocks = file.pages() * (PAGE / 512);

@@ -5,7 +5,8 @@
 //! asks the daemon, again and again, to mount memfs on PATH and unmount it again. It counts
 //! a win each time mountinfo shows a change on VICTIM (a directory of root's) after the mount
 //! (`OP` = `mount`) or after the mount or the unmount (`OP` = `unmount`): memfs mounted over
-//! it, or root's own mount there gone. Prints `swaps=N requests=N wins=N` and exits 0.
+//! it, or root's own mount there gone. Prints `swaps=N requests=N mounts=N wins=N`
+//! (`mounts`: how many mounts the daemon made) and exits 0.
 //!
 //! `attacker hold SOCKET N` opens N connections, prints how many the daemon accepted,
 //! then keeps them open until stdin closes.
@@ -56,7 +57,7 @@ fn race(args: &[String]) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     let stop = AtomicBool::new(false);
     let swaps = AtomicU64::new(0);
-    let (mut requests, mut wins) = (0u64, 0u64);
+    let (mut requests, mut mounts, mut wins) = (0u64, 0u64, 0u64);
     let victim_mounts = mounted(victim);
     std::thread::scope(|scope| {
         scope.spawn(|| {
@@ -85,6 +86,7 @@ fn race(args: &[String]) {
             let made = ask(&mut stream, &mount);
             wins += changed();
             if made {
+                mounts += 1;
                 requests += 1;
                 ask(&mut stream, &unmount);
                 if op == "unmount" {
@@ -95,7 +97,7 @@ fn race(args: &[String]) {
         stop.store(true, Ordering::Relaxed);
     });
     println!(
-        "swaps={} requests={requests} wins={wins}",
+        "swaps={} requests={requests} mounts={mounts} wins={wins}",
         swaps.load(Ordering::Relaxed)
     );
 }

@@ -37,8 +37,10 @@ fn main() {
     let mountpoint = mountpoint
         .canonicalize()
         .unwrap_or_else(|e| fail(format!("{}: {e}", mountpoint.display())));
-    let (session_options, plugin_options) =
-        SessionOptions::parse(&options).unwrap_or_else(|e| fail(e.to_string()));
+    let session_options = SessionOptions::parse(&options).unwrap_or_else(|e| fail(e.to_string()));
+    let plugin_options = mount::plugin_options(&options)
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
     let fs = memfs::MemFs::create(&fshost_sdk::Options(plugin_options))
         .unwrap_or_else(|e| fail(format!("memfs refused the options: {e:?}")));
     let target = mount::MountTarget::resolve(&mountpoint)

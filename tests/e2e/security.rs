@@ -293,8 +293,25 @@ fn one_user_gets_a_bounded_number_of_connections_and_idle_ones_are_closed() {
         "{stderr}"
     );
     env.ctl(&["list"]).ok();
-    // Idle connections are closed after three seconds, which frees the user's places.
+    // Closing connections frees the user's places (the daemon sees the closes
+    // asynchronously, hence the wait).
     drop(held);
+    assert!(eventually(Duration::from_secs(5), || ctl_as_nobody(
+        &env,
+        &["list"]
+    )
+    .0 == 0));
+    // Idle connections are closed after three seconds, which frees them too:
+    // the user holds all 16 and sends nothing, yet gets a place again.
+    let (_idle_held, accepted) = spawn_hold(&env, 16);
+    assert_eq!(accepted, 16);
+    assert_eq!(ctl_as_nobody(&env, &["list"]).0, 1);
+    assert!(eventually(Duration::from_secs(8), || ctl_as_nobody(
+        &env,
+        &["list"]
+    )
+    .0 == 0));
+    // And the idle client is told why.
     let mut idle = as_nobody(&env, "attacker");
     idle.arg("idle").arg(&env.socket);
     let out = run(idle);
@@ -303,11 +320,6 @@ fn one_user_gets_a_bounded_number_of_connections_and_idle_ones_are_closed() {
         answer.contains("no request for 3s") && answer.contains("\"timeout\""),
         "{answer}"
     );
-    assert!(eventually(Duration::from_secs(5), || ctl_as_nobody(
-        &env,
-        &["list"]
-    )
-    .0 == 0));
 }
 
 /// Resident memory of a process in KiB.

@@ -107,23 +107,22 @@ fn hold(args: &[String]) {
         fail("usage: hold SOCKET N".into());
     };
     let n: usize = n.parse().unwrap_or_else(|_| fail("bad N".into()));
-    let mut held = Vec::new();
-    let mut accepted = 0;
-    for _ in 0..n {
-        let Ok(mut stream) = UnixStream::connect(socket) else {
-            continue;
-        };
-        // A refused connection gets one answer line and is closed; an accepted one waits.
-        stream
-            .set_read_timeout(Some(Duration::from_millis(20)))
-            .unwrap();
-        let mut byte = [0u8; 1];
-        if matches!(stream.read(&mut byte), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
-        {
-            accepted += 1;
-            held.push(stream);
-        }
-    }
+    let streams: Vec<UnixStream> = (0..n)
+        .filter_map(|_| UnixStream::connect(socket).ok())
+        .collect();
+    // A refused connection gets one answer line and is closed; an accepted one
+    // waits. Give the daemon time to answer them all (also on a loaded machine),
+    // then look once at each.
+    std::thread::sleep(Duration::from_millis(500));
+    let held: Vec<UnixStream> = streams
+        .into_iter()
+        .filter(|stream| {
+            stream.set_nonblocking(true).unwrap();
+            let mut byte = [0u8; 1];
+            matches!((&*stream).read(&mut byte), Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        })
+        .collect();
+    let accepted = held.len();
     println!("accepted={accepted}");
     let _ = std::io::stdout().flush();
     let _ = std::io::stdin().read_to_end(&mut Vec::new());

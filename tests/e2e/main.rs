@@ -491,3 +491,62 @@ fn memfs_behaves_like_a_filesystem() {
     );
     env.ctl(&["unmount", path_str(&mnt)]).ok();
 }
+
+/// Variable-length answers (link targets, xattr values and name lists) of every size cross
+/// the plugin ABI whole: small ones in one call, large ones after a size query.
+#[test]
+fn long_link_targets_and_large_xattrs_cross_whole() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let mnt = mounted_memfs(&env, "sized");
+    let p = |name: &str| mnt.join(name);
+    for len in [1, 255, 256, 257, 4000] {
+        let target = "t".repeat(len);
+        let link = p(&format!("link{len}"));
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert_eq!(fs::read_link(&link).unwrap().as_os_str().len(), len);
+    }
+    fs::write(p("f"), b"").unwrap();
+    let file = p("f");
+    let mut names = Vec::new();
+    for (i, len) in [0usize, 1, 256, 257, 60_000].into_iter().enumerate() {
+        let value: Vec<u8> = (0..len).map(|b| (b % 251) as u8).collect();
+        let name = format!("user.{}{i}", "n".repeat(60));
+        rustix::fs::setxattr(
+            &file,
+            name.as_str(),
+            &value,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
+        let mut buf = vec![0u8; 65536];
+        assert_eq!(
+            rustix::fs::getxattr_query(&file, name.as_str()),
+            Ok(len),
+            "size of {len} bytes"
+        );
+        let got = rustix::fs::getxattr(&file, name.as_str(), &mut buf).unwrap();
+        assert_eq!(&buf[..got], &value[..], "value of {len} bytes");
+        if len > 1 {
+            assert_eq!(
+                rustix::fs::getxattr(&file, name.as_str(), &mut buf[..len - 1]),
+                Err(rustix::io::Errno::RANGE)
+            );
+        }
+        names.push(name);
+    }
+    // More than 256 bytes of names.
+    let mut buf = vec![0u8; 4096];
+    let len = rustix::fs::listxattr(&file, &mut buf).unwrap();
+    let mut listed: Vec<String> = buf[..len]
+        .split(|b| *b == 0)
+        .filter(|n| !n.is_empty())
+        .map(|n| String::from_utf8_lossy(n).into_owned())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, names);
+    assert!(len > 256);
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}

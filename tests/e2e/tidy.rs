@@ -105,64 +105,29 @@ fn no_debugging_leftovers() {
     assert!(found.is_empty(), "{}", found.join("\n"));
 }
 
-/// The names `pattern` finds in `path`, one per line that has it: the text between the
-/// pattern and the next `(`.
-fn names_after(
-    path: &str,
-    start: &str,
-    end: &str,
-    pattern: &str,
-) -> std::collections::BTreeSet<String> {
-    let text = text(Path::new(path));
+/// The names of the function pointers in the C header's descriptor after the line that
+/// starts with `start`, in order.
+fn header_operations(start: &str) -> Vec<String> {
+    let text = text(Path::new("fs-plugins/sdk/include/fshost_plugin.h"));
     let from = text
         .find(start)
-        .unwrap_or_else(|| panic!("{start:?} not in {path}"));
-    let to = from
-        + text[from..]
-            .find(end)
-            .unwrap_or_else(|| panic!("{end:?} not in {path}"));
+        .unwrap_or_else(|| panic!("{start:?} not in the header"));
+    let to = from + text[from..].find("};").unwrap();
     text[from..to]
         .lines()
         .filter_map(|line| {
-            let rest = &line[line.find(pattern)? + pattern.len()..];
-            let name = &rest[..rest.find('(')?];
-            Some(name.trim().trim_end_matches(')').to_string())
+            let rest = &line[line.find("int (*")? + "int (*".len()..];
+            Some(rest[..rest.find(')')?].to_string())
         })
         .collect()
 }
 
-/// The filesystem operations are written in the C header, the SDK's `Plugin` trait and the
-/// daemon's `Backend` trait; they must list the same ones (the header's layout is checked
-/// against the Rust descriptor by fs-plugins/sdk/tests/c_header.rs). `Backend` has one open
-/// and one create path (`open_backing`, `create_backing`) that also serve plugins without
-/// passthrough (`open`, `create_file`).
+/// The operations are declared once, in the SDK's table (fs-plugins/sdk/src/ops.rs); the
+/// descriptor, the `Plugin` trait, both sides of the C calls and the daemon's `Backend`
+/// are made from it. The C header is the one copy by hand: it must list the same
+/// operations in the same order (c_header.rs checks their types' layout).
 #[test]
-fn the_header_the_sdk_and_the_backend_list_the_same_operations() {
-    let header = names_after(
-        "fs-plugins/sdk/include/fshost_plugin.h",
-        "/* Filesystem operations",
-        "};",
-        "int (*",
-    );
-    let sdk: std::collections::BTreeSet<String> = names_after(
-        "fs-plugins/sdk/src/lib.rs",
-        "pub trait Plugin",
-        "\n}\n",
-        "    fn ",
-    )
-    .into_iter()
-    .filter(|name| !["create", "on_load", "on_unload"].contains(&name.as_str()))
-    .collect();
-    let backend: std::collections::BTreeSet<String> = names_after(
-        "daemon/src/mount/backend.rs",
-        "backend! {",
-        "    hosted {",
-        "fn ",
-    )
-    .into_iter()
-    .filter(|name| !["name", "offers_passthrough"].contains(&name.as_str()))
-    .chain(["open".to_string(), "create_file".to_string()])
-    .collect();
-    assert_eq!(header, sdk, "C header vs the SDK's Plugin trait");
-    assert_eq!(header, backend, "C header vs the daemon's Backend trait");
+fn the_header_lists_the_tables_operations_in_order() {
+    let header = header_operations("    /* Filesystem operations");
+    assert_eq!(header, fshost_sdk::abi::OPERATIONS, "C header vs ops.rs");
 }

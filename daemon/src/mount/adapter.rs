@@ -15,6 +15,7 @@ use fshost_sdk::abi::{
     Attr, Context, Setattr, Timespec, SET_ATIME, SET_ATIME_NOW, SET_CTIME, SET_FH, SET_GID,
     SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID,
 };
+use fshost_sdk::DirFiller;
 use fuser::{
     BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
@@ -23,7 +24,6 @@ use fuser::{
 };
 
 use super::backend::Backend;
-use crate::plugin::Answer;
 
 pub struct Adapter<B: Backend> {
     fs: B,
@@ -267,10 +267,13 @@ fn empty(reply: ReplyEmpty, result: Result<(), fshost_sdk::Errno>) {
     }
 }
 
-fn xattr(reply: ReplyXattr, result: Result<Answer, fshost_sdk::Errno>) {
+/// An xattr value or name list: its size when the kernel asks with `size == 0`, else the
+/// data if it fits.
+fn xattr(reply: ReplyXattr, size: u32, result: Result<Vec<u8>, fshost_sdk::Errno>) {
     match result {
-        Ok(Answer::Size(n)) => reply.size(n as u32),
-        Ok(Answer::Data(data)) => reply.data(&data),
+        Ok(data) if size == 0 => reply.size(data.len() as u32),
+        Ok(data) if data.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(data) => reply.data(&data),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -316,7 +319,8 @@ impl<B: Backend> Filesystem for Adapter<B> {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.fs.forget(ino.0, nlookup);
+        // Nothing to answer; a failure is the plugin's to log.
+        let _ = self.fs.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -473,7 +477,12 @@ impl<B: Backend> Filesystem for Adapter<B> {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         let flags = self.plugin_open_flags(flags.0);
-        let (plugin_fh, backing) = match self.fs.open_backing(&ctx(req), ino.0, flags) {
+        let opened = if self.maps_handles() {
+            self.fs.open_backing(&ctx(req), ino.0, flags)
+        } else {
+            self.fs.open(&ctx(req), ino.0, flags).map(|fh| (fh, None))
+        };
+        let (plugin_fh, backing) = match opened {
             Ok(opened) => opened,
             Err(e) => return reply.error(errno(e)),
         };
@@ -508,7 +517,7 @@ impl<B: Backend> Filesystem for Adapter<B> {
             }
             let buf = &mut buf[..size as usize];
             match self.fs.read(&ctx(req), ino.0, fh, offset, buf) {
-                Ok(n) => reply.data(&buf[..n]),
+                Ok(n) => reply.data(&buf[..n.min(buf.len())]),
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -535,7 +544,7 @@ impl<B: Backend> Filesystem for Adapter<B> {
             data,
             self.plugin_write_flags(flags.0),
         ) {
-            Ok(n) => reply.written(n as u32),
+            Ok(n) => reply.written(n.min(data.len()) as u32),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -609,7 +618,9 @@ impl<B: Backend> Filesystem for Adapter<B> {
         let mut add = |ino: u64, next: u64, mode: u32, name: &OsStr| {
             reply.add(INodeNo(ino), next, file_type(mode), name)
         };
-        let result = self.fs.readdir(&ctx(req), ino.0, fh.0, offset, &mut add);
+        let result = DirFiller::over(&mut add, |out| {
+            self.fs.readdir(&ctx(req), ino.0, fh.0, offset, out)
+        });
         match result {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(e)),
@@ -652,13 +663,11 @@ impl<B: Backend> Filesystem for Adapter<B> {
     }
 
     fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        let result = self.fs.getxattr(&ctx(req), ino.0, name, size as usize);
-        xattr(reply, result);
+        xattr(reply, size, self.fs.getxattr(&ctx(req), ino.0, name));
     }
 
     fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let result = self.fs.listxattr(&ctx(req), ino.0, size as usize);
-        xattr(reply, result);
+        xattr(reply, size, self.fs.listxattr(&ctx(req), ino.0));
     }
 
     fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -677,13 +686,14 @@ impl<B: Backend> Filesystem for Adapter<B> {
         reply: ReplyCreate,
     ) {
         let mode = mode & !(umask & 0o777);
-        let (attr, plugin_fh, backing) = match self.fs.create_backing(
-            &ctx(req),
-            parent.0,
-            name,
-            mode,
-            self.plugin_open_flags(flags),
-        ) {
+        let (ctx, flags) = (ctx(req), self.plugin_open_flags(flags));
+        let created = if self.maps_handles() {
+            self.fs.create_backing(&ctx, parent.0, name, mode, flags)
+        } else {
+            (self.fs.create_file(&ctx, parent.0, name, mode, flags))
+                .map(|(attr, fh)| (attr, fh, None))
+        };
+        let (attr, plugin_fh, backing) = match created {
             Ok(created) => created,
             Err(e) => return reply.error(errno(e)),
         };

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use rustix::fs::{MemfdFlags, SealFlags};
 
 use crate::registry::join_paths;
-pub use ffi::{fix_malloc_mmap_threshold, Answer, GateError, Instance, Library};
+pub use ffi::{fix_malloc_mmap_threshold, GateError, Instance, Library};
 
 /// A loaded plugin: its library plus what we know about it.
 pub struct Plugin {

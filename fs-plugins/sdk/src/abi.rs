@@ -8,6 +8,9 @@
 
 use std::ffi::{c_char, c_int, c_void};
 
+#[allow(unused_imports)] // the names the operation table uses
+use crate::ops::vocabulary::*;
+
 /// `"FSHOSTPL"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"FSHOSTPL");
 /// The ABI version this SDK and host speak.
@@ -116,240 +119,70 @@ pub type FillDir = unsafe extern "C" fn(
 /// An opaque per-mount instance handle, made by `create` and freed by `destroy`.
 pub type Instance = *mut c_void;
 
-type Ctx = *const Context;
+/// Declares the descriptor from the operation table (`ops.rs`), with the list of its
+/// operations and the check for the required ones.
+macro_rules! descriptor {
+    ($(
+        $(#[$attr:meta])* $([when $cond:ident])?
+        fn $name:ident(&$recv:ident $(, $arg:ident : $ty:ty => [$($p:ident : $pt:ty),*])*)
+            -> $out:ty => [$($o:ident : $ot:ty),*] $body:tt
+    )*) => {
+        /// The plugin descriptor that `fshost_plugin_entry` returns (static data, never freed).
+        #[repr(C)]
+        pub struct PluginDescriptor {
+            pub magic: u64,
+            pub abi_version: u32,
+            pub struct_size: u32,
+            pub name: *const c_char,
+            pub version: *const c_char,
 
-/// The plugin descriptor that `fshost_plugin_entry` returns (static data, never freed).
-#[repr(C)]
-pub struct PluginDescriptor {
-    pub magic: u64,
-    pub abi_version: u32,
-    pub struct_size: u32,
-    pub name: *const c_char,
-    pub version: *const c_char,
+            // Plugin as a whole (run while Registering / Deregistering).
+            pub on_load: Option<unsafe extern "C" fn() -> c_int>,
+            pub on_unload: Option<unsafe extern "C" fn() -> c_int>,
+            /// Copies the last contained panic's message into `buf`; returns its full length.
+            pub last_panic: Option<unsafe extern "C" fn(buf: *mut c_char, cap: usize) -> usize>,
 
-    // Plugin as a whole (run while Registering / Deregistering).
-    pub on_load: Option<unsafe extern "C" fn() -> c_int>,
-    pub on_unload: Option<unsafe extern "C" fn() -> c_int>,
-    /// Copies the last contained panic's message into `buf`; returns its full length.
-    pub last_panic: Option<unsafe extern "C" fn(buf: *mut c_char, cap: usize) -> usize>,
+            // Per mount.
+            pub create: Option<
+                unsafe extern "C" fn(
+                    options: *const MountOption,
+                    count: usize,
+                    out: *mut Instance,
+                ) -> c_int,
+            >,
+            pub destroy: Option<unsafe extern "C" fn(instance: Instance) -> c_int>,
 
-    // Per mount.
-    pub create: Option<
-        unsafe extern "C" fn(
-            options: *const MountOption,
-            count: usize,
-            out: *mut Instance,
-        ) -> c_int,
-    >,
-    pub destroy: Option<unsafe extern "C" fn(instance: Instance) -> c_int>,
+            // Filesystem operations, in table order.
+            $(
+                $(#[$attr])*
+                pub $name: Option<unsafe extern "C" fn(Instance, $($($p: $pt,)*)* $($o: $ot,)*) -> c_int>,
+            )*
+        }
 
-    // Filesystem operations.
-    pub lookup: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            parent: u64,
-            name: *const c_char,
-            out: *mut Attr,
-        ) -> c_int,
-    >,
-    pub forget: Option<unsafe extern "C" fn(Instance, ino: u64, nlookup: u64) -> c_int>,
-    pub getattr: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, out: *mut Attr) -> c_int>,
-    pub setattr: Option<
-        unsafe extern "C" fn(Instance, Ctx, ino: u64, set: *const Setattr, out: *mut Attr) -> c_int,
-    >,
-    pub readlink: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            ino: u64,
-            buf: *mut u8,
-            cap: usize,
-            len: *mut usize,
-        ) -> c_int,
-    >,
-    pub mknod: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            parent: u64,
-            name: *const c_char,
-            mode: u32,
-            rdev: u32,
-            out: *mut Attr,
-        ) -> c_int,
-    >,
-    pub mkdir: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            parent: u64,
-            name: *const c_char,
-            mode: u32,
-            out: *mut Attr,
-        ) -> c_int,
-    >,
-    pub unlink:
-        Option<unsafe extern "C" fn(Instance, Ctx, parent: u64, name: *const c_char) -> c_int>,
-    pub rmdir:
-        Option<unsafe extern "C" fn(Instance, Ctx, parent: u64, name: *const c_char) -> c_int>,
-    pub symlink: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            parent: u64,
-            name: *const c_char,
-            target: *const c_char,
-            out: *mut Attr,
-        ) -> c_int,
-    >,
-    pub rename: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            parent: u64,
-            name: *const c_char,
-            newparent: u64,
-            newname: *const c_char,
-            flags: u32,
-        ) -> c_int,
-    >,
-    pub link: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            ino: u64,
-            newparent: u64,
-            newname: *const c_char,
-            out: *mut Attr,
-        ) -> c_int,
-    >,
-    pub open:
-        Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, flags: i32, fh: *mut u64) -> c_int>,
-    pub read: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            ino: u64,
-            fh: u64,
-            offset: u64,
-            buf: *mut u8,
-            size: usize,
-            len: *mut usize,
-        ) -> c_int,
-    >,
-    pub write: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            ino: u64,
-            fh: u64,
-            offset: u64,
-            data: *const u8,
-            size: usize,
-            flags: i32,
-            written: *mut usize,
-        ) -> c_int,
-    >,
-    pub flush: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, fh: u64) -> c_int>,
-    pub release:
-        Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, fh: u64, flags: i32) -> c_int>,
-    pub fsync:
-        Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, fh: u64, datasync: c_int) -> c_int>,
-    pub opendir:
-        Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, flags: i32, fh: *mut u64) -> c_int>,
-    pub readdir: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            ino: u64,
-            fh: u64,
-            offset: u64,
-            fill: FillDir,
-            fill_buf: *mut c_void,
-        ) -> c_int,
-    >,
-    pub releasedir: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, fh: u64) -> c_int>,
-    pub statfs: Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, out: *mut Statfs) -> c_int>,
-    pub setxattr: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            ino: u64,
-            name: *const c_char,
-            value: *const u8,
-            size: usize,
-            flags: i32,
-        ) -> c_int,
-    >,
-    /// With `cap == 0` only `*len` (the value's size) is set; a too-small `cap` gives `ERANGE`.
-    pub getxattr: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            ino: u64,
-            name: *const c_char,
-            buf: *mut u8,
-            cap: usize,
-            len: *mut usize,
-        ) -> c_int,
-    >,
-    /// Names, each NUL-terminated; `cap` works as for `getxattr`.
-    pub listxattr: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            ino: u64,
-            buf: *mut u8,
-            cap: usize,
-            len: *mut usize,
-        ) -> c_int,
-    >,
-    pub removexattr:
-        Option<unsafe extern "C" fn(Instance, Ctx, ino: u64, name: *const c_char) -> c_int>,
-    pub create_file: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            parent: u64,
-            name: *const c_char,
-            mode: u32,
-            flags: i32,
-            out: *mut Attr,
-            fh: *mut u64,
-        ) -> c_int,
-    >,
+        /// The filesystem operations, in descriptor order.
+        pub const OPERATIONS: &[&str] = &[$(stringify!($name)),*];
 
-    // ---- Appended after the first release: present when `struct_size` covers them. ----
-    /// FUSE passthrough: like `open`, and may also hand over an open file descriptor of the
-    /// backing file in `*backing_fd` (or leave it at -1). The host owns that fd from then
-    /// on. With it, the kernel reads and writes the backing file directly; `read`/`write`
-    /// stay the fallback where the kernel cannot do passthrough.
-    pub open_backing: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            ino: u64,
-            flags: i32,
-            fh: *mut u64,
-            backing_fd: *mut c_int,
-        ) -> c_int,
-    >,
-    /// FUSE passthrough for `create_file`, as `open_backing` is for `open`.
-    pub create_backing: Option<
-        unsafe extern "C" fn(
-            Instance,
-            Ctx,
-            parent: u64,
-            name: *const c_char,
-            mode: u32,
-            flags: i32,
-            out: *mut Attr,
-            fh: *mut u64,
-            backing_fd: *mut c_int,
-        ) -> c_int,
-    >,
+        /// The first operation a plugin must implement but whose descriptor leaves out.
+        pub fn missing_required(d: &PluginDescriptor) -> Option<&'static str> {
+            $(if required!($body) && d.$name.is_none() {
+                return Some(stringify!($name));
+            })*
+            None
+        }
+    };
 }
+
+/// Whether a table entry's default body is `;` (the operation is required).
+macro_rules! required {
+    (;) => {
+        true
+    };
+    ($body:block) => {
+        false
+    };
+}
+
+crate::operations!(descriptor);
 
 // SAFETY: the descriptor is immutable static data; its raw pointers point to static,
 // NUL-terminated strings and its function pointers are plain code addresses.

@@ -8,7 +8,7 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString, OsStr};
 use std::marker::PhantomData;
-use std::os::fd::IntoRawFd;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
@@ -16,6 +16,8 @@ use std::sync::Mutex;
 use crate::abi::{
     self, Attr, Context, FillDir, Instance, MountOption, PluginDescriptor, Setattr, Statfs,
 };
+#[allow(unused_imports)] // the names the operation table uses
+use crate::ops::vocabulary::*;
 use crate::{Errno, Options, Plugin, Result};
 
 /// Message of the last panic a wrapper contained; read by the host through `last_panic`.
@@ -148,62 +150,6 @@ impl DirFiller<'_> {
     }
 }
 
-/// Builds the descriptor for `T`; used by [`crate::export_plugin!`].
-pub const fn descriptor<T: Plugin>(
-    name: *const c_char,
-    version: *const c_char,
-) -> PluginDescriptor {
-    PluginDescriptor {
-        magic: abi::MAGIC,
-        abi_version: abi::ABI_VERSION,
-        struct_size: std::mem::size_of::<PluginDescriptor>() as u32,
-        name,
-        version,
-        on_load: Some(on_load::<T>),
-        on_unload: Some(on_unload::<T>),
-        last_panic: Some(last_panic),
-        create: Some(create::<T>),
-        destroy: Some(destroy::<T>),
-        lookup: Some(lookup::<T>),
-        forget: Some(forget::<T>),
-        getattr: Some(getattr::<T>),
-        setattr: Some(setattr::<T>),
-        readlink: Some(readlink::<T>),
-        mknod: Some(mknod::<T>),
-        mkdir: Some(mkdir::<T>),
-        unlink: Some(unlink::<T>),
-        rmdir: Some(rmdir::<T>),
-        symlink: Some(symlink::<T>),
-        rename: Some(rename::<T>),
-        link: Some(link::<T>),
-        open: Some(open::<T>),
-        read: Some(read::<T>),
-        write: Some(write::<T>),
-        flush: Some(flush::<T>),
-        release: Some(release::<T>),
-        fsync: Some(fsync::<T>),
-        opendir: Some(opendir::<T>),
-        readdir: Some(readdir::<T>),
-        releasedir: Some(releasedir::<T>),
-        statfs: Some(statfs::<T>),
-        setxattr: Some(setxattr::<T>),
-        getxattr: Some(getxattr::<T>),
-        listxattr: Some(listxattr::<T>),
-        removexattr: Some(removexattr::<T>),
-        create_file: Some(create_file::<T>),
-        open_backing: if T::PASSTHROUGH {
-            Some(open_backing::<T>)
-        } else {
-            None
-        },
-        create_backing: if T::PASSTHROUGH {
-            Some(create_backing::<T>)
-        } else {
-            None
-        },
-    }
-}
-
 /// # Safety
 /// `inst` came from `create::<T>` and is not destroyed yet.
 unsafe fn fs<'a, T: Plugin>(inst: Instance) -> &'a T {
@@ -274,261 +220,467 @@ unsafe extern "C" fn destroy<T: Plugin>(inst: Instance) -> c_int {
     })
 }
 
-/// Declares one wrapper: `$args` are converted by the body, which runs inside `guard`.
-macro_rules! wrapper {
-    ($name:ident ($($arg:ident : $ty:ty),*) $body:block) => {
-        unsafe extern "C" fn $name<T: Plugin>(inst: Instance, ctx: *const Context, $($arg: $ty),*) -> c_int {
-            guard(stringify!($name), || {
-                // SAFETY: host contract (module docs): `inst` and `ctx` are valid for this call.
-                let (fs, ctx) = unsafe { (fs::<T>(inst), &*ctx) };
-                let result: Result<()> = ($body)(fs, ctx);
-                result
-            })
+/// Declares, from the operation table (`ops.rs`), the `extern "C"` wrapper of every
+/// operation and `descriptor`, which puts them in a descriptor.
+macro_rules! wrappers {
+    ($(
+        $(#[$attr:meta])* $([when $cond:ident])?
+        fn $name:ident(&$recv:ident $(, $arg:ident : $ty:ty => [$($p:ident : $pt:ty),*])*)
+            -> $out:ty => [$($o:ident : $ot:ty),*] $body:tt
+    )*) => {
+        $(
+            unsafe extern "C" fn $name<T: Plugin>(
+                inst: Instance,
+                $($($p: $pt,)*)*
+                $($o: $ot,)*
+            ) -> c_int {
+                guard(stringify!($name), || {
+                    // SAFETY: host contract (module docs): `inst` is a live instance of `T`,
+                    // every argument is valid for this call as its `Incoming` impl needs,
+                    // and the out-parameters are writable.
+                    unsafe {
+                        $(let mut $arg = <$ty as Incoming<'_>>::receive(($($p,)*));)*
+                        let result = fs::<T>(inst).$name($(<$ty as Incoming<'_>>::lend(&mut $arg)),*)?;
+                        <$out as Output>::put(result, ($($o,)*))
+                    }
+                })
+            }
+        )*
+
+        /// Builds the descriptor for `T`; used by [`crate::export_plugin!`].
+        pub const fn descriptor<T: Plugin>(
+            name: *const c_char,
+            version: *const c_char,
+        ) -> PluginDescriptor {
+            PluginDescriptor {
+                magic: abi::MAGIC,
+                abi_version: abi::ABI_VERSION,
+                struct_size: std::mem::size_of::<PluginDescriptor>() as u32,
+                name,
+                version,
+                on_load: Some(on_load::<T>),
+                on_unload: Some(on_unload::<T>),
+                last_panic: Some(last_panic),
+                create: Some(create::<T>),
+                destroy: Some(destroy::<T>),
+                $($name: if true $(&& T::$cond)? { Some($name::<T>) } else { None },)*
+            }
         }
     };
 }
 
-wrapper!(lookup(parent: u64, name: *const c_char, out: *mut Attr) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `name` is a valid C string, `out` writable.
-        unsafe { out.write(fs.lookup(ctx, parent, os(name))?) };
-        Ok(())
-    }
-});
+crate::operations!(wrappers);
 
-unsafe extern "C" fn forget<T: Plugin>(inst: Instance, ino: u64, nlookup: u64) -> c_int {
-    guard("forget", || {
-        // SAFETY: host contract: `inst` is valid for this call.
-        unsafe { fs::<T>(inst) }.forget(ino, nlookup);
-        Ok(())
-    })
+/// The plugin's side of an argument: how it arrives through the C ABI (`Abi`, a tuple of
+/// the C parameters), what the wrapper holds during the call, and what the plugin's method
+/// gets (`lend`).
+pub trait Incoming<'h>: Sized {
+    type Abi;
+    type Held: 'h;
+    /// # Safety
+    /// The C parameters are valid for this call as the ABI describes them.
+    unsafe fn receive(abi: Self::Abi) -> Self::Held;
+    fn lend(held: &'h mut Self::Held) -> Self;
 }
 
-wrapper!(getattr(ino: u64, out: *mut Attr) {
-    |fs: &T, ctx| {
-        let attr = fs.getattr(ctx, ino)?;
-        // SAFETY: host contract: `out` is writable.
-        unsafe { out.write(attr) };
+/// The host's side of an argument: what must live through the call (`hold`; a name with a
+/// NUL byte is `EINVAL`) and the C parameters it passes (`abi`).
+pub trait Outgoing: Sized {
+    type Held;
+    type Abi;
+    fn hold(self) -> Result<Self::Held>;
+    fn abi(held: &mut Self::Held) -> Self::Abi;
+}
+
+/// A plain value crosses as itself.
+macro_rules! plain {
+    ($($t:ty),*) => {$(
+        impl<'h> Incoming<'h> for $t {
+            type Abi = ($t,);
+            type Held = $t;
+            unsafe fn receive((v,): ($t,)) -> $t {
+                v
+            }
+            fn lend(held: &'h mut $t) -> $t {
+                *held
+            }
+        }
+        impl Outgoing for $t {
+            type Held = $t;
+            type Abi = ($t,);
+            fn hold(self) -> Result<$t> {
+                Ok(self)
+            }
+            fn abi(held: &mut $t) -> ($t,) {
+                (*held,)
+            }
+        }
+    )*};
+}
+plain!(u64, u32, i32);
+
+impl<'h> Incoming<'h> for bool {
+    type Abi = (c_int,);
+    type Held = bool;
+    unsafe fn receive((v,): (c_int,)) -> bool {
+        v != 0
+    }
+    fn lend(held: &'h mut bool) -> bool {
+        *held
+    }
+}
+
+impl Outgoing for bool {
+    type Held = bool;
+    type Abi = (c_int,);
+    fn hold(self) -> Result<bool> {
+        Ok(self)
+    }
+    fn abi(held: &mut bool) -> (c_int,) {
+        (c_int::from(*held),)
+    }
+}
+
+/// A reference to one C struct (`Context`, `Setattr`) crosses as a pointer.
+macro_rules! by_pointer {
+    ($($t:ty),*) => {$(
+        impl<'h, 'a: 'h> Incoming<'h> for &'a $t {
+            type Abi = (*const $t,);
+            type Held = &'a $t;
+            unsafe fn receive((p,): (*const $t,)) -> &'a $t {
+                // SAFETY: per the function contract, `p` points to a valid value.
+                unsafe { &*p }
+            }
+            fn lend(held: &'h mut &'a $t) -> &'a $t {
+                held
+            }
+        }
+        impl<'a> Outgoing for &'a $t {
+            type Held = &'a $t;
+            type Abi = (*const $t,);
+            fn hold(self) -> Result<&'a $t> {
+                Ok(self)
+            }
+            fn abi(held: &mut &'a $t) -> (*const $t,) {
+                (*held,)
+            }
+        }
+    )*};
+}
+by_pointer!(Context, Setattr);
+
+impl<'h, 'a: 'h> Incoming<'h> for &'a OsStr {
+    type Abi = (*const c_char,);
+    type Held = &'a OsStr;
+    unsafe fn receive((p,): (*const c_char,)) -> &'a OsStr {
+        // SAFETY: per the function contract, a NUL-terminated string valid for the call.
+        unsafe { os(p) }
+    }
+    fn lend(held: &'h mut &'a OsStr) -> &'a OsStr {
+        held
+    }
+}
+
+impl Outgoing for &OsStr {
+    type Held = CString;
+    type Abi = (*const c_char,);
+    fn hold(self) -> Result<CString> {
+        CString::new(self.as_bytes()).map_err(|_| Errno::EINVAL)
+    }
+    fn abi(held: &mut CString) -> (*const c_char,) {
+        (held.as_ptr(),)
+    }
+}
+
+impl<'h, 'a: 'h> Incoming<'h> for &'a [u8] {
+    type Abi = (*const u8, usize);
+    type Held = &'a [u8];
+    unsafe fn receive((p, len): (*const u8, usize)) -> &'a [u8] {
+        if len == 0 {
+            return &[];
+        }
+        // SAFETY: per the function contract, `p` is valid for `len` bytes.
+        unsafe { std::slice::from_raw_parts(p, len) }
+    }
+    fn lend(held: &'h mut &'a [u8]) -> &'a [u8] {
+        held
+    }
+}
+
+impl<'a> Outgoing for &'a [u8] {
+    type Held = &'a [u8];
+    type Abi = (*const u8, usize);
+    fn hold(self) -> Result<&'a [u8]> {
+        Ok(self)
+    }
+    fn abi(held: &mut &'a [u8]) -> (*const u8, usize) {
+        (held.as_ptr(), held.len())
+    }
+}
+
+impl<'h> Incoming<'h> for &'h mut [u8] {
+    type Abi = (*mut u8, usize);
+    type Held = &'h mut [u8];
+    unsafe fn receive((p, len): (*mut u8, usize)) -> &'h mut [u8] {
+        if len == 0 {
+            return &mut [];
+        }
+        // SAFETY: per the function contract, `p` is initialized memory valid for `len`
+        // bytes that nothing else uses during the call.
+        unsafe { std::slice::from_raw_parts_mut(p, len) }
+    }
+    fn lend(held: &'h mut &'h mut [u8]) -> &'h mut [u8] {
+        held
+    }
+}
+
+impl<'a> Outgoing for &'a mut [u8] {
+    type Held = &'a mut [u8];
+    type Abi = (*mut u8, usize);
+    fn hold(self) -> Result<&'a mut [u8]> {
+        Ok(self)
+    }
+    fn abi(held: &mut &'a mut [u8]) -> (*mut u8, usize) {
+        (held.as_mut_ptr(), held.len())
+    }
+}
+
+impl<'h, 'd: 'h> Incoming<'h> for &'h mut DirFiller<'d> {
+    type Abi = (FillDir, *mut c_void);
+    type Held = DirFiller<'d>;
+    unsafe fn receive((fill, buf): (FillDir, *mut c_void)) -> DirFiller<'d> {
+        DirFiller {
+            fill,
+            buf,
+            listing: PhantomData,
+        }
+    }
+    fn lend(held: &'h mut DirFiller<'d>) -> &'h mut DirFiller<'d> {
+        held
+    }
+}
+
+impl<'a, 'd> Outgoing for &'a mut DirFiller<'d> {
+    type Held = &'a mut DirFiller<'d>;
+    type Abi = (FillDir, *mut c_void);
+    fn hold(self) -> Result<Self> {
+        Ok(self)
+    }
+    fn abi(held: &mut Self) -> (FillDir, *mut c_void) {
+        (held.fill, held.buf)
+    }
+}
+
+/// A result, both ways: the plugin's side writes it to the host's out-parameters (`put`),
+/// the host's side provides them and reads it back (`receive`).
+pub trait Output: Sized {
+    /// The out-parameters, as a tuple.
+    type Ptrs;
+    /// # Safety
+    /// Every out-parameter is valid for a write.
+    unsafe fn put(self, ptrs: Self::Ptrs) -> Result<()>;
+    /// Runs `call` (the plugin call) with out-parameters and reads them back; `Err` holds
+    /// the plugin's nonzero return code.
+    fn receive(call: &mut dyn FnMut(Self::Ptrs) -> c_int) -> std::result::Result<Self, c_int>;
+}
+
+/// One out-parameter of a result.
+pub trait OutPart: Sized {
+    type Ptr;
+    type Slot;
+    fn slot() -> Self::Slot;
+    fn ptr(slot: &mut Self::Slot) -> Self::Ptr;
+    fn take(slot: Self::Slot) -> Self;
+    /// # Safety
+    /// `ptr` is valid for a write.
+    unsafe fn put(self, ptr: Self::Ptr);
+}
+
+macro_rules! value_part {
+    ($($t:ty),*) => {$(
+        impl OutPart for $t {
+            type Ptr = *mut $t;
+            type Slot = $t;
+            fn slot() -> $t {
+                <$t>::default()
+            }
+            fn ptr(slot: &mut $t) -> *mut $t {
+                slot
+            }
+            fn take(slot: $t) -> $t {
+                slot
+            }
+            unsafe fn put(self, ptr: *mut $t) {
+                // SAFETY: per the function contract.
+                unsafe { ptr.write(self) }
+            }
+        }
+    )*};
+}
+value_part!(Attr, Statfs, u64, usize);
+
+/// A backing file handed to the host: a descriptor it owns from then on, or -1.
+impl OutPart for Option<OwnedFd> {
+    type Ptr = *mut c_int;
+    type Slot = c_int;
+    fn slot() -> c_int {
+        -1
+    }
+    fn ptr(slot: &mut c_int) -> *mut c_int {
+        slot
+    }
+    fn take(fd: c_int) -> Option<OwnedFd> {
+        // SAFETY: the ABI transfers ownership of a non-negative `backing_fd` to the host;
+        // the plugin no longer uses or closes it, so this is its only owner.
+        (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+    unsafe fn put(self, ptr: *mut c_int) {
+        // SAFETY: per the function contract; the fd's ownership passes to the host.
+        unsafe { ptr.write(self.map_or(-1, IntoRawFd::into_raw_fd)) }
+    }
+}
+
+impl Output for () {
+    type Ptrs = ();
+    unsafe fn put(self, (): ()) -> Result<()> {
         Ok(())
     }
-});
+    fn receive(call: &mut dyn FnMut(()) -> c_int) -> std::result::Result<(), c_int> {
+        match call(()) {
+            0 => Ok(()),
+            rc => Err(rc),
+        }
+    }
+}
 
-wrapper!(setattr(ino: u64, set: *const Setattr, out: *mut Attr) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `set` is readable, `out` writable.
-        unsafe { out.write(fs.setattr(ctx, ino, &*set)?) };
+impl<A: OutPart> Output for A {
+    type Ptrs = (A::Ptr,);
+    unsafe fn put(self, (a,): Self::Ptrs) -> Result<()> {
+        // SAFETY: per the function contract.
+        unsafe { OutPart::put(self, a) };
         Ok(())
     }
-});
-
-wrapper!(readlink(ino: u64, buf: *mut u8, cap: usize, len: *mut usize) {
-    |fs: &T, ctx| {
-        let target = fs.readlink(ctx, ino)?;
-        // SAFETY: host contract: `buf` valid for `cap` bytes, `len` writable.
-        unsafe { copy_out(&target, buf, cap, len) }
+    fn receive(call: &mut dyn FnMut(Self::Ptrs) -> c_int) -> std::result::Result<Self, c_int> {
+        let mut a = A::slot();
+        match call((A::ptr(&mut a),)) {
+            0 => Ok(A::take(a)),
+            rc => Err(rc),
+        }
     }
-});
+}
 
-wrapper!(mknod(parent: u64, name: *const c_char, mode: u32, rdev: u32, out: *mut Attr) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `name` is a valid C string, `out` writable.
-        unsafe { out.write(fs.mknod(ctx, parent, os(name), mode, rdev)?) };
-        Ok(())
-    }
-});
-
-wrapper!(mkdir(parent: u64, name: *const c_char, mode: u32, out: *mut Attr) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `name` is a valid C string, `out` writable.
-        unsafe { out.write(fs.mkdir(ctx, parent, os(name), mode)?) };
-        Ok(())
-    }
-});
-
-wrapper!(unlink(parent: u64, name: *const c_char) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `name` is a valid C string.
-        fs.unlink(ctx, parent, unsafe { os(name) })
-    }
-});
-
-wrapper!(rmdir(parent: u64, name: *const c_char) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `name` is a valid C string.
-        fs.rmdir(ctx, parent, unsafe { os(name) })
-    }
-});
-
-wrapper!(symlink(parent: u64, name: *const c_char, target: *const c_char, out: *mut Attr) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `name`, `target` are valid C strings, `out` writable.
-        unsafe { out.write(fs.symlink(ctx, parent, os(name), os(target))?) };
-        Ok(())
-    }
-});
-
-wrapper!(rename(parent: u64, name: *const c_char, newparent: u64, newname: *const c_char, flags: u32) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: both names are valid C strings.
-        let (name, newname) = unsafe { (os(name), os(newname)) };
-        fs.rename(ctx, parent, name, newparent, newname, flags)
-    }
-});
-
-wrapper!(link(ino: u64, newparent: u64, newname: *const c_char, out: *mut Attr) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `newname` is a valid C string, `out` writable.
-        unsafe { out.write(fs.link(ctx, ino, newparent, os(newname))?) };
-        Ok(())
-    }
-});
-
-wrapper!(open(ino: u64, flags: i32, fh: *mut u64) {
-    |fs: &T, ctx| {
-        let handle = fs.open(ctx, ino, flags)?;
-        // SAFETY: host contract: `fh` is writable.
-        unsafe { fh.write(handle) };
-        Ok(())
-    }
-});
-
-wrapper!(read(ino: u64, fh: u64, offset: u64, buf: *mut u8, size: usize, len: *mut usize) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `buf` is initialized memory valid for `size` bytes.
-        let buf = unsafe { std::slice::from_raw_parts_mut(buf, size) };
-        let n = fs.read(ctx, ino, fh, offset, buf)?.min(size);
-        // SAFETY: host contract: `len` is writable.
-        unsafe { len.write(n) };
-        Ok(())
-    }
-});
-
-wrapper!(write(ino: u64, fh: u64, offset: u64, data: *const u8, size: usize, flags: i32, written: *mut usize) {
-    |fs: &T, ctx| {
-        let data = if size == 0 {
-            &[][..]
-        } else {
-            // SAFETY: host contract: `data` is valid for `size` bytes.
-            unsafe { std::slice::from_raw_parts(data, size) }
-        };
-        let n = fs.write(ctx, ino, fh, offset, data, flags)?.min(size);
-        // SAFETY: host contract: `written` is writable.
-        unsafe { written.write(n) };
-        Ok(())
-    }
-});
-
-wrapper!(flush(ino: u64, fh: u64) {
-    |fs: &T, ctx| fs.flush(ctx, ino, fh)
-});
-
-wrapper!(release(ino: u64, fh: u64, flags: i32) {
-    |fs: &T, ctx| fs.release(ctx, ino, fh, flags)
-});
-
-wrapper!(fsync(ino: u64, fh: u64, datasync: c_int) {
-    |fs: &T, ctx| fs.fsync(ctx, ino, fh, datasync != 0)
-});
-
-wrapper!(opendir(ino: u64, flags: i32, fh: *mut u64) {
-    |fs: &T, ctx| {
-        let handle = fs.opendir(ctx, ino, flags)?;
-        // SAFETY: host contract: `fh` is writable.
-        unsafe { fh.write(handle) };
-        Ok(())
-    }
-});
-
-wrapper!(readdir(ino: u64, fh: u64, offset: u64, fill: FillDir, fill_buf: *mut c_void) {
-    |fs: &T, ctx| fs.readdir(ctx, ino, fh, offset, &mut DirFiller { fill, buf: fill_buf, listing: PhantomData })
-});
-
-wrapper!(releasedir(ino: u64, fh: u64) {
-    |fs: &T, ctx| fs.releasedir(ctx, ino, fh)
-});
-
-wrapper!(statfs(ino: u64, out: *mut Statfs) {
-    |fs: &T, ctx| {
-        let st = fs.statfs(ctx, ino)?;
-        // SAFETY: host contract: `out` is writable.
-        unsafe { out.write(st) };
-        Ok(())
-    }
-});
-
-wrapper!(setxattr(ino: u64, name: *const c_char, value: *const u8, size: usize, flags: i32) {
-    |fs: &T, ctx| {
-        let value = if size == 0 {
-            &[][..]
-        } else {
-            // SAFETY: host contract: `value` is valid for `size` bytes.
-            unsafe { std::slice::from_raw_parts(value, size) }
-        };
-        // SAFETY: host contract: `name` is a valid C string.
-        fs.setxattr(ctx, ino, unsafe { os(name) }, value, flags)
-    }
-});
-
-wrapper!(getxattr(ino: u64, name: *const c_char, buf: *mut u8, cap: usize, len: *mut usize) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `name` is a valid C string.
-        let value = fs.getxattr(ctx, ino, unsafe { os(name) })?;
-        // SAFETY: host contract: `buf` valid for `cap` bytes, `len` writable.
-        unsafe { copy_out(&value, buf, cap, len) }
-    }
-});
-
-wrapper!(listxattr(ino: u64, buf: *mut u8, cap: usize, len: *mut usize) {
-    |fs: &T, ctx| {
-        let names = fs.listxattr(ctx, ino)?;
-        // SAFETY: host contract: `buf` valid for `cap` bytes, `len` writable.
-        unsafe { copy_out(&names, buf, cap, len) }
-    }
-});
-
-wrapper!(removexattr(ino: u64, name: *const c_char) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `name` is a valid C string.
-        fs.removexattr(ctx, ino, unsafe { os(name) })
-    }
-});
-
-wrapper!(create_file(parent: u64, name: *const c_char, mode: u32, flags: i32, out: *mut Attr, fh: *mut u64) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `name` is a valid C string.
-        let (attr, handle) = fs.create_file(ctx, parent, unsafe { os(name) }, mode, flags)?;
-        // SAFETY: host contract: `out` and `fh` are writable.
+impl<A: OutPart, B: OutPart> Output for (A, B) {
+    type Ptrs = (A::Ptr, B::Ptr);
+    unsafe fn put(self, (a, b): Self::Ptrs) -> Result<()> {
+        // SAFETY: per the function contract.
         unsafe {
-            out.write(attr);
-            fh.write(handle);
+            self.0.put(a);
+            self.1.put(b);
         }
         Ok(())
     }
-});
+    fn receive(call: &mut dyn FnMut(Self::Ptrs) -> c_int) -> std::result::Result<Self, c_int> {
+        let (mut a, mut b) = (A::slot(), B::slot());
+        match call((A::ptr(&mut a), B::ptr(&mut b))) {
+            0 => Ok((A::take(a), B::take(b))),
+            rc => Err(rc),
+        }
+    }
+}
 
-wrapper!(open_backing(ino: u64, flags: i32, fh: *mut u64, backing_fd: *mut c_int) {
-    |fs: &T, ctx| {
-        let (handle, fd) = fs.open_backing(ctx, ino, flags)?;
-        // SAFETY: host contract: `fh` and `backing_fd` are writable; the fd's ownership
-        // passes to the host.
+impl<A: OutPart, B: OutPart, C: OutPart> Output for (A, B, C) {
+    type Ptrs = (A::Ptr, B::Ptr, C::Ptr);
+    unsafe fn put(self, (a, b, c): Self::Ptrs) -> Result<()> {
+        // SAFETY: per the function contract.
         unsafe {
-            fh.write(handle);
-            backing_fd.write(fd.map_or(-1, IntoRawFd::into_raw_fd));
+            self.0.put(a);
+            self.1.put(b);
+            self.2.put(c);
         }
         Ok(())
     }
-});
-
-wrapper!(create_backing(parent: u64, name: *const c_char, mode: u32, flags: i32, out: *mut Attr, fh: *mut u64, backing_fd: *mut c_int) {
-    |fs: &T, ctx| {
-        // SAFETY: host contract: `name` is a valid C string.
-        let (attr, handle, fd) = fs.create_backing(ctx, parent, unsafe { os(name) }, mode, flags)?;
-        // SAFETY: host contract: the outputs are writable; the fd's ownership passes to the host.
-        unsafe {
-            out.write(attr);
-            fh.write(handle);
-            backing_fd.write(fd.map_or(-1, IntoRawFd::into_raw_fd));
+    fn receive(call: &mut dyn FnMut(Self::Ptrs) -> c_int) -> std::result::Result<Self, c_int> {
+        let (mut a, mut b, mut c) = (A::slot(), B::slot(), C::slot());
+        match call((A::ptr(&mut a), B::ptr(&mut b), C::ptr(&mut c))) {
+            0 => Ok((A::take(a), B::take(b), C::take(c))),
+            rc => Err(rc),
         }
-        Ok(())
     }
-});
+}
+
+/// The most a variable-length answer may hold: the kernel's limit for an xattr value or
+/// list (`XATTR_SIZE_MAX`); link targets are shorter still.
+pub const MAX_SIZED: usize = 64 << 10;
+
+/// A variable-length answer (`buf`, `cap`, `len`): `cap == 0` asks for the size only, a
+/// too-small `cap` gives `ERANGE`. The host first offers a small buffer, which holds the
+/// usual answer in one call; a larger answer takes a size query and one more call.
+impl Output for Vec<u8> {
+    type Ptrs = (*mut u8, usize, *mut usize);
+    unsafe fn put(self, (buf, cap, len): Self::Ptrs) -> Result<()> {
+        // SAFETY: per the function contract: `buf` valid for `cap` bytes, `len` writable.
+        unsafe { copy_out(&self, buf, cap, len) }
+    }
+    fn receive(call: &mut dyn FnMut(Self::Ptrs) -> c_int) -> std::result::Result<Self, c_int> {
+        let mut buf = vec![0u8; 256];
+        // An answer that keeps growing between the size query and the call gets ERANGE
+        // after a few tries.
+        for _ in 0..4 {
+            let mut len = 0usize;
+            match call((buf.as_mut_ptr(), buf.len(), &mut len)) {
+                0 => {
+                    buf.truncate(len.min(buf.len()));
+                    return Ok(buf);
+                }
+                libc::ERANGE => {
+                    let mut len = 0usize;
+                    match call((buf.as_mut_ptr(), 0, &mut len)) {
+                        0 if len <= MAX_SIZED => buf = vec![0u8; len.max(1)],
+                        0 => return Err(libc::E2BIG),
+                        rc => return Err(rc),
+                    }
+                }
+                rc => return Err(rc),
+            }
+        }
+        Err(libc::ERANGE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `Vec<u8>`'s host side against its plugin side answering `value(call number)`;
+    /// returns the answer and the number of calls.
+    fn sized(value: impl Fn(usize) -> Vec<u8>) -> (std::result::Result<Vec<u8>, c_int>, usize) {
+        let mut calls = 0;
+        let answer = Vec::<u8>::receive(&mut |ptrs| {
+            calls += 1;
+            // SAFETY: `receive` passes a buffer valid for `cap` bytes and a writable `len`.
+            match unsafe { value(calls).put(ptrs) } {
+                Ok(()) => 0,
+                Err(Errno(e)) => e,
+            }
+        });
+        (answer, calls)
+    }
+
+    #[test]
+    fn a_sized_answer_takes_one_call_or_a_size_query_and_one_more() {
+        for size in [0, 1, 255, 256, 257, 4096, MAX_SIZED] {
+            let value: Vec<u8> = (0..size).map(|i| i as u8).collect();
+            let (answer, calls) = sized(|_| value.clone());
+            assert_eq!(answer.as_deref(), Ok(&value[..]), "size {size}");
+            assert_eq!(calls, if size <= 256 { 1 } else { 3 }, "size {size}");
+        }
+        assert_eq!(sized(|_| vec![0; MAX_SIZED + 1]).0, Err(libc::E2BIG));
+        // An answer that grows between the size query and the call is asked for again,
+        // a few times, then refused.
+        let (answer, calls) = sized(|call| vec![1; 300 * call]);
+        assert_eq!(answer, Err(libc::ERANGE));
+        assert_eq!(calls, 8);
+        let (answer, _) = sized(|call| vec![1; if call < 4 { 300 * call } else { 900 }]);
+        assert_eq!(answer.map(|v| v.len()), Ok(900));
+    }
+}

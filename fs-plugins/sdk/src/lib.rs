@@ -19,6 +19,7 @@
 pub mod abi;
 #[doc(hidden)]
 pub mod ffi;
+pub mod ops;
 mod static_files;
 
 use std::collections::BTreeMap;
@@ -149,182 +150,47 @@ pub fn parse_size(text: &str) -> Option<u64> {
     digits.parse::<u64>().ok()?.checked_mul(factor)
 }
 
-/// A filesystem plugin. One value of this type serves one mount (the instance handle);
-/// everything the filesystem needs lives in it, so no global state is needed.
-///
-/// Only `create`, `lookup` and `getattr` are required; every other operation answers
-/// `ENOSYS` (or succeeds trivially, for open/release/opendir/releasedir) unless overridden.
-#[allow(unused_variables)]
-pub trait Plugin: Sized + Send + Sync + 'static {
-    /// Makes the instance for one mount from its `-o` options.
-    fn create(options: &Options) -> Result<Self>;
+/// Declares [`Plugin`]: the plugin-wide items, then one method per operation of the table
+/// (`ops.rs`), with the table's default body.
+macro_rules! plugin_trait {
+    ($(
+        $(#[$attr:meta])* $([when $cond:ident])?
+        fn $name:ident(&$recv:ident $(, $arg:ident : $ty:ty => [$($p:ident : $pt:ty),*])*)
+            -> $out:ty => [$($o:ident : $ot:ty),*] $body:tt
+    )*) => {
+        /// A filesystem plugin. One value of this type serves one mount (the instance
+        /// handle); everything the filesystem needs lives in it, so no global state is
+        /// needed.
+        ///
+        /// Only `create`, `lookup` and `getattr` are required; every other operation
+        /// answers `ENOSYS` (or succeeds trivially, for open/release/opendir/releasedir)
+        /// unless overridden.
+        #[allow(unused_variables)]
+        pub trait Plugin: Sized + Send + Sync + 'static {
+            /// Makes the instance for one mount from its `-o` options.
+            fn create(options: &Options) -> Result<Self>;
 
-    /// Runs once while the plugin is Registering; an error aborts the load.
-    fn on_load() -> Result<()> {
-        Ok(())
-    }
+            /// Runs once while the plugin is Registering; an error aborts the load.
+            fn on_load() -> Result<()> {
+                Ok(())
+            }
 
-    /// Runs once while the plugin is Deregistering, after its last mount has gone.
-    fn on_unload() {}
+            /// Runs once while the plugin is Deregistering, after its last mount has gone.
+            fn on_unload() {}
 
-    fn lookup(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<Attr>;
-    fn getattr(&self, ctx: &Context, ino: u64) -> Result<Attr>;
-    fn forget(&self, ino: u64, nlookup: u64) {}
-    fn setattr(&self, ctx: &Context, ino: u64, set: &Setattr) -> Result<Attr> {
-        Err(Errno::ENOSYS)
-    }
-    fn readlink(&self, ctx: &Context, ino: u64) -> Result<Vec<u8>> {
-        Err(Errno::ENOSYS)
-    }
-    fn mknod(
-        &self,
-        ctx: &Context,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        rdev: u32,
-    ) -> Result<Attr> {
-        Err(Errno::ENOSYS)
-    }
-    fn mkdir(&self, ctx: &Context, parent: u64, name: &OsStr, mode: u32) -> Result<Attr> {
-        Err(Errno::ENOSYS)
-    }
-    fn unlink(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
-        Err(Errno::ENOSYS)
-    }
-    fn rmdir(&self, ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
-        Err(Errno::ENOSYS)
-    }
-    fn symlink(&self, ctx: &Context, parent: u64, name: &OsStr, target: &OsStr) -> Result<Attr> {
-        Err(Errno::ENOSYS)
-    }
-    fn rename(
-        &self,
-        ctx: &Context,
-        parent: u64,
-        name: &OsStr,
-        newparent: u64,
-        newname: &OsStr,
-        flags: u32,
-    ) -> Result<()> {
-        Err(Errno::ENOSYS)
-    }
-    fn link(&self, ctx: &Context, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
-        Err(Errno::ENOSYS)
-    }
-    /// Returns the file handle that later calls receive as `fh`.
-    fn open(&self, ctx: &Context, ino: u64, flags: i32) -> Result<u64> {
-        Ok(0)
-    }
-    /// Fills `buf` from `offset`; returns the number of bytes read (short at end of file).
-    fn read(&self, ctx: &Context, ino: u64, fh: u64, offset: u64, buf: &mut [u8]) -> Result<usize> {
-        Err(Errno::ENOSYS)
-    }
-    fn write(
-        &self,
-        ctx: &Context,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        data: &[u8],
-        flags: i32,
-    ) -> Result<usize> {
-        Err(Errno::ENOSYS)
-    }
-    /// Called on every close. Left out (ENOSYS), the kernel stops calling it for the mount,
-    /// which saves a round trip per close.
-    fn flush(&self, ctx: &Context, ino: u64, fh: u64) -> Result<()> {
-        Err(Errno::ENOSYS)
-    }
-    fn release(&self, ctx: &Context, ino: u64, fh: u64, flags: i32) -> Result<()> {
-        Ok(())
-    }
-    /// Left out (ENOSYS), the kernel treats fsync as done (right for memory-backed files).
-    fn fsync(&self, ctx: &Context, ino: u64, fh: u64, datasync: bool) -> Result<()> {
-        Err(Errno::ENOSYS)
-    }
-    fn opendir(&self, ctx: &Context, ino: u64, flags: i32) -> Result<u64> {
-        Ok(0)
-    }
-    /// Adds entries from `offset` on until `out.add` says the reply is full. Each entry
-    /// carries the offset at which the next call should resume.
-    fn readdir(
-        &self,
-        ctx: &Context,
-        ino: u64,
-        fh: u64,
-        offset: u64,
-        out: &mut DirFiller,
-    ) -> Result<()> {
-        Err(Errno::ENOSYS)
-    }
-    fn releasedir(&self, ctx: &Context, ino: u64, fh: u64) -> Result<()> {
-        Ok(())
-    }
-    fn statfs(&self, ctx: &Context, ino: u64) -> Result<Statfs> {
-        Ok(Statfs {
-            bsize: 4096,
-            frsize: 4096,
-            namelen: 255,
-            ..Statfs::default()
-        })
-    }
-    fn setxattr(
-        &self,
-        ctx: &Context,
-        ino: u64,
-        name: &OsStr,
-        value: &[u8],
-        flags: i32,
-    ) -> Result<()> {
-        Err(Errno::EOPNOTSUPP)
-    }
-    fn getxattr(&self, ctx: &Context, ino: u64, name: &OsStr) -> Result<Vec<u8>> {
-        Err(Errno::EOPNOTSUPP)
-    }
-    /// The attribute names, each followed by a NUL byte.
-    fn listxattr(&self, ctx: &Context, ino: u64) -> Result<Vec<u8>> {
-        Ok(Vec::new())
-    }
-    fn removexattr(&self, ctx: &Context, ino: u64, name: &OsStr) -> Result<()> {
-        Err(Errno::EOPNOTSUPP)
-    }
-    /// Set to true to offer FUSE passthrough: the host then calls `open_backing` and
-    /// `create_backing` instead of `open` and `create_file`.
-    const PASSTHROUGH: bool = false;
+            /// Set to true to offer FUSE passthrough: the host then calls `open_backing`
+            /// and `create_backing` instead of `open` and `create_file`.
+            const PASSTHROUGH: bool = false;
 
-    /// Opens a file and may hand over a file descriptor of its backing file, which the
-    /// kernel then reads and writes directly (FUSE passthrough, Linux 6.9+). `read` and
-    /// `write` remain the fallback where the kernel cannot do it.
-    fn open_backing(&self, ctx: &Context, ino: u64, flags: i32) -> Result<(u64, Option<OwnedFd>)> {
-        Ok((self.open(ctx, ino, flags)?, None))
-    }
-
-    /// `create_file` with passthrough, as `open_backing` is to `open`.
-    fn create_backing(
-        &self,
-        ctx: &Context,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        flags: i32,
-    ) -> Result<(Attr, u64, Option<OwnedFd>)> {
-        let (attr, fh) = self.create_file(ctx, parent, name, mode, flags)?;
-        Ok((attr, fh, None))
-    }
-
-    /// Creates and opens a regular file; returns its attributes and file handle.
-    fn create_file(
-        &self,
-        ctx: &Context,
-        parent: u64,
-        name: &OsStr,
-        mode: u32,
-        flags: i32,
-    ) -> Result<(Attr, u64)> {
-        Err(Errno::ENOSYS)
-    }
+            $($(#[$attr])* fn $name(&$recv $(, $arg: $ty)*) -> Result<$out> $body)*
+        }
+    };
 }
+
+#[allow(unused_imports)] // the names the operation table uses
+use ops::vocabulary::*;
+
+operations!(plugin_trait);
 
 /// Exports `fshost_plugin_entry` for a [`Plugin`] type under the given plugin name.
 /// The version is the plugin crate's `CARGO_PKG_VERSION`.

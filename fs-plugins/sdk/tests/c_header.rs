@@ -1,5 +1,7 @@
 //! Checks that `include/fshost_plugin.h` describes exactly the Rust ABI in `abi.rs`: a C program
 //! compiled against the header prints every size, offset and constant, and Rust compares.
+//! The descriptor's operations come from the operation table (`src/ops.rs`): one missing
+//! from the header does not compile, one the table lacks changes the descriptor's size.
 
 use std::collections::BTreeMap;
 use std::mem::{offset_of, size_of};
@@ -28,6 +30,17 @@ macro_rules! layout {
     }};
 }
 
+/// (name, offset in the descriptor) of every operation of the table.
+macro_rules! op_offsets {
+    ($(
+        $(#[$attr:meta])* $([when $cond:ident])?
+        fn $name:ident(&$recv:ident $(, $arg:ident : $ty:ty => [$($p:ident : $pt:ty),*])*)
+            -> $out:ty => [$($o:ident : $ot:ty),*] $body:tt
+    )*) => {
+        [$((stringify!($name), offset_of!(PluginDescriptor, $name))),*]
+    };
+}
+
 #[test]
 fn c_header_matches_rust_layout() {
     let (mut rust, mut body) = layout! {
@@ -39,12 +52,16 @@ fn c_header_matches_rust_layout() {
         MountOption = "fshost_mount_option" { key, value }
         PluginDescriptor = "fshost_plugin" {
             magic, abi_version, struct_size, name, version, on_load, on_unload, last_panic,
-            create, destroy, lookup, forget, getattr, setattr, readlink, mknod, mkdir, unlink,
-            rmdir, symlink, rename, link, open, read, write, flush, release, fsync, opendir,
-            readdir, releasedir, statfs, setxattr, getxattr, listxattr, removexattr, create_file,
-            open_backing, create_backing,
+            create, destroy,
         }
     };
+    // Every operation of the table, by the same name, at the same offset.
+    for (op, offset) in fshost_sdk::operations!(op_offsets) {
+        rust.insert(format!("fshost_plugin.{op}"), offset);
+        body.push_str(&format!(
+            "printf(\"fshost_plugin.{op} %zu\\n\", offsetof(struct fshost_plugin, {op}));\n"
+        ));
+    }
     let constants: [(&str, u64); 15] = [
         ("FSHOST_MIN_STRUCT_SIZE", MIN_STRUCT_SIZE.into()),
         (

@@ -1,0 +1,207 @@
+//! The one list of filesystem operations. Everything else that lists them is made from it
+//! by a macro that [`operations!`](crate::operations) calls back with the whole table:
+//! the C descriptor ([`crate::abi::PluginDescriptor`]), the [`crate::Plugin`] trait, the
+//! SDK's `extern "C"` wrappers, the daemon's calls through a descriptor and its `Backend`
+//! trait. The C header is this table written in C; `tests/c_header.rs` checks the two
+//! against each other, field by field.
+//!
+//! One entry reads like the `Plugin` method it becomes, with each argument's and the
+//! result's C form after `=>`:
+//!
+//! ```text
+//! /// docs
+//! [when PLUGIN_CONST]
+//! fn name(&self, arg: RustType => [c_param: CType, ...], ...)
+//!     -> ResultType => [c_out_param: *mut CType, ...] default-body-or-;
+//! ```
+//!
+//! How each Rust type crosses the ABI is written once, in `ffi.rs` (`Incoming` on the
+//! plugin's side, `Outgoing` on the host's, `Output` for results both ways). `;` instead of
+//! a default body makes the operation required (the host refuses a plugin without it);
+//! `[when PASSTHROUGH]` puts the entry in the descriptor only when the plugin's
+//! `Plugin::PASSTHROUGH` is true. The order is the ABI's: append only.
+//!
+//! Adding an operation: an entry here, its line in `include/fshost_plugin.h`, the adapter's
+//! kernel-facing method (`daemon/src/mount/adapter.rs`), and the plugins that implement it.
+
+/// The names the table uses, for the modules that expand it.
+#[doc(hidden)]
+pub mod vocabulary {
+    pub use crate::abi::{Attr, Context, FillDir, Setattr, Statfs};
+    pub use crate::{DirFiller, Errno};
+    pub use std::ffi::{c_char, c_int, c_void, OsStr};
+    pub use std::os::fd::OwnedFd;
+}
+
+/// Calls `$callback! { entries }` with the table (see the module docs). The names in it
+/// resolve where the callback expands: import [`vocabulary`] there.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! operations {
+    ($callback:ident) => {
+        $callback! {
+            /// Looks `name` up in directory `parent`; every successful lookup counts one
+            /// reference that `forget` later gives back.
+            fn lookup(&self, ctx: &Context => [ctx: *const Context], parent: u64 => [parent: u64],
+                name: &OsStr => [name: *const c_char])
+                -> Attr => [out: *mut Attr];
+
+            /// The kernel drops `nlookup` references to `ino`.
+            fn forget(&self, ino: u64 => [ino: u64], nlookup: u64 => [nlookup: u64])
+                -> () => [] { Ok(()) }
+
+            fn getattr(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64])
+                -> Attr => [out: *mut Attr];
+
+            fn setattr(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                set: &Setattr => [set: *const Setattr])
+                -> Attr => [out: *mut Attr] { Err(Errno::ENOSYS) }
+
+            /// The link's target. (In C: with `cap == 0` only `*len`, the size, is set; a
+            /// too-small `cap` gives `ERANGE`.)
+            fn readlink(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64])
+                -> Vec<u8> => [buf: *mut u8, cap: usize, len: *mut usize] { Err(Errno::ENOSYS) }
+
+            fn mknod(&self, ctx: &Context => [ctx: *const Context], parent: u64 => [parent: u64],
+                name: &OsStr => [name: *const c_char], mode: u32 => [mode: u32],
+                rdev: u32 => [rdev: u32])
+                -> Attr => [out: *mut Attr] { Err(Errno::ENOSYS) }
+
+            fn mkdir(&self, ctx: &Context => [ctx: *const Context], parent: u64 => [parent: u64],
+                name: &OsStr => [name: *const c_char], mode: u32 => [mode: u32])
+                -> Attr => [out: *mut Attr] { Err(Errno::ENOSYS) }
+
+            fn unlink(&self, ctx: &Context => [ctx: *const Context], parent: u64 => [parent: u64],
+                name: &OsStr => [name: *const c_char])
+                -> () => [] { Err(Errno::ENOSYS) }
+
+            fn rmdir(&self, ctx: &Context => [ctx: *const Context], parent: u64 => [parent: u64],
+                name: &OsStr => [name: *const c_char])
+                -> () => [] { Err(Errno::ENOSYS) }
+
+            fn symlink(&self, ctx: &Context => [ctx: *const Context], parent: u64 => [parent: u64],
+                name: &OsStr => [name: *const c_char], target: &OsStr => [target: *const c_char])
+                -> Attr => [out: *mut Attr] { Err(Errno::ENOSYS) }
+
+            fn rename(&self, ctx: &Context => [ctx: *const Context], parent: u64 => [parent: u64],
+                name: &OsStr => [name: *const c_char], newparent: u64 => [newparent: u64],
+                newname: &OsStr => [newname: *const c_char], flags: u32 => [flags: u32])
+                -> () => [] { Err(Errno::ENOSYS) }
+
+            fn link(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                newparent: u64 => [newparent: u64], newname: &OsStr => [newname: *const c_char])
+                -> Attr => [out: *mut Attr] { Err(Errno::ENOSYS) }
+
+            /// Returns the file handle that later calls receive as `fh`.
+            fn open(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                flags: i32 => [flags: i32])
+                -> u64 => [fh: *mut u64] { Ok(0) }
+
+            /// Fills `buf` from `offset`; returns the number of bytes read (short at end of
+            /// file).
+            fn read(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                fh: u64 => [fh: u64], offset: u64 => [offset: u64],
+                buf: &mut [u8] => [buf: *mut u8, size: usize])
+                -> usize => [len: *mut usize] { Err(Errno::ENOSYS) }
+
+            /// Writes `data` at `offset`; returns how many bytes were written.
+            fn write(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                fh: u64 => [fh: u64], offset: u64 => [offset: u64],
+                data: &[u8] => [data: *const u8, size: usize], flags: i32 => [flags: i32])
+                -> usize => [written: *mut usize] { Err(Errno::ENOSYS) }
+
+            /// Called on every close. Left out (ENOSYS), the kernel stops calling it for the
+            /// mount, which saves a round trip per close.
+            fn flush(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                fh: u64 => [fh: u64])
+                -> () => [] { Err(Errno::ENOSYS) }
+
+            fn release(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                fh: u64 => [fh: u64], flags: i32 => [flags: i32])
+                -> () => [] { Ok(()) }
+
+            /// Left out (ENOSYS), the kernel treats fsync as done (right for memory-backed
+            /// files).
+            fn fsync(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                fh: u64 => [fh: u64], datasync: bool => [datasync: c_int])
+                -> () => [] { Err(Errno::ENOSYS) }
+
+            fn opendir(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                flags: i32 => [flags: i32])
+                -> u64 => [fh: *mut u64] { Ok(0) }
+
+            /// Adds entries from `offset` on until `out.add` says the reply is full. Each
+            /// entry carries the offset at which the next call should resume.
+            fn readdir(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                fh: u64 => [fh: u64], offset: u64 => [offset: u64],
+                out: &mut DirFiller => [fill: FillDir, fill_buf: *mut c_void])
+                -> () => [] { Err(Errno::ENOSYS) }
+
+            fn releasedir(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                fh: u64 => [fh: u64])
+                -> () => [] { Ok(()) }
+
+            fn statfs(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64])
+                -> Statfs => [out: *mut Statfs]
+            {
+                Ok(Statfs {
+                    bsize: 4096,
+                    frsize: 4096,
+                    namelen: 255,
+                    ..Statfs::default()
+                })
+            }
+
+            fn setxattr(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                name: &OsStr => [name: *const c_char], value: &[u8] => [value: *const u8, size: usize],
+                flags: i32 => [flags: i32])
+                -> () => [] { Err(Errno::EOPNOTSUPP) }
+
+            /// The attribute's value (in C: sized as for `readlink`).
+            fn getxattr(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                name: &OsStr => [name: *const c_char])
+                -> Vec<u8> => [buf: *mut u8, cap: usize, len: *mut usize] { Err(Errno::EOPNOTSUPP) }
+
+            /// The attribute names, each followed by a NUL byte (in C: sized as for
+            /// `readlink`).
+            fn listxattr(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64])
+                -> Vec<u8> => [buf: *mut u8, cap: usize, len: *mut usize] { Ok(Vec::new()) }
+
+            fn removexattr(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                name: &OsStr => [name: *const c_char])
+                -> () => [] { Err(Errno::EOPNOTSUPP) }
+
+            /// Creates and opens a regular file; returns its attributes and file handle.
+            fn create_file(&self, ctx: &Context => [ctx: *const Context], parent: u64 => [parent: u64],
+                name: &OsStr => [name: *const c_char], mode: u32 => [mode: u32],
+                flags: i32 => [flags: i32])
+                -> (Attr, u64) => [out: *mut Attr, fh: *mut u64] { Err(Errno::ENOSYS) }
+
+            // ---- Appended after the first release: present when `struct_size` covers them.
+
+            /// Opens a file and may hand over a file descriptor of its backing file, which
+            /// the kernel then reads and writes directly (FUSE passthrough, Linux 6.9+);
+            /// `read` and `write` remain the fallback where the kernel cannot do it. Called
+            /// instead of `open` when `PASSTHROUGH` is true. (In C: the fd, or -1, goes to
+            /// `*backing_fd`, and the host owns it from then on.)
+            [when PASSTHROUGH]
+            fn open_backing(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                flags: i32 => [flags: i32])
+                -> (u64, Option<OwnedFd>) => [fh: *mut u64, backing_fd: *mut c_int]
+            {
+                Ok((self.open(ctx, ino, flags)?, None))
+            }
+
+            /// `create_file` with passthrough, as `open_backing` is to `open`.
+            [when PASSTHROUGH]
+            fn create_backing(&self, ctx: &Context => [ctx: *const Context],
+                parent: u64 => [parent: u64], name: &OsStr => [name: *const c_char],
+                mode: u32 => [mode: u32], flags: i32 => [flags: i32])
+                -> (Attr, u64, Option<OwnedFd>) => [out: *mut Attr, fh: *mut u64, backing_fd: *mut c_int]
+            {
+                let (attr, fh) = self.create_file(ctx, parent, name, mode, flags)?;
+                Ok((attr, fh, None))
+            }
+        }
+    };
+}

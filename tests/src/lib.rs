@@ -162,8 +162,8 @@ pub fn fshost_mounts_below(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The kernel's mounts, as the daemon reads them (`/proc/self/mountinfo`).
-pub fn kernel_mounts() -> Vec<fshostd::mount::KernelMount> {
-    fshostd::mount::kernel_mounts().unwrap_or_default()
+pub fn kernel_mounts() -> Vec<fshostd::KernelMount> {
+    fshostd::kernel_mounts().unwrap_or_default()
 }
 
 /// Detaches every fshost mount below a directory when dropped, so that a test that mounts
@@ -376,7 +376,7 @@ impl Env {
         let mut child = self.daemon.take().expect("daemon running");
         child.kill().expect("SIGKILL fshostd");
         child.wait().expect("reap fshostd");
-        let below = |m: &fshostd::mount::KernelMount| {
+        let below = |m: &fshostd::KernelMount| {
             m.fstype.starts_with("fuse.fshost") && m.mountpoint.starts_with(self.dir.path())
         };
         for mount in kernel_mounts().into_iter().filter(below) {

@@ -13,12 +13,12 @@ mod tuning;
 
 pub use adapter::{Adapter, CachePolicy, MountStats};
 pub use backend::{Backend, Direct, Hosted};
-pub use mountinfo::{kernel_mounts, parse_mountinfo, KernelMount};
-pub use options::{plugin_options, SessionOptions, DAEMON_OPTIONS};
+pub use mountinfo::{kernel_mounts, KernelMount};
+pub use options::{plugin_options, SessionOptions};
 pub use session::{run_session, start_session};
 pub use stale::{answers_enotconn_as, detach_stale_mounts};
 pub use target::{
-    answers_enotconn, detach_mount_at, mount_id, mount_id_at, DetachError, MountTarget, TargetError,
+    answers_enotconn, detach_mount_at, mount_id_at, DetachError, MountTarget, TargetError,
 };
 
 use std::collections::BTreeMap;

@@ -1,0 +1,371 @@
+//! The daemon itself: arguments, config, the control socket, signals. `main.rs` only
+//! calls [`main`].
+//!
+//! Runs in the foreground (systemd supervises it), listens on a Unix socket for `fshostctl`
+//! (or takes it from systemd socket activation), applies its config file at start and on
+//! SIGHUP, and on SIGTERM/SIGINT unmounts everything, unloads every plugin and removes its
+//! socket.
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use sd_notify::NotifyState;
+use tokio::net::UnixListener;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::{self, Config};
+use crate::control::{self, access};
+use crate::host::{Caller, Host, Trust};
+use crate::{mount, notify, notify_status};
+
+/// Hosts user-space filesystem plugins and serves them through FUSE.
+#[derive(Debug, Parser)]
+#[command(name = "fshostd", version)]
+struct Args {
+    /// Control socket path [default: from the config, else /run/fshost/fshostd.sock].
+    #[arg(long, env = fshost_protocol::SOCKET_ENV)]
+    socket: Option<PathBuf>,
+    /// Config file [default: /etc/fshost/fshostd.toml, if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Directory plugins may be loaded from, and where bare names are looked up (repeatable).
+    #[arg(long = "plugin-dir", value_name = "DIR")]
+    plugin_dirs: Vec<PathBuf>,
+    /// Development mode: load plugins from anywhere, owned by anyone. Never in production.
+    #[arg(long)]
+    dev: bool,
+    /// How long shutdown waits for busy mounts before detaching them lazily (seconds).
+    #[arg(long, default_value_t = 2)]
+    shutdown_grace: u64,
+    /// Internal: exit 0 if PATH is a dead FUSE mount (ENOTCONN), 1 otherwise. fshostd runs
+    /// itself this way (as a mount's owner, for a user's mount) to check mounts at start.
+    #[arg(long, value_name = "PATH", hide = true, requires = "mount_id")]
+    probe_dead: Option<PathBuf>,
+    /// Internal, with --probe-dead: the kernel id of the mount expected at PATH.
+    #[arg(long, value_name = "ID", hide = true, requires = "probe_dead")]
+    mount_id: Option<u64>,
+    /// Internal, with --probe-dead: check as UID:GID.
+    #[arg(
+        long = "as",
+        value_name = "UID:GID",
+        hide = true,
+        requires = "probe_dead"
+    )]
+    probe_as: Option<String>,
+}
+
+/// Runs fshostd with the process's arguments.
+pub fn main() -> anyhow::Result<()> {
+    crate::plugin::fix_malloc_mmap_threshold();
+    let args = Args::parse();
+    if let (Some(path), Some(id)) = (&args.probe_dead, args.mount_id) {
+        let dead = match &args.probe_as {
+            None => mount::answers_enotconn(path, id),
+            Some(owner) => mount::answers_enotconn_as(path, id, owner).unwrap_or(false),
+        };
+        std::process::exit(if dead { 0 } else { 1 });
+    }
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,fuser=error".into()),
+        )
+        .init();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fshostd")
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(run(args))
+}
+
+/// Everything the daemon was started with, after merging flags and config.
+struct Settings {
+    config_path: PathBuf,
+    config_required: bool,
+    socket: PathBuf,
+    trust: Trust,
+}
+
+impl Settings {
+    fn new(args: &Args, config: &Config) -> Settings {
+        let config_required = args.config.is_some();
+        let config_path = args
+            .config
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+        let socket = args
+            .socket
+            .clone()
+            .or_else(|| config.socket.clone())
+            .unwrap_or_else(|| PathBuf::from(fshost_protocol::DEFAULT_SOCKET));
+        Settings {
+            config_path,
+            config_required,
+            socket,
+            trust: trust(args, config),
+        }
+    }
+}
+
+fn trust(args: &Args, config: &Config) -> Trust {
+    let mut plugin_dirs = config.plugin_dirs.clone();
+    plugin_dirs.extend(args.plugin_dirs.iter().cloned());
+    Trust {
+        plugin_dirs,
+        dev: args.dev || config.dev,
+    }
+}
+
+/// Binds the socket, refusing to steal it from a live daemon; a stale file is replaced.
+/// The socket's directory must be ours alone: in a directory others may write to, they
+/// could swap the socket for a link between bind and chown/chmod, and have root change
+/// the owner and mode of any file.
+async fn bind(socket: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+        if let Err(why) = crate::check_private_dir(dir, nix::unistd::geteuid().as_raw()) {
+            bail!("the control socket cannot live there: {why}, and a socket swapped for a link before it is chmod'ed would make fshostd change any file; put it in a directory of fshostd's own, such as /run/fshost/fshostd.sock");
+        }
+    }
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            bail!(
+                "another fshostd is already listening on {}; stop it or pass a different --socket",
+                socket.display()
+            );
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("cannot remove stale socket {}", socket.display()))?;
+    }
+    UnixListener::bind(socket).with_context(|| format!("cannot listen on {}", socket.display()))
+}
+
+/// Gives the socket its mode and group. A missing group is not fatal: the socket then
+/// stays root's only, and the log says how to fix it.
+fn secure_socket(socket: &Path, config: &Config) -> anyhow::Result<()> {
+    let mode = config.socket_mode_bits()?;
+    match nix::unistd::Group::from_name(&config.group) {
+        Ok(Some(group)) => {
+            nix::unistd::chown(socket, None, Some(group.gid)).with_context(|| {
+                format!("cannot give {} to group {}", socket.display(), config.group)
+            })?
+        }
+        _ => {
+            tracing::warn!(group = %config.group, "group does not exist; only root can use the socket (create it: systemd-sysusers, or groupadd {})", config.group)
+        }
+    }
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set mode {mode:o} on {}", socket.display()))
+}
+
+/// The listening socket from systemd (socket activation), if we were started that way.
+fn activated_listener() -> anyhow::Result<Option<UnixListener>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    let Some(listener) = fds
+        .take_unix_listener(0)
+        .context("LISTEN_FDS is set but fd 3 is not a listening Unix socket")?
+    else {
+        return Ok(None);
+    };
+    listener.set_nonblocking(true)?;
+    Ok(Some(UnixListener::from_std(listener)?))
+}
+
+/// The plugin each preload entry produced (by entry as written: a path or a bare name),
+/// so that removing the entry unloads exactly that plugin. A name cannot be guessed from a
+/// file name: `libhello_c.so` is plugin `hello-c`.
+type Preloaded = BTreeMap<String, String>;
+
+/// Loads the config's preloads and makes its mounts (errors are logged, not fatal).
+fn apply(host: &Host, changes: &config::Changes, preloaded: &mut Preloaded) {
+    let admin = Caller::root();
+    for path in &changes.unmount {
+        match host.unmount(&path.display().to_string(), false, &admin) {
+            Ok(_) => tracing::info!(mountpoint = %path.display(), "config: unmounted"),
+            Err(e) => {
+                tracing::warn!(mountpoint = %path.display(), error = %e, "config: mount removed from the config is kept")
+            }
+        }
+    }
+    for plugin in &changes.unload {
+        let Some(name) = preloaded.remove(plugin) else {
+            continue; // its load failed: nothing to unload
+        };
+        if let Err(e) = host.unload(&name, None) {
+            tracing::warn!(plugin = %name, entry = %plugin, error = %e, "config: plugin removed from preload is kept");
+        }
+    }
+    for plugin in &changes.load {
+        match host.load(plugin, None) {
+            Ok(info) => {
+                tracing::info!(plugin = %info.name, "config: preloaded");
+                preloaded.insert(plugin.clone(), info.name);
+            }
+            Err(e) => tracing::error!(plugin = %plugin, error = %e, "config: preload failed"),
+        }
+    }
+    for entry in &changes.mount {
+        let mountpoint = entry.mountpoint.display().to_string();
+        if let Err(e) = host.mount(
+            &entry.plugin,
+            &mountpoint,
+            entry.options.clone(),
+            entry.read_only,
+            &admin,
+        ) {
+            tracing::error!(mountpoint = %mountpoint, error = %e, "config: mount failed");
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let config_path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
+    let config = Config::load(&config_path, args.config.is_some())?;
+    let settings = Settings::new(&args, &config);
+    if settings.trust.dev {
+        tracing::warn!("DEVELOPMENT MODE (--dev): plugins are loaded from anywhere, owned by anyone; never run like this in production");
+    }
+
+    // Before serving: mounts of a killed fshostd answer ENOTCONN and block new mounts on
+    // the same paths. Clear them (and only them) and say so.
+    let stale = tokio::task::spawn_blocking(mount::detach_stale_mounts)
+        .await
+        .context("stale mount check failed")?;
+    for m in &stale {
+        tracing::warn!(mountpoint = %m.mountpoint.display(), fstype = %m.fstype, source = %m.source, "detached a stale mount left by a dead fshostd");
+    }
+
+    let mut settings = settings;
+    let (listener, owns_socket) = match activated_listener()? {
+        Some(listener) => {
+            // systemd made the socket: its path is the one to report and to put copies beside.
+            if let Some(path) = listener
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(Path::to_path_buf))
+            {
+                settings.socket = path;
+            }
+            (listener, false)
+        }
+        None => {
+            let listener = bind(&settings.socket).await?;
+            secure_socket(&settings.socket, &config)?;
+            (listener, true)
+        }
+    };
+    let host = Arc::new(Host::new(
+        settings.trust.clone(),
+        settings.socket.clone(),
+        started,
+    ));
+    host.set_user_policy(config.users.clone());
+    let applied = Arc::new(Mutex::new(config.clone()));
+    let preloaded = Arc::new(Mutex::new(Preloaded::new()));
+    {
+        let host = Arc::clone(&host);
+        let initial = config::changes(&Config::default(), &config);
+        let preloaded = Arc::clone(&preloaded);
+        tokio::task::spawn_blocking(move || {
+            apply(
+                &host,
+                &initial,
+                &mut preloaded.lock().unwrap_or_else(|e| e.into_inner()),
+            )
+        })
+        .await?;
+    }
+    let access = Arc::new(Mutex::new(access::Policy::from_config(&config)));
+    tracing::info!(socket = %settings.socket.display(), pid = std::process::id(), activated = !owns_socket, "fshostd ready");
+    notify(&[NotifyState::Ready]);
+    notify_status(&host);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(control::serve(
+        listener,
+        Arc::clone(&host),
+        Arc::clone(&access),
+        stop_rx,
+    ));
+    let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
+    let which = loop {
+        tokio::select! {
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
+            _ = hup.recv() => {
+                notify(&[NotifyState::Reloading]);
+                reload(&settings, &args, &host, &applied, &access, &preloaded).await;
+                notify(&[NotifyState::Ready]);
+                notify_status(&host);
+            }
+        }
+    };
+    tracing::info!(
+        signal = which,
+        "shutting down: unmounting everything and unloading plugins"
+    );
+    notify(&[NotifyState::Stopping]);
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    if owns_socket {
+        let _ = std::fs::remove_file(&settings.socket);
+    }
+    let grace = Duration::from_secs(args.shutdown_grace);
+    tokio::task::spawn_blocking(move || host.shutdown(grace))
+        .await
+        .context("shutdown task failed")?;
+    tracing::info!("fshostd stopped");
+    Ok(())
+}
+
+/// SIGHUP: re-read the config and apply the difference; a bad file changes nothing.
+async fn reload(
+    settings: &Settings,
+    args: &Args,
+    host: &Arc<Host>,
+    applied: &Arc<Mutex<Config>>,
+    access: &Arc<Mutex<access::Policy>>,
+    preloaded: &Arc<Mutex<Preloaded>>,
+) {
+    let new = match Config::load(&settings.config_path, settings.config_required) {
+        Ok(config) => config,
+        Err(e) => {
+            tracing::error!(error = %e, "reload: config rejected; keeping the running state");
+            return;
+        }
+    };
+    let old = applied.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let changes = config::changes(&old, &new);
+    tracing::info!(?changes, "reload: applying config changes");
+    host.set_trust(trust(args, &new));
+    host.set_user_policy(new.users.clone());
+    *access.lock().unwrap_or_else(|e| e.into_inner()) = access::Policy::from_config(&new);
+    let task_host = Arc::clone(host);
+    let preloaded = Arc::clone(preloaded);
+    let applied_changes = tokio::task::spawn_blocking(move || {
+        apply(
+            &task_host,
+            &changes,
+            &mut preloaded.lock().unwrap_or_else(|e| e.into_inner()),
+        )
+    });
+    if let Err(e) = applied_changes.await {
+        tracing::error!(error = %e, "reload task failed");
+    }
+    *applied.lock().unwrap_or_else(|e| e.into_inner()) = new;
+}

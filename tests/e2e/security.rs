@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
+
 use fshost_tests::{
     artifact, eventually, fuse_available, kernel_mounts, run, tool_available, Env, COMMAND_TIMEOUT,
 };
@@ -544,4 +546,71 @@ fn group_membership_comes_from_the_kernel_at_connect() {
     let out = load("--groups=100");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(env.state_of("hellofs"), Some(("live".into(), 0)));
+}
+
+/// SIGHUP applies every limit, as a user meets them on the next connection and mount:
+/// per-user connections, all connections and the admins' reserve, the idle timeout, and
+/// `[users]`' limits.
+#[test]
+fn a_reload_applies_every_limit_to_users() {
+    let Some(env) = user_env("") else { return };
+    let home = user_dir(&env, "home");
+    for name in ["a", "b"] {
+        user_dir(&env, &format!("home/{name}"));
+    }
+    let reload = |users: &str, limits: &str| {
+        env.write_config(&format!(
+            "socket_mode = \"0666\"\n[users]\nmount_plugins = [\"memfs\"]\n{users}[limits]\n{limits}"
+        ));
+        env.signal(Signal::SIGHUP);
+    };
+    reload("", "max_connections_per_user = 2\n");
+    assert!(
+        eventually(Duration::from_secs(10), || spawn_hold(&env, 10).1 == 2),
+        "max_connections_per_user not applied"
+    );
+    reload(
+        "max_mounts = 1\nmax_threads_per_mount = 1\n",
+        "max_connections = 8\nadmin_reserved_connections = 5\nmax_connections_per_user = 4\n\
+         idle_timeout_secs = 2\n",
+    );
+    // 8 places, 5 of them root's: the user gets 3 (not the 4 they may hold).
+    let mut held = None;
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let (hold, accepted) = spawn_hold(&env, 10);
+            held = Some(hold);
+            accepted == 3
+        }),
+        "max_connections / admin_reserved_connections not applied"
+    );
+    env.ctl(&["list"]).ok();
+    drop(held);
+    // Idle connections are closed after 2 s.
+    let answer = eventually_answer(&env);
+    assert!(answer.contains("no request for 2s"), "{answer}");
+    let at = |name: &str| home.join(name).display().to_string();
+    let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", &at("a"), "-o", "threads=2"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("at most 1 session thread"), "{stderr}");
+    let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", &at("a")]);
+    assert_eq!(code, 0, "{stderr}");
+    let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", &at("b")]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("max_mounts"), "{stderr}");
+    let (code, stderr) = ctl_as_nobody(&env, &["unmount", &at("a")]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+/// What an idle client of the user's is told when the daemon closes it (retried while the
+/// user's places are still taken by connections the daemon has not yet seen close).
+fn eventually_answer(env: &Env) -> String {
+    let mut answer = String::new();
+    eventually(Duration::from_secs(10), || {
+        let mut idle = as_nobody(env, "attacker");
+        idle.arg("idle").arg(&env.socket);
+        answer = String::from_utf8_lossy(&run(idle).stdout).into_owned();
+        !answer.contains("limit-reached")
+    });
+    answer
 }

@@ -48,11 +48,14 @@ impl<E: Effects> Host<E> {
             });
         }
         // Options are checked before anything is reserved.
-        let session = mount::SessionOptions::parse(&options)?;
+        let mut session = mount::SessionOptions::parse(&options)?;
         let users =
             (!caller.admin).then(|| self.users.lock().unwrap_or_else(|e| e.into_inner()).clone());
         if let Some(users) = &users {
-            if session.threads > users.max_threads_per_mount {
+            if !options.contains_key("threads") {
+                // Unasked, a user's mount gets the default as far as their limit allows.
+                session.threads = session.threads.min(users.max_threads_per_mount.max(1));
+            } else if session.threads > users.max_threads_per_mount {
                 return Err(HostError::TooManyThreads {
                     max: users.max_threads_per_mount,
                 });

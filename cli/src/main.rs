@@ -47,6 +47,18 @@ enum Command {
         #[arg(long, requires = "drain", value_name = "SECS", default_value_t = fshost_protocol::DEFAULT_DRAIN_SECS)]
         timeout: u64,
     },
+    /// Replace a plugin's code with a new version while its mounts stay mounted: each
+    /// mount's state moves to the new generation (open files, working directories and
+    /// mmaps stay valid). Any failure leaves the old version serving every mount.
+    Upgrade {
+        name: String,
+        /// The new library (default: the file the plugin was loaded from, so that
+        /// `cp new.so over/the/old.so && fshostctl upgrade NAME` works).
+        path: Option<String>,
+        /// How long to wait for requests in flight on the mounts, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = fshost_protocol::DEFAULT_UPGRADE_SECS)]
+        timeout: u64,
+    },
     /// Mount a plugin on an existing directory.
     Mount {
         name: String,
@@ -130,6 +142,21 @@ fn request(command: &Command) -> Request {
             mountpoint: real_path(mountpoint),
             lazy: *lazy,
         },
+        Command::Upgrade {
+            name,
+            path,
+            timeout,
+        } => Request::Upgrade {
+            name: name.clone(),
+            path: path.as_deref().map(|p| {
+                if p.contains('/') {
+                    absolute(std::path::Path::new(p))
+                } else {
+                    p.to_string()
+                }
+            }),
+            timeout_secs: Some(*timeout),
+        },
         Command::List => Request::List {},
         Command::Mounts => Request::Mounts {},
         Command::Info { name } => Request::Info { name: name.clone() },
@@ -161,6 +188,19 @@ fn print_reply(reply: &Reply) {
                 println!("unmounted {mountpoint}");
             }
         }
+        Reply::Upgraded { upgrade } => println!(
+            "upgraded {} {} → {} (generation {}): {} moved, paused {:.1} ms, {} bytes of state",
+            upgrade.plugin.name,
+            upgrade.from_version,
+            upgrade.plugin.version,
+            upgrade.plugin.generation,
+            match upgrade.mounts.len() {
+                1 => "1 mount".to_string(),
+                n => format!("{n} mounts"),
+            },
+            upgrade.pause_us as f64 / 1000.0,
+            upgrade.state_bytes
+        ),
         Reply::Plugins { plugins } => print!("{}", plugins_table(plugins)),
         Reply::Mounts { mounts } => print!("{}", mounts_table(mounts)),
         Reply::Info { plugin } => print!("{}", info_text(plugin)),
@@ -193,11 +233,14 @@ fn status_text(s: &Status) -> String {
 
 fn state_text(plugin: &PluginInfo) -> String {
     // Display of the state already reads "unloaded (still mapped)" for lingering plugins.
+    let mut text = plugin.state.to_string();
     if plugin.tainted.is_some() {
-        format!("{} (tainted)", plugin.state)
-    } else {
-        plugin.state.to_string()
+        text.push_str(" (tainted)");
     }
+    if let Some(next) = &plugin.upgrading {
+        text.push_str(&format!(", upgrading to {}", next.generation));
+    }
+    text
 }
 
 fn plugins_table(plugins: &[PluginInfo]) -> String {
@@ -205,12 +248,13 @@ fn plugins_table(plugins: &[PluginInfo]) -> String {
         vec![
             p.name.clone(),
             state_text(p),
+            p.generation.to_string(),
             p.mounts.len().to_string(),
             p.version.clone(),
             p.path.clone(),
         ]
     });
-    table::render(&["NAME", "STATE", "MOUNTS", "VERSION", "PATH"], rows)
+    table::render(&["NAME", "STATE", "GEN", "MOUNTS", "VERSION", "PATH"], rows)
 }
 
 fn mounts_table(mounts: &[MountInfo]) -> String {
@@ -242,6 +286,19 @@ fn info_text(p: &PluginInfo) -> String {
         ("loaded", table::utc(p.loaded_at)),
         ("mounts", format!("{} ({mounts})", p.mounts.len())),
         ("tainted", p.tainted.clone().unwrap_or_else(|| "no".into())),
+        ("gen", p.generation.to_string()),
+        (
+            "upgrade",
+            p.upgrading.as_ref().map_or_else(
+                || "-".into(),
+                |next| {
+                    format!(
+                        "to generation {}, version {} from {}",
+                        next.generation, next.version, next.path
+                    )
+                },
+            ),
+        ),
     ] {
         out.push_str(&format!("{key:<8} {value}\n"));
     }
@@ -316,11 +373,13 @@ mod tests {
             mounts: vec!["/mnt/a".into()],
             loaded_at: 0,
             tainted: None,
+            generation: 2,
+            upgrading: None,
         };
         let text = plugins_table(&[plugin]);
         assert_eq!(
             text,
-            "NAME   STATE  MOUNTS  VERSION  PATH\nmemfs  live   1       0.1.0    /x/libmemfs.so\n"
+            "NAME   STATE  GEN  MOUNTS  VERSION  PATH\nmemfs  live   2    1       0.1.0    /x/libmemfs.so\n"
         );
     }
 }

@@ -50,6 +50,12 @@ pub struct PluginEntry<P> {
     pub state: PluginState,
     pub handle: Arc<P>,
     pub loaded_at: SystemTime,
+    /// 1 when loaded; each committed upgrade adds one.
+    pub generation: u32,
+    /// The next generation while an upgrade installs it: registering until the mounts
+    /// have moved to it, then it replaces `handle`. Mounts of the plugin are neither made
+    /// nor unmounted meanwhile (their sessions may still end from outside).
+    pub upgrading: Option<Arc<P>>,
 }
 
 /// One mount, pending or live.
@@ -84,6 +90,8 @@ pub enum RegistryError {
     MountBusy { path: PathBuf, state: MountState },
     #[error("fshostd is shutting down and takes no new loads or mounts")]
     ShuttingDown,
+    #[error("plugin \"{name}\" is being upgraded; try again when the upgrade has finished")]
+    Upgrading { name: String },
 }
 
 /// "1 mount", "2 mounts": for messages.
@@ -103,6 +111,9 @@ pub fn join_paths(paths: &[PathBuf]) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// Mount records with their mount points.
+pub type Mounts = Vec<(PathBuf, MountRecord)>;
 
 /// All plugins and mounts of one daemon.
 #[derive(Debug)]
@@ -208,6 +219,8 @@ impl<P> Registry<P> {
                 state: PluginState::Registering,
                 handle,
                 loaded_at: now,
+                generation: 1,
+                upgrading: None,
             },
         );
         Ok(())
@@ -241,6 +254,9 @@ impl<P> Registry<P> {
         }
         let entry = self.entry_in(name, PluginState::Live)?;
         let handle = Arc::clone(&entry.handle);
+        if entry.upgrading.is_some() {
+            return Err(RegistryError::Upgrading { name: name.into() });
+        }
         if let Some(existing) = self.mounts.get(path) {
             return Err(RegistryError::MountpointInUse {
                 path: path.to_path_buf(),
@@ -302,6 +318,13 @@ impl<P> Registry<P> {
                 state: record.state,
             });
         }
+        if let Some(entry) = self.plugins.get(&record.plugin) {
+            if entry.upgrading.is_some() {
+                return Err(RegistryError::Upgrading {
+                    name: record.plugin.clone(),
+                });
+            }
+        }
         record.state = MountState::Unmounting;
         Ok(record.id)
     }
@@ -320,7 +343,7 @@ impl<P> Registry<P> {
     /// Unload, step 1: `Live` with no mounts → `Deregistering`; new mounts are refused from now.
     pub fn begin_unload(&mut self, name: &str) -> Result<Arc<P>, RegistryError> {
         let mounts = self.mounts_of(name);
-        let entry = self.entry_in(name, PluginState::Live)?;
+        let entry = self.live_entry(name)?;
         if !mounts.is_empty() {
             return Err(RegistryError::PluginBusy {
                 name: name.to_string(),
@@ -334,7 +357,7 @@ impl<P> Registry<P> {
     /// Drain-unload, step 1: `Live` → `Deregistering` even with mounts. New mounts are
     /// refused from now; the existing ones go on until they are unmounted.
     pub fn begin_drain(&mut self, name: &str) -> Result<Arc<P>, RegistryError> {
-        let entry = self.entry_in(name, PluginState::Live)?;
+        let entry = self.live_entry(name)?;
         entry.state = PluginState::Deregistering;
         Ok(Arc::clone(&entry.handle))
     }
@@ -360,6 +383,55 @@ impl<P> Registry<P> {
         Ok(self.remove(name))
     }
 
+    /// Upgrade, step 1 (the new generation's library is open): `name` is Live, not being
+    /// upgraded, and every mount of it is served; `new` is kept as the registering next
+    /// generation, and the plugin's mounts are neither made nor unmounted until the upgrade
+    /// commits or aborts. Returns the current generation and the mounts to move.
+    pub fn begin_upgrade(
+        &mut self,
+        name: &str,
+        new: Arc<P>,
+    ) -> Result<(Arc<P>, Mounts), RegistryError> {
+        if self.closed {
+            return Err(RegistryError::ShuttingDown);
+        }
+        let mounts: Vec<(PathBuf, &MountRecord)> = self
+            .mounts
+            .iter()
+            .filter(|(_, r)| r.plugin == name)
+            .map(|(path, r)| (path.clone(), r))
+            .collect();
+        if let Some((path, record)) = mounts.iter().find(|(_, r)| r.state != MountState::Active) {
+            return Err(RegistryError::MountBusy {
+                path: path.clone(),
+                state: record.state,
+            });
+        }
+        let mounts = mounts
+            .into_iter()
+            .map(|(path, r)| (path, r.clone()))
+            .collect();
+        let entry = self.live_entry(name)?;
+        entry.upgrading = Some(new);
+        Ok((Arc::clone(&entry.handle), mounts))
+    }
+
+    /// The upgrade failed: the next generation goes (the caller closes it); the current
+    /// one serves on, as it did throughout.
+    pub fn abort_upgrade(&mut self, name: &str) -> Option<Arc<P>> {
+        self.plugins.get_mut(name)?.upgrading.take()
+    }
+
+    /// Upgrade, last step (every mount now runs the new generation's code): the next
+    /// generation becomes the plugin; returns the old one for the caller to close.
+    pub fn commit_upgrade(&mut self, name: &str, now: SystemTime) -> Option<Arc<P>> {
+        let entry = self.plugins.get_mut(name)?;
+        let new = entry.upgrading.take()?;
+        entry.generation += 1;
+        entry.loaded_at = now;
+        Some(std::mem::replace(&mut entry.handle, new))
+    }
+
     /// Checks the invariants of DESIGN.md §2 that the registry alone can see; returns the
     /// first violation. Debug builds of the daemon run it after every transition.
     pub fn check(&self) -> Result<(), String> {
@@ -377,6 +449,13 @@ impl<P> Registry<P> {
                 }
                 Some(_) => {}
             }
+        }
+        if let Some((name, _)) = self
+            .plugins
+            .iter()
+            .find(|(_, e)| e.upgrading.is_some() && e.state != PluginState::Live)
+        {
+            return Err(format!("plugin {name} is upgraded while not live"));
         }
         let mut ids: Vec<MountId> = self.mounts.values().map(|r| r.id).collect();
         ids.sort();
@@ -404,6 +483,15 @@ impl<P> Registry<P> {
             }),
             Some(entry) => Ok(entry),
         }
+    }
+
+    /// The entry of `name` if it is Live and not being upgraded.
+    fn live_entry(&mut self, name: &str) -> Result<&mut PluginEntry<P>, RegistryError> {
+        let entry = self.entry_in(name, PluginState::Live)?;
+        if entry.upgrading.is_some() {
+            return Err(RegistryError::Upgrading { name: name.into() });
+        }
+        Ok(entry)
     }
 
     fn remove(&mut self, name: &str) -> Arc<P> {

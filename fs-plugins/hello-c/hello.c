@@ -66,6 +66,17 @@ static int readdir(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh, uint6
     return 0;
 }
 
+/* Stateless: an upgrade hands over nothing, and a new instance serves the same files. */
+static int export_state(void *inst, fshost_write_state write, void *write_buf) {
+    (void)inst, (void)write, (void)write_buf;
+    return 0;
+}
+
+static int import_state(void *inst, const uint8_t *state, size_t size) {
+    (void)inst, (void)state;
+    return size == 0 ? 0 : EINVAL;
+}
+
 static const struct fshost_plugin plugin = {
     .magic = FSHOST_PLUGIN_MAGIC,
     .abi_version = FSHOST_ABI_VERSION,
@@ -76,6 +87,8 @@ static const struct fshost_plugin plugin = {
     .getattr = getattr,
     .read = read_file,
     .readdir = readdir,
+    .export_state = export_state,
+    .import_state = import_state,
 };
 
 const struct fshost_plugin *fshost_plugin_entry(void) { return &plugin; }

@@ -17,6 +17,8 @@ pub const SOCKET_ENV: &str = "FSHOST_SOCKET";
 
 /// How long `unload --drain` waits by default, and at most.
 pub const DEFAULT_DRAIN_SECS: u64 = 30;
+/// How long an upgrade waits for requests in flight unless told otherwise (seconds).
+pub const DEFAULT_UPGRADE_SECS: u64 = 5;
 pub const MAX_DRAIN_SECS: u64 = 24 * 3600;
 
 /// Longest request line the daemon accepts (bytes, newline excluded).
@@ -56,6 +58,18 @@ pub enum Request {
         mountpoint: String,
         #[serde(default)]
         lazy: bool,
+    },
+    /// Replace a Live plugin's code with a new generation (from `path`, else the file it was
+    /// loaded from) and move every mount of it over without unmounting: each mount is
+    /// paused, its instance's state handed to an instance of the new generation, and
+    /// resumed. Waits up to `timeout_secs` (default 5) for requests in flight; any failure
+    /// leaves the old generation serving every mount.
+    Upgrade {
+        name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        path: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
     },
     /// All plugins, like `lsmod`.
     List {},
@@ -117,6 +131,9 @@ pub enum Reply {
         mountpoint: String,
         /// True when the mount was detached lazily and is released when its last file closes.
         detached: bool,
+    },
+    Upgraded {
+        upgrade: UpgradeInfo,
     },
     Plugins {
         plugins: Vec<PluginInfo>,
@@ -183,6 +200,39 @@ pub struct PluginInfo {
     /// Why the plugin is tainted (it panicked), if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tainted: Option<String>,
+    /// 1 when loaded; each upgrade adds one.
+    #[serde(default = "first_generation")]
+    pub generation: u32,
+    /// The generation an upgrade is installing right now, if one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrading: Option<NextGeneration>,
+}
+
+fn first_generation() -> u32 {
+    1
+}
+
+/// The generation an upgrade installs, while it does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NextGeneration {
+    pub generation: u32,
+    pub version: String,
+    pub path: String,
+}
+
+/// What an upgrade did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeInfo {
+    /// The plugin as it is now (the new generation).
+    pub plugin: PluginInfo,
+    /// The version the mounts ran before.
+    pub from_version: String,
+    /// The mounts that moved, all of them.
+    pub mounts: Vec<String>,
+    /// How long the mounts were paused (requests held back), in microseconds.
+    pub pause_us: u64,
+    /// Bytes of state handed over, in all.
+    pub state_bytes: u64,
 }
 
 /// A mount as `mounts` shows it.

@@ -80,11 +80,11 @@ fn load_mount_write_read_and_list() {
         lines
             .next()
             .unwrap()
-            .starts_with("NAME   STATE  MOUNTS  VERSION  PATH"),
+            .starts_with("NAME   STATE  GEN  MOUNTS  VERSION  PATH"),
         "{table}"
     );
     assert!(
-        lines.next().unwrap().starts_with("memfs  live   1       "),
+        lines.next().unwrap().starts_with("memfs  live   1    1       "),
         "{table}"
     );
 }

@@ -69,10 +69,12 @@ impl Policy {
                 Ok(())
             }
             Request::Unmount { .. } => Ok(()),
-            Request::Load { .. } | Request::Unload { .. } => Err(Refusal::NotAdmin {
-                uid,
-                group: self.group.clone(),
-            }),
+            Request::Load { .. } | Request::Unload { .. } | Request::Upgrade { .. } => {
+                Err(Refusal::NotAdmin {
+                    uid,
+                    group: self.group.clone(),
+                })
+            }
             Request::Mount {
                 plugin, options, ..
             } => {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use fshost_protocol::{
     decode_request, to_line, ErrorCode, Reply, Request, Response, DEFAULT_DRAIN_SECS,
-    MAX_DRAIN_SECS, MAX_REQUEST_BYTES,
+    DEFAULT_UPGRADE_SECS, MAX_DRAIN_SECS, MAX_REQUEST_BYTES,
 };
 use futures_util::StreamExt;
 use tokio::io::AsyncWriteExt;
@@ -401,6 +401,20 @@ fn handle(
             Reply::Unmounted {
                 mountpoint: path.display().to_string(),
                 detached,
+            }
+        }
+        Request::Upgrade {
+            name,
+            path,
+            timeout_secs,
+        } => {
+            let timeout = Duration::from_secs(
+                timeout_secs
+                    .unwrap_or(DEFAULT_UPGRADE_SECS)
+                    .clamp(1, MAX_DRAIN_SECS),
+            );
+            Reply::Upgraded {
+                upgrade: host.upgrade(&name, path.as_deref(), timeout)?,
             }
         }
         Request::List {} => Reply::Plugins {

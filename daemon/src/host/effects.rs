@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 
 use super::{absolute, HostError};
 use crate::mount::UnmountError;
-use crate::mount::{self, MountError, MountSpec, MountTarget, TargetError};
+use crate::mount::{
+    self, MountError, MountSpec, MountTarget, MoveError, Moved, Moving, Swappable, TargetError,
+};
 use crate::plugin::{self, LoadError, Plugin, Trust};
 
 /// What the host reads of a loaded plugin.
@@ -24,6 +26,12 @@ pub trait PluginHandle: Send + Sync + 'static {
     fn taint(&self) -> Option<String>;
     /// How the loaded copy shows in the process's mappings (for the unmap proof).
     fn mapped_path(&self) -> PathBuf;
+    /// The name its descriptor gives (the registered name may differ: `load --name`).
+    fn kind(&self) -> &str;
+    /// Whether its instances can hand their state over and take it (upgrades).
+    fn upgradable(&self) -> bool;
+    /// Whether it offers FUSE passthrough (agreed with the kernel per session).
+    fn offers_passthrough(&self) -> bool;
 }
 
 /// What the host reads of a resolved mount point.
@@ -42,6 +50,8 @@ pub type MountRequest<E> = MountSpec<<E as Effects>::Plugin, <E as Effects>::Tar
 pub trait Effects: Send + Sync + Sized + 'static {
     type Plugin: PluginHandle;
     type Target: TargetHandle;
+    /// A served mount's replaceable backend.
+    type Slot: Clone + Send + Sync + 'static;
 
     /// Called before every registry transition: a point where another operation may run.
     /// The real host does nothing; the checker switches threads here.
@@ -68,12 +78,21 @@ pub trait Effects: Send + Sync + Sized + 'static {
     fn mount_id_at(&self, path: &Path) -> Option<u64>;
     /// Makes the plugin instance and the kernel mount and serves it on a thread of its
     /// own; returns the kernel mount id. `on_end` runs once the session has fully ended
-    /// (instance destroyed, the plugin released), never if this returns an error.
+    /// (instance destroyed, the plugin released), never if this returns an error. Returns
+    /// the kernel mount id and the mount's backend.
     fn spawn_mount(
         &self,
         request: MountRequest<Self>,
         on_end: Box<dyn FnOnce() + Send>,
-    ) -> Result<u64, MountError>;
+    ) -> Result<(u64, Self::Slot), MountError>;
+    /// Moves the mounts to `new`, all or none: pauses them all, hands each instance's state
+    /// to a new instance, swaps, resumes, and destroys the old instances.
+    fn move_mounts(
+        &self,
+        new: &Arc<Self::Plugin>,
+        mounts: &[Moving<Self::Slot>],
+        timeout: Duration,
+    ) -> Result<Moved, MoveError>;
     /// Unmounts exactly the kernel mount `id` at `target`.
     fn unmount(&self, target: &Self::Target, id: u64, lazy: bool) -> Result<(), UnmountError>;
     /// Where the kernel's mounts are now, by kernel id (a parent may have been renamed
@@ -115,6 +134,15 @@ impl PluginHandle for Plugin {
     fn mapped_path(&self) -> PathBuf {
         self.mapped_path.clone()
     }
+    fn kind(&self) -> &str {
+        &self.kind
+    }
+    fn upgradable(&self) -> bool {
+        self.library.upgradable()
+    }
+    fn offers_passthrough(&self) -> bool {
+        self.library.offers_passthrough()
+    }
 }
 
 impl TargetHandle for MountTarget {
@@ -154,6 +182,7 @@ fn resolve_plugin_path(path: &str, trust: &Trust) -> Result<PathBuf, HostError> 
 impl Effects for Real {
     type Plugin = Plugin;
     type Target = MountTarget;
+    type Slot = Arc<Swappable>;
 
     fn open(&self, path: &str, name: Option<&str>, trust: &Trust) -> Result<Plugin, HostError> {
         let path = resolve_plugin_path(path, trust)?;
@@ -202,8 +231,17 @@ impl Effects for Real {
         &self,
         request: MountRequest<Self>,
         on_end: Box<dyn FnOnce() + Send>,
-    ) -> Result<u64, MountError> {
+    ) -> Result<(u64, Arc<Swappable>), MountError> {
         mount::spawn(request, on_end)
+    }
+
+    fn move_mounts(
+        &self,
+        new: &Arc<Plugin>,
+        mounts: &[Moving],
+        timeout: Duration,
+    ) -> Result<Moved, MoveError> {
+        mount::move_mounts(new, mounts, timeout)
     }
 
     fn unmount(&self, target: &MountTarget, id: u64, lazy: bool) -> Result<(), UnmountError> {

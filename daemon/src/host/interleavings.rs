@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use proptest::prelude::*;
 
 use super::{Caller, Drain, Effects, Host, HostError, MountRequest, PluginHandle, TargetHandle};
-use crate::mount::{MountError, TargetError, UnmountError};
+use crate::mount::{MountError, MoveError, Moved, Moving, TargetError, UnmountError};
 use crate::plugin::Trust;
 
 thread_local! {
@@ -176,6 +176,15 @@ impl PluginHandle for FakePlugin {
     fn mapped_path(&self) -> PathBuf {
         PathBuf::from(format!("/fake/{}", self.id))
     }
+    fn kind(&self) -> &str {
+        &self.name
+    }
+    fn upgradable(&self) -> bool {
+        true
+    }
+    fn offers_passthrough(&self) -> bool {
+        false
+    }
 }
 
 struct FakeTarget(PathBuf);
@@ -300,6 +309,8 @@ impl Model {
 impl Effects for Model {
     type Plugin = FakePlugin;
     type Target = FakeTarget;
+    /// A mount's backend is its session, by kernel id.
+    type Slot = u64;
 
     fn step(&self) {
         self.check();
@@ -390,7 +401,7 @@ impl Effects for Model {
         &self,
         request: MountRequest<Self>,
         on_end: Box<dyn FnOnce() + Send>,
-    ) -> Result<u64, MountError> {
+    ) -> Result<(u64, u64), MountError> {
         self.step();
         if self.world().closed.contains(&request.plugin.id) {
             self.world().violations.push(format!(
@@ -418,7 +429,60 @@ impl Effects for Model {
                 on_end: Some(on_end),
             },
         );
-        Ok(id)
+        Ok((id, id))
+    }
+
+    /// Pauses the sessions, runs the old instances' export and the new ones' create and
+    /// import (each may fail), then hands every session still there to `new`.
+    fn move_mounts(
+        &self,
+        new: &Arc<FakePlugin>,
+        mounts: &[Moving<u64>],
+        _timeout: Duration,
+    ) -> Result<Moved, MoveError> {
+        self.step();
+        if self.sched.random(6) == 0 {
+            let path = mounts.first().map_or_else(PathBuf::new, |m| m.path.clone());
+            return Err(MoveError::Busy {
+                path,
+                waited: Duration::from_secs(5),
+                in_flight: "read".into(),
+            });
+        }
+        for mount in mounts {
+            let old = self
+                .world()
+                .sessions
+                .get(&mount.slot)
+                .map(|s| Arc::clone(&s.plugin));
+            if let Some(old) = old {
+                self.hook(&old, "export_state");
+            }
+            self.hook(new, "create and import_state");
+            if self.sched.random(8) == 0 {
+                return Err(MoveError::Import {
+                    path: mount.path.clone(),
+                    state_bytes: 0,
+                    errno: fshost_sdk::Errno::EINVAL,
+                });
+            }
+        }
+        let mut world = self.world();
+        if world.closed.contains(&new.id) {
+            world.violations.push(format!(
+                "mounts moved to library {} after it was closed",
+                new.id
+            ));
+        }
+        for mount in mounts {
+            if let Some(session) = world.sessions.get_mut(&mount.slot) {
+                session.plugin = Arc::clone(new);
+            }
+        }
+        Ok(Moved {
+            pause: Duration::ZERO,
+            state_bytes: 0,
+        })
     }
 
     fn unmount(&self, target: &FakeTarget, id: u64, lazy: bool) -> Result<(), UnmountError> {
@@ -488,6 +552,10 @@ enum Op {
     ExternalUmount {
         p: usize,
     },
+    Upgrade {
+        n: usize,
+        on_load_fails: bool,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -498,6 +566,8 @@ fn op() -> impl Strategy<Value = Op> {
         (0..NAMES.len(), 0..PATHS.len()).prop_map(|(n, p)| Op::Mount { n, p }),
         (0..PATHS.len(), any::<bool>()).prop_map(|(p, lazy)| Op::Unmount { p, lazy }),
         (0..PATHS.len()).prop_map(|p| Op::ExternalUmount { p }),
+        (0..NAMES.len(), proptest::bool::weighted(0.2))
+            .prop_map(|(n, on_load_fails)| Op::Upgrade { n, on_load_fails }),
     ]
 }
 
@@ -522,6 +592,10 @@ fn run(host: &Arc<Host<Model>>, op: Op) {
         }
         Op::Unmount { p, lazy } => {
             let _ = host.unmount(PATHS[p], lazy, &root);
+        }
+        Op::Upgrade { n, on_load_fails } => {
+            let path = format!("{}{}", NAMES[n], if on_load_fails { "!" } else { "" });
+            let _ = host.upgrade(NAMES[n], Some(&path), Duration::from_secs(5));
         }
         Op::ExternalUmount { p } => {
             let model = host.effects();

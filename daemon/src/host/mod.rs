@@ -10,13 +10,13 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use fshost_protocol::{ErrorCode, PluginInfo};
 
 use crate::config::UserPolicy;
-use crate::mount::{MountError, MountStats, UnmountError};
+use crate::mount::{MountError, MountStats, MoveError, UnmountError};
 use crate::plugin::LoadError;
 use crate::registry::{join_paths, mount_count, MountId, Registry, RegistryError};
 
@@ -29,6 +29,7 @@ mod query;
 mod shutdown;
 mod unload;
 mod unmount;
+mod upgrade;
 
 pub use effects::{Effects, MountRequest, PluginHandle, Real, TargetHandle};
 pub use unload::{Drain, DrainEnd};
@@ -76,6 +77,14 @@ pub enum HostError {
         left: u64,
         asked: u64,
     },
+    #[error("upgrade of plugin \"{name}\" refused: {why}; nothing was changed")]
+    CannotUpgrade { name: String, why: String },
+    #[error("upgrade of plugin \"{name}\" to {path} failed: {source}; every mount is still served by the previous generation, nothing was lost", path = .path.display())]
+    UpgradeFailed {
+        name: String,
+        path: PathBuf,
+        source: MoveError,
+    },
     #[error("plugin \"{name}\" {why}: {} left ({}); it is live again", mount_count(.mounts.len()), join_paths(.mounts))]
     DrainEnded {
         name: String,
@@ -96,7 +105,8 @@ impl HostError {
                 | RegistryError::PluginBusy { .. }
                 | RegistryError::MountpointInUse { .. }
                 | RegistryError::MountBusy { .. }
-                | RegistryError::ShuttingDown => ErrorCode::Busy,
+                | RegistryError::ShuttingDown
+                | RegistryError::Upgrading { .. } => ErrorCode::Busy,
             },
             HostError::Load(LoadError::NotFound(_) | LoadError::NotInPluginDirs { .. }) => {
                 ErrorCode::NotFound
@@ -119,6 +129,11 @@ impl HostError {
             | HostError::TooManyMounts { .. }
             | HostError::OverAllowance { .. } => ErrorCode::LimitReached,
             HostError::DrainEnded { .. } => ErrorCode::Timeout,
+            HostError::CannotUpgrade { .. } => ErrorCode::InvalidPlugin,
+            HostError::UpgradeFailed { source, .. } => match source {
+                MoveError::Busy { .. } => ErrorCode::Timeout,
+                _ => ErrorCode::InvalidPlugin,
+            },
         }
     }
 }
@@ -130,6 +145,8 @@ struct MountSide<E: Effects> {
     target: Arc<E::Target>,
     /// The kernel's mount id; 0 until the kernel mount exists.
     kernel_id: AtomicU64,
+    /// The mount's backend, once served: what an upgrade replaces.
+    slot: OnceLock<E::Slot>,
 }
 
 /// State shared with mount threads, which report the end of their session through it.

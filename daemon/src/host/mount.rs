@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::SystemTime;
 
 use fshost_protocol::{ErrorCode, MountInfo};
@@ -84,6 +84,7 @@ impl<E: Effects> Host<E> {
             stats: Arc::new(MountStats::default()),
             target: Arc::clone(&target),
             kernel_id: AtomicU64::new(0),
+            slot: OnceLock::new(),
         });
         self.shared.sides().insert(id, Arc::clone(&side));
         let request = MountRequest::<E> {
@@ -97,7 +98,10 @@ impl<E: Effects> Host<E> {
         };
         let on_end = Box::new(move || shared.release_mount(&ended_path, id));
         match self.effects().spawn_mount(request, on_end) {
-            Ok(kernel_id) => side.kernel_id.store(kernel_id, Ordering::SeqCst),
+            Ok((kernel_id, slot)) => {
+                side.kernel_id.store(kernel_id, Ordering::SeqCst);
+                let _ = side.slot.set(slot);
+            }
             Err(e) => {
                 self.shared.release_mount(&path, id);
                 return Err(e.into());

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fshost_protocol::{MountInfo, PluginInfo};
+use fshost_protocol::{MountInfo, NextGeneration, PluginInfo};
 
 use super::{unix_secs, Effects, Host, HostError, PluginHandle};
 use crate::mount::MountStats;
@@ -28,6 +28,12 @@ fn plugin_info<P: PluginHandle>(
             .collect(),
         loaded_at: unix_secs(entry.loaded_at),
         tainted: plugin.taint(),
+        generation: entry.generation,
+        upgrading: entry.upgrading.as_ref().map(|next| NextGeneration {
+            generation: entry.generation + 1,
+            version: next.version().to_string(),
+            path: next.source().display().to_string(),
+        }),
     }
 }
 

@@ -2,7 +2,11 @@
 //! (`Hosted`: what fshostd serves), or a `fshost_sdk::Plugin` called directly (`Direct`:
 //! the standalone benchmark binary, which measures what hosting costs).
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+
+use fshost_sdk::abi::OPERATIONS;
+use parking_lot::RwLock;
 
 #[allow(unused_imports)] // the names the operation table uses
 use fshost_sdk::ops::vocabulary::*;
@@ -14,8 +18,8 @@ type Result<T> = std::result::Result<T, Errno>;
 /// A plugin instance served by hosting it: calls go through the plugin's C descriptor.
 /// Dropping it destroys the instance.
 pub struct Hosted {
-    plugin: Arc<Plugin>,
-    instance: Instance,
+    pub(super) plugin: Arc<Plugin>,
+    pub(super) instance: Instance,
 }
 
 impl Hosted {
@@ -28,6 +32,85 @@ impl Drop for Hosted {
     fn drop(&mut self) {
         self.plugin.library.destroy(self.instance);
     }
+}
+
+/// A hosted mount's backend, replaceable under its live FUSE session (`fshostctl upgrade`).
+/// Every request holds the lock shared while the plugin serves it; an upgrade takes it
+/// alone, which waits for the requests in flight and holds new ones back (parking_lot's
+/// lock is fair: readers queue behind a waiting writer), so that no request ever sees half
+/// an upgrade and the state handed over cannot change while it is copied.
+pub struct Swappable {
+    name: String,
+    /// Fixed for the life of the session (the kernel agreed to it at INIT).
+    passthrough: bool,
+    pub(super) current: RwLock<Hosted>,
+    /// Requests in flight, per operation (as `abi::OPERATIONS` orders them): what an
+    /// upgrade that waits in vain names.
+    in_flight: [AtomicU32; OPERATIONS.len()],
+}
+
+impl Swappable {
+    pub fn new(hosted: Hosted) -> Arc<Swappable> {
+        Arc::new(Swappable {
+            name: hosted.plugin.name.clone(),
+            passthrough: hosted.plugin.library.offers_passthrough(),
+            current: RwLock::new(hosted),
+            in_flight: [const { AtomicU32::new(0) }; OPERATIONS.len()],
+        })
+    }
+
+    /// The requests in flight, as "read ×2, lookup".
+    pub fn in_flight(&self) -> String {
+        let busy: Vec<String> = OPERATIONS
+            .iter()
+            .zip(&self.in_flight)
+            .filter_map(|(op, n)| match n.load(Ordering::Relaxed) {
+                0 => None,
+                1 => Some(op.to_string()),
+                n => Some(format!("{op} ×{n}")),
+            })
+            .collect();
+        if busy.is_empty() {
+            "none (the requests had just finished)".into()
+        } else {
+            busy.join(", ")
+        }
+    }
+}
+
+/// Counts one request of an operation while it runs.
+struct InFlight<'a>(&'a AtomicU32);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicU32) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        InFlight(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The position of `name` in `abi::OPERATIONS`, at compile time.
+const fn op_index(name: &str) -> usize {
+    let mut i = 0;
+    while i < OPERATIONS.len() {
+        let (a, b) = (OPERATIONS[i].as_bytes(), name.as_bytes());
+        if a.len() == b.len() {
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return i;
+            }
+        }
+        i += 1;
+    }
+    panic!("not an operation of the table")
 }
 
 /// A `Plugin` linked into the binary and called directly: no daemon, no C ABI.
@@ -72,6 +155,21 @@ macro_rules! backend {
             }
             $(fn $name(&self $(, $arg: $ty)*) -> Result<$out> {
                 self.plugin.library.$name(self.instance $(, $arg)*)
+            })*
+        }
+
+        impl Backend for Arc<Swappable> {
+            fn name(&self) -> &str {
+                &self.name
+            }
+            fn offers_passthrough(&self) -> bool {
+                self.passthrough
+            }
+            $(fn $name(&self $(, $arg: $ty)*) -> Result<$out> {
+                const OP: usize = op_index(stringify!($name));
+                let current = self.current.read();
+                let _busy = InFlight::new(&self.in_flight[OP]);
+                current.$name($($arg),*)
             })*
         }
 

@@ -10,9 +10,10 @@ mod session;
 mod stale;
 mod target;
 mod tuning;
+mod upgrade;
 
 pub use adapter::{Adapter, CachePolicy, MountStats};
-pub use backend::{Backend, Direct, Hosted};
+pub use backend::{Backend, Direct, Hosted, Swappable};
 pub use mountinfo::{kernel_mounts, KernelMount};
 pub use options::{plugin_options, SessionOptions};
 pub use session::{run_session, start_session};
@@ -20,6 +21,7 @@ pub use stale::{answers_enotconn_as, detach_stale_mounts};
 pub use target::{
     answers_enotconn, detach_mount_at, mount_id_at, DetachError, MountTarget, TargetError,
 };
+pub use upgrade::{move_mounts, MoveError, Moved, Moving};
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -86,8 +88,12 @@ pub fn describe_errno(e: i32) -> String {
 /// Mounts `spec` on a new thread and returns once the kernel mount exists (or failed).
 /// The thread then serves the mount; when the session has fully ended (unmounted from here
 /// or from outside, every session thread joined, the plugin instance destroyed) it calls
-/// `on_end`. `on_end` is not called when this returns an error. Returns the mount's kernel id.
-pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<u64, MountError> {
+/// `on_end`. `on_end` is not called when this returns an error. Returns the mount's kernel id
+/// and its backend, which an upgrade can replace while the mount is served.
+pub fn spawn(
+    spec: MountSpec,
+    on_end: impl FnOnce() + Send + 'static,
+) -> Result<(u64, Arc<Swappable>), MountError> {
     let mut options = Vec::new();
     for (key, value) in plugin_options(&spec.options) {
         match (CString::new(key.as_str()), CString::new(value.as_str())) {
@@ -101,7 +107,7 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
             }
         }
     }
-    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<u64, MountError>>(1);
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(u64, Arc<Swappable>), MountError>>(1);
     let thread_name = format!("mount:{}", spec.plugin.name);
     std::thread::Builder::new()
         .name(thread_name)
@@ -125,9 +131,11 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
                     return;
                 }
             };
-            // From here on the session's adapter holds the only reference to the plugin;
-            // dropping it (when the session ends) destroys the instance.
-            let fs = Hosted::new(plugin, instance);
+            // From here on the session's adapter holds the only reference to the plugin
+            // (an upgrade may replace it); dropping it (when the session ends) destroys
+            // the instance.
+            let fs = Swappable::new(Hosted::new(plugin, instance));
+            let slot = Arc::clone(&fs);
             let session = start_session(
                 fs,
                 spec.stats,
@@ -144,7 +152,7 @@ pub fn spawn(spec: MountSpec, on_end: impl FnOnce() + Send + 'static) -> Result<
                     return;
                 }
             };
-            let _ = ready_tx.send(Ok(id));
+            let _ = ready_tx.send(Ok((id, slot)));
             run_session(session, &spec.target, id);
             on_end();
         })

@@ -183,6 +183,12 @@ impl Library {
         self.d().open_backing.is_some() && self.d().create_backing.is_some()
     }
 
+    /// Whether the plugin can hand its instances' state to a next generation, and take it
+    /// from a previous one (the upgrade extension).
+    pub fn upgradable(&self) -> bool {
+        self.d().export_state.is_some() && self.d().import_state.is_some()
+    }
+
     /// Why the plugin is tainted, if it is.
     pub fn taint(&self) -> Option<String> {
         self.taint.lock().unwrap_or_else(|e| e.into_inner()).clone()

@@ -19,6 +19,9 @@ pub use ffi::{fix_malloc_mmap_threshold, GateError, Instance, Library};
 /// A loaded plugin: its library plus what we know about it.
 pub struct Plugin {
     pub name: String,
+    /// The name its descriptor gives (`name` may be another, from `load --name`): an
+    /// upgrade only replaces a plugin with another generation of the same kind.
+    pub kind: String,
     pub version: String,
     pub abi_version: u32,
     /// The file the admin asked to load.
@@ -195,12 +198,13 @@ pub fn load(path: &Path, name_override: Option<&str>, trust: &Trust) -> Result<P
                 source,
             },
         )?;
-    let name = name_override.map_or(info.name, str::to_owned);
+    let name = name_override.map_or_else(|| info.name.clone(), str::to_owned);
     if !valid_name(&name) {
         return Err(LoadError::BadName(name));
     }
     Ok(Plugin {
         name,
+        kind: info.name,
         version: info.version,
         abi_version: info.abi_version,
         source: path.to_path_buf(),

@@ -12,6 +12,9 @@ const FILES: StaticFiles = StaticFiles(&[("hello", b"Hello from fshost\n")]);
 pub struct HelloFs;
 
 impl Plugin for HelloFs {
+    /// Nothing to hand over: `fshostctl upgrade` may replace it under its mounts.
+    const UPGRADABLE: bool = true;
+
     /// One instance per mount, made from its `-o` options.
     fn create(_options: &Options) -> Result<Self> {
         Ok(HelloFs)

@@ -96,6 +96,10 @@ struct fshost_mount_option {
 typedef int (*fshost_fill_dir)(void *buf, uint64_t ino, uint64_t next_offset, uint32_t mode,
                                const char *name);
 
+/* Appends bytes to the state export_state writes; returns nonzero (an errno) when the host
+ * cannot take more. */
+typedef int (*fshost_write_state)(void *buf, const uint8_t *data, size_t len);
+
 typedef const struct fshost_context fshost_ctx;
 
 struct fshost_plugin {
@@ -170,12 +174,21 @@ struct fshost_plugin {
     int (*create_backing)(void *inst, fshost_ctx *ctx, uint64_t parent, const char *name,
                           uint32_t mode, int32_t flags, struct fshost_attr *out, uint64_t *fh,
                           int *backing_fd);
+
+    /* Upgrade (FSHOST_UPGRADE_STRUCT_SIZE): `fshostctl upgrade` pauses each mount, asks the
+     * old instance to export_state (calling write as often as it likes) and a new instance,
+     * fresh from create with the mount's options, to import_state what was written. Node
+     * ids, file handles and directory offsets must survive. A stateless plugin sets both to
+     * functions that write and accept nothing; left NULL, upgrades are refused. */
+    int (*export_state)(void *inst, fshost_write_state write, void *write_buf);
+    int (*import_state)(void *inst, const uint8_t *state, size_t size);
 };
 
 /* The descriptor of the first release ends at create_file: a plugin built against it sets
  * struct_size to this and keeps loading. */
 #define FSHOST_MIN_STRUCT_SIZE offsetof(struct fshost_plugin, open_backing)
-#define FSHOST_PASSTHROUGH_STRUCT_SIZE sizeof(struct fshost_plugin)
+#define FSHOST_PASSTHROUGH_STRUCT_SIZE offsetof(struct fshost_plugin, export_state)
+#define FSHOST_UPGRADE_STRUCT_SIZE sizeof(struct fshost_plugin)
 
 const struct fshost_plugin *fshost_plugin_entry(void);
 

@@ -116,6 +116,10 @@ pub type FillDir = unsafe extern "C" fn(
     name: *const c_char,
 ) -> c_int;
 
+/// Appends bytes to the state an `export_state` writes; returns nonzero (an errno) when
+/// the host cannot take more.
+pub type WriteState = unsafe extern "C" fn(buf: *mut c_void, data: *const u8, len: usize) -> c_int;
+
 /// An opaque per-mount instance handle, made by `create` and freed by `destroy`.
 pub type Instance = *mut c_void;
 
@@ -197,6 +201,10 @@ pub const MIN_STRUCT_SIZE: u32 = std::mem::offset_of!(PluginDescriptor, open_bac
 /// `struct_size` of a descriptor that has the passthrough extension.
 pub const PASSTHROUGH_STRUCT_SIZE: u32 =
     (std::mem::offset_of!(PluginDescriptor, create_backing) + std::mem::size_of::<usize>()) as u32;
+
+/// `struct_size` of a descriptor that has the upgrade extension (state handover).
+pub const UPGRADE_STRUCT_SIZE: u32 =
+    (std::mem::offset_of!(PluginDescriptor, import_state) + std::mem::size_of::<usize>()) as u32;
 
 /// The type of `fshost_plugin_entry`.
 pub type EntryFn = unsafe extern "C" fn() -> *const PluginDescriptor;

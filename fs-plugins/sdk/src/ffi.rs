@@ -15,6 +15,7 @@ use std::sync::Mutex;
 
 use crate::abi::{
     self, Attr, Context, FillDir, Instance, MountOption, PluginDescriptor, Setattr, Statfs,
+    WriteState,
 };
 #[allow(unused_imports)] // the names the operation table uses
 use crate::ops::vocabulary::*;
@@ -270,6 +271,91 @@ macro_rules! wrappers {
 }
 
 crate::operations!(wrappers);
+
+/// A [`WriteState`] that hands each chunk to a Rust closure: `buf` must point to a
+/// `&mut dyn FnMut(&[u8]) -> bool` (false: no more room) valid for the whole call.
+///
+/// # Safety
+/// `buf` as above; `data` valid for `len` bytes.
+unsafe extern "C" fn write_closure(buf: *mut c_void, data: *const u8, len: usize) -> c_int {
+    // SAFETY: the caller guarantees what `buf` points to.
+    let sink = unsafe { &mut *buf.cast::<&mut dyn FnMut(&[u8]) -> bool>() };
+    let chunk = if len == 0 {
+        &[][..]
+    } else {
+        // SAFETY: the caller guarantees `data` is valid for `len` bytes.
+        unsafe { std::slice::from_raw_parts(data, len) }
+    };
+    if sink(chunk) {
+        0
+    } else {
+        libc::ENOSPC
+    }
+}
+
+/// Where an `export_state` writes the instance's state; an [`std::io::Write`] whose bytes
+/// go straight to the host. The lifetime ties it to the export it belongs to.
+pub struct StateWriter<'a> {
+    write: WriteState,
+    buf: *mut c_void,
+    export: PhantomData<&'a mut c_void>,
+}
+
+impl StateWriter<'_> {
+    /// Runs `export` with a writer whose bytes go to `sink` (false: no more room): for
+    /// hosts, and for testing a plugin's `export_state`.
+    pub fn over<R>(
+        mut sink: &mut dyn FnMut(&[u8]) -> bool,
+        export: impl FnOnce(&mut StateWriter<'_>) -> R,
+    ) -> R {
+        let buf = (&mut sink as *mut &mut dyn FnMut(&[u8]) -> bool).cast();
+        export(&mut StateWriter {
+            write: write_closure,
+            buf,
+            export: PhantomData,
+        })
+    }
+}
+
+impl std::io::Write for StateWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: `write` and `buf` come from the host's export_state call, still running.
+        match unsafe { (self.write)(self.buf, data.as_ptr(), data.len()) } {
+            0 => Ok(data.len()),
+            e => Err(std::io::Error::from_raw_os_error(e)),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'h, 'w: 'h> Incoming<'h> for &'h mut StateWriter<'w> {
+    type Abi = (WriteState, *mut c_void);
+    type Held = StateWriter<'w>;
+    unsafe fn receive((write, buf): (WriteState, *mut c_void)) -> StateWriter<'w> {
+        StateWriter {
+            write,
+            buf,
+            export: PhantomData,
+        }
+    }
+    fn lend(held: &'h mut StateWriter<'w>) -> &'h mut StateWriter<'w> {
+        held
+    }
+}
+
+impl<'a, 'w> Outgoing for &'a mut StateWriter<'w> {
+    type Held = &'a mut StateWriter<'w>;
+    type Abi = (WriteState, *mut c_void);
+    fn hold(self) -> Result<Self> {
+        Ok(self)
+    }
+    fn abi(held: &mut Self) -> (WriteState, *mut c_void) {
+        (held.write, held.buf)
+    }
+}
 
 /// The plugin's side of an argument: how it arrives through the C ABI (`Abi`, a tuple of
 /// the C parameters), what the wrapper holds during the call, and what the plugin's method

@@ -20,6 +20,7 @@ pub mod abi;
 #[doc(hidden)]
 pub mod ffi;
 pub mod ops;
+pub mod state;
 mod static_files;
 
 use std::collections::BTreeMap;
@@ -29,7 +30,7 @@ use std::os::fd::OwnedFd;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use abi::{Attr, Context, Setattr, Statfs, Timespec};
-pub use ffi::DirFiller;
+pub use ffi::{DirFiller, StateWriter};
 pub use static_files::{StaticFiles, ROOT};
 
 /// A positive errno value, as the kernel wants it.
@@ -181,6 +182,13 @@ macro_rules! plugin_trait {
             /// Set to true to offer FUSE passthrough: the host then calls `open_backing`
             /// and `create_backing` instead of `open` and `create_file`.
             const PASSTHROUGH: bool = false;
+
+            /// Set to true to let `fshostctl upgrade` move this plugin's mounts to a new
+            /// version of it without unmounting: the host pauses each mount, calls
+            /// `export_state` on the old instance and `import_state` on a new one. The
+            /// defaults hand over nothing, which is all a stateless plugin needs; one with
+            /// state implements the pair. Left false, upgrades are refused.
+            const UPGRADABLE: bool = false;
 
             $($(#[$attr])* fn $name(&$recv $(, $arg: $ty)*) -> Result<$out> $body)*
         }

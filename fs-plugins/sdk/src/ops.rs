@@ -19,7 +19,7 @@
 //! plugin's side, `Outgoing` on the host's, `Output` for results both ways). `;` instead of
 //! a default body makes the operation required (the host refuses a plugin without it);
 //! `[when PASSTHROUGH]` puts the entry in the descriptor only when the plugin's
-//! `Plugin::PASSTHROUGH` is true. The order is the ABI's: append only.
+//! `Plugin::PASSTHROUGH` is true (likewise `UPGRADABLE`). The order is the ABI's: append only.
 //!
 //! Adding an operation: an entry here, its line in `include/fshost_plugin.h`, the adapter's
 //! kernel-facing method (`daemon/src/mount/adapter.rs`), and the plugins that implement it.
@@ -27,8 +27,8 @@
 /// The names the table uses, for the modules that expand it.
 #[doc(hidden)]
 pub mod vocabulary {
-    pub use crate::abi::{Attr, Context, FillDir, Setattr, Statfs};
-    pub use crate::{DirFiller, Errno};
+    pub use crate::abi::{Attr, Context, FillDir, Setattr, Statfs, WriteState};
+    pub use crate::{DirFiller, Errno, StateWriter};
     pub use std::ffi::{c_char, c_int, c_void, OsStr};
     pub use std::os::fd::OwnedFd;
 }
@@ -202,6 +202,22 @@ macro_rules! operations {
                 let (attr, fh) = self.create_file(ctx, parent, name, mode, flags)?;
                 Ok((attr, fh, None))
             }
+
+            /// Writes what this instance holds, for the next generation of the plugin to
+            /// take over (`fshostctl upgrade`); the mount is paused meanwhile, so nothing
+            /// changes under it. The default writes nothing: right for a stateless plugin.
+            /// [`crate::state::save`] writes a serde value with a version.
+            [when UPGRADABLE]
+            fn export_state(&self, out: &mut StateWriter => [write: WriteState, write_buf: *mut c_void])
+                -> () => [] { Ok(()) }
+
+            /// Takes over what the previous generation's `export_state` wrote, into this
+            /// instance fresh from `create` with the mount's options. Kernel-visible
+            /// identities must survive: inode numbers, open file handles, directory
+            /// offsets. The default takes over nothing (and refuses anything else).
+            [when UPGRADABLE]
+            fn import_state(&self, state: &[u8] => [state: *const u8, size: usize])
+                -> () => [] { if state.is_empty() { Ok(()) } else { Err(Errno::EINVAL) } }
         }
     };
 }

@@ -1,0 +1,153 @@
+//! Moving live mounts to a new generation of their plugin (`fshostctl upgrade`): every
+//! mount is paused (its backend lock taken alone: requests in flight finish, new ones
+//! wait), each old instance's state is exported and imported into a new instance made
+//! with the mount's options, and only when every import has succeeded are the backends
+//! swapped and the mounts resumed. Any failure before the swap drops the new instances
+//! and resumes the old ones untouched: nothing changed.
+
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fshost_sdk::{Errno, StateWriter};
+
+use super::backend::{Backend, Hosted, Swappable};
+use super::describe_errno;
+use super::options::plugin_options;
+use crate::plugin::Plugin;
+
+/// One mount to move: where it is, its backend (fakes in the host's interleaving
+/// checker), and its options, with which the new instance is made.
+pub struct Moving<S = Arc<Swappable>> {
+    pub path: PathBuf,
+    pub slot: S,
+    pub options: BTreeMap<String, String>,
+}
+
+/// What a move did.
+#[derive(Debug, Clone, Copy)]
+pub struct Moved {
+    /// From the first mount paused to the last resumed.
+    pub pause: Duration,
+    pub state_bytes: u64,
+}
+
+/// Why mounts could not move; each leaves every mount on the old generation.
+#[derive(Debug, thiserror::Error)]
+pub enum MoveError {
+    #[error("{} stayed busy for {}s (requests in flight: {in_flight}); a client may hold a request open; try again, or with a longer --timeout", .path.display(), .waited.as_secs())]
+    Busy {
+        path: PathBuf,
+        waited: Duration,
+        in_flight: String,
+    },
+    #[error("the current generation could not export the state of {}: {}", .path.display(), describe_errno(.errno.0))]
+    Export { path: PathBuf, errno: Errno },
+    #[error("the new generation could not create an instance for {}: {}", .path.display(), describe_errno(.errno.0))]
+    Create { path: PathBuf, errno: Errno },
+    #[error("the new generation refused the state of {} ({state_bytes} bytes): {}", .path.display(), describe_errno(.errno.0))]
+    Import {
+        path: PathBuf,
+        state_bytes: usize,
+        errno: Errno,
+    },
+}
+
+/// Moves every mount in `mounts` to `new`, all or none (see the module docs). Runs the
+/// plugins' code on a thread of its own that ends before this returns, as their hooks do.
+pub fn move_mounts(
+    new: &Arc<Plugin>,
+    mounts: &[Moving],
+    timeout: Duration,
+) -> Result<Moved, MoveError> {
+    crate::plugin::on_fresh_thread(|| move_all(new, mounts, timeout))
+}
+
+fn move_all(new: &Arc<Plugin>, mounts: &[Moving], timeout: Duration) -> Result<Moved, MoveError> {
+    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    let mut paused = Vec::with_capacity(mounts.len());
+    for mount in mounts {
+        let guard = mount
+            .slot
+            .current
+            .try_write_until(deadline)
+            .ok_or_else(|| MoveError::Busy {
+                path: mount.path.clone(),
+                waited: timeout,
+                in_flight: mount.slot.in_flight(),
+            })?;
+        paused.push(guard);
+    }
+    let pause_began = Instant::now();
+    let mut state_bytes = 0u64;
+    let mut next = Vec::with_capacity(mounts.len());
+    for (mount, current) in mounts.iter().zip(&paused) {
+        let hosted = take_over(new, mount, current)?;
+        state_bytes += hosted.1;
+        next.push(hosted.0);
+    }
+    // Every import succeeded: swap, and resume each mount as soon as it is swapped.
+    let mut old = Vec::with_capacity(mounts.len());
+    for (mut guard, hosted) in paused.into_iter().zip(next) {
+        old.push(std::mem::replace(&mut *guard, hosted));
+    }
+    let pause = pause_began.elapsed();
+    tracing::debug!(waited = ?pause_began - started, ?pause, "mounts moved");
+    // The old instances are destroyed here, before the caller may close their library.
+    drop(old);
+    Ok(Moved { pause, state_bytes })
+}
+
+/// A new generation's instance holding what `current` exported, and its state's size.
+fn take_over(
+    new: &Arc<Plugin>,
+    mount: &Moving,
+    current: &Hosted,
+) -> Result<(Hosted, u64), MoveError> {
+    let path = || mount.path.clone();
+    let mut state = Vec::new();
+    StateWriter::over(
+        &mut |chunk| {
+            state.extend_from_slice(chunk);
+            true
+        },
+        |out| current.export_state(out),
+    )
+    .map_err(|errno| MoveError::Export {
+        path: path(),
+        errno,
+    })?;
+    // The options were checked for NUL bytes when the mount was made.
+    let options: Vec<(CString, CString)> = plugin_options(&mount.options)
+        .filter_map(|(k, v)| {
+            Some((
+                CString::new(k.as_str()).ok()?,
+                CString::new(v.as_str()).ok()?,
+            ))
+        })
+        .collect();
+    let pairs: Vec<_> = options
+        .iter()
+        .map(|(k, v)| (k.as_c_str(), v.as_c_str()))
+        .collect();
+    let instance = new
+        .library
+        .create(&pairs)
+        .map_err(|errno| MoveError::Create {
+            path: path(),
+            errno,
+        })?;
+    // From here the new instance is destroyed with `hosted` if the import fails.
+    let hosted = Hosted::new(Arc::clone(new), instance);
+    hosted
+        .import_state(&state)
+        .map_err(|errno| MoveError::Import {
+            path: path(),
+            state_bytes: state.len(),
+            errno,
+        })?;
+    Ok((hosted, state.len() as u64))
+}

@@ -19,6 +19,7 @@ mod storm;
 mod system;
 mod tidy;
 mod tuning;
+mod upgrade;
 
 pub(crate) const MINIMAL_C: &str = include_str!("plugins/minimal.c");
 
@@ -84,7 +85,10 @@ fn load_mount_write_read_and_list() {
         "{table}"
     );
     assert!(
-        lines.next().unwrap().starts_with("memfs  live   1    1       "),
+        lines
+            .next()
+            .unwrap()
+            .starts_with("memfs  live   1    1       "),
         "{table}"
     );
 }

@@ -464,6 +464,7 @@ impl Effects for Model {
                     path: mount.path.clone(),
                     state_bytes: 0,
                     errno: fshost_sdk::Errno::EINVAL,
+                    panic: None,
                 });
             }
         }

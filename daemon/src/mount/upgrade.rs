@@ -43,16 +43,33 @@ pub enum MoveError {
         waited: Duration,
         in_flight: String,
     },
-    #[error("the current generation could not export the state of {}: {}", .path.display(), describe_errno(.errno.0))]
-    Export { path: PathBuf, errno: Errno },
-    #[error("the new generation could not create an instance for {}: {}", .path.display(), describe_errno(.errno.0))]
-    Create { path: PathBuf, errno: Errno },
-    #[error("the new generation refused the state of {} ({state_bytes} bytes): {}", .path.display(), describe_errno(.errno.0))]
+    #[error("the current generation could not export the state of {}: {}{}", .path.display(), describe_errno(.errno.0), panicked(.panic))]
+    Export {
+        path: PathBuf,
+        errno: Errno,
+        panic: Option<String>,
+    },
+    #[error("the new generation could not create an instance for {}: {}{}", .path.display(), describe_errno(.errno.0), panicked(.panic))]
+    Create {
+        path: PathBuf,
+        errno: Errno,
+        panic: Option<String>,
+    },
+    #[error("the new generation refused the state of {} ({state_bytes} bytes): {}{}", .path.display(), describe_errno(.errno.0), panicked(.panic))]
     Import {
         path: PathBuf,
         state_bytes: usize,
         errno: Errno,
+        panic: Option<String>,
     },
+}
+
+/// ", it panicked: ..." when the failure was a contained panic (the generation that
+/// panicked is tainted).
+fn panicked(panic: &Option<String>) -> String {
+    panic
+        .as_ref()
+        .map_or_else(String::new, |reason| format!(" (it panicked: {reason})"))
 }
 
 /// Moves every mount in `mounts` to `new`, all or none (see the module docs). Runs the
@@ -119,6 +136,7 @@ fn take_over(
     .map_err(|errno| MoveError::Export {
         path: path(),
         errno,
+        panic: current.plugin.library.taint(),
     })?;
     // The options were checked for NUL bytes when the mount was made.
     let options: Vec<(CString, CString)> = plugin_options(&mount.options)
@@ -139,6 +157,7 @@ fn take_over(
         .map_err(|errno| MoveError::Create {
             path: path(),
             errno,
+            panic: new.library.taint(),
         })?;
     // From here the new instance is destroyed with `hosted` if the import fails.
     let hosted = Hosted::new(Arc::clone(new), instance);
@@ -148,6 +167,7 @@ fn take_over(
             path: path(),
             state_bytes: state.len(),
             errno,
+            panic: new.library.taint(),
         })?;
     Ok((hosted, state.len() as u64))
 }

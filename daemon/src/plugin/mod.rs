@@ -55,6 +55,10 @@ pub enum LoadError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{} kept changing while it was read (is it being written right now?); try again when it is complete", .0.display())]
+    Changing(PathBuf),
+    #[error("{} is not a complete shared object ({reason}); was it copied only in part?", .path.display())]
+    Incomplete { path: PathBuf, reason: String },
     #[error("{} is not a loadable fshost plugin: {source}", .path.display())]
     Gate { path: PathBuf, source: GateError },
     #[error("no plugin {name:?} in the plugin directories ({}); give a path, or pass --plugin-dir", if .dirs.is_empty() { "none configured".to_string() } else { join_paths(.dirs) })]
@@ -181,15 +185,27 @@ pub fn load(path: &Path, name_override: Option<&str>, trust: &Trust) -> Result<P
         path: path.to_path_buf(),
         source,
     };
-    let image = rustix::fs::memfd_create(
-        copy_name.as_str(),
-        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-    )
-    .map_err(|e| copy_error(e.into()))?;
-    let mut copy = fs::File::from(image);
-    std::io::copy(&mut file, &mut copy).map_err(copy_error)?;
-    let seals = SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE;
-    rustix::fs::fcntl_add_seals(&copy, seals).map_err(|e| copy_error(e.into()))?;
+    // A file being rewritten (`cp new.so over/old.so` at the same moment) must not give a
+    // copy that mixes two versions or stops midway: the copy is retried while the file
+    // changes under it, and must hold every segment dlopen will map (a segment past the
+    // end of the copy would be a SIGBUS in the daemon).
+    let mut attempts = 0;
+    let copy = loop {
+        let before = identity(&file).map_err(unreadable)?;
+        let copy = private_copy(&mut file, &copy_name).map_err(copy_error)?;
+        if identity(&file).map_err(unreadable)? == before {
+            break copy;
+        }
+        attempts += 1;
+        if attempts == 3 {
+            return Err(LoadError::Changing(path.to_path_buf()));
+        }
+        file.rewind().map_err(unreadable)?;
+    };
+    check_segments(&copy).map_err(|reason| LoadError::Incomplete {
+        path: path.to_path_buf(),
+        reason,
+    })?;
     let image = OwnedFd::from(copy);
     let (library, info) =
         Library::dlopen(Path::new(&format!("/proc/self/fd/{}", image.as_raw_fd()))).map_err(
@@ -212,6 +228,50 @@ pub fn load(path: &Path, name_override: Option<&str>, trust: &Trust) -> Result<P
         library,
         image,
     })
+}
+
+/// What changes when a file is rewritten: size, modification and change times.
+fn identity(file: &fs::File) -> std::io::Result<(u64, i64, i64, i64, i64)> {
+    let meta = file.metadata()?;
+    Ok((
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec(),
+    ))
+}
+
+/// Copies `file` from its current offset into a new sealed memfd named `name`.
+fn private_copy(file: &mut fs::File, name: &str) -> std::io::Result<fs::File> {
+    let image = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
+    let mut copy = fs::File::from(image);
+    std::io::copy(file, &mut copy)?;
+    let seals = SealFlags::SEAL | SealFlags::SHRINK | SealFlags::GROW | SealFlags::WRITE;
+    rustix::fs::fcntl_add_seals(&copy, seals)?;
+    Ok(copy)
+}
+
+/// Checks that the ELF image in `copy` holds every loadable segment it declares.
+fn check_segments(copy: &fs::File) -> Result<(), String> {
+    use object::read::elf::{FileHeader, ProgramHeader};
+    let size = copy.metadata().map_err(|e| e.to_string())?.len();
+    let data = object::ReadCache::new(copy);
+    let header = object::elf::FileHeader64::<object::Endianness>::parse(&data)
+        .map_err(|e| format!("ELF header: {e}"))?;
+    let endian = header.endian().map_err(|e| e.to_string())?;
+    let segments = header
+        .program_headers(endian, &data)
+        .map_err(|e| format!("program headers: {e}"))?;
+    for segment in segments {
+        let end = segment
+            .p_offset(endian)
+            .checked_add(segment.p_filesz(endian));
+        if end.is_none_or(|end| end > size) {
+            return Err(format!("a segment ends past its {size} bytes"));
+        }
+    }
+    Ok(())
 }
 
 /// Closes a plugin's library and reports whether it is still mapped afterwards

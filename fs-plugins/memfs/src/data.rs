@@ -3,12 +3,44 @@
 
 use std::collections::BTreeMap;
 
+use fshost_sdk::state::serde_bytes::{ByteBuf, Bytes};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
 pub const PAGE: u64 = 4096;
 
 #[derive(Default)]
 pub struct FileData {
     pages: BTreeMap<u64, Box<[u8]>>,
     size: u64,
+}
+
+/// As (size, [(page index, bytes)]): each page one block of bytes in the saved state.
+impl Serialize for FileData {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let pages: Vec<(u64, &Bytes)> = self
+            .pages
+            .iter()
+            .map(|(index, page)| (*index, Bytes::new(page)))
+            .collect();
+        (self.size, pages).serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for FileData {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let (size, pages): (u64, Vec<(u64, ByteBuf)>) = Deserialize::deserialize(d)?;
+        let mut data = FileData {
+            pages: BTreeMap::new(),
+            size,
+        };
+        for (index, page) in pages {
+            if page.len() as u64 != PAGE || index > size / PAGE {
+                return Err(serde::de::Error::custom("a page that cannot be"));
+            }
+            data.pages.insert(index, page.into_vec().into_boxed_slice());
+        }
+        Ok(data)
+    }
 }
 
 impl FileData {

@@ -20,9 +20,10 @@ use fshost_sdk::abi::{
     SET_ATIME, SET_ATIME_NOW, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID,
 };
 use fshost_sdk::{
-    export_plugin, mode, Attr, Context, DirFiller, Errno, Options, Plugin, Result, Setattr, Statfs,
-    Timespec,
+    export_plugin, mode, state, Attr, Context, DirFiller, Errno, Options, Plugin, Result, Setattr,
+    StateWriter, Statfs, Timespec,
 };
+use serde::{Deserialize, Serialize};
 
 const ROOT: u64 = 1;
 const NAME_MAX: usize = 255;
@@ -37,6 +38,7 @@ const FIRST_COOKIE: u64 = 2;
 
 /// A directory's entries. Each entry gets a cookie that never changes and is never reused
 /// in this directory, so a listing resumed at an offset survives concurrent unlinks.
+#[derive(Serialize, Deserialize)]
 struct Dir {
     entries: BTreeMap<OsString, (u64, u64)>,
     by_cookie: BTreeMap<u64, OsString>,
@@ -78,6 +80,7 @@ impl Dir {
     }
 }
 
+#[derive(Serialize, Deserialize)]
 enum Content {
     File(FileData),
     Dir(Dir),
@@ -86,6 +89,7 @@ enum Content {
     Special,
 }
 
+#[derive(Serialize, Deserialize)]
 struct Node {
     attr: Attr,
     content: Content,
@@ -94,13 +98,22 @@ struct Node {
     xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
+/// The whole tree is what an upgrade hands over (inode numbers, open counts, directory
+/// cookies and all), but the page counts: those come from the new instance's options and
+/// a recount.
+#[derive(Serialize, Deserialize)]
 struct Tree {
     nodes: HashMap<u64, Node>,
     next_ino: u64,
     /// Pages stored in all files, and the most allowed (`size=`).
+    #[serde(skip)]
     used_pages: u64,
+    #[serde(skip)]
     limit_pages: Option<u64>,
 }
+
+/// The version of the state `export_state` writes (a `Tree`).
+const STATE_VERSION: u32 = 1;
 
 pub struct MemFs {
     tree: RwLock<Tree>,
@@ -463,6 +476,36 @@ impl MemFs {
 }
 
 impl Plugin for MemFs {
+    /// Upgrades hand the whole tree over (see `Tree`).
+    const UPGRADABLE: bool = true;
+
+    fn export_state(&self, out: &mut StateWriter) -> Result<()> {
+        state::save(out, STATE_VERSION, &*self.read_tree())
+    }
+
+    fn import_state(&self, saved: &[u8]) -> Result<()> {
+        if state::version(saved)? != STATE_VERSION {
+            return Err(Errno::EINVAL);
+        }
+        let mut imported: Tree = state::load(saved)?;
+        let root_is_dir = imported.nodes.get(&ROOT).is_some_and(|n| is_dir(&n.attr));
+        if !root_is_dir || imported.nodes.keys().any(|ino| *ino >= imported.next_ino) {
+            return Err(Errno::EINVAL);
+        }
+        let mut tree = self.tree();
+        imported.limit_pages = tree.limit_pages;
+        imported.used_pages = imported
+            .nodes
+            .values()
+            .map(|node| match &node.content {
+                Content::File(data) => data.pages(),
+                _ => 0,
+            })
+            .sum();
+        *tree = imported;
+        Ok(())
+    }
+
     fn create(options: &Options) -> Result<Self> {
         let mut limit_pages = None;
         let mut no_xattr = false;

@@ -44,7 +44,18 @@ pub struct Context {
 
 /// Seconds and nanoseconds since the Unix epoch.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct Timespec {
     pub sec: i64,
     pub nsec: u32,
@@ -52,8 +63,9 @@ pub struct Timespec {
 }
 
 /// File attributes; `mode` carries the file type bits (`S_IFREG`, `S_IFDIR`, ...) too.
+/// Serde-able so that a plugin can hand its inodes to its next generation as they are.
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attr {
     pub ino: u64,
     pub size: u64,

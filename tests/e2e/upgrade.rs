@@ -192,18 +192,10 @@ fn plugins_without_state_handover_are_refused_before_anything_changes() {
     assert_eq!(info(&env, "faultfs")["generation"], 1);
 }
 
-/// A program that keeps working in a memfs mount, with its cwd there, a file open for
-/// reading and writing and a memory map, runs through 20 upgrades of memfs holding
-/// 100 MiB: not one error, every byte as written, every inode number the same.
-#[test]
-fn a_busy_program_works_on_through_twenty_upgrades_of_memfs() {
-    if !fuse_available() {
-        return;
-    }
-    let env = Env::start();
-    env.ctl(&["load", "memfs"]).ok();
-    let mnt = env.mountpoint("m");
-    env.ctl(&["mount", "memfs", path_str(&mnt)]).ok();
+/// Upgrades `plugin` 20 times while a program keeps working in `mnt` (its cwd there, a
+/// file open for reading and writing, a memory map), with a 100 MiB file beside it: not
+/// one error, every byte as written, every inode number the same. Returns the pauses.
+fn works_on_through_twenty_upgrades(env: &Env, plugin: &str, mnt: &Path) -> Vec<u64> {
     fs::create_dir(mnt.join("work")).unwrap();
     let big: Vec<u8> = (0..100u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
@@ -221,7 +213,7 @@ fn a_busy_program_works_on_through_twenty_upgrades_of_memfs() {
         .unwrap();
     let mut pauses = Vec::new();
     for _ in 0..20 {
-        let out = env.ctl(&["--json", "upgrade", "memfs"]).ok().json();
+        let out = env.ctl(&["--json", "upgrade", plugin]).ok().json();
         pauses.push(out["upgrade"]["pause_us"].as_u64().unwrap());
     }
     drop(workload.stdin.take());
@@ -231,7 +223,7 @@ fn a_busy_program_works_on_through_twenty_upgrades_of_memfs() {
         .read_to_string(&mut report)
         .unwrap();
     let first = report.lines().next().unwrap_or_default().to_string();
-    assert!(first.ends_with(" errors=0"), "{report}");
+    assert!(first.ends_with(" errors=0"), "{plugin}: {report}");
     let ops: u64 = first
         .trim_start_matches("ops=")
         .split(' ')
@@ -239,12 +231,44 @@ fn a_busy_program_works_on_through_twenty_upgrades_of_memfs() {
         .and_then(|n| n.parse().ok())
         .unwrap();
     assert!(ops > 20, "the workload hardly ran: {report}");
-    eprintln!("workload: {first}; pauses (µs): {pauses:?}");
-    assert_eq!(info(&env, "memfs")["generation"], 21);
+    eprintln!("{plugin}: workload {first}; pauses (µs): {pauses:?}");
+    assert_eq!(info(env, plugin)["generation"], 21);
     assert_eq!(identity(&mnt.join("big")).unwrap(), before);
     assert_eq!(fs::metadata(mnt.join("work")).unwrap().ino(), work_ino);
     assert!(fs::read(mnt.join("big")).unwrap() == big, "big differs");
-    assert!(listed_once(&env, "memfs"), "{:?}", env.plugins());
+    assert!(listed_once(env, plugin), "{:?}", env.plugins());
+    pauses
+}
+
+#[test]
+fn a_busy_program_works_on_through_twenty_upgrades_of_memfs() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", "memfs"]).ok();
+    let mnt = env.mountpoint("m");
+    env.ctl(&["mount", "memfs", path_str(&mnt)]).ok();
+    works_on_through_twenty_upgrades(&env, "memfs", &mnt);
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}
+
+/// The same through passthroughfs, whose open files (and the kernel's passthrough
+/// registrations of them) must survive: the new instance takes duplicates of the old
+/// one's descriptors under the same handles.
+#[test]
+fn a_busy_program_works_on_through_twenty_upgrades_of_passthroughfs() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", "passthroughfs"]).ok();
+    let source = env.mountpoint("source");
+    let mnt = env.mountpoint("p");
+    let option = format!("source={}", path_str(&source));
+    env.ctl(&["mount", "passthroughfs", path_str(&mnt), "-o", &option])
+        .ok();
+    works_on_through_twenty_upgrades(&env, "passthroughfs", &mnt);
     env.ctl(&["unmount", path_str(&mnt)]).ok();
 }
 

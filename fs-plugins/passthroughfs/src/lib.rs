@@ -21,14 +21,16 @@ use std::sync::{Mutex, RwLock};
 use fshost_sdk::abi::{
     SET_ATIME, SET_ATIME_NOW, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID,
 };
+use fshost_sdk::state::{self, SharedFd};
 use fshost_sdk::{
-    export_plugin, mode, Attr, Context, DirFiller, Errno, Options, Plugin, Result, Setattr, Statfs,
-    Timespec,
+    export_plugin, mode, Attr, Context, DirFiller, Errno, Options, Plugin, Result, Setattr,
+    StateWriter, Statfs, Timespec,
 };
 use nix::fcntl::{OFlag, RenameFlags};
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
 use nix::sys::time::TimeSpec;
 use nix::unistd::{Gid, Uid};
+use serde::{Deserialize, Serialize};
 
 const ROOT: u64 = 1;
 
@@ -181,8 +183,56 @@ fn utime(set: &Setattr, now_bit: u32, bit: u32, t: Timespec) -> TimeSpec {
     }
 }
 
+/// What an upgrade hands over: the paths inodes are reached by, and the open files by
+/// their handles (the kernel and the host's passthrough registrations know them by those).
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    paths: Vec<(u64, OsString)>,
+    files: Vec<(u64, SharedFd)>,
+    next_fh: u64,
+}
+
+const STATE_VERSION: u32 = 1;
+
 impl Plugin for PassthroughFs {
     const PASSTHROUGH: bool = true;
+    const UPGRADABLE: bool = true;
+
+    fn export_state(&self, out: &mut StateWriter) -> Result<()> {
+        let paths = self.paths.read().unwrap_or_else(|e| e.into_inner());
+        let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
+        let saved = Saved {
+            paths: paths
+                .iter()
+                .map(|(ino, path)| (*ino, path.clone().into_os_string()))
+                .collect(),
+            files: files
+                .iter()
+                .map(|(fh, file)| (*fh, SharedFd::of(file)))
+                .collect(),
+            next_fh: self.next_fh.load(Ordering::Relaxed),
+        };
+        state::save(out, STATE_VERSION, &saved)
+    }
+
+    fn import_state(&self, saved: &[u8]) -> Result<()> {
+        if state::version(saved)? != STATE_VERSION {
+            return Err(Errno::EINVAL);
+        }
+        let saved: Saved = state::load(saved)?;
+        let mut files = HashMap::new();
+        for (fh, fd) in saved.files {
+            files.insert(fh, File::from(fd.dup().map_err(errno)?));
+        }
+        *self.paths.write().unwrap_or_else(|e| e.into_inner()) = saved
+            .paths
+            .into_iter()
+            .map(|(ino, path)| (ino, PathBuf::from(path)))
+            .collect();
+        *self.files.lock().unwrap_or_else(|e| e.into_inner()) = files;
+        self.next_fh.store(saved.next_fh, Ordering::Relaxed);
+        Ok(())
+    }
 
     fn create(options: &Options) -> Result<Self> {
         let source = options.get("source").ok_or(Errno::EINVAL)?;

@@ -357,6 +357,34 @@ impl<'a, 'w> Outgoing for &'a mut StateWriter<'w> {
     }
 }
 
+/// A file descriptor of an instance, named in the state it hands to the next generation
+/// (`export_state`): the new instance takes its own duplicate of it in `import_state`,
+/// while the old instance, paused but alive, still holds the original. Nothing is handed
+/// over by ownership, so nothing leaks when an upgrade fails and is rolled back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedFd(i32);
+
+impl SharedFd {
+    /// Names `fd` in the exported state.
+    pub fn of(fd: &impl std::os::fd::AsFd) -> SharedFd {
+        use std::os::fd::AsRawFd;
+        SharedFd(fd.as_fd().as_raw_fd())
+    }
+
+    /// A duplicate of the descriptor this names, for the new instance to own. Only valid
+    /// during `import_state` (the host keeps the exporting instance alive until then).
+    pub fn dup(&self) -> std::io::Result<OwnedFd> {
+        if self.0 < 0 {
+            return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+        }
+        // SAFETY: per the upgrade protocol the previous generation's instance, which owns
+        // this descriptor, lives (paused) until the import has returned; we only borrow it
+        // to duplicate it.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0) };
+        fd.try_clone_to_owned()
+    }
+}
+
 /// The plugin's side of an argument: how it arrives through the C ABI (`Abi`, a tuple of
 /// the C parameters), what the wrapper holds during the call, and what the plugin's method
 /// gets (`lend`).

@@ -12,6 +12,8 @@ use serde::Serialize;
 
 pub use serde_bytes;
 
+pub use crate::ffi::SharedFd;
+
 use crate::{Errno, Result, StateWriter};
 
 /// What every saved state starts with, then the version (u32, little-endian).

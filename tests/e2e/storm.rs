@@ -1,5 +1,6 @@
 //! The race storm: many clients hammer one daemon with load / mount / unmount / unload /
-//! list through the real socket, and every answer and every snapshot must be consistent.
+//! upgrade / list through the real socket, and every answer and every snapshot must be
+//! consistent.
 //!
 //! Seeded: set FSHOST_STORM_SEED to replay a run (the seed is printed either way).
 //! FSHOST_STORM_CLIENTS and FSHOST_STORM_OPS change the size (defaults 64 × 150).
@@ -78,6 +79,9 @@ fn check_snapshot(list: &Value) -> Result<(), String> {
     {
         let state = plugin["state"].as_str().unwrap_or_default();
         let mounts = plugin["mounts"].as_array().ok_or("no mounts array")?;
+        if state != "live" && !plugin["upgrading"].is_null() {
+            return Err(format!("plugin in state {state} is being upgraded: {plugin}"));
+        }
         if state != "live" && !mounts.is_empty() {
             return Err(format!("plugin in state {state} has mounts: {plugin}"));
         }
@@ -153,13 +157,14 @@ fn one_client(env: &Env, seed: u64, ops: u64, mount_points: &[PathBuf], tally: &
             .to_string();
         let (op, request) = match rng.below(100) {
             // Fewer mounts than unmounts keeps plugins idle often enough for unloads.
-            0..=14 => ("list", json!({"op": "list"})),
-            15..=29 => ("load", json!({"op": "load", "path": plugin})),
-            30..=49 => ("unload", json!({"op": "unload", "name": plugin})),
-            50..=69 => (
+            0..=11 => ("list", json!({"op": "list"})),
+            12..=26 => ("load", json!({"op": "load", "path": plugin})),
+            27..=44 => ("unload", json!({"op": "unload", "name": plugin})),
+            45..=62 => (
                 "mount",
                 json!({"op": "mount", "plugin": plugin, "mountpoint": mount_point}),
             ),
+            63..=72 => ("upgrade", json!({"op": "upgrade", "name": plugin})),
             _ => (
                 "unmount",
                 json!({"op": "unmount", "mountpoint": mount_point}),

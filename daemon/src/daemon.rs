@@ -117,7 +117,13 @@ impl Settings {
 
 fn trust(args: &Args, config: &Config) -> Trust {
     let mut plugin_dirs = config.plugin_dirs.clone();
-    plugin_dirs.extend(args.plugin_dirs.iter().cloned());
+    // A relative --plugin-dir is taken from where the daemon was started, once: plugins
+    // found there are recorded (and upgraded) by absolute paths.
+    plugin_dirs.extend(
+        args.plugin_dirs
+            .iter()
+            .map(|dir| std::path::absolute(dir).unwrap_or_else(|_| dir.clone())),
+    );
     Trust {
         plugin_dirs,
         dev: args.dev || config.dev,

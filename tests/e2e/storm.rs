@@ -80,7 +80,9 @@ fn check_snapshot(list: &Value) -> Result<(), String> {
         let state = plugin["state"].as_str().unwrap_or_default();
         let mounts = plugin["mounts"].as_array().ok_or("no mounts array")?;
         if state != "live" && !plugin["upgrading"].is_null() {
-            return Err(format!("plugin in state {state} is being upgraded: {plugin}"));
+            return Err(format!(
+                "plugin in state {state} is being upgraded: {plugin}"
+            ));
         }
         if state != "live" && !mounts.is_empty() {
             return Err(format!("plugin in state {state} has mounts: {plugin}"));

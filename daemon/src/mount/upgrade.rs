@@ -125,6 +125,7 @@ fn take_over(
     current: &Hosted,
 ) -> Result<(Hosted, u64), MoveError> {
     let path = || mount.path.clone();
+    let began = Instant::now();
     let mut state = Vec::new();
     StateWriter::over(
         &mut |chunk| {
@@ -138,6 +139,7 @@ fn take_over(
         errno,
         panic: current.plugin.library.taint(),
     })?;
+    let exported = began.elapsed();
     // The options were checked for NUL bytes when the mount was made.
     let options: Vec<(CString, CString)> = plugin_options(&mount.options)
         .filter_map(|(k, v)| {
@@ -169,5 +171,6 @@ fn take_over(
             errno,
             panic: new.library.taint(),
         })?;
+    tracing::debug!(mount = %mount.path.display(), ?exported, imported = ?(began.elapsed() - exported), bytes = state.len(), "state handed over");
     Ok((hosted, state.len() as u64))
 }

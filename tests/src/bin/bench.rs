@@ -5,6 +5,7 @@
 //! also writes BENCHMARKS.generated.md and benchmarks.svg. Benchmarks are not tests: no pass/fail.
 //!
 //! Usage: bench BUILD_DIR [--smoke] [--write REPO_DIR]   (as root; needs fio)
+//!        bench BUILD_DIR --upgrades   (only the plugin upgrade rows)
 //!        bench --metadata DIR   (one metadata run of 10,000 files in DIR)
 
 use std::fmt::Write as _;
@@ -68,14 +69,19 @@ impl Daemon {
     }
 
     fn call(&mut self, request: Value) -> Value {
+        let answer = self.answer(&request);
+        assert_eq!(answer["ok"], true, "{request} → {answer}");
+        answer
+    }
+
+    /// The daemon's answer, whatever it is.
+    fn answer(&mut self, request: &Value) -> Value {
         let mut line = request.to_string();
         line.push('\n');
         self.reader.get_mut().write_all(line.as_bytes()).unwrap();
         let mut answer = String::new();
         self.reader.read_line(&mut answer).unwrap();
-        let answer: Value = serde_json::from_str(&answer).unwrap();
-        assert_eq!(answer["ok"], true, "{request} → {answer}");
-        answer
+        serde_json::from_str(&answer).unwrap()
     }
 
     fn status_field(&self, field: &str) -> u64 {
@@ -321,6 +327,22 @@ fn main() {
             .expect("usage: bench BUILD_DIR [--smoke] [--write REPO]"),
     );
     let smoke = args.iter().any(|a| a == "--smoke");
+    if args.iter().any(|a| a == "--upgrades") {
+        // Only the upgrade rows, at full size (memfs holding 1 GiB).
+        let base = tempfile::Builder::new()
+            .prefix("fshost-bench-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let native = base.path().join("native");
+        std::fs::create_dir_all(&native).unwrap();
+        let mut daemon = Daemon::start(&build, base.path());
+        for plugin in ["memfs", "passthroughfs", "hellofs"] {
+            daemon.call(json!({"op": "load", "path": plugin}));
+        }
+        println!("| metric | value | goal |\n|---|---|---|");
+        print!("{}", upgrade_rows(&mut daemon, base.path(), &native, smoke));
+        return;
+    }
     let write_to = args
         .iter()
         .position(|a| a == "--write")
@@ -424,6 +446,8 @@ fn main() {
         cycles.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let (cycle_p50, cycle_p99) = (percentile(cycles.clone(), 0.5), percentile(cycles, 0.99));
+    eprintln!("upgrades...");
+    let upgrades = upgrade_rows(&mut daemon, dir, &native, smoke);
     eprintln!("data ({} MiB per run)...", sizes.data_mib);
     let targets = [
         &tmpfs,
@@ -571,6 +595,7 @@ fn main() {
         sizes.mounts
     );
     let _ = writeln!(other, "| passthroughfs: reads / writes served by the plugin during the data runs | {} / {} ({} opens through passthrough) | 0 / 0 |", pt_stats["plugin_reads"], pt_stats["plugin_writes"], pt_stats["passthrough_opens"]);
+    other.push_str(&upgrades);
     println!("{table}\n{other}");
 
     if let Some(repo) = write_to {
@@ -604,6 +629,109 @@ fn main() {
         std::fs::write(repo.join("benchmarks.svg"), svg(&ratios)).unwrap();
         eprintln!("wrote BENCHMARKS.generated.md and benchmarks.svg");
     }
+}
+
+/// Upgrades (`fshostctl upgrade`) of hellofs and passthroughfs with 1, 10 and 100 mounts,
+/// and of memfs holding 1 GiB (8 MiB with `smoke`), while reader threads keep opening and
+/// reading a file on every mount: the upgrade's time, the pause the daemon reports, and the
+/// longest any one open+read+close of a reader took. Rows of the "other" table.
+fn upgrade_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> String {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut rows = String::new();
+    std::fs::write(native.join("file"), b"passthroughfs upgrade benchmark\n").unwrap();
+    let memfs_mib: u64 = if smoke { 8 } else { 1024 };
+    let cases: Vec<(&str, usize)> = [1, 10, 100]
+        .into_iter()
+        .flat_map(|n| [("hellofs", n), ("passthroughfs", n)])
+        .chain([("memfs", 1)])
+        .collect();
+    for (plugin, n) in cases {
+        let mounts: Vec<PathBuf> = (0..n)
+            .map(|i| dir.join(format!("upgrade/{plugin}/{i:03}")))
+            .collect();
+        for m in &mounts {
+            std::fs::create_dir_all(m).unwrap();
+            let options = match plugin {
+                "passthroughfs" => json!({"source": native.display().to_string()}),
+                _ => json!({}),
+            };
+            daemon.call(
+                json!({"op": "mount", "plugin": plugin, "mountpoint": m, "options": options}),
+            );
+        }
+        let file = match plugin {
+            "hellofs" => "hello",
+            _ => "file",
+        };
+        if plugin == "memfs" {
+            std::fs::write(mounts[0].join(file), b"memfs upgrade benchmark\n").unwrap();
+            let chunk = vec![7u8; 1 << 20];
+            let mut big = std::fs::File::create(mounts[0].join("big")).unwrap();
+            for _ in 0..memfs_mib {
+                big.write_all(&chunk).unwrap();
+            }
+        }
+        let stop = AtomicBool::new(false);
+        let (took, reply, longest) = std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..4)
+                .map(|r| {
+                    let (mounts, stop) = (&mounts, &stop);
+                    scope.spawn(move || {
+                        let mut longest = Duration::ZERO;
+                        let mut i = r;
+                        while !stop.load(Ordering::Relaxed) {
+                            let t = Instant::now();
+                            let _ = std::fs::read(mounts[i % mounts.len()].join(file));
+                            longest = longest.max(t.elapsed());
+                            i += 1;
+                        }
+                        longest
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(100));
+            let t = Instant::now();
+            // No panic in here: the readers would keep the scope from ever ending.
+            let reply = daemon.answer(&json!({"op": "upgrade", "name": plugin}));
+            let took = t.elapsed();
+            std::thread::sleep(Duration::from_millis(100));
+            stop.store(true, Ordering::Relaxed);
+            let longest = readers
+                .into_iter()
+                .map(|r| r.join().unwrap())
+                .max()
+                .unwrap_or_default();
+            (took, reply, longest)
+        });
+        assert_eq!(reply["ok"], true, "upgrade of {plugin}: {reply}");
+        let upgrade = &reply["result"]["upgrade"];
+        let pause_ms = upgrade["pause_us"].as_f64().unwrap_or(0.0) / 1e3;
+        let what = if plugin == "memfs" {
+            format!(
+                "memfs holding {memfs_mib} MiB ({} MiB of state)",
+                upgrade["state_bytes"].as_u64().unwrap_or(0) >> 20
+            )
+        } else {
+            format!("{plugin}, {n} mount{}", if n == 1 { "" } else { "s" })
+        };
+        let goal = match plugin {
+            "memfs" => format!(
+                "{:.0} MiB/s handed over",
+                memfs_mib as f64 / (pause_ms / 1e3).max(1e-9)
+            ),
+            _ => "pause < 50 ms".to_string(),
+        };
+        let _ = writeln!(
+            rows,
+            "| upgrade {what}: time / pause / longest reader wait | {:.1} ms / {pause_ms:.1} ms / {:.1} ms | {goal} |",
+            took.as_secs_f64() * 1e3,
+            longest.as_secs_f64() * 1e3
+        );
+        for m in &mounts {
+            daemon.call(json!({"op": "unmount", "mountpoint": m}));
+        }
+    }
+    rows
 }
 
 /// A horizontal bar chart of ratios (1.0 = as fast as the reference).

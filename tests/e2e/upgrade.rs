@@ -126,6 +126,55 @@ fn a_refused_or_panicking_import_changes_nothing() {
     // The generation that panicked is gone; the one serving never panicked.
     assert!(info(&env, "faultfs")["tainted"].is_null());
     env.ctl(&["unmount", path_str(&mnt)]).ok();
+    // A panic in the serving generation's export: it serves on, tainted.
+    let env = Env::start();
+    let (_, mnt) = faultfs_from_copy(&env, &["panic_in=export_state"]);
+    refused_and_rolled_back(&env, &mnt, &[], "could not export the state of");
+    let tainted = info(&env, "faultfs")["tainted"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(tainted.contains("panic in export_state"), "{tainted}");
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}
+
+#[test]
+fn a_new_library_that_fails_the_gate_changes_nothing() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let (_, mnt) = faultfs_from_copy(&env, &[]);
+    let not_a_plugin = env.path("libnot.so");
+    fs::write(&not_a_plugin, b"\x7fELF, but nothing more").unwrap();
+    let out = env.ctl(&["upgrade", "faultfs", path_str(&not_a_plugin)]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("not a complete shared object"),
+        "{out:?}"
+    );
+    assert_eq!(fs::read_to_string(mnt.join("data")).unwrap(), GENERATION_1);
+    assert_eq!(info(&env, "faultfs")["generation"], 1);
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}
+
+#[test]
+fn the_c_plugin_upgrades_as_a_stateless_one() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", "hello_c"]).ok();
+    let mnt = env.mountpoint("c");
+    env.ctl(&["mount", "hello-c", path_str(&mnt)]).ok();
+    let before = fs::read_to_string(mnt.join("hello")).unwrap();
+    let out = env.ctl(&["upgrade", "hello-c"]).ok();
+    assert!(
+        out.stdout.contains("(generation 2): 1 mount moved"),
+        "{out:?}"
+    );
+    assert_eq!(fs::read_to_string(mnt.join("hello")).unwrap(), before);
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
 }
 
 #[test]

@@ -4,7 +4,8 @@
 //! generation 2, a second library that the upgrade tests move mounts to.
 //!
 //! Mount options (`-o`):
-//! - `panic_in=OP`: panic in `lookup`, `getattr`, `read`, `readdir` or `import_state`;
+//! - `panic_in=OP`: panic in `lookup`, `getattr`, `read`, `readdir`, `export_state` or
+//!   `import_state`;
 //! - `fail_create=1`: refuse to create the mount's instance (EIO);
 //! - `panic_in_destroy=1`: panic when the mount's instance is destroyed;
 //! - `slow_ms=N`: every `read` takes N milliseconds;

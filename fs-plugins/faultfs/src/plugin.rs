@@ -71,6 +71,7 @@ impl Plugin for FaultFs {
     const UPGRADABLE: bool = true;
 
     fn export_state(&self, out: &mut StateWriter) -> Result<()> {
+        self.maybe_panic("export_state");
         out.write_all(&self.reads.load(Ordering::Relaxed).to_le_bytes())
             .map_err(|_| Errno::EIO)
     }

@@ -6,7 +6,7 @@
 //! sets the operations per seed (default 2000).
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -183,5 +183,161 @@ fn memfs_size_limit_statfs_and_readdir_under_concurrent_unlinks() {
         );
     }
     assert!(!removed.is_empty());
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}
+
+/// What a scripted run of writes, fallocate modes and truncates leaves in `dir`, step by
+/// step: the result, size and blocks, and where SEEK_DATA and SEEK_HOLE land from a grid
+/// of offsets. memfs must print exactly what tmpfs prints.
+fn space_probe(dir: &Path) -> Vec<String> {
+    use nix::fcntl::FallocateFlags as F;
+    use std::os::unix::fs::FileExt;
+    enum Step {
+        Write(u64, usize),
+        Allocate(F, u64, u64),
+        Truncate(u64),
+    }
+    let keep = F::FALLOC_FL_KEEP_SIZE;
+    let punch = F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE;
+    let cases: Vec<Vec<Step>> = vec![
+        vec![
+            Step::Write(0, 3),
+            Step::Allocate(keep, 20_000, 5000),
+            Step::Write(8192, 5000),
+        ],
+        vec![Step::Allocate(F::empty(), 0, 10_000), Step::Write(4096, 1)],
+        vec![Step::Write(0, 20_000), Step::Allocate(punch, 100, 9000)],
+        vec![Step::Write(0, 20_000), Step::Allocate(punch, 4096, 4096)],
+        vec![Step::Write(0, 8192), Step::Allocate(punch, 0, 100_000)],
+        vec![
+            Step::Allocate(keep, 0, 16_384),
+            Step::Truncate(6000),
+            Step::Write(12_000, 10),
+        ],
+        vec![
+            Step::Allocate(F::empty(), 1 << 20, 4096),
+            Step::Truncate(100),
+        ],
+        vec![
+            Step::Write(0, 100),
+            Step::Allocate(F::FALLOC_FL_PUNCH_HOLE, 0, 10),
+        ],
+        vec![
+            Step::Write(0, 100),
+            Step::Allocate(F::FALLOC_FL_ZERO_RANGE, 0, 10),
+        ],
+        vec![Step::Write(0, 100), Step::Allocate(F::empty(), 0, 0)],
+        vec![Step::Allocate(F::empty(), 0, 1 << 20)],
+    ];
+    let offsets = [
+        0i64,
+        1,
+        99,
+        4095,
+        4096,
+        4097,
+        8191,
+        8192,
+        12_288,
+        16_384,
+        20_000,
+        1 << 20,
+    ];
+    let mut lines = Vec::new();
+    for (i, steps) in cases.iter().enumerate() {
+        let path = dir.join(format!("f{i}"));
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        for (j, step) in steps.iter().enumerate() {
+            let result = match step {
+                Step::Write(at, len) => file
+                    .write_all_at(&vec![b'x'; *len], *at)
+                    .map_err(|e| e.to_string()),
+                Step::Allocate(mode, at, len) => {
+                    nix::fcntl::fallocate(&file, *mode, *at as i64, *len as i64)
+                        .map_err(|e| e.to_string())
+                }
+                Step::Truncate(size) => file.set_len(*size).map_err(|e| e.to_string()),
+            };
+            let meta = file.metadata().unwrap();
+            let mut seeks = Vec::new();
+            for at in offsets {
+                for whence in [nix::unistd::Whence::SeekData, nix::unistd::Whence::SeekHole] {
+                    seeks.push(match nix::unistd::lseek(&file, at, whence) {
+                        Ok(found) => found.to_string(),
+                        Err(e) => format!("{e}"),
+                    });
+                }
+            }
+            lines.push(format!(
+                "case {i} step {j}: {result:?} size={} blocks={} seeks={}",
+                meta.len(),
+                meta.blocks(),
+                seeks.join(",")
+            ));
+        }
+    }
+    // And ENOSPC: both are 1 MiB file systems here.
+    let full = fs::File::create(dir.join("full")).unwrap();
+    let result = nix::fcntl::fallocate(&full, F::empty(), 0, 4 << 20).map_err(|e| e.to_string());
+    lines.push(format!(
+        "full: {result:?} size={}",
+        full.metadata().unwrap().len()
+    ));
+    lines
+}
+
+#[test]
+fn fallocate_and_seek_data_hole_answer_as_on_tmpfs() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let tmpfs = env.path("space-tmpfs");
+    fs::create_dir_all(&tmpfs).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &tmpfs,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=2M"),
+    )
+    .expect("mount tmpfs");
+    let _tmpfs = Tmpfs(tmpfs.clone());
+    env.ctl(&["load", "memfs"]).ok();
+    let mnt = env.mountpoint("space-memfs");
+    env.ctl(&["mount", "memfs", path_str(&mnt), "-o", "size=2M"])
+        .ok();
+    let (expected, got) = (space_probe(&tmpfs), space_probe(&mnt));
+    for (e, g) in expected.iter().zip(&got) {
+        assert_eq!(g, e, "memfs (left) differs from tmpfs (right)");
+    }
+    assert_eq!(expected.len(), got.len());
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+    // passthroughfs over a tmpfs forwards both, so it answers as that tmpfs does.
+    let source = env.path("space-source");
+    fs::create_dir_all(&source).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &source,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=2M"),
+    )
+    .expect("mount tmpfs");
+    let _source = Tmpfs(source.clone());
+    env.ctl(&["load", "passthroughfs"]).ok();
+    let option = format!("source={},attr_timeout=0", path_str(&source));
+    env.ctl(&["mount", "passthroughfs", path_str(&mnt), "-o", &option])
+        .ok();
+    let got = space_probe(&mnt);
+    for (e, g) in expected.iter().zip(&got) {
+        assert_eq!(g, e, "passthroughfs (left) differs from tmpfs (right)");
+    }
     env.ctl(&["unmount", path_str(&mnt)]).ok();
 }

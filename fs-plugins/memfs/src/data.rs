@@ -1,7 +1,9 @@
 //! File contents as sparse pages: holes read as zeros and take no memory, so a write at
 //! 5 GiB costs one page, and `st_blocks` counts what is really stored (as tmpfs does).
+//! Pages `fallocate` adds hold zeros, count as stored, and stay holes for `SEEK_DATA`
+//! until written, as tmpfs's unwritten pages do.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use fshost_sdk::state::serde_bytes::{ByteBuf, Bytes};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -12,9 +14,12 @@ pub const PAGE: u64 = 4096;
 pub struct FileData {
     pages: BTreeMap<u64, Box<[u8]>>,
     size: u64,
+    /// Pages allocated by `fallocate` and not written since (all zeros).
+    unwritten: BTreeSet<u64>,
 }
 
-/// As (size, [(page index, bytes)]): each page one block of bytes in the saved state.
+/// As (size, [(page index, bytes)], unwritten pages): each page one block of bytes in the
+/// saved state.
 impl Serialize for FileData {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let pages: Vec<(u64, &Bytes)> = self
@@ -22,22 +27,29 @@ impl Serialize for FileData {
             .iter()
             .map(|(index, page)| (*index, Bytes::new(page)))
             .collect();
-        (self.size, pages).serialize(s)
+        (self.size, pages, &self.unwritten).serialize(s)
     }
 }
 
 impl<'de> Deserialize<'de> for FileData {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let (size, pages): (u64, Vec<(u64, ByteBuf)>) = Deserialize::deserialize(d)?;
+        type Saved = (u64, Vec<(u64, ByteBuf)>, BTreeSet<u64>);
+        let (size, pages, unwritten): Saved = Deserialize::deserialize(d)?;
         let mut data = FileData {
             pages: BTreeMap::new(),
             size,
+            unwritten,
         };
         for (index, page) in pages {
-            if page.len() as u64 != PAGE || index > size / PAGE {
-                return Err(serde::de::Error::custom("a page that cannot be"));
+            if page.len() as u64 != PAGE {
+                return Err(serde::de::Error::custom("a page of the wrong size"));
             }
             data.pages.insert(index, page.into_vec().into_boxed_slice());
+        }
+        if data.unwritten.iter().any(|i| !data.pages.contains_key(i)) {
+            return Err(serde::de::Error::custom(
+                "an unwritten page that is not stored",
+            ));
         }
         Ok(data)
     }
@@ -92,9 +104,86 @@ impl FileData {
                 .entry(index)
                 .or_insert_with(|| vec![0u8; PAGE as usize].into_boxed_slice());
             page[within..within + n].copy_from_slice(&data[done..done + n]);
+            if !self.unwritten.is_empty() {
+                self.unwritten.remove(&index);
+            }
             done += n;
         }
         self.size = self.size.max(offset + data.len() as u64);
+    }
+
+    /// `fallocate` without a hole: stores zero pages where `[offset, offset + len)` has
+    /// none (they stay holes for `SEEK_DATA` until written); the size does not change.
+    pub fn allocate(&mut self, offset: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        for index in offset / PAGE..=(offset + len - 1) / PAGE {
+            if let std::collections::btree_map::Entry::Vacant(slot) = self.pages.entry(index) {
+                slot.insert(vec![0u8; PAGE as usize].into_boxed_slice());
+                self.unwritten.insert(index);
+            }
+        }
+    }
+
+    /// Punches a hole in `[offset, offset + len)`: whole pages go, the rest is zeroed; the
+    /// size does not change. Returns how many pages went.
+    pub fn punch(&mut self, offset: u64, len: u64) -> u64 {
+        let end = offset.saturating_add(len);
+        if len == 0 {
+            return 0;
+        }
+        let whole: Vec<u64> = self
+            .pages
+            .range(offset.div_ceil(PAGE)..end / PAGE)
+            .map(|(index, _)| *index)
+            .collect();
+        for index in &whole {
+            self.pages.remove(index);
+            self.unwritten.remove(index);
+        }
+        for index in [offset / PAGE, (end - 1) / PAGE] {
+            let start = index * PAGE;
+            if let Some(page) = self.pages.get_mut(&index) {
+                let from = offset.max(start) - start;
+                let to = end.min(start + PAGE) - start;
+                page[from as usize..to as usize].fill(0);
+            }
+        }
+        whole.len() as u64
+    }
+
+    /// Whether page `index` holds data (stored and written).
+    fn is_data(&self, index: u64) -> bool {
+        self.pages.contains_key(&index) && !self.unwritten.contains(&index)
+    }
+
+    /// `SEEK_DATA`: the first data at or after `offset`, None (ENXIO) if there is none
+    /// before the end of the file.
+    pub fn seek_data(&self, offset: u64) -> Option<u64> {
+        if offset >= self.size {
+            return None;
+        }
+        let found = self
+            .pages
+            .range(offset / PAGE..)
+            .map(|(index, _)| *index)
+            .find(|index| !self.unwritten.contains(index))?;
+        let at = offset.max(found * PAGE);
+        (at < self.size).then_some(at)
+    }
+
+    /// `SEEK_HOLE`: the first hole at or after `offset` (the end of the file is one), None
+    /// (ENXIO) at or past the end.
+    pub fn seek_hole(&self, offset: u64) -> Option<u64> {
+        if offset >= self.size {
+            return None;
+        }
+        let mut index = offset / PAGE;
+        while self.is_data(index) && index * PAGE < self.size {
+            index += 1;
+        }
+        Some(offset.max(index * PAGE).min(self.size))
     }
 
     /// Sets the size; shrinking drops whole pages past the end and zeroes the tail of the
@@ -103,6 +192,7 @@ impl FileData {
         if size < self.size {
             let keep = size.div_ceil(PAGE);
             self.pages.retain(|index, _| *index < keep);
+            self.unwritten.retain(|index| *index < keep);
             if !size.is_multiple_of(PAGE) {
                 if let Some(page) = self.pages.get_mut(&(size / PAGE)) {
                     page[(size % PAGE) as usize..].fill(0);

@@ -31,6 +31,8 @@ const NAME_MAX: usize = 255;
 const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 /// Reported capacity when no `size=` is given.
 const DEFAULT_CAPACITY: u64 = 1 << 40;
+const FALLOC_FL_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
+const FALLOC_FL_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
 const XATTR_CREATE: i32 = 1;
 const XATTR_REPLACE: i32 = 2;
 /// readdir offsets: 0 is ".", 1 is "..", entries carry cookies from here on.
@@ -112,8 +114,9 @@ struct Tree {
     limit_pages: Option<u64>,
 }
 
-/// The version of the state `export_state` writes (a `Tree`).
-const STATE_VERSION: u32 = 1;
+/// The version of the state `export_state` writes (a `Tree`); 2 since files record their
+/// unwritten (fallocated) pages.
+const STATE_VERSION: u32 = 2;
 
 pub struct MemFs {
     tree: RwLock<Tree>,
@@ -417,6 +420,46 @@ impl Tree {
         Ok(data.len())
     }
 
+    /// fallocate(2) as tmpfs does it: allocate (growing the file unless `KEEP_SIZE`) with
+    /// ENOSPC when the pages do not fit, or punch a hole; every mode touches mtime and ctime.
+    fn fallocate(&mut self, ino: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
+        if end > MAX_FILE_SIZE {
+            return Err(Errno::EFBIG);
+        }
+        let (used, limit) = (self.used_pages, self.limit_pages);
+        let node = self.node_mut(ino)?;
+        let Content::File(file) = &mut node.content else {
+            return Err(if is_dir(&node.attr) {
+                Errno::EISDIR
+            } else {
+                Errno(libc::ENODEV)
+            });
+        };
+        let (added, freed) = match mode {
+            0 | FALLOC_FL_KEEP_SIZE => {
+                let new_pages = file.new_pages(offset, length);
+                if new_pages > limit.map_or(u64::MAX, |limit| limit.saturating_sub(used)) {
+                    return Err(Errno::ENOSPC);
+                }
+                file.allocate(offset, length);
+                if mode == 0 && end > file.size() {
+                    file.truncate(end);
+                }
+                (new_pages, 0)
+            }
+            m if m == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE => (0, file.punch(offset, length)),
+            _ => return Err(Errno::EOPNOTSUPP),
+        };
+        node.attr.size = file.size();
+        node.attr.blocks = file.pages() * (PAGE / 512);
+        let now = Timespec::now();
+        node.attr.mtime = now;
+        node.attr.ctime = now;
+        self.used_pages = self.used_pages + added - freed;
+        Ok(())
+    }
+
     fn truncate(&mut self, ino: u64, size: u64) -> Result<()> {
         if size > MAX_FILE_SIZE {
             return Err(Errno::EFBIG);
@@ -696,6 +739,31 @@ impl Plugin for MemFs {
             Content::File(file) => Ok(file.read(offset, buf)),
             _ => Err(Errno::EISDIR),
         }
+    }
+
+    fn fallocate(
+        &self,
+        _ctx: &Context,
+        ino: u64,
+        _fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<()> {
+        self.tree().fallocate(ino, offset, length, mode)
+    }
+
+    fn lseek(&self, _ctx: &Context, ino: u64, _fh: u64, offset: u64, whence: i32) -> Result<u64> {
+        let tree = self.read_tree();
+        let Content::File(file) = &tree.node(ino)?.content else {
+            return Err(Errno::EINVAL);
+        };
+        let found = match whence {
+            libc::SEEK_DATA => file.seek_data(offset),
+            libc::SEEK_HOLE => file.seek_hole(offset),
+            _ => return Err(Errno::EINVAL),
+        };
+        found.ok_or(Errno(libc::ENXIO))
     }
 
     fn write(

@@ -215,6 +215,35 @@ impl Plugin for PassthroughFs {
         state::save(out, STATE_VERSION, &saved)
     }
 
+    fn fallocate(
+        &self,
+        _ctx: &Context,
+        _ino: u64,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> Result<()> {
+        let mode = nix::fcntl::FallocateFlags::from_bits(mode).ok_or(Errno::EOPNOTSUPP)?;
+        self.with_file(fh, |file| {
+            nix::fcntl::fallocate(file, mode, offset as i64, length as i64)
+                .map_err(std::io::Error::from)
+        })
+    }
+
+    fn lseek(&self, _ctx: &Context, _ino: u64, fh: u64, offset: u64, whence: i32) -> Result<u64> {
+        let whence = match whence {
+            libc::SEEK_DATA => nix::unistd::Whence::SeekData,
+            libc::SEEK_HOLE => nix::unistd::Whence::SeekHole,
+            _ => return Err(Errno::EINVAL),
+        };
+        self.with_file(fh, |file| {
+            nix::unistd::lseek(file, offset as i64, whence)
+                .map(|at| at as u64)
+                .map_err(std::io::Error::from)
+        })
+    }
+
     fn import_state(&self, saved: &[u8]) -> Result<()> {
         if state::version(saved)? != STATE_VERSION {
             return Err(Errno::EINVAL);

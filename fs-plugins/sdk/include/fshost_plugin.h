@@ -182,13 +182,23 @@ struct fshost_plugin {
      * functions that write and accept nothing; left NULL, upgrades are refused. */
     int (*export_state)(void *inst, fshost_write_state write, void *write_buf);
     int (*import_state)(void *inst, const uint8_t *state, size_t size);
+
+    /* Space (FSHOST_SPACE_STRUCT_SIZE): fallocate(2) modes 0, FALLOC_FL_KEEP_SIZE and
+     * FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE (others: EOPNOTSUPP); lseek answers
+     * SEEK_DATA/SEEK_HOLE in *out (ENXIO at or past the end). NULL: ENOSYS, which the
+     * kernel turns into "not supported" (fallocate) or "all data" (lseek). */
+    int (*fallocate)(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh, uint64_t offset,
+                     uint64_t length, int32_t mode);
+    int (*lseek)(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh, uint64_t offset,
+                 int32_t whence, uint64_t *out);
 };
 
 /* The descriptor of the first release ends at create_file: a plugin built against it sets
  * struct_size to this and keeps loading. */
 #define FSHOST_MIN_STRUCT_SIZE offsetof(struct fshost_plugin, open_backing)
 #define FSHOST_PASSTHROUGH_STRUCT_SIZE offsetof(struct fshost_plugin, export_state)
-#define FSHOST_UPGRADE_STRUCT_SIZE sizeof(struct fshost_plugin)
+#define FSHOST_UPGRADE_STRUCT_SIZE offsetof(struct fshost_plugin, fallocate)
+#define FSHOST_SPACE_STRUCT_SIZE sizeof(struct fshost_plugin)
 
 const struct fshost_plugin *fshost_plugin_entry(void);
 

@@ -218,6 +218,23 @@ macro_rules! operations {
             [when UPGRADABLE]
             fn import_state(&self, state: &[u8] => [state: *const u8, size: usize])
                 -> () => [] { if state.is_empty() { Ok(()) } else { Err(Errno::EINVAL) } }
+
+            /// fallocate(2) on `[offset, offset + length)` of an open regular file:
+            /// `mode` 0 allocates (and may grow the file), `FALLOC_FL_KEEP_SIZE` allocates
+            /// without growing it, `FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE` deallocates;
+            /// refuse other modes with EOPNOTSUPP. Left out (ENOSYS), the kernel answers
+            /// EOPNOTSUPP for the mount from then on.
+            fn fallocate(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                fh: u64 => [fh: u64], offset: u64 => [offset: u64], length: u64 => [length: u64],
+                mode: i32 => [mode: i32])
+                -> () => [] { Err(Errno::ENOSYS) }
+
+            /// `SEEK_DATA` or `SEEK_HOLE` (`whence`) from `offset`: where the next data or
+            /// hole starts (the end of the file is a hole); ENXIO at or past the end. Left
+            /// out (ENOSYS), the kernel treats the whole file as data.
+            fn lseek(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                fh: u64 => [fh: u64], offset: u64 => [offset: u64], whence: i32 => [whence: i32])
+                -> u64 => [out: *mut u64] { Err(Errno::ENOSYS) }
         }
     };
 }

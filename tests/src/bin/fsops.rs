@@ -210,7 +210,7 @@ fn main() {
             root.join(parent(&b)),
         ];
         let before: Vec<_> = watch.iter().map(|p| (p.clone(), arm(p))).collect();
-        let choice = rng.below(34);
+        let choice = rng.below(36);
         let mode =
             [0o644u32, 0o600, 0o755, 0o4755, 0o2775, 0o1777, 0o000, 0o444][rng.below(8) as usize];
         let n = rng.below(9000) as usize;
@@ -417,6 +417,52 @@ fn main() {
                 (
                     "removexattr",
                     rx(rustix::fs::lremovexattr(&pa, name).map(|()| name.to_string())),
+                )
+            }
+            34 => {
+                use nix::fcntl::FallocateFlags as F;
+                let (name, flags) = [
+                    ("0", F::empty()),
+                    ("keep", F::FALLOC_FL_KEEP_SIZE),
+                    ("punch", F::FALLOC_FL_PUNCH_HOLE | F::FALLOC_FL_KEEP_SIZE),
+                    ("punch-alone", F::FALLOC_FL_PUNCH_HOLE),
+                    ("zero", F::FALLOC_FL_ZERO_RANGE),
+                ][rng.below(5) as usize];
+                (
+                    "fallocate",
+                    io(OpenOptions::new()
+                        .write(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(&pa)
+                        .and_then(|f| {
+                            nix::fcntl::fallocate(&f, flags, off as i64, n as i64)
+                                .map_err(std::io::Error::from)?;
+                            Ok(format!("{name} {}", describe(&f.metadata()?)))
+                        })),
+                )
+            }
+            35 => {
+                let (name, whence) = [
+                    ("data", nix::unistd::Whence::SeekData),
+                    ("hole", nix::unistd::Whence::SeekHole),
+                ][rng.below(2) as usize];
+                let at = [0i64, 1, 4095, 4096, 8192, 10_000, 12_288][rng.below(7) as usize];
+                (
+                    "lseek",
+                    io(OpenOptions::new()
+                        .read(true)
+                        .custom_flags(libc::O_NONBLOCK)
+                        .open(&pa)
+                        .and_then(|f| {
+                            // On a directory FUSE answers as the VFS does (ENXIO), tmpfs
+                            // EINVAL: the kernel's difference, not memfs's.
+                            if f.metadata()?.is_dir() {
+                                return Ok("a directory".to_string());
+                            }
+                            let found =
+                                nix::unistd::lseek(&f, at, whence).map_err(std::io::Error::from)?;
+                            Ok(format!("{name} {at} -> {found}"))
+                        })),
                 )
             }
             28 => (

@@ -19,13 +19,17 @@ struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     fn mount(path: PathBuf) -> Tmpfs {
+        Tmpfs::mount_with(path, "mode=1777")
+    }
+
+    fn mount_with(path: PathBuf, options: &str) -> Tmpfs {
         fs::create_dir_all(&path).unwrap();
         nix::mount::mount(
             Some("tmpfs"),
             &path,
             Some("tmpfs"),
             nix::mount::MsFlags::empty(),
-            Some("mode=1777"),
+            Some(options),
         )
         .expect("mount tmpfs");
         Tmpfs(path)
@@ -298,41 +302,21 @@ fn fallocate_and_seek_data_hole_answer_as_on_tmpfs() {
         return;
     }
     let env = Env::start();
-    let tmpfs = env.path("space-tmpfs");
-    fs::create_dir_all(&tmpfs).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &tmpfs,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=2M"),
-    )
-    .expect("mount tmpfs");
-    let _tmpfs = Tmpfs(tmpfs.clone());
+    let tmpfs = Tmpfs::mount_with(env.path("space-tmpfs"), "size=2M");
     env.ctl(&["load", "memfs"]).ok();
     let mnt = env.mountpoint("space-memfs");
     env.ctl(&["mount", "memfs", path_str(&mnt), "-o", "size=2M"])
         .ok();
-    let (expected, got) = (space_probe(&tmpfs), space_probe(&mnt));
+    let (expected, got) = (space_probe(&tmpfs.0), space_probe(&mnt));
     for (e, g) in expected.iter().zip(&got) {
         assert_eq!(g, e, "memfs (left) differs from tmpfs (right)");
     }
     assert_eq!(expected.len(), got.len());
     env.ctl(&["unmount", path_str(&mnt)]).ok();
     // passthroughfs over a tmpfs forwards both, so it answers as that tmpfs does.
-    let source = env.path("space-source");
-    fs::create_dir_all(&source).unwrap();
-    nix::mount::mount(
-        Some("tmpfs"),
-        &source,
-        Some("tmpfs"),
-        nix::mount::MsFlags::empty(),
-        Some("size=2M"),
-    )
-    .expect("mount tmpfs");
-    let _source = Tmpfs(source.clone());
+    let source = Tmpfs::mount_with(env.path("space-source"), "size=2M");
     env.ctl(&["load", "passthroughfs"]).ok();
-    let option = format!("source={},attr_timeout=0", path_str(&source));
+    let option = format!("source={},attr_timeout=0", path_str(&source.0));
     env.ctl(&["mount", "passthroughfs", path_str(&mnt), "-o", &option])
         .ok();
     let got = space_probe(&mnt);

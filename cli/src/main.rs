@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::CommandFactory;
 use clap::{Parser, Subcommand};
-use fshost_protocol::{MountInfo, PluginInfo, Reply, Request, Status};
+use fshost_protocol::{MountInfo, MountStats, OpStats, PluginInfo, Reply, Request, Status};
 
 use fshostctl::{exchange, table};
 
@@ -87,6 +87,21 @@ enum Command {
     Info { name: String },
     /// Show the daemon: version, uptime, socket, counts, tainted plugins.
     Status,
+    /// What the mounts did: requests, rate, errors, latency, bytes, in flight, queued in
+    /// the kernel; per operation too when one mount is shown.
+    Stats {
+        /// A mount point, or a plugin name (its mounts); all mounts if left out.
+        filter: Option<String>,
+        /// Seconds between the two samples the request rate comes from (0: no rate).
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+    },
+    /// The mounts' statistics in Prometheus's text format (for a scrape or a textfile
+    /// collector).
+    Metrics {
+        /// A mount point, or a plugin name (its mounts); all mounts if left out.
+        filter: Option<String>,
+    },
     /// Print a shell completion script (e.g. `fshostctl completions bash > /etc/bash_completion.d/fshostctl`).
     Completions { shell: clap_complete::Shell },
     /// Print the man page (roff) to stdout.
@@ -161,6 +176,15 @@ fn request(command: &Command) -> Request {
         Command::Mounts => Request::Mounts {},
         Command::Info { name } => Request::Info { name: name.clone() },
         Command::Status => Request::Status {},
+        Command::Stats { filter, .. } | Command::Metrics { filter } => Request::Stats {
+            filter: filter.as_deref().map(|f| {
+                if f.contains('/') {
+                    real_path(std::path::Path::new(f))
+                } else {
+                    f.to_string()
+                }
+            }),
+        },
         Command::Completions { .. } | Command::Man => unreachable!("handled locally"),
     }
 }
@@ -201,6 +225,7 @@ fn print_reply(reply: &Reply) {
             upgrade.pause_us as f64 / 1000.0,
             upgrade.state_bytes
         ),
+        Reply::Stats { mounts } => print!("{}", stats_text(mounts, None)),
         Reply::Plugins { plugins } => print!("{}", plugins_table(plugins)),
         Reply::Mounts { mounts } => print!("{}", mounts_table(mounts)),
         Reply::Info { plugin } => print!("{}", info_text(plugin)),
@@ -270,6 +295,117 @@ fn mounts_table(mounts: &[MountInfo]) -> String {
     table::render(&["MOUNTPOINT", "PLUGIN", "SINCE", "MODE", "OWNER"], rows)
 }
 
+/// Requests of every operation, and their latency buckets summed.
+fn totals(m: &MountStats) -> (u64, u64, Vec<u64>) {
+    let mut buckets = vec![0u64; fshost_protocol::LATENCY_BUCKETS_US.len() + 1];
+    let (mut count, mut errors) = (0, 0);
+    for op in &m.ops {
+        count += op.count;
+        errors += op.error_count();
+        for (sum, n) in buckets.iter_mut().zip(&op.buckets) {
+            *sum += n;
+        }
+    }
+    (count, errors, buckets)
+}
+
+/// "120 µs", "3.2 ms": a latency bucket's bound.
+fn latency(us: Option<u64>) -> String {
+    match us {
+        None => "-".into(),
+        Some(us) if us < 1000 => format!("≤{us} µs"),
+        Some(us) => format!("≤{:.0} ms", us as f64 / 1000.0),
+    }
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
+/// The mounts' table; with `earlier` (a sample `interval` seconds before) a rate column.
+/// One mount gets its operations listed too.
+fn stats_text(mounts: &[MountStats], earlier: Option<(&[MountStats], f64)>) -> String {
+    let rate = |m: &MountStats| -> String {
+        let Some((before, secs)) = earlier else {
+            return "-".into();
+        };
+        let then = before
+            .iter()
+            .find(|b| b.mountpoint == m.mountpoint)
+            .map_or(0, |b| totals(b).0);
+        format!("{:.0}", totals(m).0.saturating_sub(then) as f64 / secs)
+    };
+    let rows = mounts.iter().map(|m| {
+        let (count, errors, buckets) = totals(m);
+        let all = OpStats {
+            op: String::new(),
+            count,
+            errors: Default::default(),
+            sum_us: 0,
+            buckets,
+        };
+        vec![
+            m.mountpoint.clone(),
+            m.plugin.clone(),
+            m.generation.to_string(),
+            count.to_string(),
+            rate(m),
+            errors.to_string(),
+            latency(all.quantile_us(0.5)),
+            latency(all.quantile_us(0.99)),
+            bytes(m.bytes_read),
+            bytes(m.bytes_written),
+            m.in_flight.to_string(),
+            m.waiting.map_or_else(|| "-".into(), |n| n.to_string()),
+        ]
+    });
+    let mut out = table::render(
+        &[
+            "MOUNTPOINT",
+            "PLUGIN",
+            "GEN",
+            "REQUESTS",
+            "REQ/S",
+            "ERRORS",
+            "P50",
+            "P99",
+            "READ",
+            "WRITTEN",
+            "IN FLIGHT",
+            "WAITING",
+        ],
+        rows,
+    );
+    if let [m] = mounts {
+        let rows = m.ops.iter().map(|op| {
+            let errors: Vec<String> = op.errors.iter().map(|(e, n)| format!("{e} {n}")).collect();
+            vec![
+                op.op.clone(),
+                op.count.to_string(),
+                latency(op.quantile_us(0.5)),
+                latency(op.quantile_us(0.99)),
+                format!("{:.1} µs", op.sum_us as f64 / op.count.max(1) as f64),
+                if errors.is_empty() {
+                    "-".into()
+                } else {
+                    errors.join(", ")
+                },
+            ]
+        });
+        out.push('\n');
+        out.push_str(&table::render(
+            &["OPERATION", "CALLS", "P50", "P99", "MEAN", "ERRORS"],
+            rows,
+        ));
+    }
+    out
+}
+
 fn info_text(p: &PluginInfo) -> String {
     let mut out = String::new();
     let mounts = if p.mounts.is_empty() {
@@ -330,6 +466,20 @@ fn main() -> ExitCode {
         _ => {}
     }
     let request = request(&cli.command);
+    // stats: a first sample for the rate; metrics: the same request, other output.
+    let earlier = match &cli.command {
+        Command::Stats { interval, .. } if *interval > 0.0 && !cli.json => {
+            let first = exchange(&cli.socket, &request)
+                .ok()
+                .and_then(|(r, _)| r.result);
+            std::thread::sleep(std::time::Duration::from_secs_f64(interval.min(3600.0)));
+            match first {
+                Some(Reply::Stats { mounts }) => Some((mounts, *interval)),
+                _ => None,
+            }
+        }
+        _ => None,
+    };
     let (response, raw) = match exchange(&cli.socket, &request) {
         Ok(answer) => answer,
         Err(message) => {
@@ -342,8 +492,21 @@ fn main() -> ExitCode {
     }
     match (response.ok, response.result, response.error) {
         (true, Some(reply), _) => {
-            if !cli.json {
-                print_reply(&reply);
+            match (&cli.command, &reply) {
+                _ if cli.json => {}
+                (Command::Metrics { .. }, Reply::Stats { mounts }) => {
+                    print!("{}", fshost_protocol::prometheus_text(mounts))
+                }
+                (Command::Stats { .. }, Reply::Stats { mounts }) => print!(
+                    "{}",
+                    stats_text(
+                        mounts,
+                        earlier
+                            .as_ref()
+                            .map(|(before, secs)| (before.as_slice(), *secs))
+                    )
+                ),
+                _ => print_reply(&reply),
             }
             ExitCode::SUCCESS
         }

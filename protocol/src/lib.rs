@@ -71,6 +71,12 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_secs: Option<u64>,
     },
+    /// What the mounts did: requests, errors, latency and bytes per mount and operation.
+    /// `filter` keeps the mount at that mount point, or the mounts of that plugin.
+    Stats {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filter: Option<String>,
+    },
     /// All plugins, like `lsmod`.
     List {},
     /// All mounts.
@@ -134,6 +140,9 @@ pub enum Reply {
     },
     Upgraded {
         upgrade: UpgradeInfo,
+    },
+    Stats {
+        mounts: Vec<MountStats>,
     },
     Plugins {
         plugins: Vec<PluginInfo>,
@@ -210,6 +219,224 @@ pub struct PluginInfo {
 
 fn first_generation() -> u32 {
     1
+}
+
+/// Upper bounds of the latency histogram's buckets, in microseconds (1 µs to 4 s,
+/// doubling); one more bucket counts everything slower.
+pub const LATENCY_BUCKETS_US: [u64; 23] = {
+    let mut bounds = [0u64; 23];
+    let mut i = 0;
+    while i < bounds.len() {
+        bounds[i] = 1 << i;
+        i += 1;
+    }
+    bounds
+};
+
+/// What one mount did since it was made (through every generation of its plugin).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountStats {
+    pub mountpoint: String,
+    pub plugin: String,
+    /// The plugin generation serving it now.
+    pub generation: u32,
+    pub tainted: bool,
+    /// Seconds since it was mounted.
+    pub age_secs: u64,
+    /// Requests the plugin is serving right now.
+    pub in_flight: u64,
+    /// Requests the kernel has queued on the connection (`/sys/fs/fuse/connections/N/
+    /// waiting`), when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<u64>,
+    pub bytes_read: u64,
+    pub bytes_written: u64,
+    pub passthrough_opens: u64,
+    /// Per operation that was called at least once.
+    pub ops: Vec<OpStats>,
+}
+
+/// One operation of one mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpStats {
+    pub op: String,
+    pub count: u64,
+    /// Failed calls by errno name (`ENOENT`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors: BTreeMap<String, u64>,
+    /// Total time the plugin took, in microseconds.
+    pub sum_us: u64,
+    /// Calls per latency bucket (`LATENCY_BUCKETS_US`, then slower), not cumulative.
+    pub buckets: Vec<u64>,
+}
+
+impl OpStats {
+    /// The latency below which `q` (0.5, 0.99) of the calls finished, as the upper bound of
+    /// its bucket, in microseconds; `None` past the last bound or without calls.
+    pub fn quantile_us(&self, q: f64) -> Option<u64> {
+        let total: u64 = self.buckets.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let wanted = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= wanted {
+                return LATENCY_BUCKETS_US.get(i).copied();
+            }
+        }
+        None
+    }
+
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// The mounts' statistics in Prometheus's text exposition format (version 0.0.4):
+/// `fshost_requests_total`, `fshost_request_errors_total`, `fshost_request_duration_seconds`
+/// (a histogram), `fshost_read_bytes_total`, `fshost_written_bytes_total`,
+/// `fshost_requests_in_flight`, `fshost_requests_waiting`, `fshost_mount_age_seconds`,
+/// `fshost_plugin_generation`. Labels: `plugin`, `mountpoint`, and `op` and `errno` where
+/// they apply; only operations that were called appear.
+pub fn prometheus_text(mounts: &[MountStats]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let label = |s: &str| {
+        s.replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+    };
+    let family = |out: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    family(
+        &mut out,
+        "fshost_requests_total",
+        "counter",
+        "Requests the plugin served, by operation.",
+    );
+    for m in mounts {
+        for op in &m.ops {
+            let _ = writeln!(
+                out,
+                "fshost_requests_total{{plugin=\"{}\",mountpoint=\"{}\",op=\"{}\"}} {}",
+                label(&m.plugin),
+                label(&m.mountpoint),
+                op.op,
+                op.count
+            );
+        }
+    }
+    family(
+        &mut out,
+        "fshost_request_errors_total",
+        "counter",
+        "Requests the plugin failed, by operation and errno.",
+    );
+    for m in mounts {
+        for op in &m.ops {
+            for (errno, n) in &op.errors {
+                let _ = writeln!(out, "fshost_request_errors_total{{plugin=\"{}\",mountpoint=\"{}\",op=\"{}\",errno=\"{errno}\"}} {n}", label(&m.plugin), label(&m.mountpoint), op.op);
+            }
+        }
+    }
+    family(
+        &mut out,
+        "fshost_request_duration_seconds",
+        "histogram",
+        "How long the plugin took per request.",
+    );
+    for m in mounts {
+        for op in &m.ops {
+            let labels = format!(
+                "plugin=\"{}\",mountpoint=\"{}\",op=\"{}\"",
+                label(&m.plugin),
+                label(&m.mountpoint),
+                op.op
+            );
+            let mut cumulative = 0;
+            for (i, n) in op.buckets.iter().enumerate() {
+                cumulative += n;
+                let le = LATENCY_BUCKETS_US
+                    .get(i)
+                    .map_or_else(|| "+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
+                let _ = writeln!(
+                    out,
+                    "fshost_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "fshost_request_duration_seconds_sum{{{labels}}} {}",
+                op.sum_us as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "fshost_request_duration_seconds_count{{{labels}}} {cumulative}"
+            );
+        }
+    }
+    /// A per-mount value: its name, type, help and how to read it.
+    type PerMount = (
+        &'static str,
+        &'static str,
+        &'static str,
+        fn(&MountStats) -> Option<u64>,
+    );
+    let gauges: [PerMount; 6] = [
+        (
+            "fshost_read_bytes_total",
+            "counter",
+            "Bytes the plugin read.",
+            |m| Some(m.bytes_read),
+        ),
+        (
+            "fshost_written_bytes_total",
+            "counter",
+            "Bytes the plugin wrote.",
+            |m| Some(m.bytes_written),
+        ),
+        (
+            "fshost_requests_in_flight",
+            "gauge",
+            "Requests the plugin is serving now.",
+            |m| Some(m.in_flight),
+        ),
+        (
+            "fshost_requests_waiting",
+            "gauge",
+            "Requests the kernel has queued for the mount.",
+            |m| m.waiting,
+        ),
+        (
+            "fshost_mount_age_seconds",
+            "gauge",
+            "Seconds since the mount was made.",
+            |m| Some(m.age_secs),
+        ),
+        (
+            "fshost_plugin_generation",
+            "gauge",
+            "The plugin generation serving the mount.",
+            |m| Some(m.generation.into()),
+        ),
+    ];
+    for (name, kind, help, value) in gauges {
+        family(&mut out, name, kind, help);
+        for m in mounts {
+            if let Some(v) = value(m) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{plugin=\"{}\",mountpoint=\"{}\"}} {v}",
+                    label(&m.plugin),
+                    label(&m.mountpoint)
+                );
+            }
+        }
+    }
+    out
 }
 
 /// The generation an upgrade installs, while it does.

@@ -213,6 +213,8 @@ fn space_probe(dir: &Path) -> Vec<String> {
         vec![Step::Write(0, 20_000), Step::Allocate(punch, 100, 9000)],
         vec![Step::Write(0, 20_000), Step::Allocate(punch, 4096, 4096)],
         vec![Step::Write(0, 8192), Step::Allocate(punch, 0, 100_000)],
+        vec![Step::Write(0, 8192), Step::Allocate(punch, 100, 10)],
+        vec![Step::Write(0, 8192), Step::Allocate(punch, 4000, 200)],
         vec![
             Step::Allocate(keep, 0, 16_384),
             Step::Truncate(6000),

@@ -15,6 +15,7 @@ mod lifecycle;
 mod passthrough;
 mod recovery;
 mod security;
+mod stats;
 mod storm;
 mod system;
 mod tidy;

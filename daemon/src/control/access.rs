@@ -65,9 +65,11 @@ impl Policy {
         }
         let uid = caller.uid;
         match request {
-            Request::List {} | Request::Mounts {} | Request::Info { .. } | Request::Status {} => {
-                Ok(())
-            }
+            Request::List {}
+            | Request::Mounts {}
+            | Request::Info { .. }
+            | Request::Status {}
+            | Request::Stats { .. } => Ok(()),
             Request::Unmount { .. } => Ok(()),
             Request::Load { .. } | Request::Unload { .. } | Request::Upgrade { .. } => {
                 Err(Refusal::NotAdmin {

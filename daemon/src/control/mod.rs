@@ -276,6 +276,7 @@ async fn serve_connection(
                                 | Request::Mounts {}
                                 | Request::Info { .. }
                                 | Request::Status {}
+                                | Request::Stats { .. }
                         );
                         let response = run_request(
                             &host,
@@ -417,6 +418,9 @@ fn handle(
                 upgrade: host.upgrade(&name, path.as_deref(), timeout)?,
             }
         }
+        Request::Stats { filter } => Reply::Stats {
+            mounts: host.stats(filter.as_deref())?,
+        },
         Request::List {} => Reply::Plugins {
             plugins: host.list(),
         },

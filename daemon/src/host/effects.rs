@@ -98,6 +98,10 @@ pub trait Effects: Send + Sync + Sized + 'static {
     /// Where the kernel's mounts are now, by kernel id (a parent may have been renamed
     /// since a mount was made).
     fn mount_paths(&self) -> BTreeMap<u64, PathBuf>;
+    /// Requests the kernel has queued per FUSE mount, by kernel mount id (what can be read).
+    fn waiting(&self) -> BTreeMap<u64, u64> {
+        BTreeMap::new()
+    }
 
     fn now(&self) -> Instant;
     /// Releases `guard`, waits until `changed` is signalled or `timeout` passes (or
@@ -253,6 +257,15 @@ impl Effects for Real {
             .unwrap_or_default()
             .into_iter()
             .map(|m| (m.id, m.mountpoint))
+            .collect()
+    }
+
+    fn waiting(&self) -> BTreeMap<u64, u64> {
+        mount::kernel_mounts()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| m.fstype.starts_with("fuse.fshost"))
+            .filter_map(|m| Some((m.id, mount::fuse_waiting(&m.device)?)))
             .collect()
     }
 

@@ -77,6 +77,8 @@ pub enum HostError {
         left: u64,
         asked: u64,
     },
+    #[error("{0:?} is neither an fshost mount point nor a loaded plugin with mounts (see `fshostctl mounts`)")]
+    NoSuchMountOrPlugin(String),
     #[error("upgrade of plugin \"{name}\" refused: {why}; nothing was changed")]
     CannotUpgrade { name: String, why: String },
     #[error("upgrade of plugin \"{name}\" to {path} failed: {source}; every mount is still served by the previous generation, nothing was lost", path = .path.display())]
@@ -130,6 +132,7 @@ impl HostError {
             | HostError::OverAllowance { .. } => ErrorCode::LimitReached,
             HostError::DrainEnded { .. } => ErrorCode::Timeout,
             HostError::CannotUpgrade { .. } => ErrorCode::InvalidPlugin,
+            HostError::NoSuchMountOrPlugin(_) => ErrorCode::NotFound,
             HostError::UpgradeFailed { source, .. } => match source {
                 MoveError::Busy { .. } => ErrorCode::Timeout,
                 _ => ErrorCode::InvalidPlugin,

@@ -86,6 +86,54 @@ impl<E: Effects> Host<E> {
             .collect()
     }
 
+    /// What each mount did (all of them, those of one plugin, or the one at a mount
+    /// point), at its current path.
+    pub fn stats(
+        &self,
+        filter: Option<&str>,
+    ) -> Result<Vec<fshost_protocol::MountStats>, HostError> {
+        let now_at = self.effects().mount_paths();
+        let waiting = self.effects().waiting();
+        let now = std::time::SystemTime::now();
+        let reg = self.lock();
+        let sides = self.shared.sides();
+        let mut out = Vec::new();
+        for (recorded, record) in reg.mounts() {
+            let Some(side) = sides.get(&record.id) else {
+                continue;
+            };
+            let kernel_id = side.kernel_id.load(Ordering::SeqCst);
+            let path = now_at.get(&kernel_id).unwrap_or(recorded);
+            let wanted = filter.is_none_or(|f| {
+                f == record.plugin || Path::new(f) == path || Path::new(f) == recorded
+            });
+            if !wanted {
+                continue;
+            }
+            let entry = reg.plugin(&record.plugin);
+            let stats = &side.stats;
+            out.push(fshost_protocol::MountStats {
+                mountpoint: path.display().to_string(),
+                plugin: record.plugin.clone(),
+                generation: entry.map_or(0, |e| e.generation),
+                tainted: entry.is_some_and(|e| e.handle.taint().is_some()),
+                age_secs: now.duration_since(record.since).map_or(0, |d| d.as_secs()),
+                in_flight: stats.in_flight_total(),
+                waiting: waiting.get(&kernel_id).copied(),
+                bytes_read: stats.bytes_read.load(Ordering::Relaxed),
+                bytes_written: stats.bytes_written.load(Ordering::Relaxed),
+                passthrough_opens: stats.passthrough_opens.load(Ordering::Relaxed),
+                ops: stats.ops(),
+            });
+        }
+        if out.is_empty() {
+            if let Some(f) = filter {
+                return Err(HostError::NoSuchMountOrPlugin(f.to_string()));
+            }
+        }
+        Ok(out)
+    }
+
     pub fn info(&self, name: &str) -> Result<PluginInfo, HostError> {
         let reg = self.lock();
         let entry = reg

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,6 +24,7 @@ use fuser::{
 };
 
 use super::backend::Backend;
+pub use super::metrics::MountStats;
 
 pub struct Adapter<B: Backend> {
     fs: B,
@@ -62,16 +63,6 @@ pub struct CachePolicy {
     /// Writes go to the page cache and reach the plugin later, in large batches
     /// (`-o writeback`). Only for plugins whose files nothing else changes.
     pub writeback: bool,
-}
-
-/// What a mount's plugin did, for `fshostctl mounts --json`.
-#[derive(Debug, Default)]
-pub struct MountStats {
-    /// `read` calls served by the plugin (passthrough reads never reach it).
-    pub plugin_reads: AtomicU64,
-    pub plugin_writes: AtomicU64,
-    /// Opens handed to the kernel as passthrough.
-    pub passthrough_opens: AtomicU64,
 }
 
 impl<B: Backend> Adapter<B> {
@@ -517,7 +508,11 @@ impl<B: Backend> Filesystem for Adapter<B> {
             }
             let buf = &mut buf[..size as usize];
             match self.fs.read(&ctx(req), ino.0, fh, offset, buf) {
-                Ok(n) => reply.data(&buf[..n.min(buf.len())]),
+                Ok(n) => {
+                    let n = n.min(buf.len());
+                    self.stats.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
+                    reply.data(&buf[..n])
+                }
                 Err(e) => reply.error(errno(e)),
             }
         });
@@ -544,7 +539,13 @@ impl<B: Backend> Filesystem for Adapter<B> {
             data,
             self.plugin_write_flags(flags.0),
         ) {
-            Ok(n) => reply.written(n.min(data.len()) as u32),
+            Ok(n) => {
+                let n = n.min(data.len());
+                self.stats
+                    .bytes_written
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                reply.written(n as u32)
+            }
             Err(e) => reply.error(errno(e)),
         }
     }

@@ -2,7 +2,6 @@
 //! (`Hosted`: what fshostd serves), or a `fshost_sdk::Plugin` called directly (`Direct`:
 //! the standalone benchmark binary, which measures what hosting costs).
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use fshost_sdk::abi::OPERATIONS;
@@ -11,6 +10,7 @@ use parking_lot::RwLock;
 #[allow(unused_imports)] // the names the operation table uses
 use fshost_sdk::ops::vocabulary::*;
 
+use super::MountStats;
 use crate::plugin::{Instance, Plugin};
 
 type Result<T> = std::result::Result<T, Errno>;
@@ -44,53 +44,19 @@ pub struct Swappable {
     /// Fixed for the life of the session (the kernel agreed to it at INIT).
     passthrough: bool,
     pub(super) current: RwLock<Hosted>,
-    /// Requests in flight, per operation (as `abi::OPERATIONS` orders them): what an
-    /// upgrade that waits in vain names.
-    in_flight: [AtomicU32; OPERATIONS.len()],
+    /// Every call is recorded here (calls, time, errors, in flight); an upgrade that
+    /// waits in vain names the calls in flight.
+    pub(super) stats: Arc<MountStats>,
 }
 
 impl Swappable {
-    pub fn new(hosted: Hosted) -> Arc<Swappable> {
+    pub fn new(hosted: Hosted, stats: Arc<MountStats>) -> Arc<Swappable> {
         Arc::new(Swappable {
             name: hosted.plugin.name.clone(),
             passthrough: hosted.plugin.library.offers_passthrough(),
             current: RwLock::new(hosted),
-            in_flight: [const { AtomicU32::new(0) }; OPERATIONS.len()],
+            stats,
         })
-    }
-
-    /// The requests in flight, as "read ×2, lookup".
-    pub fn in_flight(&self) -> String {
-        let busy: Vec<String> = OPERATIONS
-            .iter()
-            .zip(&self.in_flight)
-            .filter_map(|(op, n)| match n.load(Ordering::Relaxed) {
-                0 => None,
-                1 => Some(op.to_string()),
-                n => Some(format!("{op} ×{n}")),
-            })
-            .collect();
-        if busy.is_empty() {
-            "none (the requests had just finished)".into()
-        } else {
-            busy.join(", ")
-        }
-    }
-}
-
-/// Counts one request of an operation while it runs.
-struct InFlight<'a>(&'a AtomicU32);
-
-impl<'a> InFlight<'a> {
-    fn new(counter: &'a AtomicU32) -> Self {
-        counter.fetch_add(1, Ordering::Relaxed);
-        InFlight(counter)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -168,8 +134,10 @@ macro_rules! backend {
             $(fn $name(&self $(, $arg: $ty)*) -> Result<$out> {
                 const OP: usize = op_index(stringify!($name));
                 let current = self.current.read();
-                let _busy = InFlight::new(&self.in_flight[OP]);
-                current.$name($($arg),*)
+                let call = self.stats.begin(OP);
+                let result = current.$name($($arg),*);
+                call.finish(result.as_ref().err().map(|e| e.0));
+                result
             })*
         }
 

@@ -4,6 +4,7 @@
 
 mod adapter;
 mod backend;
+mod metrics;
 mod mountinfo;
 mod options;
 mod session;
@@ -14,7 +15,7 @@ mod upgrade;
 
 pub use adapter::{Adapter, CachePolicy, MountStats};
 pub use backend::{Backend, Direct, Hosted, Swappable};
-pub use mountinfo::{kernel_mounts, KernelMount};
+pub use mountinfo::{fuse_waiting, kernel_mounts, KernelMount};
 pub use options::{plugin_options, SessionOptions};
 pub use session::{run_session, start_session};
 pub use stale::{answers_enotconn_as, detach_stale_mounts};
@@ -134,7 +135,7 @@ pub fn spawn(
             // From here on the session's adapter holds the only reference to the plugin
             // (an upgrade may replace it); dropping it (when the session ends) destroys
             // the instance.
-            let fs = Swappable::new(Hosted::new(plugin, instance));
+            let fs = Swappable::new(Hosted::new(plugin, instance), Arc::clone(&spec.stats));
             let slot = Arc::clone(&fs);
             let session = start_session(
                 fs,

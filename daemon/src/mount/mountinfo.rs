@@ -19,6 +19,21 @@ pub struct KernelMount {
     pub super_options: String,
 }
 
+/// The kernel's count of requests waiting on the FUSE connection of the device
+/// `major:minor` (`/sys/fs/fuse/connections/<dev>/waiting`; needs the fusectl file system
+/// mounted there, as systemd does).
+pub fn fuse_waiting(device: &str) -> Option<u64> {
+    let (major, minor) = device.split_once(':')?;
+    let (major, minor): (u64, u64) = (major.parse().ok()?, minor.parse().ok()?);
+    // The kernel's own dev_t, which names the directory: MKDEV(major, minor).
+    let dev = (major << 20) | minor;
+    std::fs::read_to_string(format!("/sys/fs/fuse/connections/{dev}/waiting"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 impl KernelMount {
     /// A FUSE mount's owner (`user_id=`, `group_id=`) and whether others may use it.
     pub(super) fn fuse_access(&self) -> (Option<u32>, Option<u32>, bool) {

@@ -94,7 +94,7 @@ fn move_all(new: &Arc<Plugin>, mounts: &[Moving], timeout: Duration) -> Result<M
             .ok_or_else(|| MoveError::Busy {
                 path: mount.path.clone(),
                 waited: timeout,
-                in_flight: mount.slot.in_flight(),
+                in_flight: mount.slot.stats.in_flight(),
             })?;
         paused.push(guard);
     }

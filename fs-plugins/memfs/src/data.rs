@@ -133,11 +133,16 @@ impl FileData {
         if len == 0 {
             return 0;
         }
-        let whole: Vec<u64> = self
-            .pages
-            .range(offset.div_ceil(PAGE)..end / PAGE)
-            .map(|(index, _)| *index)
-            .collect();
+        // Pages wholly inside the range (none when it lies within one page).
+        let (first, past) = (offset.div_ceil(PAGE), end / PAGE);
+        let whole: Vec<u64> = if first < past {
+            self.pages
+                .range(first..past)
+                .map(|(index, _)| *index)
+                .collect()
+        } else {
+            Vec::new()
+        };
         for index in &whole {
             self.pages.remove(index);
             self.unwritten.remove(index);

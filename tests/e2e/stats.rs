@@ -1,0 +1,206 @@
+//! Per-mount statistics (`fshostctl stats`, `fshostctl metrics`): exact counts after
+//! scripted operations, errors by errno, histograms that add up, a Prometheus exposition
+//! that parses, and counters that live through a plugin upgrade.
+
+use std::collections::BTreeMap;
+use std::fs;
+
+use serde_json::Value;
+
+use fshost_tests::{fuse_available, Env};
+
+use crate::path_str;
+
+/// The one mount's operations from `stats --json`, by name.
+fn ops(env: &Env, mountpoint: &str) -> (Value, BTreeMap<String, Value>) {
+    let answer = env.ctl(&["--json", "stats", mountpoint]).ok().json();
+    let mounts = answer["mounts"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{answer}"))
+        .clone();
+    assert_eq!(mounts.len(), 1, "{answer}");
+    let ops = mounts[0]["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|op| (op["op"].as_str().unwrap().to_string(), op.clone()))
+        .collect();
+    (mounts[0].clone(), ops)
+}
+
+fn count(ops: &BTreeMap<String, Value>, op: &str) -> u64 {
+    ops.get(op).map_or(0, |o| o["count"].as_u64().unwrap())
+}
+
+/// One sample of the text exposition: name, labels, value.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses Prometheus's text format strictly enough to catch what a scraper would refuse:
+/// every sample belongs to a family declared by `# TYPE` before it, labels are
+/// `key="value"` with escapes, values are numbers.
+fn parse_exposition(text: &str) -> Vec<Sample> {
+    let mut families = BTreeMap::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').expect("TYPE name kind");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            families.insert(name.to_string(), kind.to_string());
+            continue;
+        }
+        if line.starts_with("# HELP ") || line.is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("series value");
+        let value: f64 = value.parse().unwrap_or_else(|_| panic!("value in {line}"));
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => (name, rest.strip_suffix('}').expect("closing brace")),
+            None => (series, ""),
+        };
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| {
+                name.strip_suffix(suffix)
+                    .filter(|f| families.get(*f).is_some_and(|k| k == "histogram"))
+            })
+            .unwrap_or(name);
+        assert!(families.contains_key(family), "no TYPE before {line}");
+        let mut parsed = BTreeMap::new();
+        let mut rest = labels;
+        while !rest.is_empty() {
+            let (key, after) = rest.split_once("=\"").expect("key=\"");
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next().expect("closing quote") {
+                    (_, '\\') => value.push(chars.next().expect("escaped").1),
+                    (i, '"') => break i,
+                    (_, c) => value.push(c),
+                }
+            };
+            parsed.insert(key.to_string(), value);
+            rest = after[end + 1..]
+                .strip_prefix(',')
+                .unwrap_or(&after[end + 1..]);
+        }
+        samples.push(Sample {
+            name: name.to_string(),
+            labels: parsed,
+            value,
+        });
+    }
+    samples
+}
+
+#[test]
+fn every_call_is_counted_by_operation_errno_and_latency() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", "memfs"]).ok();
+    let mnt = env.mountpoint("m");
+    let at = path_str(&mnt);
+    env.ctl(&["mount", "memfs", at]).ok();
+    let (_, before) = ops(&env, at);
+    for i in 0..100 {
+        fs::write(mnt.join(format!("f{i}")), b"12345").unwrap();
+    }
+    for i in 0..50 {
+        assert!(fs::metadata(mnt.join(format!("missing{i}"))).is_err());
+    }
+    let (mount, after) = ops(&env, at);
+    assert_eq!(
+        count(&after, "create_file") - count(&before, "create_file"),
+        100
+    );
+    assert_eq!(count(&after, "write") - count(&before, "write"), 100);
+    assert_eq!(mount["bytes_written"], 500, "{mount}");
+    let enoent = |ops: &BTreeMap<String, Value>| {
+        ops.get("lookup")
+            .and_then(|o| o["errors"]["ENOENT"].as_u64())
+            .unwrap_or(0)
+    };
+    // One lookup per missing name (the 100 creates looked their names up first, too).
+    assert_eq!(enoent(&after) - enoent(&before), 150);
+    for (name, op) in &after {
+        let buckets: u64 = op["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_u64().unwrap())
+            .sum();
+        assert_eq!(buckets, op["count"].as_u64().unwrap(), "{name}: {op}");
+    }
+    assert_eq!(mount["in_flight"], 0);
+
+    // The exposition says the same, and adds up.
+    let text = env.ctl(&["metrics", at]).ok().stdout;
+    let samples = parse_exposition(&text);
+    let find = |name: &str, op: &str, extra: Option<(&str, &str)>| {
+        samples
+            .iter()
+            .filter(|s| s.name == name && s.labels.get("op").map(String::as_str) == Some(op))
+            .filter(|s| extra.is_none_or(|(k, v)| s.labels.get(k).map(String::as_str) == Some(v)))
+            .map(|s| s.value)
+            .collect::<Vec<f64>>()
+    };
+    assert_eq!(
+        find("fshost_requests_total", "create_file", None),
+        [count(&after, "create_file") as f64]
+    );
+    assert_eq!(
+        find(
+            "fshost_request_errors_total",
+            "lookup",
+            Some(("errno", "ENOENT"))
+        ),
+        [enoent(&after) as f64]
+    );
+    for op in after.keys() {
+        let buckets = find("fshost_request_duration_seconds_bucket", op, None);
+        assert!(
+            buckets.windows(2).all(|w| w[0] <= w[1]),
+            "{op}: {buckets:?}"
+        );
+        let inf = find(
+            "fshost_request_duration_seconds_bucket",
+            op,
+            Some(("le", "+Inf")),
+        );
+        assert_eq!(inf, find("fshost_request_duration_seconds_count", op, None));
+        assert_eq!(inf, [count(&after, op) as f64], "{op}");
+    }
+    assert!(samples
+        .iter()
+        .all(|s| s.labels.get("mountpoint").map(String::as_str) == Some(at)));
+
+    // The table, as a person reads it.
+    let table = env.ctl(&["stats", at, "--interval", "0"]).ok().stdout;
+    let header = table.lines().next().unwrap();
+    assert!(header.starts_with("MOUNTPOINT"), "{table}");
+    assert!(
+        header.contains("P99") && header.contains("WAITING"),
+        "{table}"
+    );
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("lookup") && l.contains("ENOENT")),
+        "{table}"
+    );
+
+    // The counters belong to the mount: they live on through an upgrade of its plugin.
+    env.ctl(&["upgrade", "memfs"]).ok();
+    let (mount, upgraded) = ops(&env, at);
+    assert_eq!(mount["generation"], 2);
+    assert!(count(&upgraded, "create_file") >= count(&after, "create_file"));
+    let out = env.ctl(&["stats", "no-such-plugin"]);
+    assert_eq!(out.code, 1, "{out:?}");
+    env.ctl(&["unmount", at]).ok();
+}

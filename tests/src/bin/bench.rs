@@ -728,7 +728,16 @@ fn upgrade_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> 
             longest.as_secs_f64() * 1e3
         );
         for m in &mounts {
-            daemon.call(json!({"op": "unmount", "mountpoint": m}));
+            // A reader's last close may still be on its way through the kernel.
+            let mut tries = 0;
+            while daemon.answer(&json!({"op": "unmount", "mountpoint": m}))["ok"] != true {
+                tries += 1;
+                if tries == 50 {
+                    daemon.call(json!({"op": "unmount", "mountpoint": m, "lazy": true}));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
         }
     }
     rows

@@ -38,6 +38,10 @@ pub struct Config {
     /// Mounts made at start, after the preloads.
     #[serde(default, rename = "mount")]
     pub mounts: Vec<MountEntry>,
+    /// Serve Prometheus metrics over HTTP at this address (`"127.0.0.1:9470"`); off when
+    /// absent. Read at start only.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

@@ -39,6 +39,9 @@ struct Args {
     /// Development mode: load plugins from anywhere, owned by anyone. Never in production.
     #[arg(long)]
     dev: bool,
+    /// Log lines as text, or as one JSON object each (for log shippers).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "FSHOST_LOG_FORMAT")]
+    log_format: LogFormat,
     /// How long shutdown waits for busy mounts before detaching them lazily (seconds).
     #[arg(long, default_value_t = 2)]
     shutdown_grace: u64,
@@ -70,20 +73,30 @@ pub fn main() -> anyhow::Result<()> {
         };
         std::process::exit(if dead { 0 } else { 1 });
     }
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
+        .with_ansi(std::io::stderr().is_terminal() && args.log_format == LogFormat::Text)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,fuser=error".into()),
-        )
-        .init();
+        );
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        // One JSON object per line, for log shippers.
+        LogFormat::Json => logs.json().init(),
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fshostd")
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(run(args))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Everything the daemon was started with, after merging flags and config.
@@ -300,6 +313,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     notify_status(&host);
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics = config.metrics_listen.map(|address| {
+        let (host, stop) = (Arc::clone(&host), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = control::metrics_http::serve(address, host, stop).await {
+                tracing::error!(%address, error = %e, "cannot serve metrics (metrics_listen); the daemon goes on without");
+            }
+        })
+    });
     let server = tokio::spawn(control::serve(
         listener,
         Arc::clone(&host),
@@ -328,6 +349,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     notify(&[NotifyState::Stopping]);
     let _ = stop_tx.send(true);
     let _ = server.await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     if owns_socket {
         let _ = std::fs::remove_file(&settings.socket);
     }
@@ -356,6 +380,9 @@ async fn reload(
         }
     };
     let old = applied.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if old.metrics_listen != new.metrics_listen {
+        tracing::warn!("reload: metrics_listen changed; it takes effect at the next start");
+    }
     let changes = config::changes(&old, &new);
     tracing::info!(?changes, "reload: applying config changes");
     host.set_trust(trust(args, &new));

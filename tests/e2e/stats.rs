@@ -204,3 +204,69 @@ fn every_call_is_counted_by_operation_errno_and_latency() {
     assert_eq!(out.code, 1, "{out:?}");
     env.ctl(&["unmount", at]).ok();
 }
+
+/// `metrics_listen` serves the exposition over HTTP to a real scrape; other paths 404.
+#[test]
+fn the_metrics_endpoint_answers_a_scrape() {
+    if !fuse_available() {
+        return;
+    }
+    use std::io::{Read, Write};
+    let env = Env::start_configured(&[], "metrics_listen = \"127.0.0.1:0\"\n");
+    env.ctl(&["load", "memfs"]).ok();
+    let mnt = env.mountpoint("m");
+    env.ctl(&["mount", "memfs", path_str(&mnt)]).ok();
+    fs::write(mnt.join("f"), b"x").unwrap();
+    let log = env.log_text();
+    let address = log
+        .lines()
+        .find(|l| l.contains("serving Prometheus metrics"))
+        .and_then(|l| l.split("address=").nth(1))
+        .map(|a| a.split_whitespace().next().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no metrics address in the log:\n{log}"));
+    let get = |path: &str| {
+        let mut stream = std::net::TcpStream::connect(&address).unwrap();
+        stream
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n").unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    let answer = get("/metrics");
+    let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    let samples = parse_exposition(body);
+    assert!(
+        samples.iter().any(|s| s.name == "fshost_requests_total"
+            && s.labels.get("op").map(String::as_str) == Some("create_file")
+            && s.value >= 1.0),
+        "{body}"
+    );
+    assert!(get("/other").starts_with("HTTP/1.1 404"));
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}
+
+/// `--log-format json` (or FSHOST_LOG_FORMAT=json): every log line is one JSON object.
+#[test]
+fn json_logs_are_one_object_per_line() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start_with(&[("FSHOST_LOG_FORMAT", "json")]);
+    env.ctl(&["load", "memfs"]).ok();
+    let log = env.log_text();
+    let mut lines = 0;
+    for line in log.lines().filter(|l| !l.is_empty()) {
+        let value: Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            value["level"].is_string() && value["fields"].is_object(),
+            "{line}"
+        );
+        lines += 1;
+    }
+    assert!(log.contains("plugin loaded"), "{log}");
+    assert!(lines >= 2, "{log}");
+}

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 pub mod access;
+pub mod metrics_http;
 
 use crate::config::Limits;
 use crate::host::{Caller, Drain, Host, HostError};

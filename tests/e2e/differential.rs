@@ -22,13 +22,15 @@ impl Tmpfs {
         Tmpfs::mount_with(path, "mode=1777")
     }
 
+    /// Mounted `nodev,nosuid` as fshost mounts are (a device node on either cannot be
+    /// opened: EACCES).
     fn mount_with(path: PathBuf, options: &str) -> Tmpfs {
         fs::create_dir_all(&path).unwrap();
         nix::mount::mount(
             Some("tmpfs"),
             &path,
             Some("tmpfs"),
-            nix::mount::MsFlags::empty(),
+            nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOSUID,
             Some(options),
         )
         .expect("mount tmpfs");
@@ -325,5 +327,49 @@ fn fallocate_and_seek_data_hole_answer_as_on_tmpfs() {
     for (e, g) in expected.iter().zip(&got) {
         assert_eq!(g, e, "passthroughfs (left) differs from tmpfs (right)");
     }
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}
+
+/// `renameat2(RENAME_WHITEOUT)` leaves what overlayfs expects at the old name, a 0:0
+/// character device, and directories count their entries in `st_size`, as on tmpfs.
+#[test]
+fn whiteouts_and_directory_sizes_are_as_on_tmpfs() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let tmpfs = Tmpfs::mount_with(env.path("wh-tmpfs"), "mode=1777");
+    env.ctl(&["load", "memfs"]).ok();
+    let mnt = env.mountpoint("wh-memfs");
+    env.ctl(&["mount", "memfs", path_str(&mnt)]).ok();
+    let probe = |dir: &Path| {
+        fs::create_dir(dir.join("d")).unwrap();
+        fs::write(dir.join("d/a"), b"x").unwrap();
+        nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &dir.join("d/a"),
+            nix::fcntl::AT_FDCWD,
+            &dir.join("d/b"),
+            nix::fcntl::RenameFlags::RENAME_WHITEOUT,
+        )
+        .unwrap();
+        ["d", "d/a", "d/b"]
+            .iter()
+            .map(|name| {
+                let meta = fs::symlink_metadata(dir.join(name)).unwrap();
+                format!(
+                    "{name}: mode={:o} rdev={} size={} nlink={} uid={}",
+                    meta.mode(),
+                    meta.rdev(),
+                    meta.size(),
+                    meta.nlink(),
+                    meta.uid()
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    let expected = probe(&tmpfs.0);
+    assert_eq!(expected[1], "d/a: mode=20000 rdev=0 size=0 nlink=1 uid=0");
+    assert_eq!(probe(&mnt), expected);
     env.ctl(&["unmount", path_str(&mnt)]).ok();
 }

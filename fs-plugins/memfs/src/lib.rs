@@ -139,6 +139,21 @@ fn check_name(name: &OsStr) -> Result<()> {
     }
 }
 
+/// What a directory reports as its size, as tmpfs does: 20 bytes per entry, `.` and `..`
+/// included (tmpfs's BOGO_DIRENT_SIZE).
+const DIRENT_SIZE: u64 = 20;
+
+impl Node {
+    /// The attributes as the kernel sees them (a directory's size counts its entries).
+    fn attr(&self) -> Attr {
+        let mut attr = self.attr;
+        if let Content::Dir(dir) = &self.content {
+            attr.size = DIRENT_SIZE * (dir.entries.len() as u64 + 2);
+        }
+        attr
+    }
+}
+
 impl Tree {
     fn node(&self, ino: u64) -> Result<&Node> {
         self.nodes.get(&ino).ok_or(Errno::ENOENT)
@@ -251,7 +266,7 @@ impl Tree {
             self.adjust_nlink(parent, true);
         }
         self.modified(parent);
-        Ok(attr)
+        Ok(self.node(ino)?.attr())
     }
 
     /// Drops one link to `ino`; frees it when no link and no open handle is left.
@@ -305,6 +320,7 @@ impl Tree {
 
     fn rename(
         &mut self,
+        ctx: &Context,
         parent: u64,
         name: &OsStr,
         newparent: u64,
@@ -372,6 +388,10 @@ impl Tree {
         self.changed(ino);
         self.modified(parent);
         self.modified(newparent);
+        if flags & libc::RENAME_WHITEOUT != 0 {
+            // What overlayfs expects where the name was: a 0:0 character device.
+            self.insert(ctx, parent, name, mode::S_IFCHR, 0, Content::Special)?;
+        }
         Ok(())
     }
 
@@ -595,11 +615,11 @@ impl Plugin for MemFs {
     fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Attr> {
         let tree = self.read_tree();
         let ino = tree.child(parent, name)?;
-        Ok(tree.node(ino)?.attr)
+        Ok(tree.node(ino)?.attr())
     }
 
     fn getattr(&self, _ctx: &Context, ino: u64) -> Result<Attr> {
-        Ok(self.read_tree().node(ino)?.attr)
+        Ok(self.read_tree().node(ino)?.attr())
     }
 
     fn setattr(&self, _ctx: &Context, ino: u64, set: &Setattr) -> Result<Attr> {
@@ -630,7 +650,7 @@ impl Plugin for MemFs {
             node.attr.mtime = set.mtime;
         }
         node.attr.ctime = now;
-        Ok(node.attr)
+        Ok(node.attr())
     }
 
     fn readlink(&self, _ctx: &Context, ino: u64) -> Result<Vec<u8>> {
@@ -695,14 +715,15 @@ impl Plugin for MemFs {
 
     fn rename(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         parent: u64,
         name: &OsStr,
         newparent: u64,
         newname: &OsStr,
         flags: u32,
     ) -> Result<()> {
-        self.tree().rename(parent, name, newparent, newname, flags)
+        self.tree()
+            .rename(ctx, parent, name, newparent, newname, flags)
     }
 
     fn link(&self, _ctx: &Context, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
@@ -718,7 +739,7 @@ impl Plugin for MemFs {
         tree.modified(newparent);
         tree.adjust_nlink(ino, true);
         tree.changed(ino);
-        Ok(tree.node(ino)?.attr)
+        Ok(tree.node(ino)?.attr())
     }
 
     fn open(&self, _ctx: &Context, ino: u64, _flags: i32) -> Result<u64> {

@@ -105,18 +105,18 @@ fn kind(meta: &fs::Metadata) -> &'static str {
     }
 }
 
-/// What a stat shows that must match between tmpfs and memfs (no inode numbers, no times,
-/// no directory sizes, which differ by design).
+/// What a stat shows that must match between tmpfs and memfs (no inode numbers, no times;
+/// a directory's size counts its entries on both).
 fn describe(meta: &fs::Metadata) -> String {
-    let size = if meta.is_dir() { 0 } else { meta.size() };
     format!(
-        "{} mode={:o} nlink={} uid={} gid={} size={size} blocks={}",
+        "{} mode={:o} nlink={} uid={} gid={} size={} blocks={}",
         kind(meta),
         meta.mode(),
         meta.nlink(),
         meta.uid(),
         meta.gid(),
-        if meta.is_dir() { 0 } else { meta.blocks() }
+        meta.size(),
+        meta.blocks()
     )
 }
 
@@ -287,7 +287,8 @@ fn main() {
                     RenameFlags::empty(),
                     RenameFlags::RENAME_NOREPLACE,
                     RenameFlags::RENAME_EXCHANGE,
-                ][rng.below(3) as usize];
+                    RenameFlags::RENAME_WHITEOUT,
+                ][rng.below(4) as usize];
                 (
                     "rename",
                     nx(nix::fcntl::renameat2(

@@ -270,3 +270,20 @@ fn json_logs_are_one_object_per_line() {
     assert!(log.contains("plugin loaded"), "{log}");
     assert!(lines >= 2, "{log}");
 }
+
+/// `-o nostats` records nothing (it exists to measure what recording costs).
+#[test]
+fn a_nostats_mount_records_nothing() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", "memfs"]).ok();
+    let mnt = env.mountpoint("quiet");
+    env.ctl(&["mount", "memfs", path_str(&mnt), "-o", "nostats"])
+        .ok();
+    fs::write(mnt.join("f"), b"x").unwrap();
+    let (mount, ops) = ops(&env, path_str(&mnt));
+    assert!(ops.is_empty(), "{mount}");
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}

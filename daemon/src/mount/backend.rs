@@ -47,15 +47,19 @@ pub struct Swappable {
     /// Every call is recorded here (calls, time, errors, in flight); an upgrade that
     /// waits in vain names the calls in flight.
     pub(super) stats: Arc<MountStats>,
+    /// Whether calls are recorded at all (`-o nostats`: no statistics, and an upgrade that
+    /// waits in vain cannot say which calls were in flight).
+    record: bool,
 }
 
 impl Swappable {
-    pub fn new(hosted: Hosted, stats: Arc<MountStats>) -> Arc<Swappable> {
+    pub fn new(hosted: Hosted, stats: Arc<MountStats>, record: bool) -> Arc<Swappable> {
         Arc::new(Swappable {
             name: hosted.plugin.name.clone(),
             passthrough: hosted.plugin.library.offers_passthrough(),
             current: RwLock::new(hosted),
             stats,
+            record,
         })
     }
 }
@@ -134,6 +138,9 @@ macro_rules! backend {
             $(fn $name(&self $(, $arg: $ty)*) -> Result<$out> {
                 const OP: usize = op_index(stringify!($name));
                 let current = self.current.read();
+                if !self.record {
+                    return current.$name($($arg),*);
+                }
                 let call = self.stats.begin(OP);
                 let result = current.$name($($arg),*);
                 call.finish(result.as_ref().err().map(|e| e.0));

@@ -135,7 +135,11 @@ pub fn spawn(
             // From here on the session's adapter holds the only reference to the plugin
             // (an upgrade may replace it); dropping it (when the session ends) destroys
             // the instance.
-            let fs = Swappable::new(Hosted::new(plugin, instance), Arc::clone(&spec.stats));
+            let fs = Swappable::new(
+                Hosted::new(plugin, instance),
+                Arc::clone(&spec.stats),
+                spec.session.record_stats,
+            );
             let slot = Arc::clone(&fs);
             let session = start_session(
                 fs,

@@ -1,16 +1,17 @@
 //! The mount options fshostd handles itself (`-o threads=N`, `attr_timeout`, `keep_cache`,
-//! `read_ahead_kb`, `writeback`, `allow_other`), parsed and checked; the rest go to the
-//! plugin.
+//! `read_ahead_kb`, `writeback`, `allow_other`, `nostats`), parsed and checked; the rest go
+//! to the plugin.
 
 use std::collections::BTreeMap;
 
 use super::{CachePolicy, MountError};
 
 /// Mount options the daemon handles itself instead of passing them to the plugin.
-pub const DAEMON_OPTIONS: [&str; 6] = [
+pub const DAEMON_OPTIONS: [&str; 7] = [
     "allow_other",
     "attr_timeout",
     "keep_cache",
+    "nostats",
     "read_ahead_kb",
     "threads",
     "writeback",
@@ -38,6 +39,9 @@ pub struct SessionOptions {
     pub threads: usize,
     pub read_ahead_kb: u32,
     pub cache: CachePolicy,
+    /// Record every call in the mount's statistics (`-o nostats` turns it off: only for
+    /// measuring what recording costs).
+    pub record_stats: bool,
 }
 
 /// A number option within `range`, or `default` when absent.
@@ -93,6 +97,7 @@ impl SessionOptions {
                 keep_cache: options.contains_key("keep_cache"),
                 writeback: options.contains_key("writeback"),
             },
+            record_stats: !options.contains_key("nostats"),
         })
     }
 }

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use clap::CommandFactory;
 use clap::{Parser, Subcommand};
-use fshost_protocol::{MountInfo, MountStats, OpStats, PluginInfo, Reply, Request, Status};
+use fshost_protocol::{MountInfo, MountStats, PluginInfo, Reply, Request, Status};
 
 use fshostctl::{exchange, table};
 
@@ -342,13 +342,6 @@ fn stats_text(mounts: &[MountStats], earlier: Option<(&[MountStats], f64)>) -> S
     };
     let rows = mounts.iter().map(|m| {
         let (count, errors, buckets) = totals(m);
-        let all = OpStats {
-            op: String::new(),
-            count,
-            errors: Default::default(),
-            sum_us: 0,
-            buckets,
-        };
         vec![
             m.mountpoint.clone(),
             m.plugin.clone(),
@@ -356,8 +349,8 @@ fn stats_text(mounts: &[MountStats], earlier: Option<(&[MountStats], f64)>) -> S
             count.to_string(),
             rate(m),
             errors.to_string(),
-            latency(all.quantile_us(0.5)),
-            latency(all.quantile_us(0.99)),
+            latency(fshost_protocol::quantile_us(&buckets, 0.5)),
+            latency(fshost_protocol::quantile_us(&buckets, 0.99)),
             bytes(m.bytes_read),
             bytes(m.bytes_written),
             m.in_flight.to_string(),

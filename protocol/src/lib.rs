@@ -271,27 +271,33 @@ pub struct OpStats {
 }
 
 impl OpStats {
-    /// The latency below which `q` (0.5, 0.99) of the calls finished, as the upper bound of
-    /// its bucket, in microseconds; `None` past the last bound or without calls.
+    /// See [`quantile_us`].
     pub fn quantile_us(&self, q: f64) -> Option<u64> {
-        let total: u64 = self.buckets.iter().sum();
-        if total == 0 {
-            return None;
-        }
-        let wanted = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, n) in self.buckets.iter().enumerate() {
-            seen += n;
-            if seen >= wanted {
-                return LATENCY_BUCKETS_US.get(i).copied();
-            }
-        }
-        None
+        quantile_us(&self.buckets, q)
     }
 
     pub fn error_count(&self) -> u64 {
         self.errors.values().sum()
     }
+}
+
+/// The latency below which `q` (0.5, 0.99) of the calls counted in `buckets` (as
+/// `OpStats::buckets`) finished, as the upper bound of its bucket, in microseconds; `None`
+/// past the last bound or without calls.
+pub fn quantile_us(buckets: &[u64], q: f64) -> Option<u64> {
+    let total: u64 = buckets.iter().sum();
+    if total == 0 {
+        return None;
+    }
+    let wanted = ((total as f64) * q).ceil().max(1.0) as u64;
+    let mut seen = 0;
+    for (i, n) in buckets.iter().enumerate() {
+        seen += n;
+        if seen >= wanted {
+            return LATENCY_BUCKETS_US.get(i).copied();
+        }
+    }
+    None
 }
 
 /// The mounts' statistics in Prometheus's text exposition format (version 0.0.4):
@@ -303,13 +309,30 @@ impl OpStats {
 pub fn prometheus_text(mounts: &[MountStats]) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let label = |s: &str| {
+    let escape = |s: &str| {
         s.replace('\\', "\\\\")
             .replace('"', "\\\"")
             .replace('\n', "\\n")
     };
+    // `plugin="…",mountpoint="…"`, then `,op="…"` for an operation's series.
+    let labels = |m: &MountStats, op: Option<&OpStats>| {
+        let mut labels = format!(
+            "plugin=\"{}\",mountpoint=\"{}\"",
+            escape(&m.plugin),
+            escape(&m.mountpoint)
+        );
+        if let Some(op) = op {
+            let _ = write!(labels, ",op=\"{}\"", op.op);
+        }
+        labels
+    };
     let family = |out: &mut String, name: &str, kind: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    let ops = || {
+        mounts
+            .iter()
+            .flat_map(|m| m.ops.iter().map(move |op| (labels(m, Some(op)), op)))
     };
     family(
         &mut out,
@@ -317,17 +340,8 @@ pub fn prometheus_text(mounts: &[MountStats]) -> String {
         "counter",
         "Requests the plugin served, by operation.",
     );
-    for m in mounts {
-        for op in &m.ops {
-            let _ = writeln!(
-                out,
-                "fshost_requests_total{{plugin=\"{}\",mountpoint=\"{}\",op=\"{}\"}} {}",
-                label(&m.plugin),
-                label(&m.mountpoint),
-                op.op,
-                op.count
-            );
-        }
+    for (labels, op) in ops() {
+        let _ = writeln!(out, "fshost_requests_total{{{labels}}} {}", op.count);
     }
     family(
         &mut out,
@@ -335,11 +349,12 @@ pub fn prometheus_text(mounts: &[MountStats]) -> String {
         "counter",
         "Requests the plugin failed, by operation and errno.",
     );
-    for m in mounts {
-        for op in &m.ops {
-            for (errno, n) in &op.errors {
-                let _ = writeln!(out, "fshost_request_errors_total{{plugin=\"{}\",mountpoint=\"{}\",op=\"{}\",errno=\"{errno}\"}} {n}", label(&m.plugin), label(&m.mountpoint), op.op);
-            }
+    for (labels, op) in ops() {
+        for (errno, n) in &op.errors {
+            let _ = writeln!(
+                out,
+                "fshost_request_errors_total{{{labels},errno=\"{errno}\"}} {n}"
+            );
         }
     }
     family(
@@ -348,35 +363,27 @@ pub fn prometheus_text(mounts: &[MountStats]) -> String {
         "histogram",
         "How long the plugin took per request.",
     );
-    for m in mounts {
-        for op in &m.ops {
-            let labels = format!(
-                "plugin=\"{}\",mountpoint=\"{}\",op=\"{}\"",
-                label(&m.plugin),
-                label(&m.mountpoint),
-                op.op
-            );
-            let mut cumulative = 0;
-            for (i, n) in op.buckets.iter().enumerate() {
-                cumulative += n;
-                let le = LATENCY_BUCKETS_US
-                    .get(i)
-                    .map_or_else(|| "+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
-                let _ = writeln!(
-                    out,
-                    "fshost_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
-                );
-            }
+    for (labels, op) in ops() {
+        let mut cumulative = 0;
+        for (i, n) in op.buckets.iter().enumerate() {
+            cumulative += n;
+            let le = LATENCY_BUCKETS_US
+                .get(i)
+                .map_or_else(|| "+Inf".to_string(), |us| format!("{}", *us as f64 / 1e6));
             let _ = writeln!(
                 out,
-                "fshost_request_duration_seconds_sum{{{labels}}} {}",
-                op.sum_us as f64 / 1e6
-            );
-            let _ = writeln!(
-                out,
-                "fshost_request_duration_seconds_count{{{labels}}} {cumulative}"
+                "fshost_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cumulative}"
             );
         }
+        let _ = writeln!(
+            out,
+            "fshost_request_duration_seconds_sum{{{labels}}} {}",
+            op.sum_us as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "fshost_request_duration_seconds_count{{{labels}}} {cumulative}"
+        );
     }
     /// A per-mount value: its name, type, help and how to read it.
     type PerMount = (
@@ -427,12 +434,7 @@ pub fn prometheus_text(mounts: &[MountStats]) -> String {
         family(&mut out, name, kind, help);
         for m in mounts {
             if let Some(v) = value(m) {
-                let _ = writeln!(
-                    out,
-                    "{name}{{plugin=\"{}\",mountpoint=\"{}\"}} {v}",
-                    label(&m.plugin),
-                    label(&m.mountpoint)
-                );
+                let _ = writeln!(out, "{name}{{{}}} {v}", labels(m, None));
             }
         }
     }

@@ -42,6 +42,13 @@ pub trait TargetHandle: Send + Sync + 'static {
     fn owner(&self) -> u32;
 }
 
+/// A kernel mount as it is now.
+pub struct MountNow {
+    pub path: PathBuf,
+    /// Requests the kernel has queued on its FUSE connection, when asked for and readable.
+    pub waiting: Option<u64>,
+}
+
 /// A mount to make: the plugin, where, and how.
 pub type MountRequest<E> = MountSpec<<E as Effects>::Plugin, <E as Effects>::Target>;
 
@@ -96,12 +103,9 @@ pub trait Effects: Send + Sync + Sized + 'static {
     /// Unmounts exactly the kernel mount `id` at `target`.
     fn unmount(&self, target: &Self::Target, id: u64, lazy: bool) -> Result<(), UnmountError>;
     /// Where the kernel's mounts are now, by kernel id (a parent may have been renamed
-    /// since a mount was made).
-    fn mount_paths(&self) -> BTreeMap<u64, PathBuf>;
-    /// Requests the kernel has queued per FUSE mount, by kernel mount id (what can be read).
-    fn waiting(&self) -> BTreeMap<u64, u64> {
-        BTreeMap::new()
-    }
+    /// since a mount was made), and with `queues` how many requests the kernel has queued
+    /// for each FUSE mount (where that can be read).
+    fn kernel_mounts(&self, queues: bool) -> BTreeMap<u64, MountNow>;
 
     fn now(&self) -> Instant;
     /// Releases `guard`, waits until `changed` is signalled or `timeout` passes (or
@@ -252,20 +256,23 @@ impl Effects for Real {
         mount::unmount(target, id, lazy)
     }
 
-    fn mount_paths(&self) -> BTreeMap<u64, PathBuf> {
+    fn kernel_mounts(&self, queues: bool) -> BTreeMap<u64, MountNow> {
         mount::kernel_mounts()
             .unwrap_or_default()
             .into_iter()
-            .map(|m| (m.id, m.mountpoint))
-            .collect()
-    }
-
-    fn waiting(&self) -> BTreeMap<u64, u64> {
-        mount::kernel_mounts()
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|m| m.fstype.starts_with("fuse.fshost"))
-            .filter_map(|m| Some((m.id, mount::fuse_waiting(&m.device)?)))
+            .map(|m| {
+                let fuse = m.fstype.starts_with("fuse.fshost");
+                let waiting = (queues && fuse)
+                    .then(|| mount::fuse_waiting(&m.device))
+                    .flatten();
+                (
+                    m.id,
+                    MountNow {
+                        path: m.mountpoint,
+                        waiting,
+                    },
+                )
+            })
             .collect()
     }
 

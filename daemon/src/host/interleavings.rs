@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
 
+use super::effects::MountNow;
 use super::{Caller, Drain, Effects, Host, HostError, MountRequest, PluginHandle, TargetHandle};
 use crate::mount::{MountError, MoveError, Moved, Moving, TargetError, UnmountError};
 use crate::plugin::Trust;
@@ -504,10 +505,20 @@ impl Effects for Model {
         Ok(())
     }
 
-    fn mount_paths(&self) -> BTreeMap<u64, PathBuf> {
+    fn kernel_mounts(&self, _queues: bool) -> BTreeMap<u64, MountNow> {
         let world = self.world();
         let live = world.sessions.iter().filter(|(_, s)| !s.ending);
-        live.map(|(id, s)| (*id, s.path.clone())).collect()
+        live.map(|(id, s)| {
+            let path = s.path.clone();
+            (
+                *id,
+                MountNow {
+                    path,
+                    waiting: None,
+                },
+            )
+        })
+        .collect()
     }
 
     fn now(&self) -> Instant {

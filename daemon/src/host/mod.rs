@@ -332,6 +332,17 @@ impl<E: Effects> Host<E> {
         }
     }
 
+    /// A closed library that stayed mapped: `list` shows it, unloaded, until it unmaps.
+    fn linger(&self, mapped_path: PathBuf, mut info: PluginInfo) {
+        info.state = fshost_protocol::PluginState::Unloaded;
+        info.mounts.clear();
+        info.upgrading = None;
+        self.lingering
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((mapped_path, info));
+    }
+
     /// Wakes every waiter so it re-checks its condition (used when a client cancels).
     pub fn wake_waiters(&self) {
         self.shared.changed.notify_all();

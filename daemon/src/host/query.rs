@@ -71,7 +71,7 @@ impl<E: Effects> Host<E> {
     /// Every mount, where it is now: a mount whose parent was renamed is shown at its new
     /// path (where `unmount` finds it too).
     pub fn mounts(&self) -> Vec<MountInfo> {
-        let now_at = self.effects().mount_paths();
+        let now_at = self.effects().kernel_mounts(false);
         let reg = self.lock();
         let sides = self.shared.sides();
         reg.mounts()
@@ -80,7 +80,7 @@ impl<E: Effects> Host<E> {
                 let kernel_id = side.map(|s| s.kernel_id.load(Ordering::SeqCst));
                 let path = kernel_id
                     .and_then(|id| now_at.get(&id))
-                    .map_or(path.as_path(), |p| p);
+                    .map_or(path.as_path(), |m| &m.path);
                 mount_info(path, record, side.map(|s| s.stats.as_ref()))
             })
             .collect()
@@ -92,8 +92,7 @@ impl<E: Effects> Host<E> {
         &self,
         filter: Option<&str>,
     ) -> Result<Vec<fshost_protocol::MountStats>, HostError> {
-        let now_at = self.effects().mount_paths();
-        let waiting = self.effects().waiting();
+        let kernel = self.effects().kernel_mounts(true);
         let now = std::time::SystemTime::now();
         let reg = self.lock();
         let sides = self.shared.sides();
@@ -103,7 +102,8 @@ impl<E: Effects> Host<E> {
                 continue;
             };
             let kernel_id = side.kernel_id.load(Ordering::SeqCst);
-            let path = now_at.get(&kernel_id).unwrap_or(recorded);
+            let now_at = kernel.get(&kernel_id);
+            let path = now_at.map_or(recorded.as_path(), |m| &m.path);
             let wanted = filter.is_none_or(|f| {
                 f == record.plugin || Path::new(f) == path || Path::new(f) == recorded
             });
@@ -119,7 +119,7 @@ impl<E: Effects> Host<E> {
                 tainted: entry.is_some_and(|e| e.handle.taint().is_some()),
                 age_secs: now.duration_since(record.since).map_or(0, |d| d.as_secs()),
                 in_flight: stats.in_flight_total(),
-                waiting: waiting.get(&kernel_id).copied(),
+                waiting: now_at.and_then(|m| m.waiting),
                 bytes_read: stats.bytes_read.load(Ordering::Relaxed),
                 bytes_written: stats.bytes_written.load(Ordering::Relaxed),
                 passthrough_opens: stats.passthrough_opens.load(Ordering::Relaxed),

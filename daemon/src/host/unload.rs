@@ -5,8 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use fshost_protocol::PluginState;
-
 use super::{Effects, Host, HostError, PluginHandle};
 use crate::registry::RegistryError;
 
@@ -44,17 +42,12 @@ impl<E: Effects> Host<E> {
         self.effects().on_unload(&plugin);
         let mapped_path = plugin.mapped_path();
         drop(plugin);
-        let mut info = self.info(name)?;
+        let info = self.info(name)?;
         let plugin = self.transition(|reg| reg.finish_unload(name))?;
         let still_mapped = self.effects().close(plugin);
         tracing::info!(plugin = %name, still_mapped, "plugin unloaded");
         if still_mapped {
-            info.state = PluginState::Unloaded;
-            info.mounts.clear();
-            self.lingering
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((mapped_path, info));
+            self.linger(mapped_path, info);
         }
         Ok(still_mapped)
     }

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use fshost_protocol::{PluginState, UpgradeInfo};
+use fshost_protocol::UpgradeInfo;
 
 use super::{Effects, Host, HostError, PluginHandle};
 use crate::mount::Moving;
@@ -125,21 +125,18 @@ impl<E: Effects> Host<E> {
     fn retire(&self, name: &str, old: Arc<E::Plugin>) {
         self.effects().on_unload(&old);
         let mapped_path = old.mapped_path();
-        let mut info = self.info(name).ok();
-        let version = old.version().to_string();
+        // As `list` showed it before the upgrade: the new generation's entry, but its own
+        // version, file and number.
+        let info = self.info(name).ok().map(|mut info| {
+            info.version = old.version().to_string();
+            info.path = old.source().display().to_string();
+            info.generation -= 1;
+            info
+        });
         if self.effects().close(old) {
-            tracing::warn!(plugin = %name, %version, "the replaced generation is still mapped after dlclose");
-            if let Some(info) = info.as_mut() {
-                info.state = PluginState::Unloaded;
-                info.version = version;
-                info.mounts.clear();
-                info.upgrading = None;
-            }
+            tracing::warn!(plugin = %name, "the replaced generation is still mapped after dlclose");
             if let Some(info) = info {
-                self.lingering
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push((mapped_path, info));
+                self.linger(mapped_path, info);
             }
         }
     }

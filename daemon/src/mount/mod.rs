@@ -25,7 +25,6 @@ pub use target::{
 pub use upgrade::{move_mounts, MoveError, Moved, Moving};
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::io;
 use std::path::PathBuf;
 use std::sync::{mpsc, Arc};
@@ -95,19 +94,6 @@ pub fn spawn(
     spec: MountSpec,
     on_end: impl FnOnce() + Send + 'static,
 ) -> Result<(u64, Arc<Swappable>), MountError> {
-    let mut options = Vec::new();
-    for (key, value) in plugin_options(&spec.options) {
-        match (CString::new(key.as_str()), CString::new(value.as_str())) {
-            (Ok(k), Ok(v)) => options.push((k, v)),
-            _ => {
-                return Err(MountError::BadOption {
-                    key: key.clone(),
-                    value: value.clone(),
-                    expected: "free of NUL bytes".into(),
-                })
-            }
-        }
-    }
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(u64, Arc<Swappable>), MountError>>(1);
     let thread_name = format!("mount:{}", spec.plugin.name);
     std::thread::Builder::new()
@@ -115,11 +101,8 @@ pub fn spawn(
         .spawn(move || {
             let plugin = spec.plugin;
             let name = plugin.name.clone();
-            let pairs: Vec<_> = options
-                .iter()
-                .map(|(k, v)| (k.as_c_str(), v.as_c_str()))
-                .collect();
-            let instance = match plugin.library.create(&pairs) {
+            // The options were checked (NUL bytes included) by `SessionOptions::parse`.
+            let instance = match plugin.library.create(plugin_options(&spec.options)) {
                 Ok(instance) => instance,
                 Err(errno) => {
                     // Release our reference before reporting, so that once the caller has

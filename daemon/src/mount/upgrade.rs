@@ -6,7 +6,6 @@
 //! and resumes the old ones untouched: nothing changed.
 
 use std::collections::BTreeMap;
-use std::ffi::CString;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -98,7 +97,6 @@ fn move_all(new: &Arc<Plugin>, mounts: &[Moving], timeout: Duration) -> Result<M
             })?;
         paused.push(guard);
     }
-    let pause_began = Instant::now();
     let mut state_bytes = 0u64;
     let mut next = Vec::with_capacity(mounts.len());
     for (mount, current) in mounts.iter().zip(&paused) {
@@ -111,8 +109,9 @@ fn move_all(new: &Arc<Plugin>, mounts: &[Moving], timeout: Duration) -> Result<M
     for (mut guard, hosted) in paused.into_iter().zip(next) {
         old.push(std::mem::replace(&mut *guard, hosted));
     }
-    let pause = pause_began.elapsed();
-    tracing::debug!(waited = ?pause_began - started, ?pause, "mounts moved");
+    // New requests wait from the moment the first mount's lock is asked for.
+    let pause = started.elapsed();
+    tracing::debug!(?pause, "mounts moved");
     // The old instances are destroyed here, before the caller may close their library.
     drop(old);
     Ok(Moved { pause, state_bytes })
@@ -140,22 +139,9 @@ fn take_over(
         panic: current.plugin.library.taint(),
     })?;
     let exported = began.elapsed();
-    // The options were checked for NUL bytes when the mount was made.
-    let options: Vec<(CString, CString)> = plugin_options(&mount.options)
-        .filter_map(|(k, v)| {
-            Some((
-                CString::new(k.as_str()).ok()?,
-                CString::new(v.as_str()).ok()?,
-            ))
-        })
-        .collect();
-    let pairs: Vec<_> = options
-        .iter()
-        .map(|(k, v)| (k.as_c_str(), v.as_c_str()))
-        .collect();
     let instance = new
         .library
-        .create(&pairs)
+        .create(plugin_options(&mount.options))
         .map_err(|errno| MoveError::Create {
             path: path(),
             errno,

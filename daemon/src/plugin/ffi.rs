@@ -9,7 +9,7 @@
 // The calls mirror the C ABI one to one, arguments included.
 #![allow(clippy::too_many_arguments)]
 
-use std::ffi::{c_char, c_int, c_void, CStr};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -244,11 +244,20 @@ impl Library {
         }
     }
 
-    pub fn create(&self, options: &[(&CStr, &CStr)]) -> Result<Instance, Errno> {
+    /// Makes an instance from `options` (the plugin's `-o key=value` pairs); a key or
+    /// value with a NUL byte is EINVAL (the daemon refuses those before it gets here).
+    pub fn create<'a>(
+        &self,
+        options: impl Iterator<Item = (&'a String, &'a String)>,
+    ) -> Result<Instance, Errno> {
         let Some(f) = self.d().create else {
             return Ok(Instance(std::ptr::null_mut()));
         };
-        let pairs: Vec<MountOption> = options
+        let c = |s: &String| CString::new(s.as_str()).map_err(|_| Errno::EINVAL);
+        let strings = options
+            .map(|(k, v)| Ok((c(k)?, c(v)?)))
+            .collect::<Result<Vec<_>, Errno>>()?;
+        let pairs: Vec<MountOption> = strings
             .iter()
             .map(|(k, v)| MountOption {
                 key: k.as_ptr(),

@@ -104,6 +104,16 @@ impl Notifier {
         self.send_inval(notify_code::FUSE_NOTIFY_DELETE, &notif)
     }
 
+    /// Ask the kernel to queue again every request that was read from this connection and
+    /// not answered (FUSE_NOTIFY_RESEND, Linux 6.9 and later), for instance by a process
+    /// that served the connection before and is gone. Re-sent requests carry the same
+    /// unique id with its high bit set; answer them as usual.
+    /// # Errors
+    /// Returns an error if the kernel rejects the notification (older kernels: EINVAL).
+    pub fn resend(&self) -> io::Result<()> {
+        self.send(notify_code::FUSE_NOTIFY_RESEND, &Notification::new_resend())
+    }
+
     #[allow(unused)]
     fn send_inval(&self, code: notify_code, notification: &Notification<'_>) -> io::Result<()> {
         match self.send(code, notification) {

@@ -28,6 +28,7 @@ use crate::Errno;
 use crate::Filesystem;
 use crate::KernelConfig;
 use crate::MountOption;
+use crate::BackingId;
 use crate::ReplyEmpty;
 use crate::Request;
 use crate::channel::Channel;
@@ -219,6 +220,46 @@ impl<FS: Filesystem> Session<FS> {
         session.handshake()?;
 
         Ok(session)
+    }
+
+    /// Wrap a /dev/fuse file descriptor whose connection was already initialised,
+    /// typically by another process that handed the descriptor over (an upgrade of the
+    /// file system daemon, or a restart that kept the descriptor alive). No INIT
+    /// handshake takes place and `Filesystem::init` is not called: the caller must serve
+    /// the connection as it was negotiated then (`version` is the protocol version the
+    /// kernel reported at INIT). Requests the previous server read but did not answer stay
+    /// pending in the kernel; see [`Notifier::resend`].
+    pub fn from_initialized_fd(
+        filesystem: FS,
+        fd: OwnedFd,
+        acl: SessionACL,
+        config: Config,
+        version: Version,
+    ) -> Self {
+        Session {
+            filesystem: FilesystemHolder {
+                fs: Some(filesystem),
+            },
+            ch: Channel::new(Arc::new(DevFuse(File::from(fd)))),
+            mount: UmountOnDrop {
+                mount: Arc::new(Mutex::new(None)),
+            },
+            allowed: acl,
+            session_owner: geteuid(),
+            proto_version: Some(version),
+            config,
+        }
+    }
+
+    /// Wraps a backing id that was registered on this connection earlier, for instance by
+    /// the process that served it before [`Session::from_initialized_fd`]. Dropping the
+    /// result closes the backing id.
+    ///
+    /// # Safety
+    /// `id` must be a live backing id of this connection, wrapped only once.
+    pub unsafe fn wrap_backing(&self, id: u32) -> BackingId {
+        // SAFETY: forwarded to the caller.
+        unsafe { self.ch.sender().wrap_backing(id) }
     }
 
     /// Run the session loop in a background thread. If the returned handle is dropped,

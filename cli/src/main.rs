@@ -59,6 +59,18 @@ enum Command {
         #[arg(long, value_name = "SECS", default_value_t = fshost_protocol::DEFAULT_UPGRADE_SECS)]
         timeout: u64,
     },
+    /// Replace the running fshostd by a new process (a new version of the daemon) without
+    /// unmounting anything: mounts, open files and plugin state carry over. Any failure
+    /// leaves the running daemon serving. (`kill -USR2` on fshostd does the same.)
+    DaemonUpgrade {
+        /// The fshostd binary to run (default: the installed path of the running one).
+        /// Only root may name one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// How long to wait for requests in flight on the mounts, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = fshost_protocol::DEFAULT_UPGRADE_SECS)]
+        timeout: u64,
+    },
     /// Mount a plugin on an existing directory.
     Mount {
         name: String,
@@ -172,6 +184,10 @@ fn request(command: &Command) -> Request {
             }),
             timeout_secs: Some(*timeout),
         },
+        Command::DaemonUpgrade { binary, timeout } => Request::DaemonUpgrade {
+            binary: binary.as_deref().map(absolute),
+            timeout_secs: Some(*timeout),
+        },
         Command::List => Request::List {},
         Command::Mounts => Request::Mounts {},
         Command::Info { name } => Request::Info { name: name.clone() },
@@ -218,6 +234,19 @@ fn print_reply(reply: &Reply) {
             upgrade.from_version,
             upgrade.plugin.version,
             upgrade.plugin.generation,
+            match upgrade.mounts.len() {
+                1 => "1 mount".to_string(),
+                n => format!("{n} mounts"),
+            },
+            upgrade.pause_us as f64 / 1000.0,
+            upgrade.state_bytes
+        ),
+        Reply::DaemonUpgraded { upgrade } => println!(
+            "fshostd {} → {} ({}): {} plugins and {} taken over, paused {:.1} ms, {} bytes of state",
+            upgrade.old_pid,
+            upgrade.new_pid,
+            upgrade.binary,
+            upgrade.plugins,
             match upgrade.mounts.len() {
                 1 => "1 mount".to_string(),
                 n => format!("{n} mounts"),

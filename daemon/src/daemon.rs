@@ -19,7 +19,9 @@ use tokio::net::UnixListener;
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::{self, Config};
+use crate::control::daemon_upgrade::Upgrader;
 use crate::control::{self, access};
+use crate::handover::{self, Predecessor};
 use crate::host::{Caller, Host, Trust};
 use crate::{mount, notify, notify_status};
 
@@ -73,6 +75,9 @@ pub fn main() -> anyhow::Result<()> {
         };
         std::process::exit(if dead { 0 } else { 1 });
     }
+    // Before any thread exists: started by a daemon upgrade, take the handover socket.
+    let predecessor =
+        handover::Predecessor::from_env().context("cannot take the daemon upgrade's handover")?;
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal() && args.log_format == LogFormat::Text)
@@ -90,7 +95,7 @@ pub fn main() -> anyhow::Result<()> {
         .thread_name("fshostd")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(args))
+    runtime.block_on(run(args, predecessor))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -246,18 +251,39 @@ fn apply(host: &Host, changes: &config::Changes, preloaded: &mut Preloaded) {
     }
 }
 
-async fn run(args: Args) -> anyhow::Result<()> {
+async fn run(args: Args, predecessor: Option<Predecessor>) -> anyhow::Result<()> {
     let started = Instant::now();
     let config_path = args
         .config
         .clone()
         .unwrap_or_else(|| PathBuf::from(config::DEFAULT_PATH));
     let config = Config::load(&config_path, args.config.is_some())?;
-    let settings = Settings::new(&args, &config);
+    let mut settings = Settings::new(&args, &config);
     if settings.trust.dev {
         tracing::warn!("DEVELOPMENT MODE (--dev): plugins are loaded from anywhere, owned by anyone; never run like this in production");
     }
+    let (host, listener, owns_socket, preloaded) = match predecessor {
+        Some(predecessor) => take_over(predecessor, &mut settings, &config, started).await?,
+        None => start(&mut settings, &config, started).await?,
+    };
+    serve(
+        args,
+        settings,
+        config,
+        host,
+        listener,
+        owns_socket,
+        preloaded,
+    )
+    .await
+}
 
+/// A fresh start: clear stale mounts, make the control socket, apply the config.
+async fn start(
+    settings: &mut Settings,
+    config: &Config,
+    started: Instant,
+) -> anyhow::Result<(Arc<Host>, UnixListener, bool, Preloaded)> {
     // Before serving: mounts of a killed fshostd answer ENOTCONN and block new mounts on
     // the same paths. Clear them (and only them) and say so.
     let stale = tokio::task::spawn_blocking(mount::detach_stale_mounts)
@@ -267,7 +293,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::warn!(mountpoint = %m.mountpoint.display(), fstype = %m.fstype, source = %m.source, "detached a stale mount left by a dead fshostd");
     }
 
-    let mut settings = settings;
     let (listener, owns_socket) = match activated_listener()? {
         Some(listener) => {
             // systemd made the socket: its path is the one to report and to put copies beside.
@@ -282,7 +307,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         None => {
             let listener = bind(&settings.socket).await?;
-            secure_socket(&settings.socket, &config)?;
+            secure_socket(&settings.socket, config)?;
             (listener, true)
         }
     };
@@ -292,21 +317,97 @@ async fn run(args: Args) -> anyhow::Result<()> {
         started,
     ));
     host.set_user_policy(config.users.clone());
-    let applied = Arc::new(Mutex::new(config.clone()));
-    let preloaded = Arc::new(Mutex::new(Preloaded::new()));
-    {
-        let host = Arc::clone(&host);
-        let initial = config::changes(&Config::default(), &config);
-        let preloaded = Arc::clone(&preloaded);
-        tokio::task::spawn_blocking(move || {
-            apply(
-                &host,
-                &initial,
-                &mut preloaded.lock().unwrap_or_else(|e| e.into_inner()),
-            )
-        })
-        .await?;
+    let initial = config::changes(&Config::default(), config);
+    let applied_by = Arc::clone(&host);
+    let preloaded = tokio::task::spawn_blocking(move || {
+        let mut preloaded = Preloaded::new();
+        apply(&applied_by, &initial, &mut preloaded);
+        preloaded
+    })
+    .await?;
+    Ok((host, listener, owns_socket, preloaded))
+}
+
+/// Started by a daemon upgrade: take everything the old process hands over, tell it we
+/// are ready, and once it is gone serve its mounts. If anything fails the old process is
+/// told why and serves on; this one exits without touching a mount.
+async fn take_over(
+    predecessor: Predecessor,
+    settings: &mut Settings,
+    config: &Config,
+    started: Instant,
+) -> anyhow::Result<(Arc<Host>, UnixListener, bool, Preloaded)> {
+    let predecessor = Arc::new(predecessor);
+    let trust = settings.trust.clone();
+    let users = config.users.clone();
+    let receiving = Arc::clone(&predecessor);
+    let prepared = tokio::task::spawn_blocking(move || {
+        let mut received = receiving.receive().map_err(|e| e.to_string())?;
+        let manifest = &received.manifest;
+        tracing::info!(from_pid = manifest.from_pid, from_version = %manifest.from_version, plugins = manifest.plugins.len(), mounts = manifest.mounts.len(), "daemon upgrade: taking over");
+        let host = Arc::new(Host::new(trust, manifest.socket.clone(), started));
+        host.set_user_policy(users);
+        let (socket, owns_socket, preloaded) = (
+            manifest.socket.clone(),
+            manifest.owns_socket,
+            manifest.preloaded.clone(),
+        );
+        let listener = received.take(1).map_err(|e| e.to_string())?;
+        let taken = host.take_over(&mut received)?;
+        Ok::<_, String>((host, listener, socket, owns_socket, preloaded, taken))
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|prepared| prepared);
+    let (host, listener, socket, owns_socket, preloaded, taken) = match prepared {
+        Ok(prepared) => prepared,
+        Err(why) => {
+            tracing::error!(%why, "daemon upgrade: cannot take over; the old fshostd serves on");
+            predecessor.failed(&why);
+            // Nothing of ours serves anything yet: leave without touching a mount.
+            crate::sys::exit_now(1);
+        }
+    };
+    let listener = std::os::unix::net::UnixListener::from(listener);
+    listener.set_nonblocking(true)?;
+    let listener = UnixListener::from_std(listener)?;
+    settings.socket = socket;
+    predecessor.ready()?;
+    let waiting = Arc::clone(&predecessor);
+    let gone =
+        tokio::task::spawn_blocking(move || waiting.wait_gone(Duration::from_secs(30))).await?;
+    if let Err(e) = gone {
+        tracing::warn!(error = %e, "daemon upgrade: serving although the old fshostd may still run");
     }
+    let serving = Arc::clone(&host);
+    tokio::task::spawn_blocking(move || serving.serve_taken_over(taken)).await?;
+    tracing::info!(
+        mounts = host.status().mounts,
+        "daemon upgrade: every mount taken over is served"
+    );
+    Ok((host, listener, owns_socket, preloaded))
+}
+
+/// Serves the control socket until SIGTERM/SIGINT, then tears everything down.
+async fn serve(
+    args: Args,
+    settings: Settings,
+    config: Config,
+    host: Arc<Host>,
+    listener: UnixListener,
+    owns_socket: bool,
+    preloaded: Preloaded,
+) -> anyhow::Result<()> {
+    let applied = Arc::new(Mutex::new(config.clone()));
+    let preloaded = Arc::new(Mutex::new(preloaded));
+    let upgrader = Arc::new(Upgrader::new(
+        std::os::fd::AsFd::as_fd(&listener)
+            .try_clone_to_owned()
+            .context("cannot duplicate the control socket")?,
+        settings.socket.clone(),
+        owns_socket,
+        Arc::clone(&preloaded),
+    ));
     let access = Arc::new(Mutex::new(access::Policy::from_config(&config)));
     tracing::info!(socket = %settings.socket.display(), pid = std::process::id(), activated = !owns_socket, "fshostd ready");
     notify(&[NotifyState::Ready]);
@@ -325,15 +426,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         listener,
         Arc::clone(&host),
         Arc::clone(&access),
+        Arc::clone(&upgrader),
         stop_rx,
     ));
     let mut term = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let mut usr2 = signal(SignalKind::user_defined2()).context("cannot handle SIGUSR2")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
     let mut hup = signal(SignalKind::hangup()).context("cannot handle SIGHUP")?;
     let which = loop {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
+            _ = usr2.recv() => {
+                // As nginx and HAProxy do: SIGUSR2 upgrades to the installed binary.
+                let (host, upgrader) = (Arc::clone(&host), Arc::clone(&upgrader));
+                let timeout = Duration::from_secs(fshost_protocol::DEFAULT_UPGRADE_SECS);
+                let task = upgrader.clone();
+                match tokio::task::spawn_blocking(move || task.run(&host, None, &Caller::root(), timeout)).await {
+                    Ok(Ok(info)) => upgrader.finish(&info),
+                    Ok(Err(e)) => tracing::error!(error = %e, "SIGUSR2: daemon upgrade failed"),
+                    Err(e) => tracing::error!(error = %e, "SIGUSR2: daemon upgrade task failed"),
+                }
+            }
             _ = hup.recv() => {
                 notify(&[NotifyState::Reloading]);
                 reload(&settings, &args, &host, &applied, &access, &preloaded).await;

@@ -92,6 +92,8 @@ pub enum RegistryError {
     ShuttingDown,
     #[error("plugin \"{name}\" is being upgraded; try again when the upgrade has finished")]
     Upgrading { name: String },
+    #[error("fshostd is handing everything over to a new fshostd process (daemon-upgrade); try again in a few seconds")]
+    HandingOver,
 }
 
 /// "1 mount", "2 mounts": for messages.
@@ -123,6 +125,8 @@ pub struct Registry<P> {
     next_mount_id: u64,
     /// Set at shutdown: no new loads or mounts from then on.
     closed: bool,
+    /// Set while a daemon upgrade hands everything to the next process: nothing changes.
+    handing_over: bool,
 }
 
 impl<P> Default for Registry<P> {
@@ -132,6 +136,7 @@ impl<P> Default for Registry<P> {
             mounts: BTreeMap::new(),
             next_mount_id: 1,
             closed: false,
+            handing_over: false,
         }
     }
 }
@@ -194,6 +199,88 @@ impl<P> Registry<P> {
         self.closed = true;
     }
 
+    /// Refused while shutting down or handing over: nothing new may start.
+    fn open_for_new(&self) -> Result<(), RegistryError> {
+        if self.closed {
+            return Err(RegistryError::ShuttingDown);
+        }
+        self.not_handing_over()
+    }
+
+    fn not_handing_over(&self) -> Result<(), RegistryError> {
+        if self.handing_over {
+            return Err(RegistryError::HandingOver);
+        }
+        Ok(())
+    }
+
+    /// Daemon upgrade, step 1: nothing may change from now until [`Registry::end_handover`]
+    /// (loads, mounts, unmounts, unloads and upgrades are refused as busy; a session that
+    /// ends from outside still releases its mount). Refused unless everything is settled:
+    /// every plugin Live and not being upgraded, every mount served. Returns the plugins
+    /// (name, library, generation, loaded at) and the mounts to hand over.
+    #[allow(clippy::type_complexity)]
+    pub fn begin_handover(
+        &mut self,
+    ) -> Result<(Vec<(String, Arc<P>, u32, SystemTime)>, Mounts), RegistryError> {
+        self.open_for_new()?;
+        if let Some((name, entry)) = self
+            .plugins
+            .iter()
+            .find(|(_, e)| e.state != PluginState::Live || e.upgrading.is_some())
+        {
+            return Err(match entry.state {
+                PluginState::Live => RegistryError::Upgrading { name: name.clone() },
+                state => RegistryError::NotLive {
+                    name: name.clone(),
+                    state,
+                },
+            });
+        }
+        if let Some((path, record)) = self
+            .mounts
+            .iter()
+            .find(|(_, r)| r.state != MountState::Active)
+        {
+            return Err(RegistryError::MountBusy {
+                path: path.clone(),
+                state: record.state,
+            });
+        }
+        self.handing_over = true;
+        let plugins = self
+            .plugins
+            .iter()
+            .map(|(name, e)| {
+                (
+                    name.clone(),
+                    Arc::clone(&e.handle),
+                    e.generation,
+                    e.loaded_at,
+                )
+            })
+            .collect();
+        let mounts = self
+            .mounts
+            .iter()
+            .map(|(path, r)| (path.clone(), r.clone()))
+            .collect();
+        Ok((plugins, mounts))
+    }
+
+    /// The handover failed: this process serves on and things may change again.
+    pub fn end_handover(&mut self) {
+        self.handing_over = false;
+    }
+
+    /// A plugin taken over from the previous process keeps its generation and age.
+    pub fn resumed_plugin(&mut self, name: &str, generation: u32, loaded_at: SystemTime) {
+        if let Some(entry) = self.plugins.get_mut(name) {
+            entry.generation = generation;
+            entry.loaded_at = loaded_at;
+        }
+    }
+
     /// Load, step 1: reserve the name in `Registering` (its library is already open).
     pub fn begin_load(
         &mut self,
@@ -201,9 +288,7 @@ impl<P> Registry<P> {
         handle: Arc<P>,
         now: SystemTime,
     ) -> Result<(), RegistryError> {
-        if self.closed {
-            return Err(RegistryError::ShuttingDown);
-        }
+        self.open_for_new()?;
         if let Some(entry) = self.plugins.get(name) {
             return Err(match entry.state {
                 PluginState::Live => RegistryError::AlreadyLoaded { name: name.into() },
@@ -249,9 +334,7 @@ impl<P> Registry<P> {
         owner: u32,
         now: SystemTime,
     ) -> Result<(Arc<P>, MountId), RegistryError> {
-        if self.closed {
-            return Err(RegistryError::ShuttingDown);
-        }
+        self.open_for_new()?;
         let entry = self.entry_in(name, PluginState::Live)?;
         let handle = Arc::clone(&entry.handle);
         if entry.upgrading.is_some() {
@@ -306,6 +389,7 @@ impl<P> Registry<P> {
 
     /// Unmount, step 1: `Active` → `Unmounting`, so that two unmounts cannot race.
     pub fn begin_unmount(&mut self, path: &Path) -> Result<MountId, RegistryError> {
+        self.not_handing_over()?;
         let record = self
             .mounts
             .get_mut(path)
@@ -342,6 +426,7 @@ impl<P> Registry<P> {
 
     /// Unload, step 1: `Live` with no mounts → `Deregistering`; new mounts are refused from now.
     pub fn begin_unload(&mut self, name: &str) -> Result<Arc<P>, RegistryError> {
+        self.not_handing_over()?;
         let mounts = self.mounts_of(name);
         let entry = self.live_entry(name)?;
         if !mounts.is_empty() {
@@ -357,6 +442,7 @@ impl<P> Registry<P> {
     /// Drain-unload, step 1: `Live` → `Deregistering` even with mounts. New mounts are
     /// refused from now; the existing ones go on until they are unmounted.
     pub fn begin_drain(&mut self, name: &str) -> Result<Arc<P>, RegistryError> {
+        self.not_handing_over()?;
         let entry = self.live_entry(name)?;
         entry.state = PluginState::Deregistering;
         Ok(Arc::clone(&entry.handle))
@@ -392,9 +478,7 @@ impl<P> Registry<P> {
         name: &str,
         new: Arc<P>,
     ) -> Result<(Arc<P>, Mounts), RegistryError> {
-        if self.closed {
-            return Err(RegistryError::ShuttingDown);
-        }
+        self.open_for_new()?;
         let mounts: Vec<(PathBuf, &MountRecord)> = self
             .mounts
             .iter()

@@ -36,6 +36,7 @@ pub fn serve<P: fshost_sdk::Plugin>(
     let (session, id) = mount::start_session(
         Direct::new(name, fs),
         Arc::new(MountStats::default()),
+        Arc::default(),
         &target,
         false,
         owner,

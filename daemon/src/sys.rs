@@ -38,6 +38,55 @@ pub fn peer_groups(socket: impl AsFd) -> io::Result<Vec<u32>> {
     }
 }
 
+/// Adopts a backing id (FUSE passthrough) that the previous server of `session`'s
+/// connection registered; dropping the result closes it. The caller passes each id that
+/// process handed over exactly once, after that process is gone.
+pub fn adopt_backing_id<FS: fuser::Filesystem>(
+    session: &fuser::Session<FS>,
+    raw: u32,
+) -> fuser::BackingId {
+    // SAFETY: `raw` was registered on this very connection (the handed-over descriptor
+    // `session` serves) and nothing else owns it any more: the process that registered it
+    // has exited, and each handed id is adopted once. The worst a wrong id can do is make
+    // the kernel refuse the later close (EINVAL, logged by fuser).
+    unsafe { session.wrap_backing(raw) }
+}
+
+/// Takes ownership of descriptor `fd`, inherited from the process that started us (the
+/// daemon upgrade's handover socket), after checking that it is an open socket; it is
+/// made close-on-exec again.
+pub fn inherited_socket(fd: i32) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: fstat only reads the descriptor table; `stat` is a plain out-parameter.
+    let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; an invalid `fd` makes fstat fail with EBADF, nothing else.
+    if fd < 3 || unsafe { libc::fstat(fd, &mut stat) } != 0 {
+        return Err(io::Error::other(format!(
+            "descriptor {fd} handed over is not open"
+        )));
+    }
+    if stat.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+        return Err(io::Error::other(format!(
+            "descriptor {fd} handed over is not a socket"
+        )));
+    }
+    // SAFETY: `fd` is open (checked above), was left to us by the process that started us
+    // for exactly this use, and nothing else in this process owns it: it is read from the
+    // environment once, at start, before any other descriptor is made.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC)?;
+    Ok(owned)
+}
+
+/// Ends the process at once, without atexit handlers or library destructors: after a
+/// daemon upgrade the old process must not unmount, unload or tear down anything (its
+/// successor serves the same connections), and its session threads are still parked.
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: `_exit` ends the process without touching any state of ours; it cannot fail
+    // and does not return.
+    unsafe { libc::_exit(code) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

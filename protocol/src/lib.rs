@@ -71,6 +71,17 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_secs: Option<u64>,
     },
+    /// Replace the running fshostd by a new process of `binary` (default: the installed
+    /// path of the running one) without unmounting anything: every mount's FUSE connection,
+    /// plugin state and the control socket are handed over. Waits up to `timeout_secs`
+    /// (default 5) for requests in flight; any failure leaves this process serving. Only
+    /// root may name another binary.
+    DaemonUpgrade {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        binary: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u64>,
+    },
     /// What the mounts did: requests, errors, latency and bytes per mount and operation.
     /// `filter` keeps the mount at that mount point, or the mounts of that plugin.
     Stats {
@@ -140,6 +151,9 @@ pub enum Reply {
     },
     Upgraded {
         upgrade: UpgradeInfo,
+    },
+    DaemonUpgraded {
+        upgrade: DaemonUpgradeInfo,
     },
     Stats {
         mounts: Vec<MountStats>,
@@ -449,7 +463,26 @@ pub struct NextGeneration {
     pub path: String,
 }
 
-/// What an upgrade did.
+/// What a daemon upgrade did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DaemonUpgradeInfo {
+    /// The process that served until now (it exits after this answer).
+    pub old_pid: u32,
+    /// The process that serves from now on.
+    pub new_pid: u32,
+    /// The binary it runs.
+    pub binary: String,
+    /// Plugins reloaded and mounts resumed by the new process.
+    pub plugins: usize,
+    pub mounts: Vec<String>,
+    /// How long the mounts were paused in the old process before the new one took over,
+    /// in microseconds (until the new process reported ready; it starts reading at once).
+    pub pause_us: u64,
+    /// Bytes of plugin state handed over, in all.
+    pub state_bytes: u64,
+}
+
+/// What `upgrade` did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpgradeInfo {
     /// The plugin as it is now (the new generation).

@@ -194,6 +194,9 @@ pub struct Env {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     daemon: Option<Child>,
+    /// After a daemon upgrade: the process that serves now (not our child: the daemon we
+    /// started started it and exited).
+    successor: Option<u32>,
     log: PathBuf,
 }
 
@@ -221,6 +224,7 @@ impl Env {
         let mut env = Env {
             socket,
             daemon: None,
+            successor: None,
             log,
             dir,
         };
@@ -278,7 +282,44 @@ impl Env {
     }
 
     pub fn pid(&self) -> u32 {
-        self.daemon.as_ref().expect("daemon running").id()
+        self.successor
+            .unwrap_or_else(|| self.daemon.as_ref().expect("daemon running").id())
+    }
+
+    /// The pid `status` reports.
+    pub fn status_pid(&self) -> u32 {
+        let status = self.ctl(&["--json", "status"]).ok().json();
+        status["status"]["pid"].as_u64().expect("a pid") as u32
+    }
+
+    /// Runs `fshostctl daemon-upgrade ARGS`; when it succeeds, the daemon this `Env` knows
+    /// is the new process from then on (the old one is reaped).
+    pub fn daemon_upgrade(&mut self, args: &[&str]) -> Ctl {
+        let old = self.pid();
+        let mut all = vec!["--json", "daemon-upgrade"];
+        all.extend(args);
+        let out = self.ctl(&all);
+        if out.code == 0 {
+            let new = out.json()["upgrade"]["new_pid"].as_u64().expect("new pid") as u32;
+            self.adopt(old, new);
+        }
+        out
+    }
+
+    /// The daemon `old` handed over to `new`: wait for `old` to be gone, then know `new`.
+    pub fn adopt(&mut self, old: u32, new: u32) {
+        match self.daemon.take() {
+            Some(mut child) if child.id() == old => {
+                let status = wait_with_deadline(&mut child, COMMAND_TIMEOUT);
+                assert!(status.is_some(), "the old fshostd {old} did not exit");
+            }
+            other => {
+                self.daemon = other;
+                let gone = eventually(COMMAND_TIMEOUT, || !alive(old));
+                assert!(gone, "the old fshostd {old} did not exit");
+            }
+        }
+        self.successor = Some(new);
     }
 
     pub fn log_text(&self) -> String {
@@ -359,6 +400,10 @@ impl Env {
 
     /// Sends SIGTERM and waits for the daemon to exit.
     pub fn terminate(&mut self) -> ExitStatus {
+        assert!(
+            self.successor.is_none(),
+            "after a daemon upgrade the daemon is not our child: use terminate_successor"
+        );
         let mut child = self.daemon.take().expect("daemon running");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(child.id() as i32),
@@ -366,6 +411,19 @@ impl Env {
         )
         .expect("send SIGTERM");
         wait_with_deadline(&mut child, COMMAND_TIMEOUT).expect("fshostd exits after SIGTERM")
+    }
+
+    /// Sends SIGTERM to the daemon that took over in a daemon upgrade and waits until it
+    /// is gone (its exit status is its parent's to read, not ours).
+    pub fn terminate_successor(&mut self) {
+        let pid = self.successor.take().expect("a daemon upgrade happened");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .expect("send SIGTERM");
+        let gone = eventually(COMMAND_TIMEOUT, || !alive(pid));
+        assert!(gone, "fshostd {pid} did not exit after SIGTERM");
     }
 
     /// Kills the daemon with SIGKILL (its mounts stay, dead) and starts a new one on the
@@ -419,11 +477,31 @@ impl Env {
     }
 }
 
+/// Whether process `pid` exists (and is not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat
+                .rsplit(") ")
+                .next()
+                .and_then(|rest| rest.chars().next());
+            !matches!(state, Some('Z') | Some('X') | None)
+        })
+        .unwrap_or(false)
+}
+
 impl Drop for Env {
     fn drop(&mut self) {
         if let Some(mut child) = self.daemon.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(pid) = self.successor.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            eventually(COMMAND_TIMEOUT, || !alive(pid));
         }
         // Whatever the test left mounted goes now, lazily, so a failed test never leaves a
         // mount behind (dead mounts of a killed daemon included).

@@ -75,6 +75,12 @@ impl BackingId {
         }
     }
 
+    /// The raw `backing_id` value as returned by the kernel, without giving up ownership
+    /// (for instance to name it to another process that will serve the connection).
+    pub fn as_raw(&self) -> u32 {
+        self.backing_id
+    }
+
     /// Converts this backing file reference into the raw `backing_id` value as returned by the kernel.
     ///
     /// This method transfers ownership of the backing file to the caller, who must invoke the

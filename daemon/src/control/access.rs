@@ -71,12 +71,13 @@ impl Policy {
             | Request::Status {}
             | Request::Stats { .. } => Ok(()),
             Request::Unmount { .. } => Ok(()),
-            Request::Load { .. } | Request::Unload { .. } | Request::Upgrade { .. } => {
-                Err(Refusal::NotAdmin {
-                    uid,
-                    group: self.group.clone(),
-                })
-            }
+            Request::Load { .. }
+            | Request::Unload { .. }
+            | Request::Upgrade { .. }
+            | Request::DaemonUpgrade { .. } => Err(Refusal::NotAdmin {
+                uid,
+                group: self.group.clone(),
+            }),
             Request::Mount {
                 plugin, options, ..
             } => {

@@ -19,28 +19,39 @@ use tokio::sync::watch;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 
 pub mod access;
+pub mod daemon_upgrade;
 pub mod metrics_http;
 
 use crate::config::Limits;
 use crate::host::{Caller, Drain, Host, HostError};
 use access::Policy;
+use daemon_upgrade::Upgrader;
 
-/// Accepts connections until `stop` turns true.
+/// Accepts connections until `stop` turns true (none while a daemon upgrade runs).
 pub async fn serve(
     listener: UnixListener,
     host: Arc<Host>,
     policy: Arc<Mutex<Policy>>,
+    upgrader: Arc<Upgrader>,
     mut stop: watch::Receiver<bool>,
 ) {
     let connections = Arc::new(Connections::default());
+    let mut accepting = upgrader.accepting();
     loop {
+        if !*accepting.borrow_and_update() {
+            tokio::select! {
+                _ = accepting.changed() => continue,
+                _ = stop.changed() => return,
+            }
+        }
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let (host, policy) = (Arc::clone(&host), Arc::clone(&policy));
                     let connections = Arc::clone(&connections);
+                    let upgrader = Arc::clone(&upgrader);
                     tokio::spawn(async move {
-                        admit_and_serve(stream, host, policy, &connections).await;
+                        admit_and_serve(stream, host, policy, upgrader, &connections).await;
                     });
                 }
                 Err(e) => {
@@ -49,6 +60,7 @@ pub async fn serve(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
+            _ = accepting.changed() => {}
             _ = stop.changed() => return,
         }
     }
@@ -132,6 +144,7 @@ async fn admit_and_serve(
     mut stream: UnixStream,
     host: Arc<Host>,
     policy: Arc<Mutex<Policy>>,
+    upgrader: Arc<Upgrader>,
     connections: &Connections,
 ) {
     let Ok(cred) = stream.peer_cred() else {
@@ -163,7 +176,7 @@ async fn admit_and_serve(
             return;
         }
     };
-    serve_connection(stream, host, policy, caller, &limits).await;
+    serve_connection(stream, host, policy, upgrader, caller, &limits).await;
     drop(slot);
 }
 
@@ -193,6 +206,7 @@ async fn serve_connection(
     stream: UnixStream,
     host: Arc<Host>,
     policy: Arc<Mutex<Policy>>,
+    upgrader: Arc<Upgrader>,
     caller: Caller,
     limits: &Limits,
 ) {
@@ -281,6 +295,7 @@ async fn serve_connection(
                         );
                         let response = run_request(
                             &host,
+                            &upgrader,
                             request,
                             caller,
                             &mut lines,
@@ -302,6 +317,10 @@ async fn serve_connection(
             .is_err()
         {
             return;
+        }
+        if let Some(Reply::DaemonUpgraded { upgrade }) = &response.result {
+            // Answered: the new process serves from here on.
+            upgrader.finish(upgrade);
         }
     }
 }
@@ -330,6 +349,7 @@ struct Queue {
 /// that arrive meanwhile are kept for later, up to the queue's bound.
 async fn run_request(
     host: &Arc<Host>,
+    upgrader: &Arc<Upgrader>,
     request: Request,
     caller: Caller,
     lines: &mut FramedRead<tokio::net::unix::OwnedReadHalf, LinesCodec>,
@@ -339,8 +359,9 @@ async fn run_request(
     let cancelled = Arc::new(AtomicBool::new(false));
     let task = tokio::task::spawn_blocking({
         let host = Arc::clone(host);
+        let upgrader = Arc::clone(upgrader);
         let cancelled = Arc::clone(&cancelled);
-        move || handle(&host, request, &caller, &cancelled)
+        move || handle(&host, &upgrader, request, &caller, &cancelled)
     });
     tokio::pin!(task);
     let outcome = loop {
@@ -365,6 +386,7 @@ async fn run_request(
 
 fn handle(
     host: &Host,
+    upgrader: &Upgrader,
     request: Request,
     caller: &Caller,
     cancelled: &AtomicBool,
@@ -417,6 +439,19 @@ fn handle(
             );
             Reply::Upgraded {
                 upgrade: host.upgrade(&name, path.as_deref(), timeout)?,
+            }
+        }
+        Request::DaemonUpgrade {
+            binary,
+            timeout_secs,
+        } => {
+            let timeout = Duration::from_secs(
+                timeout_secs
+                    .unwrap_or(DEFAULT_UPGRADE_SECS)
+                    .clamp(1, MAX_DRAIN_SECS),
+            );
+            Reply::DaemonUpgraded {
+                upgrade: upgrader.run(host, binary.as_deref(), caller, timeout)?,
             }
         }
         Request::Stats { filter } => Reply::Stats {

@@ -11,6 +11,11 @@ use super::{Effects, Host, HostError, PluginHandle};
 impl<E: Effects> Host<E> {
     pub fn load(&self, path: &str, name: Option<&str>) -> Result<PluginInfo, HostError> {
         let plugin = Arc::new(self.effects().open(path, name, &self.trust())?);
+        self.register(plugin)
+    }
+
+    /// Registers an opened library: `Registering`, `on_load`, `Live`.
+    pub(super) fn register(&self, plugin: Arc<E::Plugin>) -> Result<PluginInfo, HostError> {
         let name = plugin.name().to_string();
         let reserved =
             self.transition(|reg| reg.begin_load(&name, Arc::clone(&plugin), SystemTime::now()));

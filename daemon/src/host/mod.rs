@@ -21,6 +21,7 @@ use crate::plugin::LoadError;
 use crate::registry::{join_paths, mount_count, MountId, Registry, RegistryError};
 
 mod effects;
+mod handover;
 #[cfg(test)]
 mod interleavings;
 mod load;
@@ -32,6 +33,7 @@ mod unmount;
 mod upgrade;
 
 pub use effects::{Effects, MountRequest, PluginHandle, Real, TargetHandle};
+pub use handover::DaemonSide;
 pub use unload::{Drain, DrainEnd};
 
 /// How long an unmount waits for the FUSE session to end after the kernel detached it.
@@ -87,6 +89,12 @@ pub enum HostError {
         path: PathBuf,
         source: MoveError,
     },
+    #[error(
+        "daemon upgrade to {binary} failed: {why}; this fshostd serves on, every mount as before"
+    )]
+    DaemonUpgrade { binary: String, why: String },
+    #[error("permission denied: only root may run fshostd from another binary; leave out --binary to upgrade to the installed one")]
+    OtherBinary,
     #[error("plugin \"{name}\" {why}: {} left ({}); it is live again", mount_count(.mounts.len()), join_paths(.mounts))]
     DrainEnded {
         name: String,
@@ -108,7 +116,8 @@ impl HostError {
                 | RegistryError::MountpointInUse { .. }
                 | RegistryError::MountBusy { .. }
                 | RegistryError::ShuttingDown
-                | RegistryError::Upgrading { .. } => ErrorCode::Busy,
+                | RegistryError::Upgrading { .. }
+                | RegistryError::HandingOver => ErrorCode::Busy,
             },
             HostError::Load(LoadError::NotFound(_) | LoadError::NotInPluginDirs { .. }) => {
                 ErrorCode::NotFound
@@ -133,6 +142,8 @@ impl HostError {
             HostError::DrainEnded { .. } => ErrorCode::Timeout,
             HostError::CannotUpgrade { .. } => ErrorCode::InvalidPlugin,
             HostError::NoSuchMountOrPlugin(_) => ErrorCode::NotFound,
+            HostError::DaemonUpgrade { .. } => ErrorCode::Io,
+            HostError::OtherBinary => ErrorCode::PermissionDenied,
             HostError::UpgradeFailed { source, .. } => match source {
                 MoveError::Busy { .. } => ErrorCode::Timeout,
                 _ => ErrorCode::InvalidPlugin,

@@ -4,11 +4,10 @@
 //! at the end of `Session::run`, on the mount's own thread, after every session thread has
 //! exited. Only then does the mount count drop (see `mount::spawn`).
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fshost_sdk::abi::{
@@ -24,6 +23,7 @@ use fuser::{
 };
 
 use super::backend::Backend;
+use super::link::{Agreed, Handles, Link};
 pub use super::metrics::MountStats;
 
 pub struct Adapter<B: Backend> {
@@ -33,24 +33,13 @@ pub struct Adapter<B: Backend> {
     ttl: Duration,
     /// Flags for file opens (`-o keep_cache`: keep the page cache between opens).
     open_flags: FopenFlags,
-    /// `-o writeback`: ask the kernel for its writeback cache.
+    /// `-o writeback`: ask the kernel for its writeback cache (false if it refused).
     writeback: bool,
     /// Set in `init` when the plugin offers passthrough and the kernel accepted it.
     passthrough: bool,
-    /// For plugins that offer passthrough: the kernel sees our own file handles, mapped to
-    /// the plugin's and to the backing file (if the open went through passthrough).
-    handles: Mutex<Handles>,
-}
-
-/// Open files of a passthrough-capable plugin.
-#[derive(Default)]
-struct Handles {
-    next: u64,
-    /// our fh → (inode, plugin fh, uses the inode's backing file)
-    open: HashMap<u64, (u64, u64, bool)>,
-    /// inode → its backing file and the number of opens using it. The kernel wants one
-    /// backing file per inode, kept registered while any open uses it.
-    backing: HashMap<u64, (BackingId, usize)>,
+    /// The connection's state that outlives this process in a daemon upgrade: what INIT
+    /// agreed, and the open files' handles.
+    link: Arc<Link>,
 }
 
 /// What the kernel may cache for one mount (the daemon's mount options).
@@ -66,7 +55,9 @@ pub struct CachePolicy {
 }
 
 impl<B: Backend> Adapter<B> {
-    pub fn new(fs: B, stats: Arc<MountStats>, cache: &CachePolicy) -> Self {
+    pub fn new(fs: B, stats: Arc<MountStats>, cache: &CachePolicy, link: Arc<Link>) -> Self {
+        // A resumed connection keeps what its INIT agreed; a new one learns it in `init`.
+        let agreed = link.agreed();
         Adapter {
             fs,
             stats,
@@ -76,9 +67,9 @@ impl<B: Backend> Adapter<B> {
             } else {
                 FopenFlags::empty()
             },
-            writeback: cache.writeback,
-            passthrough: false,
-            handles: Mutex::new(Handles::default()),
+            writeback: agreed.map_or(cache.writeback, |a| a.writeback),
+            passthrough: agreed.is_some_and(|a| a.passthrough),
+            link,
         }
     }
 
@@ -110,7 +101,7 @@ impl<B: Backend> Adapter<B> {
     }
 
     fn handles(&self) -> std::sync::MutexGuard<'_, Handles> {
-        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+        self.link.handles()
     }
 
     /// The plugin's file handle for the kernel's.
@@ -301,6 +292,12 @@ impl<B: Backend> Filesystem for Adapter<B> {
                 tracing::info!(plugin = %self.fs.name(), "the kernel does not offer FUSE passthrough; the plugin serves reads and writes itself");
             }
         }
+        let abi = config.kernel_abi();
+        self.link.agree(Agreed {
+            version: (abi.0, abi.1),
+            writeback: self.writeback,
+            passthrough: self.passthrough,
+        });
         Ok(())
     }
 

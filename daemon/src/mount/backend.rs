@@ -50,16 +50,24 @@ pub struct Swappable {
     /// Whether calls are recorded at all (`-o nostats`: no statistics, and an upgrade that
     /// waits in vain cannot say which calls were in flight).
     record: bool,
+    /// The mount's connection state, which a daemon upgrade hands over with the instance's.
+    pub link: Arc<super::Link>,
 }
 
 impl Swappable {
-    pub fn new(hosted: Hosted, stats: Arc<MountStats>, record: bool) -> Arc<Swappable> {
+    pub fn new(
+        hosted: Hosted,
+        stats: Arc<MountStats>,
+        record: bool,
+        link: Arc<super::Link>,
+    ) -> Arc<Swappable> {
         Arc::new(Swappable {
             name: hosted.plugin.name.clone(),
             passthrough: hosted.plugin.library.offers_passthrough(),
             current: RwLock::new(hosted),
             stats,
             record,
+            link,
         })
     }
 }

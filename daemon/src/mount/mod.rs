@@ -4,6 +4,8 @@
 
 mod adapter;
 mod backend;
+mod handover;
+mod link;
 mod metrics;
 mod mountinfo;
 mod options;
@@ -15,14 +17,17 @@ mod upgrade;
 
 pub use adapter::{Adapter, CachePolicy, MountStats};
 pub use backend::{Backend, Direct, Hosted, Swappable};
+pub use handover::{export_mount, resume_mount, HandedMount, ResumedMount};
+pub use link::Link;
 pub use mountinfo::{fuse_waiting, kernel_mounts, KernelMount};
 pub use options::{plugin_options, SessionOptions};
 pub use session::{run_session, start_session};
 pub use stale::{answers_enotconn_as, detach_stale_mounts};
 pub use target::{
     answers_enotconn, detach_mount_at, mount_id_at, DetachError, MountTarget, TargetError,
+    TargetParts,
 };
-pub use upgrade::{move_mounts, MoveError, Moved, Moving};
+pub use upgrade::{move_mounts, pause_all, MoveError, Moved, Moving};
 
 use std::collections::BTreeMap;
 use std::io;
@@ -118,15 +123,18 @@ pub fn spawn(
             // From here on the session's adapter holds the only reference to the plugin
             // (an upgrade may replace it); dropping it (when the session ends) destroys
             // the instance.
+            let link = Arc::new(Link::default());
             let fs = Swappable::new(
                 Hosted::new(plugin, instance),
                 Arc::clone(&spec.stats),
                 spec.session.record_stats,
+                Arc::clone(&link),
             );
             let slot = Arc::clone(&fs);
             let session = start_session(
                 fs,
                 spec.stats,
+                link,
                 &spec.target,
                 spec.read_only,
                 spec.owner,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use fuser::{Config, Session};
 use nix::mount::MsFlags;
 
+use super::link::Link;
 use super::{tuning, Adapter, Backend, MountStats, MountTarget, SessionOptions};
 
 /// Makes the kernel mount on `target` and returns the `/dev/fuse` connection that serves
@@ -73,25 +74,55 @@ fn kernel_mount(
 pub fn start_session<B: Backend>(
     fs: B,
     stats: Arc<MountStats>,
+    link: Arc<Link>,
     target: &MountTarget,
     read_only: bool,
     owner: (u32, u32),
     options: &SessionOptions,
 ) -> io::Result<(Session<Adapter<B>>, u64)> {
     let name = fs.name().to_string();
-    let adapter = Adapter::new(fs, stats, &options.cache);
     let (fd, id) = kernel_mount(&name, target, read_only, options.allow_other, owner)?;
-    let mut config = Config::default();
-    config.n_threads = Some(options.threads);
+    // A duplicate stays with the link: a daemon upgrade hands it to the next process.
+    link.keep_fd(fd.try_clone()?);
+    let adapter = Adapter::new(fs, stats, &options.cache, link);
     // Who may use the mount is the kernel's decision (user_id=, allow_other); fuser's own
     // filter would only let the daemon's uid in, which is wrong for a user's mount.
-    let session =
-        Session::from_fd(adapter, fd, fuser::SessionACL::All, config).inspect_err(|_| {
+    let session = Session::from_fd(adapter, fd, fuser::SessionACL::All, config(options))
+        .inspect_err(|_| {
             // A failed handshake leaves a dead mount behind.
             let _ = target.detach(id, true);
         })?;
     tuning::tune(id, &target.path, options);
     Ok((session, id))
+}
+
+/// fuser's settings for a mount's session.
+fn config(options: &SessionOptions) -> Config {
+    let mut config = Config::default();
+    config.n_threads = Some(options.threads);
+    config
+}
+
+/// The session of a connection another fshostd initialised and handed over (a daemon
+/// upgrade): no INIT handshake, the adapter keeps what that INIT agreed. Nothing is read
+/// from the connection before `Session::run`.
+pub fn resume_session<B: Backend>(
+    fs: B,
+    stats: Arc<MountStats>,
+    link: Arc<Link>,
+    fuse: std::os::fd::OwnedFd,
+    options: &SessionOptions,
+) -> Session<Adapter<B>> {
+    let (major, minor) = link.agreed().map_or((7, 31), |a| a.version);
+    let adapter = Adapter::new(fs, stats, &options.cache, link);
+    // Who may use the mount is the kernel's decision (see `start_session`).
+    Session::from_initialized_fd(
+        adapter,
+        fuse,
+        fuser::SessionACL::All,
+        config(options),
+        fuser::Version(major, minor),
+    )
 }
 
 /// Serves `session` until the mount is gone.

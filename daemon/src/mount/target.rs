@@ -80,7 +80,41 @@ const RESOLVE: ResolveFlags = ResolveFlags::NO_SYMLINKS.union(ResolveFlags::NO_M
 // RESOLVE_NO_SYMLINKS refuses it with ELOOP instead, as every other component.
 const PATH_DIR: OFlags = OFlags::PATH.union(OFlags::DIRECTORY).union(OFlags::CLOEXEC);
 
+/// A mount target as it crosses to the next fshostd process (daemon upgrade); its two
+/// descriptors go beside it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct TargetParts {
+    pub path: PathBuf,
+    pub name: OsString,
+    pub uid: u32,
+    pub mode: u32,
+}
+
 impl MountTarget {
+    /// What to hand over: the parts, and duplicates of the parent's and the directory's
+    /// descriptors.
+    pub fn hand_over(&self) -> io::Result<(TargetParts, OwnedFd, OwnedFd)> {
+        let parts = TargetParts {
+            path: self.path.clone(),
+            name: self.name.clone(),
+            uid: self.uid,
+            mode: self.mode,
+        };
+        Ok((parts, self.parent.try_clone()?, self.dir.try_clone()?))
+    }
+
+    /// The target the previous process resolved, from what it handed over.
+    pub fn taken_over(parts: TargetParts, parent: OwnedFd, dir: OwnedFd) -> MountTarget {
+        MountTarget {
+            path: parts.path,
+            parent,
+            name: parts.name,
+            dir,
+            uid: parts.uid,
+            mode: parts.mode,
+        }
+    }
+
     /// Resolves `path` (absolute, normalized) without following any symlink.
     pub fn resolve(path: &Path) -> Result<MountTarget, TargetError> {
         let (parent, name, dir) = open_beneath_no_symlinks(path)?;

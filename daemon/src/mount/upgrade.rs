@@ -6,7 +6,7 @@
 //! and resumes the old ones untouched: nothing changed.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -81,22 +81,34 @@ pub fn move_mounts(
     crate::plugin::on_fresh_thread(|| move_all(new, mounts, timeout))
 }
 
-fn move_all(new: &Arc<Plugin>, mounts: &[Moving], timeout: Duration) -> Result<Moved, MoveError> {
+/// A paused mount: its backend held alone.
+pub type Paused<'a> = parking_lot::RwLockWriteGuard<'a, Hosted>;
+
+/// Pauses every mount of `mounts` (path, backend) within `timeout` in all: requests in
+/// flight finish, new ones wait until the guards go.
+pub fn pause_all<'a>(
+    mounts: impl IntoIterator<Item = (&'a Path, &'a Swappable)>,
+    timeout: Duration,
+) -> Result<Vec<Paused<'a>>, MoveError> {
     let deadline = Instant::now() + timeout;
-    let started = Instant::now();
-    let mut paused = Vec::with_capacity(mounts.len());
-    for mount in mounts {
-        let guard = mount
-            .slot
+    let mut paused = Vec::new();
+    for (path, slot) in mounts {
+        let guard = slot
             .current
             .try_write_until(deadline)
             .ok_or_else(|| MoveError::Busy {
-                path: mount.path.clone(),
+                path: path.to_path_buf(),
                 waited: timeout,
-                in_flight: mount.slot.stats.in_flight(),
+                in_flight: slot.stats.in_flight(),
             })?;
         paused.push(guard);
     }
+    Ok(paused)
+}
+
+fn move_all(new: &Arc<Plugin>, mounts: &[Moving], timeout: Duration) -> Result<Moved, MoveError> {
+    let started = Instant::now();
+    let paused = pause_all(mounts.iter().map(|m| (m.path.as_path(), &*m.slot)), timeout)?;
     let mut state_bytes = 0u64;
     let mut next = Vec::with_capacity(mounts.len());
     for (mount, current) in mounts.iter().zip(&paused) {

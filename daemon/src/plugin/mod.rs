@@ -145,6 +145,9 @@ pub fn valid_name(name: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
+/// Numbers the private copies of this process (their memfd names).
+static NEXT_COPY: AtomicU64 = AtomicU64::new(1);
+
 /// Opens a plugin: opens the file once, checks it (trust, ELF) on that descriptor, copies it
 /// into a sealed memfd, maps that copy and runs the ABI gate.
 ///
@@ -153,8 +156,6 @@ pub fn valid_name(name: &str) -> bool {
 /// are two independent libraries. In memory it has no name in any directory that anyone
 /// could race, and sealed it cannot change after the checks.
 pub fn load(path: &Path, name_override: Option<&str>, trust: &Trust) -> Result<Plugin, LoadError> {
-    static NEXT_COPY: AtomicU64 = AtomicU64::new(1);
-
     let unreadable = |source| LoadError::Unreadable {
         path: path.to_path_buf(),
         source,
@@ -202,6 +203,46 @@ pub fn load(path: &Path, name_override: Option<&str>, trust: &Trust) -> Result<P
         }
         file.rewind().map_err(unreadable)?;
     };
+    open_copy(copy, copy_name, path, name_override)
+}
+
+/// Opens a plugin from the private copy a previous fshostd process loaded it from (daemon
+/// upgrade): the same code, whatever the file at `source` holds now. It was checked when
+/// it was first loaded; it is copied again, under a name of this process.
+pub fn load_handed(image: fs::File, source: &Path, name: &str) -> Result<Plugin, LoadError> {
+    let copy_name = format!(
+        "fshost-{}-{}",
+        NEXT_COPY.fetch_add(1, Ordering::Relaxed),
+        source
+            .file_name()
+            .map_or_else(|| "plugin.so".into(), |n| n.to_string_lossy())
+    );
+    let mut image = image;
+    image.rewind().map_err(|source_err| LoadError::Copy {
+        path: source.to_path_buf(),
+        source: source_err,
+    })?;
+    let copy = private_copy(&mut image, &copy_name).map_err(|e| LoadError::Copy {
+        path: source.to_path_buf(),
+        source: e,
+    })?;
+    open_copy(copy, copy_name, source, Some(name))
+}
+
+/// The loaded library's private copy, to hand to the next fshostd process.
+impl Plugin {
+    pub fn image(&self) -> std::io::Result<OwnedFd> {
+        self.image.try_clone()
+    }
+}
+
+/// Checks a private copy, maps it and runs the ABI gate.
+fn open_copy(
+    copy: fs::File,
+    copy_name: String,
+    path: &Path,
+    name_override: Option<&str>,
+) -> Result<Plugin, LoadError> {
     check_segments(&copy).map_err(|reason| LoadError::Incomplete {
         path: path.to_path_buf(),
         reason,

@@ -219,6 +219,43 @@ fn drain_refuses_new_mounts_and_finishes_only_without_mounts() {
 }
 
 #[test]
+fn a_handover_freezes_everything_until_it_ends() {
+    let mut reg = Reg::new();
+    live(&mut reg, "memfs");
+    live(&mut reg, "hellofs");
+    mount(&mut reg, "memfs", "/m").unwrap();
+    // Only a settled registry is handed over: not with a mount still being made.
+    let (_, pending) = reg
+        .reserve_mount("hellofs", Path::new("/h"), BTreeMap::new(), false, 0, now())
+        .unwrap();
+    let err = refused(&mut reg, |r| r.begin_handover());
+    assert!(matches!(err, RegistryError::MountBusy { .. }), "{err}");
+    assert!(reg.release_mount(Path::new("/h"), pending));
+    // Nor while a plugin is being upgraded.
+    reg.begin_upgrade("memfs", Arc::new(8)).unwrap();
+    let err = refused(&mut reg, |r| r.begin_handover());
+    assert!(matches!(err, RegistryError::Upgrading { .. }), "{err}");
+    reg.abort_upgrade("memfs").unwrap();
+    let (plugins, mounts) = reg.begin_handover().unwrap();
+    let names: Vec<&str> = plugins.iter().map(|p| p.0.as_str()).collect();
+    assert_eq!(names, ["hellofs", "memfs"]);
+    assert_eq!(mounts.len(), 1);
+    // Frozen: nothing starts, and a second handover is refused too.
+    let frozen = |err: RegistryError| assert_eq!(err, RegistryError::HandingOver);
+    frozen(refused(&mut reg, |r| r.begin_load("x", Arc::new(1), now())));
+    frozen(refused(&mut reg, |r| mount(r, "memfs", "/n")));
+    frozen(refused(&mut reg, |r| r.begin_unmount(Path::new("/m"))));
+    frozen(refused(&mut reg, |r| r.begin_unload("hellofs")));
+    frozen(refused(&mut reg, |r| r.begin_drain("hellofs")));
+    frozen(refused(&mut reg, |r| r.begin_upgrade("hellofs", Arc::new(9))));
+    frozen(refused(&mut reg, |r| r.begin_handover()));
+    // A failed handover thaws it.
+    reg.end_handover();
+    reg.begin_unload("hellofs").unwrap();
+    mount(&mut reg, "memfs", "/n").unwrap();
+}
+
+#[test]
 fn closed_registry_refuses_new_loads_and_mounts_but_allows_teardown() {
     let mut reg = Reg::new();
     live(&mut reg, "memfs");

@@ -14,6 +14,8 @@
 //! Environment of the daemon (plugin-wide hooks take no options):
 //! - `FAULTFS_FAIL_LOAD=1`: `on_load` fails (EIO);
 //! - `FAULTFS_FAIL_LOAD_GENERATION=N`: `on_load` of generation N fails (EIO);
+//! - `FAULTFS_FAIL_LOAD_IF=PATH`: `on_load` fails (EIO) while PATH exists (a later load,
+//!   in a daemon upgrade's new process say, fails where the first succeeded);
 //! - `FAULTFS_LEAK_THREAD=1`: `on_load` starts a thread that never ends, which keeps the
 //!   library mapped after `dlclose` (what plugins must not do).
 

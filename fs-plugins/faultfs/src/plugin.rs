@@ -2,6 +2,7 @@
 //! (`fs-plugins/faultfs-next`): see the crate docs for what it does on request.
 
 use std::ffi::OsStr;
+use std::path::Path;
 use std::time::Duration;
 
 use std::io::Write;
@@ -93,6 +94,9 @@ impl Plugin for FaultFs {
         }
         let failing = std::env::var("FAULTFS_FAIL_LOAD_GENERATION");
         if failing.is_ok_and(|n| n == GENERATION.to_string()) {
+            return Err(Errno::EIO);
+        }
+        if std::env::var_os("FAULTFS_FAIL_LOAD_IF").is_some_and(|path| Path::new(&path).exists()) {
             return Err(Errno::EIO);
         }
         if std::env::var_os("FAULTFS_LEAK_THREAD").is_some() {

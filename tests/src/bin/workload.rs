@@ -3,8 +3,9 @@
 //! file open for reading and writing and a shared memory map of another, and it checks
 //! every answer against its own copy of what it wrote.
 //!
-//! Usage: workload DIR   (runs until its stdin closes, then prints `ops=N errors=M` and
-//! the errors, if any, one per line)
+//! Usage: workload DIR [MAP_BYTES]   (runs until its stdin closes, then prints
+//! `ops=N errors=M` and the errors, if any, one per line; the map is 64 KiB unless given;
+//! the file `ready` appears in DIR when the loop begins)
 
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -13,11 +14,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 const FILE_SIZE: usize = 1 << 20;
-const MAP_SIZE: usize = 64 << 10;
 const CHUNK: usize = 4096;
 
 fn main() {
-    let dir = std::env::args().nth(1).expect("usage: workload DIR");
+    let dir = std::env::args()
+        .nth(1)
+        .expect("usage: workload DIR [MAP_BYTES]");
+    let map_size: usize = std::env::args()
+        .nth(2)
+        .map_or(64 << 10, |n| n.parse().expect("MAP_BYTES is a number"));
     std::env::set_current_dir(&dir).expect("chdir into the mount");
     let here = std::fs::metadata(".").expect("stat .");
     let open = |name: &str| {
@@ -32,14 +37,14 @@ fn main() {
     let file = open("rw.dat");
     file.set_len(FILE_SIZE as u64).unwrap();
     let mapped = open("map.dat");
-    mapped.set_len(MAP_SIZE as u64).unwrap();
+    mapped.set_len(map_size as u64).unwrap();
     let file_ino = file.metadata().unwrap().ino();
     // SAFETY: a fresh shared mapping of a file this process created and nobody else
     // touches; the slice below is only used while the mapping lives.
     let map = unsafe {
         rustix::mm::mmap(
             std::ptr::null_mut(),
-            MAP_SIZE,
+            map_size,
             rustix::mm::ProtFlags::READ | rustix::mm::ProtFlags::WRITE,
             rustix::mm::MapFlags::SHARED,
             &mapped,
@@ -47,8 +52,8 @@ fn main() {
         )
     }
     .expect("mmap");
-    // SAFETY: as above; MAP_SIZE bytes mapped read-write.
-    let map = unsafe { std::slice::from_raw_parts_mut(map.cast::<u8>(), MAP_SIZE) };
+    // SAFETY: as above; `map_size` bytes mapped read-write.
+    let map = unsafe { std::slice::from_raw_parts_mut(map.cast::<u8>(), map_size) };
 
     let stop = Arc::new(AtomicBool::new(false));
     let stopper = Arc::clone(&stop);
@@ -58,7 +63,15 @@ fn main() {
     });
 
     let mut shadow = vec![0u8; FILE_SIZE];
-    let mut map_shadow = vec![0u8; MAP_SIZE];
+    let mut map_shadow = vec![0u8; map_size];
+    // Every page of a large map is written once before the loop, so that the whole map
+    // is the plugin's to keep (and to hand over) from the start.
+    for page in (0..map_size).step_by(4096) {
+        map[page] = (page / 4096) as u8 | 1;
+        map_shadow[page] = map[page];
+    }
+    // Tells the test the loop begins.
+    File::create("ready").expect("create ready");
     let mut errors: Vec<String> = Vec::new();
     let mut ops = 0u64;
     let mut rng = 0x9e37_79b9_7f4a_7c15u64;
@@ -81,10 +94,19 @@ fn main() {
             Ok(n) if n == CHUNK && back == shadow[at..at + CHUNK] => {}
             other => errors.push(format!("read at {at}: {other:?}, content differs")),
         }
-        let m = value as usize % MAP_SIZE;
+        let m = value as usize % map_size;
         map[m] = (value >> 8) as u8;
         map_shadow[m] = map[m];
-        if map != map_shadow.as_slice() {
+        // A small map is compared whole each time, a large one at 64 places.
+        let changed = if map_size <= 64 << 10 {
+            map != map_shadow.as_slice()
+        } else {
+            (0..64).any(|_| {
+                let i = next() as usize % map_size;
+                map[i] != map_shadow[i]
+            })
+        };
+        if changed {
             errors.push("the memory map changed under us".into());
         }
         match (std::fs::metadata("."), std::fs::metadata("rw.dat")) {
@@ -101,7 +123,7 @@ fn main() {
     let _ = unsafe {
         rustix::mm::msync(
             map.as_mut_ptr().cast(),
-            MAP_SIZE,
+            map_size,
             rustix::mm::MsyncFlags::SYNC,
         )
     };
@@ -109,7 +131,10 @@ fn main() {
     if file.read_exact_at(&mut whole, 0).is_err() || whole != shadow {
         errors.push("rw.dat differs from what was written".into());
     }
-    let mut on_disk = vec![0u8; MAP_SIZE];
+    if map != map_shadow.as_slice() {
+        errors.push("the memory map differs from what was stored through it".into());
+    }
+    let mut on_disk = vec![0u8; map_size];
     let mut reopened = File::open("map.dat").unwrap();
     if reopened.read_exact(&mut on_disk).is_err() || on_disk != map_shadow {
         errors.push("map.dat differs from what was stored through the map".into());

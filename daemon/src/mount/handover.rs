@@ -1,0 +1,162 @@
+//! One mount crossing to the next fshostd process (daemon upgrade). The old process pauses
+//! the mount (its backend lock taken alone, as a plugin upgrade does), exports the
+//! instance's state and the connection's ([`export_mount`]); the new process makes an
+//! instance of the same plugin, imports the state and builds a session on the handed
+//! `/dev/fuse` descriptor without INIT ([`resume_mount`]). Nothing is read from the
+//! connection until the old process is gone ([`ResumedMount::start`]): then the kernel is
+//! asked to queue again what the old process read and never answered.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use fshost_sdk::StateWriter;
+use fuser::Session;
+use serde::{Deserialize, Serialize};
+
+use super::backend::{Backend, Hosted, Swappable};
+use super::link::{Link, LinkState};
+use super::options::plugin_options;
+use super::session::{resume_session, run_session};
+use super::upgrade::MoveError;
+use super::{Adapter, MountStats, MountTarget, SessionOptions};
+use crate::plugin::Plugin;
+
+/// What the old process says of one mount's connection and instance.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandedMount {
+    pub link: LinkState,
+    /// Bytes of instance state (sent beside, in a file of its own).
+    pub state_bytes: u64,
+}
+
+/// Exports the state of a paused mount (`current`: its backend, held alone) into `out`.
+pub fn export_mount(
+    path: &std::path::Path,
+    slot: &Swappable,
+    current: &Hosted,
+    out: &mut impl Write,
+) -> Result<HandedMount, MoveError> {
+    let link = slot.link.state().ok_or_else(|| MoveError::Export {
+        path: path.to_path_buf(),
+        errno: fshost_sdk::Errno(libc::EAGAIN),
+        panic: Some("its FUSE session is not initialised yet".into()),
+    })?;
+    let mut state_bytes = 0u64;
+    let mut failed = false;
+    StateWriter::over(
+        &mut |chunk| {
+            state_bytes += chunk.len() as u64;
+            let ok = out.write_all(chunk).is_ok();
+            failed |= !ok;
+            ok
+        },
+        |writer| current.export_state(writer),
+    )
+    .map_err(|errno| MoveError::Export {
+        path: path.to_path_buf(),
+        errno: if failed {
+            fshost_sdk::Errno::EIO
+        } else {
+            errno
+        },
+        panic: current.plugin.library.taint(),
+    })?;
+    Ok(HandedMount { link, state_bytes })
+}
+
+/// A mount made again in the new process, not yet served.
+pub struct ResumedMount {
+    session: Session<Adapter<Arc<Swappable>>>,
+    link: Arc<Link>,
+    state: LinkState,
+}
+
+/// Makes an instance of `plugin` for a handed-over mount, gives it the old instance's
+/// `state`, and builds the session on `fuse`. Dropping the result before `start` leaves
+/// the connection as it was (the old process still holds it and its backing ids).
+#[allow(clippy::too_many_arguments)]
+pub fn resume_mount(
+    path: &std::path::Path,
+    plugin: Arc<Plugin>,
+    options: &BTreeMap<String, String>,
+    session: &SessionOptions,
+    stats: Arc<MountStats>,
+    fuse: OwnedFd,
+    handed: &HandedMount,
+    state: &[u8],
+) -> Result<(ResumedMount, Arc<Swappable>), MoveError> {
+    let path = || -> PathBuf { path.to_path_buf() };
+    let instance = plugin
+        .library
+        .create(plugin_options(options))
+        .map_err(|errno| MoveError::Create {
+            path: path(),
+            errno,
+            panic: plugin.library.taint(),
+        })?;
+    let hosted = Hosted::new(Arc::clone(&plugin), instance);
+    hosted
+        .import_state(state)
+        .map_err(|errno| MoveError::Import {
+            path: path(),
+            state_bytes: state.len(),
+            errno,
+            panic: plugin.library.taint(),
+        })?;
+    let kept = fuse.try_clone().map_err(|e| MoveError::Create {
+        path: path(),
+        errno: fshost_sdk::Errno(e.raw_os_error().unwrap_or(libc::EIO)),
+        panic: None,
+    })?;
+    let link = Arc::new(Link::resumed(kept, &handed.link));
+    let fs = Swappable::new(
+        hosted,
+        Arc::clone(&stats),
+        session.record_stats,
+        Arc::clone(&link),
+    );
+    let session = resume_session(Arc::clone(&fs), stats, Arc::clone(&link), fuse, session);
+    Ok((
+        ResumedMount {
+            session,
+            link,
+            state: handed.link.clone(),
+        },
+        fs,
+    ))
+}
+
+impl ResumedMount {
+    /// Serves the mount from now on (the old process is gone): adopts its backing ids,
+    /// asks the kernel to queue again the requests it read and never answered, and runs
+    /// the session on a thread of its own; `on_end` runs when the session has ended.
+    pub fn start(
+        self,
+        target: Arc<MountTarget>,
+        kernel_id: u64,
+        on_end: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<()> {
+        let ResumedMount {
+            session,
+            link,
+            state,
+        } = self;
+        // Each backing id of the handed state was registered on this connection by the
+        // previous process, which is gone; each is wrapped once, here.
+        link.adopt_backing(&state, |raw| crate::sys::adopt_backing_id(&session, raw));
+        if let Err(e) = session.notifier().resend() {
+            // Before Linux 6.9: requests the old process had read stay unanswered.
+            tracing::warn!(mountpoint = %target.path.display(), error = %e, "the kernel cannot re-send requests (FUSE_NOTIFY_RESEND needs Linux 6.9)");
+        }
+        std::thread::Builder::new()
+            .name("mount:resumed".into())
+            .spawn(move || {
+                run_session(session, &target, kernel_id);
+                on_end();
+            })
+            .map(drop)
+    }
+}

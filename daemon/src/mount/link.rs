@@ -1,0 +1,121 @@
+//! What a mount's FUSE connection carries beyond the plugin instance: the `/dev/fuse`
+//! descriptor, what the kernel and we agreed at INIT, and the open files' handles of a
+//! passthrough plugin (ours, the plugin's, and the backing ids registered on the
+//! connection). A daemon upgrade hands all of it to the next process ([`LinkState`]).
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+use fuser::BackingId;
+use serde::{Deserialize, Serialize};
+
+/// What INIT agreed for a connection, which a resumed session must keep to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Agreed {
+    /// The protocol version the kernel reported.
+    pub version: (u32, u32),
+    /// The kernel's writeback cache is on.
+    pub writeback: bool,
+    /// FUSE passthrough is on.
+    pub passthrough: bool,
+}
+
+/// Open files of a passthrough-capable plugin.
+#[derive(Default)]
+pub struct Handles {
+    pub next: u64,
+    /// our fh → (inode, plugin fh, uses the inode's backing file)
+    pub open: HashMap<u64, (u64, u64, bool)>,
+    /// inode → its backing file and the number of opens using it. The kernel wants one
+    /// backing file per inode, kept registered while any open uses it.
+    pub backing: HashMap<u64, (BackingId, usize)>,
+}
+
+/// One mount's connection state (see the module docs).
+#[derive(Default)]
+pub struct Link {
+    fuse: OnceLock<OwnedFd>,
+    agreed: Mutex<Option<Agreed>>,
+    handles: Mutex<Handles>,
+}
+
+/// A connection's state as it crosses to the next process; the descriptor goes beside it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LinkState {
+    pub agreed: Agreed,
+    pub next: u64,
+    pub open: Vec<(u64, u64, u64, bool)>,
+    /// inode → (raw backing id, opens using it)
+    pub backing: Vec<(u64, u32, usize)>,
+}
+
+impl Link {
+    /// The state of a connection handed over by the previous process. Its backing ids
+    /// are adopted later ([`Link::adopt_backing`]), once that process is gone.
+    pub fn resumed(fuse: OwnedFd, state: &LinkState) -> Link {
+        let link = Link::default();
+        let _ = link.fuse.set(fuse);
+        *link.agreed.lock().unwrap_or_else(|e| e.into_inner()) = Some(state.agreed);
+        {
+            let mut handles = link.handles();
+            handles.next = state.next;
+            handles.open = state
+                .open
+                .iter()
+                .map(|&(fh, ino, plugin_fh, passthrough)| (fh, (ino, plugin_fh, passthrough)))
+                .collect();
+        }
+        link
+    }
+
+    /// Keeps a duplicate of the connection's descriptor, to hand it over later.
+    pub fn keep_fd(&self, fuse: OwnedFd) {
+        let _ = self.fuse.set(fuse);
+    }
+
+    pub fn fd(&self) -> Option<&OwnedFd> {
+        self.fuse.get()
+    }
+
+    pub fn agree(&self, agreed: Agreed) {
+        *self.agreed.lock().unwrap_or_else(|e| e.into_inner()) = Some(agreed);
+    }
+
+    pub fn agreed(&self) -> Option<Agreed> {
+        *self.agreed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn handles(&self) -> MutexGuard<'_, Handles> {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state to hand over; `None` while INIT has not happened.
+    pub fn state(&self) -> Option<LinkState> {
+        let agreed = self.agreed()?;
+        let handles = self.handles();
+        Some(LinkState {
+            agreed,
+            next: handles.next,
+            open: handles
+                .open
+                .iter()
+                .map(|(&fh, &(ino, plugin_fh, passthrough))| (fh, ino, plugin_fh, passthrough))
+                .collect(),
+            backing: handles
+                .backing
+                .iter()
+                .map(|(&ino, (id, users))| (ino, id.as_raw(), *users))
+                .collect(),
+        })
+    }
+
+    /// Takes ownership of the backing ids the previous process registered (`wrap` makes
+    /// each a `BackingId` of this session); from now on their last release closes them.
+    pub fn adopt_backing(&self, state: &LinkState, wrap: impl Fn(u32) -> BackingId) {
+        let mut handles = self.handles();
+        for &(ino, raw, users) in &state.backing {
+            handles.backing.insert(ino, (wrap(raw), users));
+        }
+    }
+}

@@ -67,13 +67,15 @@ static int readdir(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh, uint6
 }
 
 /* Stateless: an upgrade hands over nothing, and a new instance serves the same files. */
-static int export_state(void *inst, fshost_write_state write, void *write_buf) {
-    (void)inst, (void)write, (void)write_buf;
+static int export_state(void *inst, fshost_write_state write, fshost_share_fd share_fd,
+                        void *write_buf) {
+    (void)inst, (void)write, (void)share_fd, (void)write_buf;
     return 0;
 }
 
-static int import_state(void *inst, const uint8_t *state, size_t size) {
-    (void)inst, (void)state;
+static int import_state(void *inst, const uint8_t *state, size_t size, fshost_take_fd take_fd,
+                        void *fds) {
+    (void)inst, (void)state, (void)take_fd, (void)fds;
     return size == 0 ? 0 : EINVAL;
 }
 

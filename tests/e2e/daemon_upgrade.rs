@@ -72,22 +72,40 @@ fn busy_programs_work_on_through_ten_daemon_upgrades() {
         return;
     }
     let mut env = Env::start();
-    env.ctl(&["load", "memfs"]).ok();
-    env.ctl(&["load", "hellofs"]).ok();
-    let (mem, hello) = (env.mountpoint("m"), env.mountpoint("h"));
+    for plugin in ["memfs", "hellofs", "passthroughfs"] {
+        env.ctl(&["load", plugin]).ok();
+    }
+    let (mem, hello, pass) = (
+        env.mountpoint("m"),
+        env.mountpoint("h"),
+        env.mountpoint("p"),
+    );
+    let source = env.mountpoint("source");
     env.ctl(&["mount", "memfs", path_str(&mem)]).ok();
     env.ctl(&["mount", "hellofs", path_str(&hello)]).ok();
+    let source_option = format!("source={}", path_str(&source));
+    env.ctl(&[
+        "mount",
+        "passthroughfs",
+        path_str(&pass),
+        "-o",
+        &source_option,
+    ])
+    .ok();
     let before = mount_list(&env);
     fs::create_dir(mem.join("work")).unwrap();
     let identity = |path: &Path| fs::metadata(path).map(|m| (m.ino(), m.mtime_nsec(), m.len()));
     let hello_text = fs::read(hello.join("hello")).unwrap();
     let hello_id = identity(&hello.join("hello")).unwrap();
-    // The workload keeps a 100 MiB shared map of a memfs file, an open file, its cwd.
+    // The workloads keep a shared map (100 MiB in memfs), an open file, their cwd; the
+    // passthroughfs one's files are open through FUSE passthrough (backing ids).
+    fs::create_dir(pass.join("work")).unwrap();
     let busy = workload(&mem.join("work"), 100 << 20);
-    // Let it write every page of its map first.
-    assert!(eventually(Duration::from_secs(60), || mem
-        .join("work/ready")
-        .exists()));
+    let busy_pass = workload(&pass.join("work"), 64 << 10);
+    // Let them write every page of their maps first.
+    assert!(eventually(Duration::from_secs(60), || {
+        mem.join("work/ready").exists() && pass.join("work/ready").exists()
+    }));
     let mut pids = vec![env.pid()];
     let mut pauses = Vec::new();
     for round in 0..10 {
@@ -99,7 +117,7 @@ fn busy_programs_work_on_through_ten_daemon_upgrades() {
                 upgrade["old_pid"].as_u64(),
                 Some(u64::from(*pids.last().unwrap()))
             );
-            assert_eq!(upgrade["mounts"].as_array().unwrap().len(), 2, "{upgrade}");
+            assert_eq!(upgrade["mounts"].as_array().unwrap().len(), 3, "{upgrade}");
             pauses.push(upgrade["pause_us"].as_u64().unwrap());
             upgrade["new_pid"].as_u64().unwrap() as u32
         } else {
@@ -126,15 +144,22 @@ fn busy_programs_work_on_through_ten_daemon_upgrades() {
         assert_eq!(identity(&hello.join("hello")).unwrap(), hello_id);
     }
     let report = finish(busy, "memfs");
-    eprintln!("workload {report}; pauses (µs): {pauses:?}; pids {pids:?}");
+    let report_pass = finish(busy_pass, "passthroughfs");
+    eprintln!("workloads: memfs {report}, passthroughfs {report_pass}; pauses (µs): {pauses:?}; pids {pids:?}");
+    // What passthroughfs wrote is in its source directory.
+    assert_eq!(
+        fs::read(source.join("work/rw.dat")).unwrap(),
+        fs::read(pass.join("work/rw.dat")).unwrap()
+    );
     // Still the same plugins, generation 1: a daemon upgrade is not a plugin upgrade.
-    for name in ["memfs", "hellofs"] {
+    for name in ["memfs", "hellofs", "passthroughfs"] {
         let info = env.ctl(&["--json", "info", name]).ok().json();
         assert_eq!(info["plugin"]["generation"], 1, "{info}");
     }
     // The last daemon owns the mounts as the first did: they unmount, and stop takes the
     // rest.
     env.ctl(&["unmount", path_str(&hello)]).ok();
+    env.ctl(&["unmount", path_str(&pass)]).ok();
     env.terminate_successor();
     assert!(
         fshost_tests::fshost_mounts_below(env.dir.path()).is_empty(),

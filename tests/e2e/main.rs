@@ -277,6 +277,22 @@ fn bad_input_is_refused_clearly_and_the_daemon_stays_healthy() {
         1,
         "built for plugin ABI version 999",
     );
+    // A plugin built for ABI version 1 loads and serves; its export_state/import_state
+    // have version 1's signatures, so it cannot hand state over until rebuilt.
+    let v1 = env.compile_c_plugin("v1", MINIMAL_C, &["ABI_VERSION=1", "V1_UPGRADE"]);
+    env.ctl(&["load", path_str(&v1)]).ok();
+    let v1_mount = env.mountpoint("v1");
+    env.ctl(&["mount", "minimal", path_str(&v1_mount)]).ok();
+    let info = env.ctl(&["--json", "info", "minimal"]).ok().json();
+    assert_eq!(info["plugin"]["abi_version"], 1, "{info}");
+    refused(
+        &env,
+        &["upgrade", "minimal"],
+        1,
+        "cannot hand its mounts' state over",
+    );
+    env.ctl(&["unmount", path_str(&v1_mount)]).ok();
+    env.ctl(&["unload", "minimal"]).ok();
     let small = env.compile_c_plugin("small", MINIMAL_C, &["STRUCT_SIZE=16"]);
     refused(
         &env,

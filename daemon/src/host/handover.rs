@@ -135,14 +135,6 @@ impl Host<Real> {
             mounts: Vec::new(),
         };
         for (name, plugin, generation, loaded_at) in &plugins {
-            // Until descriptors in a plugin's state can cross processes (SharedFd names a
-            // descriptor of this process), a plugin that hands files over cannot move.
-            if plugin.library.offers_passthrough() && mounts.iter().any(|(_, r)| &r.plugin == name)
-            {
-                return Err(fail(format!(
-                    "plugin \"{name}\" hands open files over, which cannot cross to another process yet; unmount its mounts first"
-                )));
-            }
             outgoing.push(plugin.image().map_err(|e| fail(e.to_string()))?);
             manifest.plugins.push(PluginOut {
                 name: name.clone(),
@@ -171,8 +163,9 @@ impl Host<Real> {
         let mut state_bytes = 0;
         for ((path, record, side, slot), current) in sides.iter().zip(&paused) {
             let mut state = handover::memfd("fshost-state").map_err(|e| fail(e.to_string()))?;
-            let handed = mount::export_mount(path, slot, current, &mut state)
+            let (mut handed, state_fds) = mount::export_mount(path, slot, current, &mut state)
                 .map_err(|e| fail(e.to_string()))?;
+            handed.state_fds = state_fds.into_iter().map(|fd| outgoing.push(fd)).collect();
             state_bytes += handed.state_bytes;
             let (target, parent, dir) = side.target.hand_over().map_err(|e| fail(e.to_string()))?;
             let fuse = slot
@@ -265,6 +258,13 @@ impl Host<Real> {
             let state = received
                 .read_state(out.fds.state, out.handed.state_bytes)
                 .map_err(|e| what(e.to_string()))?;
+            let state_fds = out
+                .handed
+                .state_fds
+                .iter()
+                .map(|&i| received.take(i))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| what(e.to_string()))?;
             let fuse = received
                 .take(out.fds.fuse)
                 .map_err(|e| what(e.to_string()))?;
@@ -303,6 +303,7 @@ impl Host<Real> {
                 fuse,
                 &out.handed,
                 &state,
+                &state_fds,
             )
             .map_err(|e| what(e.to_string()))?;
             let _ = side.slot.set(slot);

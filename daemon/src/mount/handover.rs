@@ -9,18 +9,15 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
 use std::sync::Arc;
 
-use fshost_sdk::StateWriter;
 use fuser::Session;
 use serde::{Deserialize, Serialize};
 
-use super::backend::{Backend, Hosted, Swappable};
+use super::backend::{Hosted, Swappable};
 use super::link::{Link, LinkState};
-use super::options::plugin_options;
 use super::session::{resume_session, run_session};
-use super::upgrade::MoveError;
+use super::upgrade::{export, instance_from, MoveError};
 use super::{Adapter, MountStats, MountTarget, SessionOptions};
 use crate::plugin::Plugin;
 
@@ -30,41 +27,43 @@ pub struct HandedMount {
     pub link: LinkState,
     /// Bytes of instance state (sent beside, in a file of its own).
     pub state_bytes: u64,
+    /// The descriptors the state names, as indices of those handed over.
+    pub state_fds: Vec<usize>,
 }
 
-/// Exports the state of a paused mount (`current`: its backend, held alone) into `out`.
+/// Exports the state of a paused mount (`current`: its backend, held alone) into `out`;
+/// returns it with duplicates of the descriptors the state names.
 pub fn export_mount(
     path: &std::path::Path,
     slot: &Swappable,
     current: &Hosted,
     out: &mut impl Write,
-) -> Result<HandedMount, MoveError> {
+) -> Result<(HandedMount, Vec<OwnedFd>), MoveError> {
     let link = slot.link.state().ok_or_else(|| MoveError::Export {
         path: path.to_path_buf(),
         errno: fshost_sdk::Errno(libc::EAGAIN),
         panic: Some("its FUSE session is not initialised yet".into()),
     })?;
     let mut state_bytes = 0u64;
-    let mut failed = false;
-    StateWriter::over(
-        &mut |chunk| {
-            state_bytes += chunk.len() as u64;
-            let ok = out.write_all(chunk).is_ok();
-            failed |= !ok;
-            ok
-        },
-        |writer| current.export_state(writer),
-    )
-    .map_err(|errno| MoveError::Export {
-        path: path.to_path_buf(),
-        errno: if failed {
-            fshost_sdk::Errno::EIO
-        } else {
-            errno
-        },
-        panic: current.plugin.library.taint(),
-    })?;
-    Ok(HandedMount { link, state_bytes })
+    let mut failed = None;
+    let exported = export(path, current, &mut |chunk| {
+        state_bytes += chunk.len() as u64;
+        out.write_all(chunk).map_err(|e| failed = Some(e)).is_ok()
+    });
+    if let Some(e) = failed {
+        return Err(MoveError::Export {
+            path: path.to_path_buf(),
+            errno: fshost_sdk::Errno(e.raw_os_error().unwrap_or(libc::EIO)),
+            panic: None,
+        });
+    }
+    let fds = exported?;
+    let handed = HandedMount {
+        link,
+        state_bytes,
+        state_fds: Vec::new(),
+    };
+    Ok((handed, fds))
 }
 
 /// A mount made again in the new process, not yet served.
@@ -87,27 +86,11 @@ pub fn resume_mount(
     fuse: OwnedFd,
     handed: &HandedMount,
     state: &[u8],
+    state_fds: &[OwnedFd],
 ) -> Result<(ResumedMount, Arc<Swappable>), MoveError> {
-    let path = || -> PathBuf { path.to_path_buf() };
-    let instance = plugin
-        .library
-        .create(plugin_options(options))
-        .map_err(|errno| MoveError::Create {
-            path: path(),
-            errno,
-            panic: plugin.library.taint(),
-        })?;
-    let hosted = Hosted::new(Arc::clone(&plugin), instance);
-    hosted
-        .import_state(state)
-        .map_err(|errno| MoveError::Import {
-            path: path(),
-            state_bytes: state.len(),
-            errno,
-            panic: plugin.library.taint(),
-        })?;
+    let hosted = instance_from(&plugin, path, options, state, state_fds)?;
     let kept = fuse.try_clone().map_err(|e| MoveError::Create {
-        path: path(),
+        path: path.to_path_buf(),
         errno: fshost_sdk::Errno(e.raw_os_error().unwrap_or(libc::EIO)),
         panic: None,
     })?;

@@ -6,11 +6,12 @@
 //! and resumes the old ones untouched: nothing changed.
 
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fshost_sdk::{Errno, StateWriter};
+use fshost_sdk::{Errno, SavedState, StateWriter};
 
 use super::backend::{Backend, Hosted, Swappable};
 use super::describe_errno;
@@ -135,40 +136,61 @@ fn take_over(
     mount: &Moving,
     current: &Hosted,
 ) -> Result<(Hosted, u64), MoveError> {
-    let path = || mount.path.clone();
     let began = Instant::now();
     let mut state = Vec::new();
-    StateWriter::over(
-        &mut |chunk| {
-            state.extend_from_slice(chunk);
-            true
-        },
-        |out| current.export_state(out),
-    )
-    .map_err(|errno| MoveError::Export {
-        path: path(),
-        errno,
-        panic: current.plugin.library.taint(),
+    let fds = export(&mount.path, current, &mut |chunk| {
+        state.extend_from_slice(chunk);
+        true
     })?;
     let exported = began.elapsed();
-    let instance = new
-        .library
-        .create(plugin_options(&mount.options))
-        .map_err(|errno| MoveError::Create {
-            path: path(),
+    let hosted = instance_from(new, &mount.path, &mount.options, &state, &fds)?;
+    tracing::debug!(mount = %mount.path.display(), ?exported, imported = ?(began.elapsed() - exported), bytes = state.len(), fds = fds.len(), "state handed over");
+    Ok((hosted, state.len() as u64))
+}
+
+/// Exports the state of `current` (paused) into `sink` (false: no more room); returns
+/// duplicates of the descriptors the state names.
+pub(super) fn export(
+    path: &Path,
+    current: &Hosted,
+    sink: &mut dyn FnMut(&[u8]) -> bool,
+) -> Result<Vec<OwnedFd>, MoveError> {
+    let mut fds = Vec::new();
+    StateWriter::over(sink, &mut fds, |out| current.export_state(out)).map_err(|errno| {
+        MoveError::Export {
+            path: path.to_path_buf(),
             errno,
-            panic: new.library.taint(),
+            panic: current.plugin.library.taint(),
+        }
+    })?;
+    Ok(fds)
+}
+
+/// A new instance of `plugin` made with the mount's `options`, holding `state` (and the
+/// descriptors it names, `fds`); destroyed again if the import fails.
+pub(super) fn instance_from(
+    plugin: &Arc<Plugin>,
+    path: &Path,
+    options: &BTreeMap<String, String>,
+    state: &[u8],
+    fds: &[OwnedFd],
+) -> Result<Hosted, MoveError> {
+    let instance = plugin
+        .library
+        .create(plugin_options(options))
+        .map_err(|errno| MoveError::Create {
+            path: path.to_path_buf(),
+            errno,
+            panic: plugin.library.taint(),
         })?;
-    // From here the new instance is destroyed with `hosted` if the import fails.
-    let hosted = Hosted::new(Arc::clone(new), instance);
-    hosted
-        .import_state(&state)
-        .map_err(|errno| MoveError::Import {
-            path: path(),
+    let hosted = Hosted::new(Arc::clone(plugin), instance);
+    SavedState::over(state, fds, |saved| hosted.import_state(saved)).map_err(|errno| {
+        MoveError::Import {
+            path: path.to_path_buf(),
             state_bytes: state.len(),
             errno,
-            panic: new.library.taint(),
-        })?;
-    tracing::debug!(mount = %mount.path.display(), ?exported, imported = ?(began.elapsed() - exported), bytes = state.len(), "state handed over");
-    Ok((hosted, state.len() as u64))
+            panic: plugin.library.taint(),
+        }
+    })?;
+    Ok(hosted)
 }

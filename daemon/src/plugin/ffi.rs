@@ -37,7 +37,7 @@ pub enum GateError {
         abi::MAGIC
     )]
     BadMagic { found: u64 },
-    #[error("it was built for plugin ABI version {found}, this fshostd speaks version {}; rebuild it against the matching fshost-sdk", abi::ABI_VERSION)]
+    #[error("it was built for plugin ABI version {found}, this fshostd speaks versions {} to {}; rebuild it against the matching fshost-sdk", abi::OLDEST_ABI_VERSION, abi::ABI_VERSION)]
     AbiVersion { found: u32 },
     #[error("its descriptor is {found} bytes, smaller than the {} this ABI version needs; rebuild it against the matching fshost-sdk", abi::MIN_STRUCT_SIZE)]
     StructTooSmall { found: u32 },
@@ -126,7 +126,7 @@ impl Library {
                 found: prefix.magic,
             });
         }
-        if prefix.abi_version != abi::ABI_VERSION {
+        if !(abi::OLDEST_ABI_VERSION..=abi::ABI_VERSION).contains(&prefix.abi_version) {
             return Err(GateError::AbiVersion {
                 found: prefix.abi_version,
             });
@@ -148,8 +148,16 @@ impl Library {
             )
         };
         // SAFETY: all-zero bytes are valid for every field (integers, raw pointers and
-        // `Option<fn>`), and the copied prefix is a valid descriptor of this ABI version.
-        let copy = unsafe { copy.assume_init() };
+        // `Option<fn>`), and the copied prefix is a valid descriptor of a version this host
+        // loads (version 1's differently typed entries are cleared at once).
+        let mut copy = unsafe { copy.assume_init() };
+        if prefix.abi_version == 1 {
+            // Version 1's export_state/import_state took no descriptor callbacks: calling
+            // them as version 2's would be undefined. Such a plugin serves, but cannot
+            // hand state over (upgrades and daemon upgrades refuse it) until rebuilt.
+            copy.export_state = None;
+            copy.import_state = None;
+        }
         let d = &copy;
         // SAFETY: the descriptor's strings are static data inside the library.
         let (name, version) = unsafe {

@@ -247,7 +247,9 @@ fn a_handover_freezes_everything_until_it_ends() {
     frozen(refused(&mut reg, |r| r.begin_unmount(Path::new("/m"))));
     frozen(refused(&mut reg, |r| r.begin_unload("hellofs")));
     frozen(refused(&mut reg, |r| r.begin_drain("hellofs")));
-    frozen(refused(&mut reg, |r| r.begin_upgrade("hellofs", Arc::new(9))));
+    frozen(refused(&mut reg, |r| {
+        r.begin_upgrade("hellofs", Arc::new(9))
+    }));
     frozen(refused(&mut reg, |r| r.begin_handover()));
     // A failed handover thaws it.
     reg.end_handover();

@@ -9,8 +9,8 @@ use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use fshost_sdk::{
-    export_plugin, Attr, Context, DirFiller, Errno, Options, Plugin, Result, StateWriter,
-    StaticFiles,
+    export_plugin, Attr, Context, DirFiller, Errno, Options, Plugin, Result, SavedState,
+    StateWriter, StaticFiles,
 };
 
 use super::GENERATION;
@@ -77,12 +77,12 @@ impl Plugin for FaultFs {
             .map_err(|_| Errno::EIO)
     }
 
-    fn import_state(&self, state: &[u8]) -> Result<()> {
+    fn import_state(&self, state: &SavedState) -> Result<()> {
         self.maybe_panic("import_state");
         if self.fail_import {
             return Err(Errno::EIO);
         }
-        let reads = <[u8; 8]>::try_from(state).map_err(|_| Errno::EINVAL)?;
+        let reads = <[u8; 8]>::try_from(&state[..]).map_err(|_| Errno::EINVAL)?;
         self.reads
             .store(u64::from_le_bytes(reads), Ordering::Relaxed);
         Ok(())

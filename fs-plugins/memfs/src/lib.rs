@@ -20,8 +20,8 @@ use fshost_sdk::abi::{
     SET_ATIME, SET_ATIME_NOW, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID,
 };
 use fshost_sdk::{
-    export_plugin, mode, state, Attr, Context, DirFiller, Errno, Options, Plugin, Result, Setattr,
-    StateWriter, Statfs, Timespec,
+    export_plugin, mode, state, Attr, Context, DirFiller, Errno, Options, Plugin, Result,
+    SavedState, Setattr, StateWriter, Statfs, Timespec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -546,7 +546,7 @@ impl Plugin for MemFs {
         state::save(out, STATE_VERSION, &*self.read_tree())
     }
 
-    fn import_state(&self, saved: &[u8]) -> Result<()> {
+    fn import_state(&self, saved: &SavedState) -> Result<()> {
         if state::version(saved)? != STATE_VERSION {
             return Err(Errno::EINVAL);
         }

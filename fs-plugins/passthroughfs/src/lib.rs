@@ -23,8 +23,8 @@ use fshost_sdk::abi::{
 };
 use fshost_sdk::state::{self, SharedFd};
 use fshost_sdk::{
-    export_plugin, mode, Attr, Context, DirFiller, Errno, Options, Plugin, Result, Setattr,
-    StateWriter, Statfs, Timespec,
+    export_plugin, mode, Attr, Context, DirFiller, Errno, Options, Plugin, Result, SavedState,
+    Setattr, StateWriter, Statfs, Timespec,
 };
 use nix::fcntl::{OFlag, RenameFlags};
 use nix::sys::stat::{Mode, SFlag, UtimensatFlags};
@@ -208,8 +208,8 @@ impl Plugin for PassthroughFs {
                 .collect(),
             files: files
                 .iter()
-                .map(|(fh, file)| (*fh, SharedFd::of(file)))
-                .collect(),
+                .map(|(fh, file)| Ok((*fh, out.share_fd(file)?)))
+                .collect::<Result<_>>()?,
             next_fh: self.next_fh.load(Ordering::Relaxed),
         };
         state::save(out, STATE_VERSION, &saved)
@@ -244,14 +244,14 @@ impl Plugin for PassthroughFs {
         })
     }
 
-    fn import_state(&self, saved: &[u8]) -> Result<()> {
-        if state::version(saved)? != STATE_VERSION {
+    fn import_state(&self, state_in: &SavedState) -> Result<()> {
+        if state::version(state_in)? != STATE_VERSION {
             return Err(Errno::EINVAL);
         }
-        let saved: Saved = state::load(saved)?;
+        let saved: Saved = state::load(state_in)?;
         let mut files = HashMap::new();
         for (fh, fd) in saved.files {
-            files.insert(fh, File::from(fd.dup().map_err(errno)?));
+            files.insert(fh, File::from(state_in.fd(fd).map_err(errno)?));
         }
         *self.paths.write().unwrap_or_else(|e| e.into_inner()) = saved
             .paths

@@ -20,7 +20,7 @@ extern "C" {
 #endif
 
 #define FSHOST_PLUGIN_MAGIC 0x4c5054534f485346ULL /* "FSHOSTPL", little-endian */
-#define FSHOST_ABI_VERSION 1u
+#define FSHOST_ABI_VERSION 2u
 #define FSHOST_PANICKED (-1) /* the plugin contained a crash: host answers EIO, taints it */
 
 #define FSHOST_SET_MODE (1u << 0)
@@ -99,6 +99,15 @@ typedef int (*fshost_fill_dir)(void *buf, uint64_t ino, uint64_t next_offset, ui
 /* Appends bytes to the state export_state writes; returns nonzero (an errno) when the host
  * cannot take more. */
 typedef int (*fshost_write_state)(void *buf, const uint8_t *data, size_t len);
+
+/* Names an open descriptor of the instance in the state export_state writes: the host keeps
+ * a duplicate (the instance keeps its own) and returns its index (>= 0; write that into the
+ * state), or a negative errno. The state may go to another process: never write fd numbers. */
+typedef int (*fshost_share_fd)(void *buf, int fd);
+
+/* In import_state: the instance's own duplicate of the shared descriptor `index` (>= 0; the
+ * instance owns and closes it), or a negative errno. */
+typedef int (*fshost_take_fd)(void *fds, uint32_t index);
 
 typedef const struct fshost_context fshost_ctx;
 
@@ -180,8 +189,10 @@ struct fshost_plugin {
      * fresh from create with the mount's options, to import_state what was written. Node
      * ids, file handles and directory offsets must survive. A stateless plugin sets both to
      * functions that write and accept nothing; left NULL, upgrades are refused. */
-    int (*export_state)(void *inst, fshost_write_state write, void *write_buf);
-    int (*import_state)(void *inst, const uint8_t *state, size_t size);
+    int (*export_state)(void *inst, fshost_write_state write, fshost_share_fd share_fd,
+                        void *write_buf);
+    int (*import_state)(void *inst, const uint8_t *state, size_t size, fshost_take_fd take_fd,
+                        void *fds);
 
     /* Space (FSHOST_SPACE_STRUCT_SIZE): fallocate(2) modes 0, FALLOC_FL_KEEP_SIZE and
      * FALLOC_FL_PUNCH_HOLE|FALLOC_FL_KEEP_SIZE (others: EOPNOTSUPP); lseek answers

@@ -14,7 +14,11 @@ use crate::ops::vocabulary::*;
 /// `"FSHOSTPL"` read as a little-endian u64.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"FSHOSTPL");
 /// The ABI version this SDK and host speak.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
+/// The oldest version the host still loads. Version 2 changed `export_state` and
+/// `import_state` (descriptors shared by index, so that they can cross processes); the
+/// host loads a version 1 plugin without them.
+pub const OLDEST_ABI_VERSION: u32 = 1;
 /// Returned by an operation that panicked (the SDK caught it).
 pub const PANICKED: c_int = -1;
 /// Name of the one symbol a plugin exports.
@@ -131,6 +135,14 @@ pub type FillDir = unsafe extern "C" fn(
 /// Appends bytes to the state an `export_state` writes; returns nonzero (an errno) when
 /// the host cannot take more.
 pub type WriteState = unsafe extern "C" fn(buf: *mut c_void, data: *const u8, len: usize) -> c_int;
+
+/// Names a descriptor in the state an `export_state` writes: the host keeps a duplicate
+/// (the instance keeps its own) and returns its index, or a negative errno.
+pub type ShareFd = unsafe extern "C" fn(buf: *mut c_void, fd: c_int) -> c_int;
+
+/// Gives the instance in `import_state` its own duplicate of the state's descriptor
+/// `index`; returns it (the instance owns it from then on), or a negative errno.
+pub type TakeFd = unsafe extern "C" fn(fds: *mut c_void, index: u32) -> c_int;
 
 /// An opaque per-mount instance handle, made by `create` and freed by `destroy`.
 pub type Instance = *mut c_void;

@@ -14,8 +14,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Mutex;
 
 use crate::abi::{
-    self, Attr, Context, FillDir, Instance, MountOption, PluginDescriptor, Setattr, Statfs,
-    WriteState,
+    self, Attr, Context, FillDir, Instance, MountOption, PluginDescriptor, Setattr, ShareFd,
+    Statfs, TakeFd, WriteState,
 };
 #[allow(unused_imports)] // the names the operation table uses
 use crate::ops::vocabulary::*;
@@ -273,47 +273,99 @@ macro_rules! wrappers {
 crate::operations!(wrappers);
 
 /// A [`WriteState`] that hands each chunk to a Rust closure: `buf` must point to a
-/// `&mut dyn FnMut(&[u8]) -> bool` (false: no more room) valid for the whole call.
+/// [`ExportSinks`] valid for the whole call.
 ///
 /// # Safety
 /// `buf` as above; `data` valid for `len` bytes.
 unsafe extern "C" fn write_closure(buf: *mut c_void, data: *const u8, len: usize) -> c_int {
     // SAFETY: the caller guarantees what `buf` points to.
-    let sink = unsafe { &mut *buf.cast::<&mut dyn FnMut(&[u8]) -> bool>() };
+    let sinks = unsafe { &mut *buf.cast::<ExportSinks<'_, '_>>() };
     let chunk = if len == 0 {
         &[][..]
     } else {
         // SAFETY: the caller guarantees `data` is valid for `len` bytes.
         unsafe { std::slice::from_raw_parts(data, len) }
     };
-    if sink(chunk) {
+    if (sinks.bytes)(chunk) {
         0
     } else {
         libc::ENOSPC
     }
 }
 
+/// A [`ShareFd`] that keeps a duplicate of `fd` in the [`ExportSinks`] `buf` points to.
+///
+/// # Safety
+/// `buf` as for [`write_closure`]; `fd` an open descriptor of the caller's.
+unsafe extern "C" fn share_closure(buf: *mut c_void, fd: c_int) -> c_int {
+    // SAFETY: the caller guarantees what `buf` points to.
+    let sinks = unsafe { &mut *buf.cast::<ExportSinks<'_, '_>>() };
+    if fd < 0 {
+        return -libc::EBADF;
+    }
+    // SAFETY: the caller (the exporting instance) owns `fd` and keeps it open during
+    // this call; we only duplicate it.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    match borrowed.try_clone_to_owned() {
+        Ok(copy) => match c_int::try_from(sinks.fds.len()) {
+            Ok(index) => {
+                sinks.fds.push(copy);
+                index
+            }
+            Err(_) => -libc::EMFILE,
+        },
+        Err(e) => -e.raw_os_error().unwrap_or(libc::EBADF),
+    }
+}
+
+/// Where [`StateWriter::over`] sends an export: bytes to a closure, descriptors into a list.
+struct ExportSinks<'s, 'f> {
+    bytes: &'s mut dyn FnMut(&[u8]) -> bool,
+    fds: &'f mut Vec<OwnedFd>,
+}
+
 /// Where an `export_state` writes the instance's state; an [`std::io::Write`] whose bytes
-/// go straight to the host. The lifetime ties it to the export it belongs to.
+/// go straight to the host. Descriptors the state needs (open files) are named with
+/// [`StateWriter::share_fd`]. The lifetime ties it to the export it belongs to.
 pub struct StateWriter<'a> {
     write: WriteState,
+    share: ShareFd,
     buf: *mut c_void,
     export: PhantomData<&'a mut c_void>,
 }
 
 impl StateWriter<'_> {
-    /// Runs `export` with a writer whose bytes go to `sink` (false: no more room): for
-    /// hosts, and for testing a plugin's `export_state`.
+    /// Runs `export` with a writer whose bytes go to `sink` (false: no more room) and whose
+    /// shared descriptors are duplicated into `fds`: for hosts, and for testing a plugin's
+    /// `export_state` (then hand `fds` to [`SavedState::over`]).
     pub fn over<R>(
-        mut sink: &mut dyn FnMut(&[u8]) -> bool,
+        sink: &mut dyn FnMut(&[u8]) -> bool,
+        fds: &mut Vec<OwnedFd>,
         export: impl FnOnce(&mut StateWriter<'_>) -> R,
     ) -> R {
-        let buf = (&mut sink as *mut &mut dyn FnMut(&[u8]) -> bool).cast();
+        let mut sinks = ExportSinks { bytes: sink, fds };
+        let buf = (&mut sinks as *mut ExportSinks<'_, '_>).cast();
         export(&mut StateWriter {
             write: write_closure,
+            share: share_closure,
             buf,
             export: PhantomData,
         })
+    }
+
+    /// Names an open descriptor of this instance in the state: the host keeps its own
+    /// duplicate, so that the new instance can take one ([`SavedState::fd`]) while this
+    /// one, paused but alive, keeps the original. Nothing is handed over by ownership, so
+    /// nothing leaks when an upgrade fails and is rolled back. The descriptor may cross to
+    /// another process (a daemon upgrade): the number in the state is an index, not the fd.
+    pub fn share_fd(&mut self, fd: &impl std::os::fd::AsFd) -> Result<SharedFd> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `share` and `buf` come from the host's export_state call, still running;
+        // the descriptor is ours and open for the call.
+        match unsafe { (self.share)(self.buf, fd.as_fd().as_raw_fd()) } {
+            index if index >= 0 => Ok(SharedFd(index as u32)),
+            e => Err(Errno(-e)),
+        }
     }
 }
 
@@ -332,11 +384,12 @@ impl std::io::Write for StateWriter<'_> {
 }
 
 impl<'h, 'w: 'h> Incoming<'h> for &'h mut StateWriter<'w> {
-    type Abi = (WriteState, *mut c_void);
+    type Abi = (WriteState, ShareFd, *mut c_void);
     type Held = StateWriter<'w>;
-    unsafe fn receive((write, buf): (WriteState, *mut c_void)) -> StateWriter<'w> {
+    unsafe fn receive((write, share, buf): (WriteState, ShareFd, *mut c_void)) -> StateWriter<'w> {
         StateWriter {
             write,
+            share,
             buf,
             export: PhantomData,
         }
@@ -348,40 +401,101 @@ impl<'h, 'w: 'h> Incoming<'h> for &'h mut StateWriter<'w> {
 
 impl<'a, 'w> Outgoing for &'a mut StateWriter<'w> {
     type Held = &'a mut StateWriter<'w>;
-    type Abi = (WriteState, *mut c_void);
+    type Abi = (WriteState, ShareFd, *mut c_void);
     fn hold(self) -> Result<Self> {
         Ok(self)
     }
-    fn abi(held: &mut Self) -> (WriteState, *mut c_void) {
-        (held.write, held.buf)
+    fn abi(held: &mut Self) -> (WriteState, ShareFd, *mut c_void) {
+        (held.write, held.share, held.buf)
     }
 }
 
-/// A file descriptor of an instance, named in the state it hands to the next generation
-/// (`export_state`): the new instance takes its own duplicate of it in `import_state`,
-/// while the old instance, paused but alive, still holds the original. Nothing is handed
-/// over by ownership, so nothing leaks when an upgrade fails and is rolled back.
+/// A descriptor named in a saved state ([`StateWriter::share_fd`]); the importing instance
+/// takes its own duplicate with [`SavedState::fd`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SharedFd(i32);
+pub struct SharedFd(u32);
 
-impl SharedFd {
-    /// Names `fd` in the exported state.
-    pub fn of(fd: &impl std::os::fd::AsFd) -> SharedFd {
-        use std::os::fd::AsRawFd;
-        SharedFd(fd.as_fd().as_raw_fd())
+/// What an `import_state` gets: the bytes the previous generation wrote (it derefs to
+/// them) and the descriptors it shared.
+pub struct SavedState<'a> {
+    bytes: &'a [u8],
+    take: TakeFd,
+    fds: *mut c_void,
+}
+
+/// A [`TakeFd`] over a `&[OwnedFd]`.
+///
+/// # Safety
+/// `fds` points to a `&[OwnedFd]` valid for the whole import call.
+unsafe extern "C" fn take_from_slice(fds: *mut c_void, index: u32) -> c_int {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: the caller guarantees what `fds` points to.
+    let fds = unsafe { &*fds.cast::<&[OwnedFd]>() };
+    match fds.get(index as usize).map(OwnedFd::try_clone) {
+        Some(Ok(copy)) => copy.into_raw_fd(),
+        Some(Err(e)) => -e.raw_os_error().unwrap_or(libc::EBADF),
+        None => -libc::EBADF,
+    }
+}
+
+impl<'a> SavedState<'a> {
+    /// Runs `import` with the state `bytes` and the descriptors `fds` it names (as
+    /// [`StateWriter::over`] collected them): for hosts, and for tests.
+    pub fn over<R>(bytes: &[u8], fds: &[OwnedFd], import: impl FnOnce(&SavedState<'_>) -> R) -> R {
+        let mut fds = fds;
+        let state = SavedState {
+            bytes,
+            take: take_from_slice,
+            fds: (&mut fds as *mut &[OwnedFd]).cast(),
+        };
+        import(&state)
     }
 
-    /// A duplicate of the descriptor this names, for the new instance to own. Only valid
-    /// during `import_state` (the host keeps the exporting instance alive until then).
-    pub fn dup(&self) -> std::io::Result<OwnedFd> {
-        if self.0 < 0 {
-            return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+    /// The instance's own duplicate of a descriptor the state names.
+    pub fn fd(&self, shared: SharedFd) -> std::io::Result<OwnedFd> {
+        // SAFETY: `take` and `fds` come from the host's import_state call, still running.
+        match unsafe { (self.take)(self.fds, shared.0) } {
+            // SAFETY: the host made this descriptor for us alone and gave it up.
+            fd if fd >= 0 => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+            e => Err(std::io::Error::from_raw_os_error(-e)),
         }
-        // SAFETY: per the upgrade protocol the previous generation's instance, which owns
-        // this descriptor, lives (paused) until the import has returned; we only borrow it
-        // to duplicate it.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.0) };
-        fd.try_clone_to_owned()
+    }
+}
+
+impl std::ops::Deref for SavedState<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
+impl<'h, 'a: 'h> Incoming<'h> for &'h SavedState<'a> {
+    type Abi = (*const u8, usize, TakeFd, *mut c_void);
+    type Held = SavedState<'a>;
+    unsafe fn receive(
+        (p, len, take, fds): (*const u8, usize, TakeFd, *mut c_void),
+    ) -> SavedState<'a> {
+        let bytes = if len == 0 {
+            &[][..]
+        } else {
+            // SAFETY: per the function contract, `p` is valid for `len` bytes.
+            unsafe { std::slice::from_raw_parts(p, len) }
+        };
+        SavedState { bytes, take, fds }
+    }
+    fn lend(held: &'h mut SavedState<'a>) -> &'h SavedState<'a> {
+        held
+    }
+}
+
+impl<'s, 'a> Outgoing for &'s SavedState<'a> {
+    type Held = &'s SavedState<'a>;
+    type Abi = (*const u8, usize, TakeFd, *mut c_void);
+    fn hold(self) -> Result<Self> {
+        Ok(self)
+    }
+    fn abi(held: &mut Self) -> (*const u8, usize, TakeFd, *mut c_void) {
+        (held.bytes.as_ptr(), held.bytes.len(), held.take, held.fds)
     }
 }
 

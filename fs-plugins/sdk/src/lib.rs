@@ -30,7 +30,7 @@ use std::os::fd::OwnedFd;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use abi::{Attr, Context, Setattr, Statfs, Timespec};
-pub use ffi::{DirFiller, StateWriter};
+pub use ffi::{DirFiller, SavedState, StateWriter};
 pub use static_files::{StaticFiles, ROOT};
 
 /// A positive errno value, as the kernel wants it.

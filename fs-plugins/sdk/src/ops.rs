@@ -27,8 +27,8 @@
 /// The names the table uses, for the modules that expand it.
 #[doc(hidden)]
 pub mod vocabulary {
-    pub use crate::abi::{Attr, Context, FillDir, Setattr, Statfs, WriteState};
-    pub use crate::{DirFiller, Errno, StateWriter};
+    pub use crate::abi::{Attr, Context, FillDir, Setattr, ShareFd, Statfs, TakeFd, WriteState};
+    pub use crate::{DirFiller, Errno, SavedState, StateWriter};
     pub use std::ffi::{c_char, c_int, c_void, OsStr};
     pub use std::os::fd::OwnedFd;
 }
@@ -208,7 +208,7 @@ macro_rules! operations {
             /// changes under it. The default writes nothing: right for a stateless plugin.
             /// [`crate::state::save`] writes a serde value with a version.
             [when UPGRADABLE]
-            fn export_state(&self, out: &mut StateWriter => [write: WriteState, write_buf: *mut c_void])
+            fn export_state(&self, out: &mut StateWriter => [write: WriteState, share_fd: ShareFd, write_buf: *mut c_void])
                 -> () => [] { Ok(()) }
 
             /// Takes over what the previous generation's `export_state` wrote, into this
@@ -216,7 +216,7 @@ macro_rules! operations {
             /// identities must survive: inode numbers, open file handles, directory
             /// offsets. The default takes over nothing (and refuses anything else).
             [when UPGRADABLE]
-            fn import_state(&self, state: &[u8] => [state: *const u8, size: usize])
+            fn import_state(&self, state: &SavedState => [state: *const u8, size: usize, take_fd: TakeFd, fds: *mut c_void])
                 -> () => [] { if state.is_empty() { Ok(()) } else { Err(Errno::EINVAL) } }
 
             /// fallocate(2) on `[offset, offset + length)` of an open regular file:

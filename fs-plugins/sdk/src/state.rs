@@ -80,6 +80,7 @@ pub fn load<T: DeserializeOwned>(state: &[u8]) -> Result<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::SavedState;
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Saved {
@@ -100,6 +101,7 @@ mod tests {
                 bytes.extend_from_slice(chunk);
                 true
             },
+            &mut Vec::new(),
             |out| save(out, 3, &value),
         )
         .unwrap();
@@ -109,7 +111,46 @@ mod tests {
         assert_eq!(version(b"nonsense"), Err(Errno::EINVAL));
         assert_eq!(load::<Saved>(&bytes[..50]), Err(Errno::EINVAL));
         // A host that cannot take more fails the export with its errno.
-        let full = StateWriter::over(&mut |_| false, |out| save(out, 1, &1u32));
+        let full = StateWriter::over(&mut |_| false, &mut Vec::new(), |out| save(out, 1, &1u32));
         assert_eq!(full, Err(Errno::ENOSPC));
+    }
+
+    #[test]
+    fn a_shared_descriptor_crosses_as_an_index_and_comes_back_as_a_duplicate() {
+        use std::io::{Read, Seek, Write};
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(b"shared").unwrap();
+        let mut fds = Vec::new();
+        let mut bytes = Vec::new();
+        let shared = StateWriter::over(
+            &mut |chunk| {
+                bytes.extend_from_slice(chunk);
+                true
+            },
+            &mut fds,
+            |out| {
+                let shared = out.share_fd(&file)?;
+                save(out, 1, &shared)?;
+                Ok::<_, Errno>(shared)
+            },
+        )
+        .unwrap();
+        assert_eq!(fds.len(), 1);
+        drop(file); // the exporter's own descriptor may go: the host kept a duplicate
+        let back: SharedFd = load(&bytes).unwrap();
+        assert_eq!(back, shared);
+        let mut text = String::new();
+        SavedState::over(&bytes, &fds, |saved| {
+            let mut taken = std::fs::File::from(saved.fd(back).unwrap());
+            taken.rewind().unwrap();
+            taken.read_to_string(&mut text).unwrap();
+            // An index the state never shared is refused.
+            let bogus: SharedFd = postcard::from_bytes(&[9]).unwrap();
+            assert_eq!(
+                saved.fd(bogus).unwrap_err().raw_os_error(),
+                Some(libc::EBADF)
+            );
+        });
+        assert_eq!(text, "shared");
     }
 }

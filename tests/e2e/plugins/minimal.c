@@ -5,6 +5,7 @@
  *   STRUCT_SIZE n      claimed descriptor size         (default sizeof)
  *   LOAD_DELAY_MS n    on_load sleeps this long        (default 0)
  *   NO_ENTRY           export no fshost_plugin_entry at all
+ *   V1_UPGRADE         export_state/import_state as ABI version 1 declared them
  */
 #define _DEFAULT_SOURCE
 #include <errno.h>
@@ -49,6 +50,18 @@ static int getattr(void *inst, fshost_ctx *ctx, uint64_t ino, struct fshost_attr
     return 0;
 }
 
+#ifdef V1_UPGRADE
+/* As a plugin built against ABI version 1 has them: no descriptor sharing. */
+static int export_v1(void *inst, fshost_write_state write, void *write_buf) {
+    (void)inst, (void)write, (void)write_buf;
+    return 0;
+}
+static int import_v1(void *inst, const uint8_t *state, size_t size) {
+    (void)inst, (void)state;
+    return size == 0 ? 0 : EINVAL;
+}
+#endif
+
 static const struct fshost_plugin plugin = {
     .magic = FSHOST_PLUGIN_MAGIC,
     .abi_version = ABI_VERSION,
@@ -58,6 +71,10 @@ static const struct fshost_plugin plugin = {
     .on_load = on_load,
     .lookup = lookup,
     .getattr = getattr,
+#ifdef V1_UPGRADE
+    .export_state = (void *)export_v1,
+    .import_state = (void *)import_v1,
+#endif
 };
 
 #ifndef NO_ENTRY

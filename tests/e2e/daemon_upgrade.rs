@@ -279,6 +279,18 @@ fn a_failed_daemon_upgrade_leaves_the_old_daemon_serving() {
         .ok();
     refused_and_serving_on(&mut env, &[], "refused the state of", &mem);
     env.ctl(&["unmount", path_str(&faulty)]).ok();
+    // A mount of a plugin that cannot hand its state over.
+    let minimal = env.compile_c_plugin("minimal", crate::MINIMAL_C, &[]);
+    env.ctl(&["load", path_str(&minimal)]).ok();
+    let plain = env.mountpoint("plain");
+    env.ctl(&["mount", "minimal", path_str(&plain)]).ok();
+    refused_and_serving_on(
+        &mut env,
+        &[],
+        "plugin \"minimal\" cannot hand its mounts' state over",
+        &mem,
+    );
+    env.ctl(&["unmount", path_str(&plain)]).ok();
     // Not a binary at all.
     let nothing = env.path("nothing");
     refused_and_serving_on(

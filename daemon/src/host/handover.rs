@@ -135,6 +135,17 @@ impl Host<Real> {
             mounts: Vec::new(),
         };
         for (name, plugin, generation, loaded_at) in &plugins {
+            let mounted: Vec<PathBuf> = mounts
+                .iter()
+                .filter(|(_, r)| &r.plugin == name)
+                .map(|(path, _)| path.clone())
+                .collect();
+            if !plugin.library.upgradable() && !mounted.is_empty() {
+                return Err(fail(format!(
+                    "plugin \"{name}\" cannot hand its mounts' state over (it implements no export_state/import_state); unmount {} first",
+                    crate::registry::join_paths(&mounted)
+                )));
+            }
             outgoing.push(plugin.image().map_err(|e| fail(e.to_string()))?);
             manifest.plugins.push(PluginOut {
                 name: name.clone(),

@@ -7,6 +7,7 @@
 //! socket.
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -23,7 +24,7 @@ use crate::control::daemon_upgrade::Upgrader;
 use crate::control::{self, access};
 use crate::handover::{self, Predecessor};
 use crate::host::{Caller, Host, Trust};
-use crate::{mount, notify, notify_status};
+use crate::{fdstore, mount, notify, notify_status};
 
 /// Hosts user-space filesystem plugins and serves them through FUSE.
 #[derive(Debug, Parser)]
@@ -78,6 +79,8 @@ pub fn main() -> anyhow::Result<()> {
     // Before any thread exists: started by a daemon upgrade, take the handover socket.
     let predecessor =
         handover::Predecessor::from_env().context("cannot take the daemon upgrade's handover")?;
+    let systemd =
+        crate::sys::systemd_fds().context("cannot take the descriptors systemd passed")?;
     let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal() && args.log_format == LogFormat::Text)
@@ -95,7 +98,7 @@ pub fn main() -> anyhow::Result<()> {
         .thread_name("fshostd")
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(run(args, predecessor))
+    runtime.block_on(run(args, predecessor, systemd))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -191,17 +194,42 @@ fn secure_socket(socket: &Path, config: &Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot set mode {mode:o} on {}", socket.display()))
 }
 
-/// The listening socket from systemd (socket activation), if we were started that way.
-fn activated_listener() -> anyhow::Result<Option<UnixListener>> {
-    let mut fds = listenfd::ListenFd::from_env();
-    let Some(listener) = fds
-        .take_unix_listener(0)
-        .context("LISTEN_FDS is set but fd 3 is not a listening Unix socket")?
+/// The listening socket from systemd (socket activation), if we were started that way:
+/// the one descriptor passed that is not a kept FUSE connection.
+fn activated_listener(
+    systemd: &mut Vec<(OwnedFd, String)>,
+) -> anyhow::Result<Option<UnixListener>> {
+    let Some(at) = systemd
+        .iter()
+        .position(|(_, name)| fdstore::kernel_id_of(name).is_none())
     else {
         return Ok(None);
     };
+    let (fd, name) = systemd.remove(at);
+    let listening = rustix::net::sockopt::socket_acceptconn(&fd).unwrap_or(false);
+    if !listening {
+        bail!("systemd passed descriptor {name:?}, which is not a listening socket");
+    }
+    let listener = std::os::unix::net::UnixListener::from(fd);
     listener.set_nonblocking(true)?;
     Ok(Some(UnixListener::from_std(listener)?))
+}
+
+/// Under systemd, every mount's connection goes into its store from now on, with its
+/// record beside the control socket (`mounts/`), so that mounts survive a crash.
+fn keep_connections(socket: &Path) {
+    let Some(dir) = socket.parent().map(|dir| dir.join("mounts")) else {
+        return;
+    };
+    match fdstore::enable(&dir) {
+        Ok(true) => {
+            tracing::info!(records = %dir.display(), "mounts are kept in systemd's file descriptor store: they survive a crash of fshostd")
+        }
+        Ok(false) => {}
+        Err(e) => {
+            tracing::warn!(records = %dir.display(), error = %e, "cannot keep mounts for a restart after a crash")
+        }
+    }
 }
 
 /// The plugin each preload entry produced (by entry as written: a path or a bare name),
@@ -251,7 +279,11 @@ fn apply(host: &Host, changes: &config::Changes, preloaded: &mut Preloaded) {
     }
 }
 
-async fn run(args: Args, predecessor: Option<Predecessor>) -> anyhow::Result<()> {
+async fn run(
+    args: Args,
+    predecessor: Option<Predecessor>,
+    systemd: Vec<(OwnedFd, String)>,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     let config_path = args
         .config
@@ -264,7 +296,7 @@ async fn run(args: Args, predecessor: Option<Predecessor>) -> anyhow::Result<()>
     }
     let (host, listener, owns_socket, preloaded) = match predecessor {
         Some(predecessor) => take_over(predecessor, &mut settings, &config, started).await?,
-        None => start(&mut settings, &config, started).await?,
+        None => start(&mut settings, &config, started, systemd).await?,
     };
     serve(
         args,
@@ -278,22 +310,15 @@ async fn run(args: Args, predecessor: Option<Predecessor>) -> anyhow::Result<()>
     .await
 }
 
-/// A fresh start: clear stale mounts, make the control socket, apply the config.
+/// A fresh start (or a restart after a crash): make the control socket, serve again the
+/// mounts systemd kept, clear stale mounts, apply the config.
 async fn start(
     settings: &mut Settings,
     config: &Config,
     started: Instant,
+    mut systemd: Vec<(OwnedFd, String)>,
 ) -> anyhow::Result<(Arc<Host>, UnixListener, bool, Preloaded)> {
-    // Before serving: mounts of a killed fshostd answer ENOTCONN and block new mounts on
-    // the same paths. Clear them (and only them) and say so.
-    let stale = tokio::task::spawn_blocking(mount::detach_stale_mounts)
-        .await
-        .context("stale mount check failed")?;
-    for m in &stale {
-        tracing::warn!(mountpoint = %m.mountpoint.display(), fstype = %m.fstype, source = %m.source, "detached a stale mount left by a dead fshostd");
-    }
-
-    let (listener, owns_socket) = match activated_listener()? {
+    let (listener, owns_socket) = match activated_listener(&mut systemd)? {
         Some(listener) => {
             // systemd made the socket: its path is the one to report and to put copies beside.
             if let Some(path) = listener
@@ -317,6 +342,29 @@ async fn start(
         started,
     ));
     host.set_user_policy(config.users.clone());
+    keep_connections(&settings.socket);
+    // The rest of what systemd passed: FUSE connections it kept for us before a crash.
+    let kept: Vec<(u64, OwnedFd)> = systemd
+        .into_iter()
+        .filter_map(|(fd, name)| Some((fdstore::kernel_id_of(&name)?, fd)))
+        .collect();
+    if !kept.is_empty() {
+        let recovering = Arc::clone(&host);
+        let recovered = tokio::task::spawn_blocking(move || recovering.recover(kept)).await?;
+        tracing::info!(
+            served = recovered.served.len(),
+            detached = recovered.detached.len(),
+            "restart after a crash: mounts kept by systemd taken back"
+        );
+    }
+    // Before serving: mounts of a killed fshostd answer ENOTCONN and block new mounts on
+    // the same paths. Clear them (and only them) and say so.
+    let stale = tokio::task::spawn_blocking(mount::detach_stale_mounts)
+        .await
+        .context("stale mount check failed")?;
+    for m in &stale {
+        tracing::warn!(mountpoint = %m.mountpoint.display(), fstype = %m.fstype, source = %m.source, "detached a stale mount left by a dead fshostd");
+    }
     let initial = config::changes(&Config::default(), config);
     let applied_by = Arc::clone(&host);
     let preloaded = tokio::task::spawn_blocking(move || {
@@ -372,6 +420,7 @@ async fn take_over(
     listener.set_nonblocking(true)?;
     let listener = UnixListener::from_std(listener)?;
     settings.socket = socket;
+    keep_connections(&settings.socket);
     predecessor.ready()?;
     let waiting = Arc::clone(&predecessor);
     let gone =

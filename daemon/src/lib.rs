@@ -10,6 +10,7 @@
 pub(crate) mod config;
 pub(crate) mod control;
 mod daemon;
+mod fdstore;
 mod handover;
 pub(crate) mod host;
 pub(crate) mod mount;

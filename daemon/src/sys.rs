@@ -87,6 +87,24 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// The descriptors systemd passed (`LISTEN_FDS`, named by `LISTEN_FDNAMES`): a socket
+/// activation's listener, and the FUSE connections kept in its store before a crash. The
+/// variables are cleared, so that nothing this process starts takes them for its own.
+/// Call before any other thread exists.
+pub fn systemd_fds() -> io::Result<Vec<(std::os::fd::OwnedFd, String)>> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: called from main before the async runtime or any other thread exists, which
+    // is what clearing the environment needs.
+    let fds = unsafe { sd_notify::listen_fds_with_names_and_unset_env() }?;
+    Ok(fds
+        .map(|(fd, name)| {
+            // SAFETY: systemd passed these descriptors to this process (LISTEN_PID is ours,
+            // checked by sd_notify) for it to own; nothing else here has taken them.
+            (unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }, name)
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

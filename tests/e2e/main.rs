@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use fshost_tests::{artifact, eventually, fshost_mounts_below, fuse_available, run, Env};
 
+mod crash;
 mod daemon_upgrade;
 mod differential;
 mod faults;

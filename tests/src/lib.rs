@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod systemd;
+
 /// Held while a daemon starts (it detaches every dead fshost mount it finds) and by a test
 /// that makes dead mounts on purpose until its own daemon has cleaned them, so that no
 /// other test's daemon cleans them first.
@@ -238,8 +240,12 @@ impl Env {
     }
 
     fn spawn_daemon_locked(&mut self, vars: &[(&str, &str)]) {
+        self.spawn_daemon_as(Command::new(artifact("fshostd")), vars);
+    }
+
+    fn spawn_daemon_as(&mut self, mut command: Command, vars: &[(&str, &str)]) {
         let log = std::fs::File::create(&self.log).expect("log file");
-        let child = Command::new(artifact("fshostd"))
+        let child = command
             .arg("--socket")
             .arg(&self.socket)
             .arg("--config")
@@ -267,7 +273,12 @@ impl Env {
                 && BufReader::new(stream).read_line(&mut line).is_ok()
                 && line.contains("\"ok\":true")
         });
-        assert!(up, "fshostd did not start answering: {}", self.log_text());
+        if !up {
+            // Connections whose server is gone would make every close of a file on them
+            // wait forever (FUSE flushes on close): fail them all before failing.
+            abort_fuse_below(self.dir.path());
+            panic!("fshostd did not start answering: {}", self.log_text());
+        }
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -450,6 +461,36 @@ impl Env {
         self.spawn_daemon_locked(&[]);
     }
 
+    /// Kills the daemon with SIGKILL and starts a new one as systemd restarts a service
+    /// that failed: with the descriptors `systemd` keeps (see [`systemd::FakeSystemd`]).
+    pub fn crash_and_restart_under(
+        &mut self,
+        systemd: &systemd::FakeSystemd,
+        vars: &[(&str, &str)],
+    ) {
+        let _starting = DAEMON_START.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(pid) = self.successor.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            assert!(eventually(COMMAND_TIMEOUT, || !alive(pid)));
+        }
+        if let Some(mut child) = self.daemon.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        std::fs::rename(&self.log, self.log.with_extension("crashed.log")).expect("keep old log");
+        let command = systemd.restart_command(&artifact("fshostd"));
+        self.spawn_daemon_as(command, vars);
+        systemd.spawned();
+    }
+
+    /// The log of the daemon that crashed (see [`Env::crash_and_restart_under`]).
+    pub fn crashed_log_text(&self) -> String {
+        std::fs::read_to_string(self.log.with_extension("crashed.log")).unwrap_or_default()
+    }
+
     /// Compiles a C plugin from `source` against the SDK header into this test's directory,
     /// with extra `-D` definitions.
     pub fn compile_c_plugin(&self, name: &str, source: &str, defines: &[&str]) -> PathBuf {
@@ -474,6 +515,24 @@ impl Env {
             String::from_utf8_lossy(&out.stderr)
         );
         so
+    }
+}
+
+/// Aborts the FUSE connection of every fshost mount below `dir` (fusectl's `abort`), so
+/// that nothing of a failed test waits on a connection nobody serves.
+pub fn abort_fuse_below(dir: &Path) {
+    for mount in kernel_mounts() {
+        if !mount.fstype.starts_with("fuse.fshost") || !mount.mountpoint.starts_with(dir) {
+            continue;
+        }
+        let Some((major, minor)) = mount.device.split_once(':') else {
+            continue;
+        };
+        let (Ok(major), Ok(minor)) = (major.parse::<u64>(), minor.parse::<u64>()) else {
+            continue;
+        };
+        let dev = (major << 20) | minor;
+        let _ = std::fs::write(format!("/sys/fs/fuse/connections/{dev}/abort"), b"1");
     }
 }
 

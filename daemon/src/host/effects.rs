@@ -49,6 +49,19 @@ pub struct MountNow {
     pub waiting: Option<u64>,
 }
 
+/// A served mount, as a restart after a crash needs it.
+pub struct KeptMount {
+    pub plugin: String,
+    /// The library the plugin was loaded from.
+    pub source: PathBuf,
+    pub path: PathBuf,
+    pub kernel_id: u64,
+    pub options: BTreeMap<String, String>,
+    pub read_only: bool,
+    pub owner: u32,
+    pub since: std::time::SystemTime,
+}
+
 /// A mount to make: the plugin, where, and how.
 pub type MountRequest<E> = MountSpec<<E as Effects>::Plugin, <E as Effects>::Target>;
 
@@ -100,6 +113,11 @@ pub trait Effects: Send + Sync + Sized + 'static {
         mounts: &[Moving<Self::Slot>],
         timeout: Duration,
     ) -> Result<Moved, MoveError>;
+    /// A mount is served: keep what serving it again after a crash of fshostd needs (the
+    /// real world: systemd's file descriptor store, when systemd runs fshostd).
+    fn keep_mount(&self, _mount: &KeptMount, _target: &Self::Target, _slot: &Self::Slot) {}
+    /// A mount ended: forget what `keep_mount` kept.
+    fn forget_mount(&self, _kernel_id: u64) {}
     /// Unmounts exactly the kernel mount `id` at `target`.
     fn unmount(&self, target: &Self::Target, id: u64, lazy: bool) -> Result<(), UnmountError>;
     /// Where the kernel's mounts are now, by kernel id (a parent may have been renamed
@@ -254,6 +272,30 @@ impl Effects for Real {
 
     fn unmount(&self, target: &MountTarget, id: u64, lazy: bool) -> Result<(), UnmountError> {
         mount::unmount(target, id, lazy)
+    }
+
+    fn keep_mount(&self, kept: &KeptMount, target: &MountTarget, slot: &Arc<Swappable>) {
+        let (Some(agreed), Some(fuse)) = (slot.link.agreed(), slot.link.fd()) else {
+            return;
+        };
+        let record = crate::fdstore::Record {
+            plugin: kept.plugin.clone(),
+            source: kept.source.clone(),
+            mountpoint: kept.path.clone(),
+            kernel_id: kept.kernel_id,
+            options: kept.options.clone(),
+            read_only: kept.read_only,
+            owner: kept.owner,
+            uid: target.uid,
+            mode: target.mode,
+            since: crate::handover::epoch(kept.since),
+            agreed,
+        };
+        crate::fdstore::keep(&record, std::os::fd::AsFd::as_fd(fuse));
+    }
+
+    fn forget_mount(&self, kernel_id: u64) {
+        crate::fdstore::forget(kernel_id);
     }
 
     fn kernel_mounts(&self, queues: bool) -> BTreeMap<u64, MountNow> {

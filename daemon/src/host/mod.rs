@@ -27,12 +27,13 @@ mod interleavings;
 mod load;
 mod mount;
 mod query;
+mod recover;
 mod shutdown;
 mod unload;
 mod unmount;
 mod upgrade;
 
-pub use effects::{Effects, MountRequest, PluginHandle, Real, TargetHandle};
+pub use effects::{Effects, KeptMount, MountRequest, PluginHandle, Real, TargetHandle};
 pub use handover::DaemonSide;
 pub use unload::{Drain, DrainEnd};
 
@@ -200,7 +201,13 @@ impl<E: Effects> Shared<E> {
 
     /// Mount failed or session ended: drop the count and wake waiters.
     fn release_mount(&self, path: &Path, id: MountId) {
-        self.sides().remove(&id);
+        let side = self.sides().remove(&id);
+        if let Some(kernel_id) = side.map(|s| s.kernel_id.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            if kernel_id != 0 {
+                self.effects.forget_mount(kernel_id);
+            }
+        }
         let released = self.transition(|reg| reg.release_mount(path, id));
         if released {
             tracing::info!(mountpoint = %path.display(), "mount ended");

@@ -10,7 +10,8 @@ use std::time::SystemTime;
 use fshost_protocol::{ErrorCode, MountInfo};
 
 use super::{
-    absolute, unix_secs, Caller, Effects, Host, HostError, MountRequest, MountSide, TargetHandle,
+    absolute, unix_secs, Caller, Effects, Host, HostError, KeptMount, MountRequest, MountSide,
+    PluginHandle, TargetHandle,
 };
 use crate::config::UserPolicy;
 use crate::mount::{self, MountStats};
@@ -78,6 +79,7 @@ impl<E: Effects> Host<E> {
                 now,
             )?)
         })?;
+        let source = plugin.source().to_path_buf();
         let shared = Arc::clone(&self.shared);
         let ended_path = path.clone();
         let side = Arc::new(MountSide {
@@ -100,6 +102,17 @@ impl<E: Effects> Host<E> {
         match self.effects().spawn_mount(request, on_end) {
             Ok((kernel_id, slot)) => {
                 side.kernel_id.store(kernel_id, Ordering::SeqCst);
+                let kept = KeptMount {
+                    plugin: name.to_string(),
+                    source,
+                    path: path.clone(),
+                    kernel_id,
+                    options: options.clone(),
+                    read_only,
+                    owner: caller.uid,
+                    since: now,
+                };
+                self.effects().keep_mount(&kept, &side.target, &slot);
                 let _ = side.slot.set(slot);
             }
             Err(e) => {

@@ -105,6 +105,8 @@ impl<B: Backend> Adapter<B> {
     }
 
     /// The plugin's file handle for the kernel's.
+    /// A handle we never gave out (the lost process's, after a crash) becomes one the
+    /// plugin never gave out either, which it answers EBADF.
     fn plugin_fh(&self, fh: FileHandle) -> u64 {
         if !self.maps_handles() {
             return fh.0;
@@ -112,7 +114,7 @@ impl<B: Backend> Adapter<B> {
         self.handles()
             .open
             .get(&fh.0)
-            .map_or(fh.0, |(_, plugin_fh, _)| *plugin_fh)
+            .map_or(UNKNOWN_FH, |(_, plugin_fh, _)| *plugin_fh)
     }
 
     /// Returns the handle the kernel gets for an open and whether it goes through
@@ -157,12 +159,11 @@ impl<B: Backend> Adapter<B> {
         (fh, passthrough)
     }
 
-    /// Forgets one of our handles; the inode's backing file goes with its last user.
-    fn unregister_open(&self, fh: FileHandle) -> u64 {
+    /// Forgets one of our handles (the plugin's for it, if we gave it out); the inode's
+    /// backing file goes with its last user.
+    fn unregister_open(&self, fh: FileHandle) -> Option<u64> {
         let mut handles = self.handles();
-        let Some((ino, plugin_fh, passthrough)) = handles.open.remove(&fh.0) else {
-            return fh.0;
-        };
+        let (ino, plugin_fh, passthrough) = handles.open.remove(&fh.0)?;
         if passthrough {
             if let Some(entry) = handles.backing.get_mut(&ino) {
                 entry.1 -= 1;
@@ -171,9 +172,12 @@ impl<B: Backend> Adapter<B> {
                 }
             }
         }
-        plugin_fh
+        Some(plugin_fh)
     }
 }
+
+/// What the plugin gets for a handle the adapter never gave out.
+const UNKNOWN_FH: u64 = u64::MAX;
 
 thread_local! {
     /// The read buffer of the session thread this runs on (the daemon's own thread-local,
@@ -572,7 +576,11 @@ impl<B: Backend> Filesystem for Adapter<B> {
         reply: ReplyEmpty,
     ) {
         let plugin_fh = if self.maps_handles() {
-            self.unregister_open(fh)
+            match self.unregister_open(fh) {
+                Some(plugin_fh) => plugin_fh,
+                // The lost process's handle (after a crash): nothing of ours to release.
+                None => return reply.ok(),
+            }
         } else {
             fh.0
         };

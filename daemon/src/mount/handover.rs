@@ -14,10 +14,11 @@ use std::sync::Arc;
 use fuser::Session;
 use serde::{Deserialize, Serialize};
 
+use super::backend::Backend;
 use super::backend::{Hosted, Swappable};
-use super::link::{Link, LinkState};
+use super::link::{Agreed, Link, LinkState};
 use super::session::{resume_session, run_session};
-use super::upgrade::{export, instance_from, MoveError};
+use super::upgrade::{export, instance_from, new_instance, MoveError};
 use super::{Adapter, MountStats, MountTarget, SessionOptions};
 use crate::plugin::Plugin;
 
@@ -107,6 +108,52 @@ pub fn resume_mount(
             session,
             link,
             state: handed.link.clone(),
+        },
+        fs,
+    ))
+}
+
+/// Makes a new instance of `plugin` serve a mount whose previous instance died with its
+/// fshostd (crash recovery): created with the mount's options, told to `resume`, and the
+/// session built on the kept connection `fuse` as INIT `agreed` then. Handles the lost
+/// process gave out are unknown to the new adapter (its own start past them).
+#[allow(clippy::too_many_arguments)]
+pub fn revive_mount(
+    path: &std::path::Path,
+    plugin: Arc<Plugin>,
+    options: &BTreeMap<String, String>,
+    session: &SessionOptions,
+    stats: Arc<MountStats>,
+    fuse: OwnedFd,
+    agreed: Agreed,
+) -> Result<(ResumedMount, Arc<Swappable>), MoveError> {
+    let hosted = new_instance(&plugin, path, options)?;
+    hosted.resume().map_err(|errno| MoveError::Resume {
+        path: path.to_path_buf(),
+        errno,
+        panic: plugin.library.taint(),
+    })?;
+    let link = Arc::new(Link::default());
+    link.agree(agreed);
+    let kept = fuse.try_clone().map_err(|e| MoveError::Create {
+        path: path.to_path_buf(),
+        errno: fshost_sdk::Errno(e.raw_os_error().unwrap_or(libc::EIO)),
+        panic: None,
+    })?;
+    link.keep_fd(kept);
+    let state = link.state().expect("agreed above");
+    let fs = Swappable::new(
+        hosted,
+        Arc::clone(&stats),
+        session.record_stats,
+        Arc::clone(&link),
+    );
+    let session = resume_session(Arc::clone(&fs), stats, Arc::clone(&link), fuse, session);
+    Ok((
+        ResumedMount {
+            session,
+            link,
+            state,
         },
         fs,
     ))

@@ -33,7 +33,6 @@ pub struct Handles {
 }
 
 /// One mount's connection state (see the module docs).
-#[derive(Default)]
 pub struct Link {
     fuse: OnceLock<OwnedFd>,
     agreed: Mutex<Option<Agreed>>,
@@ -48,6 +47,25 @@ pub struct LinkState {
     pub open: Vec<(u64, u64, u64, bool)>,
     /// inode → (raw backing id, opens using it)
     pub backing: Vec<(u64, u32, usize)>,
+}
+
+impl Default for Link {
+    /// A new connection's state. Our file handles start at the current time in
+    /// nanoseconds: after a crash the kernel still holds the lost process's handles, and
+    /// the new ones must never be equal to any of them.
+    fn default() -> Link {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Link {
+            fuse: OnceLock::new(),
+            agreed: Mutex::new(None),
+            handles: Mutex::new(Handles {
+                next: now,
+                ..Handles::default()
+            }),
+        }
+    }
 }
 
 impl Link {

@@ -17,9 +17,9 @@ mod upgrade;
 
 pub use adapter::{Adapter, CachePolicy, MountStats};
 pub use backend::{Backend, Direct, Hosted, Swappable};
-pub use handover::{export_mount, resume_mount, HandedMount, ResumedMount};
-pub use link::Link;
-pub use mountinfo::{fuse_waiting, kernel_mounts, KernelMount};
+pub use handover::{export_mount, resume_mount, revive_mount, HandedMount, ResumedMount};
+pub use link::{Agreed, Link};
+pub use mountinfo::{abort_connection, fuse_waiting, kernel_mounts, KernelMount};
 pub use options::{plugin_options, SessionOptions};
 pub use session::{run_session, start_session};
 pub use stale::{answers_enotconn_as, detach_stale_mounts};

@@ -23,15 +23,28 @@ pub struct KernelMount {
 /// `major:minor` (`/sys/fs/fuse/connections/<dev>/waiting`; needs the fusectl file system
 /// mounted there, as systemd does).
 pub fn fuse_waiting(device: &str) -> Option<u64> {
-    let (major, minor) = device.split_once(':')?;
-    let (major, minor): (u64, u64) = (major.parse().ok()?, minor.parse().ok()?);
-    // The kernel's own dev_t, which names the directory: MKDEV(major, minor).
-    let dev = (major << 20) | minor;
-    std::fs::read_to_string(format!("/sys/fs/fuse/connections/{dev}/waiting"))
+    std::fs::read_to_string(connection_dir(device)?.join("waiting"))
         .ok()?
         .trim()
         .parse()
         .ok()
+}
+
+/// Aborts the FUSE connection of the device `major:minor` (fusectl's `abort`): every
+/// request fails with ENOTCONN from then on, whoever still holds the connection.
+pub fn abort_connection(device: &str) -> std::io::Result<()> {
+    let dir = connection_dir(device)
+        .ok_or_else(|| std::io::Error::other(format!("bad device {device:?}")))?;
+    std::fs::write(dir.join("abort"), b"1")
+}
+
+/// fusectl's directory of the connection of device `major:minor`.
+fn connection_dir(device: &str) -> Option<PathBuf> {
+    let (major, minor) = device.split_once(':')?;
+    let (major, minor): (u64, u64) = (major.parse().ok()?, minor.parse().ok()?);
+    // The kernel's own dev_t, which names the directory: MKDEV(major, minor).
+    let dev = (major << 20) | minor;
+    Some(PathBuf::from(format!("/sys/fs/fuse/connections/{dev}")))
 }
 
 impl KernelMount {

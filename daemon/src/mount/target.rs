@@ -103,6 +103,26 @@ impl MountTarget {
         Ok((parts, self.parent.try_clone()?, self.dir.try_clone()?))
     }
 
+    /// The target of a mount made by a process that died (crash recovery), from the path
+    /// it was recorded at: the parent and the final name are resolved again (no symlinks),
+    /// owner and mode come from the record (the directory below is covered by the mount).
+    /// Nothing is asked of the mount itself, and nothing of it is held: a descriptor of
+    /// its root would keep it busy. (`dir` is only used to make a mount, which a
+    /// reattached target never does: it holds the parent again.)
+    pub fn reattach(path: &Path, uid: u32, mode: u32) -> Result<MountTarget, TargetError> {
+        let (parent, name, root) = open_beneath_no_symlinks(path)?;
+        drop(root);
+        let dir = parent.try_clone().map_err(TargetError::Other)?;
+        Ok(MountTarget {
+            path: path.to_path_buf(),
+            parent,
+            name,
+            dir,
+            uid,
+            mode,
+        })
+    }
+
     /// The target the previous process resolved, from what it handed over.
     pub fn taken_over(parts: TargetParts, parent: OwnedFd, dir: OwnedFd) -> MountTarget {
         MountTarget {

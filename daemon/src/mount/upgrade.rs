@@ -55,6 +55,12 @@ pub enum MoveError {
         errno: Errno,
         panic: Option<String>,
     },
+    #[error("the plugin cannot serve {} again after fshostd died: {}{}", .path.display(), describe_errno(.errno.0), panicked(.panic))]
+    Resume {
+        path: PathBuf,
+        errno: Errno,
+        panic: Option<String>,
+    },
     #[error("the new generation refused the state of {} ({state_bytes} bytes): {}{}", .path.display(), describe_errno(.errno.0), panicked(.panic))]
     Import {
         path: PathBuf,
@@ -166,14 +172,11 @@ pub(super) fn export(
     Ok(fds)
 }
 
-/// A new instance of `plugin` made with the mount's `options`, holding `state` (and the
-/// descriptors it names, `fds`); destroyed again if the import fails.
-pub(super) fn instance_from(
+/// A new instance of `plugin` made with the mount's `options`.
+pub(super) fn new_instance(
     plugin: &Arc<Plugin>,
     path: &Path,
     options: &BTreeMap<String, String>,
-    state: &[u8],
-    fds: &[OwnedFd],
 ) -> Result<Hosted, MoveError> {
     let instance = plugin
         .library
@@ -183,7 +186,19 @@ pub(super) fn instance_from(
             errno,
             panic: plugin.library.taint(),
         })?;
-    let hosted = Hosted::new(Arc::clone(plugin), instance);
+    Ok(Hosted::new(Arc::clone(plugin), instance))
+}
+
+/// A new instance of `plugin` made with the mount's `options`, holding `state` (and the
+/// descriptors it names, `fds`); destroyed again if the import fails.
+pub(super) fn instance_from(
+    plugin: &Arc<Plugin>,
+    path: &Path,
+    options: &BTreeMap<String, String>,
+    state: &[u8],
+    fds: &[OwnedFd],
+) -> Result<Hosted, MoveError> {
+    let hosted = new_instance(plugin, path, options)?;
     SavedState::over(state, fds, |saved| hosted.import_state(saved)).map_err(|errno| {
         MoveError::Import {
             path: path.to_path_buf(),

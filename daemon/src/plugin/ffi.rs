@@ -197,6 +197,12 @@ impl Library {
         self.d().export_state.is_some() && self.d().import_state.is_some()
     }
 
+    /// Whether a new instance can serve a mount whose instance died with fshostd (the
+    /// resume extension).
+    pub fn resumable(&self) -> bool {
+        self.d().resume.is_some()
+    }
+
     /// Why the plugin is tainted, if it is.
     pub fn taint(&self) -> Option<String> {
         self.taint.lock().unwrap_or_else(|e| e.into_inner()).clone()

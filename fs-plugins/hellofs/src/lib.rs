@@ -14,6 +14,7 @@ pub struct HelloFs;
 impl Plugin for HelloFs {
     /// Nothing to hand over: `fshostctl upgrade` may replace it under its mounts.
     const UPGRADABLE: bool = true;
+    const RESUMABLE: bool = true;
 
     /// One instance per mount, made from its `-o` options.
     fn create(_options: &Options) -> Result<Self> {

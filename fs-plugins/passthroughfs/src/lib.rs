@@ -15,7 +15,7 @@ use std::fs::{self, File};
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use fshost_sdk::abi::{
@@ -42,7 +42,15 @@ pub struct PassthroughFs {
     paths: RwLock<HashMap<u64, PathBuf>>,
     files: Mutex<HashMap<u64, File>>,
     next_fh: AtomicU64,
+    /// Set by `resume` (the instance before us died with fshostd): the kernel may name
+    /// inodes we never looked up, which are found by walking the source once.
+    resumed: AtomicBool,
+    /// The walk has been done: an inode still unknown no longer exists.
+    walked: AtomicBool,
 }
+
+/// How many entries the walk after a crash visits at most.
+const WALK_LIMIT: usize = 1 << 20;
 
 fn errno(e: std::io::Error) -> Errno {
     Errno(e.raw_os_error().unwrap_or(libc::EIO))
@@ -66,13 +74,54 @@ impl PassthroughFs {
     }
 
     fn path(&self, ino: u64) -> Result<PathBuf> {
-        let paths = self.paths.read().unwrap_or_else(|e| e.into_inner());
-        paths.get(&ino).map(|p| self.full(p)).ok_or(Errno::ENOENT)
+        Ok(self.full(&self.relative(ino)?))
     }
 
     fn relative(&self, ino: u64) -> Result<PathBuf> {
+        let known = self
+            .paths
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&ino)
+            .cloned();
+        match known {
+            Some(path) => Ok(path),
+            None if self.resumed.load(Ordering::Relaxed) => self.find(ino),
+            None => Err(Errno::ENOENT),
+        }
+    }
+
+    /// After a crash: the path of an inode the kernel knows from before, found by walking
+    /// the source (once; every path seen is remembered), without following symlinks or
+    /// leaving its file system. ESTALE if it no longer exists.
+    fn find(&self, ino: u64) -> Result<PathBuf> {
+        if !self.walked.swap(true, Ordering::SeqCst) {
+            let mut seen = Vec::new();
+            let dev = fs::symlink_metadata(&self.source).map_err(errno)?.dev();
+            let mut dirs = vec![PathBuf::new()];
+            while let Some(dir) = dirs.pop() {
+                let Ok(entries) = fs::read_dir(self.full(&dir)) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let relative = dir.join(entry.file_name());
+                    let Ok(meta) = entry.metadata() else { continue };
+                    if meta.dev() != dev || seen.len() >= WALK_LIMIT {
+                        continue;
+                    }
+                    if meta.is_dir() {
+                        dirs.push(relative.clone());
+                    }
+                    seen.push((self.fuse_ino(meta.ino()), relative));
+                }
+            }
+            let mut paths = self.paths.write().unwrap_or_else(|e| e.into_inner());
+            for (found, relative) in seen {
+                paths.entry(found).or_insert(relative);
+            }
+        }
         let paths = self.paths.read().unwrap_or_else(|e| e.into_inner());
-        paths.get(&ino).cloned().ok_or(Errno::ENOENT)
+        paths.get(&ino).cloned().ok_or(Errno(libc::ESTALE))
     }
 
     fn child(&self, parent: u64, name: &OsStr) -> Result<PathBuf> {
@@ -197,6 +246,15 @@ const STATE_VERSION: u32 = 1;
 impl Plugin for PassthroughFs {
     const PASSTHROUGH: bool = true;
     const UPGRADABLE: bool = true;
+    /// Node ids are the source's inode numbers: after a crash, unknown ones are found by
+    /// walking the source. Files open through passthrough never needed us; other handles
+    /// of the lost process answer EBADF.
+    const RESUMABLE: bool = true;
+
+    fn resume(&self) -> Result<()> {
+        self.resumed.store(true, Ordering::SeqCst);
+        Ok(())
+    }
 
     fn export_state(&self, out: &mut StateWriter) -> Result<()> {
         let paths = self.paths.read().unwrap_or_else(|e| e.into_inner());
@@ -276,6 +334,8 @@ impl Plugin for PassthroughFs {
             paths: RwLock::new(HashMap::from([(ROOT, PathBuf::new())])),
             files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            resumed: AtomicBool::new(false),
+            walked: AtomicBool::new(false),
         })
     }
 

@@ -202,6 +202,13 @@ struct fshost_plugin {
                      uint64_t length, int32_t mode);
     int (*lseek)(void *inst, fshost_ctx *ctx, uint64_t ino, uint64_t fh, uint64_t offset,
                  int32_t whence, uint64_t *out);
+
+    /* Resume (FSHOST_RESUME_STRUCT_SIZE): called on an instance fresh from create that serves
+     * a mount whose previous instance died with fshostd (systemd kept the FUSE connection);
+     * the kernel will ask about node ids and handles this instance never gave out. Set it
+     * only if the plugin can serve on without the lost process's memory (fixed or
+     * reconstructible node ids); without it such mounts are detached after a crash. */
+    int (*resume)(void *inst);
 };
 
 /* The descriptor of the first release ends at create_file: a plugin built against it sets
@@ -209,7 +216,8 @@ struct fshost_plugin {
 #define FSHOST_MIN_STRUCT_SIZE offsetof(struct fshost_plugin, open_backing)
 #define FSHOST_PASSTHROUGH_STRUCT_SIZE offsetof(struct fshost_plugin, export_state)
 #define FSHOST_UPGRADE_STRUCT_SIZE offsetof(struct fshost_plugin, fallocate)
-#define FSHOST_SPACE_STRUCT_SIZE sizeof(struct fshost_plugin)
+#define FSHOST_SPACE_STRUCT_SIZE offsetof(struct fshost_plugin, resume)
+#define FSHOST_RESUME_STRUCT_SIZE sizeof(struct fshost_plugin)
 
 const struct fshost_plugin *fshost_plugin_entry(void);
 

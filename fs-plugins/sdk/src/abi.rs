@@ -234,5 +234,9 @@ pub const UPGRADE_STRUCT_SIZE: u32 =
 pub const SPACE_STRUCT_SIZE: u32 =
     (std::mem::offset_of!(PluginDescriptor, lseek) + std::mem::size_of::<usize>()) as u32;
 
+/// `struct_size` of a descriptor that has the resume extension (crash survival).
+pub const RESUME_STRUCT_SIZE: u32 =
+    (std::mem::offset_of!(PluginDescriptor, resume) + std::mem::size_of::<usize>()) as u32;
+
 /// The type of `fshost_plugin_entry`.
 pub type EntryFn = unsafe extern "C" fn() -> *const PluginDescriptor;

@@ -190,6 +190,12 @@ macro_rules! plugin_trait {
             /// state implements the pair. Left false, upgrades are refused.
             const UPGRADABLE: bool = false;
 
+            /// Set to true when a new instance can serve a mount whose previous instance
+            /// died with fshostd (see `resume`): fixed or reconstructible node ids, no
+            /// state that only the lost process had. Under systemd such mounts survive a
+            /// crash of fshostd; the mounts of other plugins are detached.
+            const RESUMABLE: bool = false;
+
             $($(#[$attr])* fn $name(&$recv $(, $arg: $ty)*) -> Result<$out> $body)*
         }
     };

@@ -19,7 +19,7 @@
 //! plugin's side, `Outgoing` on the host's, `Output` for results both ways). `;` instead of
 //! a default body makes the operation required (the host refuses a plugin without it);
 //! `[when PASSTHROUGH]` puts the entry in the descriptor only when the plugin's
-//! `Plugin::PASSTHROUGH` is true (likewise `UPGRADABLE`). The order is the ABI's: append only.
+//! `Plugin::PASSTHROUGH` is true (likewise `UPGRADABLE`, `RESUMABLE`). The order is the ABI's: append only.
 //!
 //! Adding an operation: an entry here, its line in `include/fshost_plugin.h`, the adapter's
 //! kernel-facing method (`daemon/src/mount/adapter.rs`), and the plugins that implement it.
@@ -235,6 +235,16 @@ macro_rules! operations {
             fn lseek(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
                 fh: u64 => [fh: u64], offset: u64 => [offset: u64], whence: i32 => [whence: i32])
                 -> u64 => [out: *mut u64] { Err(Errno::ENOSYS) }
+
+            /// Called on an instance fresh from `create` that serves a mount whose previous
+            /// instance died with its fshostd (a crash; systemd kept the FUSE connection):
+            /// the kernel will ask about node ids and file handles this instance never
+            /// handed out. Its presence says the plugin can serve on without the lost
+            /// process's memory (the host detaches the mounts of one that cannot); node
+            /// ids must be answerable (fixed ones, or reconstructible), and a handle it
+            /// does not know may be answered EBADF. Return an error to give the mount up.
+            [when RESUMABLE]
+            fn resume(&self) -> () => [] { Ok(()) }
         }
     };
 }

@@ -73,12 +73,15 @@ fn record_path(dir: &Path, kernel_id: u64) -> PathBuf {
     dir.join(format!("{kernel_id}.json"))
 }
 
-/// Keeps a served mount's connection `fuse` and its record (nothing when not enabled).
+/// Keeps a served mount's connection `fuse` and its record (nothing when not enabled). A
+/// mount kept already only gets its record rewritten (after a plugin upgrade: the new
+/// generation's file).
 pub fn keep(record: &Record, fuse: BorrowedFd<'_>) {
     let Some(dir) = RECORDS.get() else {
         return;
     };
     let path = record_path(dir, record.kernel_id);
+    let kept_already = path.exists();
     let written = (|| {
         let text = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
         let partial = path.with_extension("partial");
@@ -94,6 +97,9 @@ pub fn keep(record: &Record, fuse: BorrowedFd<'_>) {
     })();
     if let Err(e) = written {
         tracing::warn!(mountpoint = %record.mountpoint.display(), error = %e, "cannot record the mount for a restart after a crash; it will not survive one");
+        return;
+    }
+    if kept_already {
         return;
     }
     let name = name(record.kernel_id);

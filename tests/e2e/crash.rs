@@ -31,6 +31,16 @@ fn mounts_of_resumable_plugins_survive_a_crash_and_memfs_is_detached_by_name() {
     }
     env.ctl(&["load", path_str(&artifact("libhello_c.so"))])
         .ok();
+    env.ctl(&["load", "faultfs"]).ok();
+    let faulty = env.mountpoint("f");
+    env.ctl(&["mount", "faultfs", path_str(&faulty)]).ok();
+    // Upgraded before the crash: the restart must load generation 2, from its own file.
+    let next = artifact("libfaultfs_next.so");
+    env.ctl(&["upgrade", "faultfs", path_str(&next)]).ok();
+    assert_eq!(
+        fs::read_to_string(faulty.join("data")).unwrap(),
+        "faultfs DATA\n"
+    );
     let (mem, hello, hello_c, pass) = (
         env.mountpoint("m"),
         env.mountpoint("h"),
@@ -78,7 +88,7 @@ fn mounts_of_resumable_plugins_survive_a_crash_and_memfs_is_detached_by_name() {
     assert_eq!(&said, b"open\n");
     // systemd holds every connection.
     assert!(
-        eventually(Duration::from_secs(10), || systemd.stored().len() == 4),
+        eventually(Duration::from_secs(10), || systemd.stored().len() == 5),
         "{:?}",
         systemd.stored()
     );
@@ -97,6 +107,10 @@ fn mounts_of_resumable_plugins_survive_a_crash_and_memfs_is_detached_by_name() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout), expected_report);
     assert_eq!(fs::read_dir(&hello_c).unwrap().count(), 1);
+    assert_eq!(
+        fs::read_to_string(faulty.join("data")).unwrap(),
+        "faultfs DATA\n"
+    );
     assert_eq!(
         fs::metadata(pass.join("sub/old")).unwrap().ino(),
         old_ino,
@@ -120,7 +134,7 @@ fn mounts_of_resumable_plugins_survive_a_crash_and_memfs_is_detached_by_name() {
     assert!(log.contains(&lost), "{log}");
     let mut mounted = fshost_mounts_below(env.dir.path());
     mounted.sort();
-    let mut expected = vec![hello.clone(), hello_c.clone(), pass.clone()];
+    let mut expected = vec![hello.clone(), hello_c.clone(), pass.clone(), faulty.clone()];
     expected.sort();
     assert_eq!(mounted, expected);
     assert!(!mem.join("gone").exists());
@@ -132,7 +146,7 @@ fn mounts_of_resumable_plugins_survive_a_crash_and_memfs_is_detached_by_name() {
     assert!(eventually(Duration::from_secs(10), || systemd
         .stored()
         .len()
-        == 3));
+        == 4));
     let old_pid = env.pid();
     let out = env.daemon_upgrade(&[]);
     assert_eq!(out.code, 0, "{out:?}");

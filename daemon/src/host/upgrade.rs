@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use fshost_protocol::UpgradeInfo;
 
-use super::{Effects, Host, HostError, PluginHandle};
+use super::{Effects, Host, HostError, KeptMount, PluginHandle};
 use crate::mount::Moving;
 use crate::registry::RegistryError;
 
@@ -64,6 +64,7 @@ impl<E: Effects> Host<E> {
             });
         }
         // Mounts whose session ended since have no backend any more: nothing to move.
+        let kept = mounts.clone();
         let moving: Vec<Moving<E::Slot>> = mounts
             .into_iter()
             .filter_map(|(path, record)| {
@@ -95,8 +96,29 @@ impl<E: Effects> Host<E> {
                 });
             }
         };
+        let source = new.source().to_path_buf();
         drop(new);
         let old = self.transition(|reg| reg.commit_upgrade(name, SystemTime::now()));
+        // A restart after a crash loads the plugin from where this generation came from.
+        for (path, record) in kept {
+            let Some(side) = self.shared.side(record.id) else {
+                continue;
+            };
+            let Some(slot) = side.slot.get() else {
+                continue;
+            };
+            let kept = KeptMount {
+                plugin: name.to_string(),
+                source: source.clone(),
+                path,
+                kernel_id: side.kernel_id.load(std::sync::atomic::Ordering::SeqCst),
+                options: record.options,
+                read_only: record.read_only,
+                owner: record.owner,
+                since: record.since,
+            };
+            self.effects().keep_mount(&kept, &side.target, slot);
+        }
         if let Some(old) = old {
             self.retire(name, old);
         }

@@ -70,6 +70,8 @@ impl Plugin for FaultFs {
     }
 
     const UPGRADABLE: bool = true;
+    /// Fixed files: a new instance serves on after a crash (its read count starts over).
+    const RESUMABLE: bool = true;
 
     fn export_state(&self, out: &mut StateWriter) -> Result<()> {
         self.maybe_panic("export_state");

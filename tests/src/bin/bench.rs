@@ -6,6 +6,7 @@
 //!
 //! Usage: bench BUILD_DIR [--smoke] [--write REPO_DIR]   (as root; needs fio)
 //!        bench BUILD_DIR --upgrades   (only the plugin upgrade rows)
+//!        bench BUILD_DIR --daemon-upgrades   (only the daemon upgrade rows)
 //!        bench --metadata DIR   (one metadata run of 10,000 files in DIR)
 
 use std::fmt::Write as _;
@@ -32,7 +33,9 @@ struct Sizes {
 }
 
 struct Daemon {
-    child: Child,
+    /// The daemon we started; after a daemon upgrade the one serving is not our child.
+    child: Option<Child>,
+    pid: u32,
     socket: PathBuf,
     reader: BufReader<UnixStream>,
 }
@@ -62,10 +65,26 @@ impl Daemon {
             std::thread::sleep(Duration::from_millis(10));
         };
         Daemon {
-            child,
+            pid: child.id(),
+            child: Some(child),
             socket,
             reader: BufReader::new(stream),
         }
+    }
+
+    /// `daemon-upgrade`: answered by the old process, which then exits; from then on
+    /// this talks to the new one.
+    fn daemon_upgrade(&mut self) -> Value {
+        let reply = self.answer(&json!({"op": "daemon-upgrade"}));
+        if reply["ok"] != true {
+            return reply;
+        }
+        if let Some(mut old) = self.child.take() {
+            let _ = old.wait();
+        }
+        self.pid = reply["result"]["upgrade"]["new_pid"].as_u64().unwrap_or(0) as u32;
+        self.reader = BufReader::new(UnixStream::connect(&self.socket).expect("reconnect"));
+        reply
     }
 
     fn call(&mut self, request: Value) -> Value {
@@ -85,7 +104,7 @@ impl Daemon {
     }
 
     fn status_field(&self, field: &str) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap();
         status
             .lines()
             .find_map(|l| l.strip_prefix(field))
@@ -98,10 +117,22 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::unistd::Pid::from_raw(self.pid as i32),
             nix::sys::signal::Signal::SIGTERM,
         );
-        let _ = self.child.wait();
+        match self.child.as_mut() {
+            Some(child) => {
+                let _ = child.wait();
+            }
+            None => {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                while std::path::Path::new(&format!("/proc/{}", self.pid)).exists()
+                    && Instant::now() < deadline
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
         let _ = std::fs::remove_file(&self.socket);
     }
 }
@@ -327,6 +358,24 @@ fn main() {
             .expect("usage: bench BUILD_DIR [--smoke] [--write REPO]"),
     );
     let smoke = args.iter().any(|a| a == "--smoke");
+    if args.iter().any(|a| a == "--daemon-upgrades") {
+        let base = tempfile::Builder::new()
+            .prefix("fshost-bench-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let native = base.path().join("native");
+        std::fs::create_dir_all(&native).unwrap();
+        let mut daemon = Daemon::start(&build, base.path());
+        for plugin in ["memfs", "passthroughfs", "hellofs"] {
+            daemon.call(json!({"op": "load", "path": plugin}));
+        }
+        println!("| metric | value | goal |\n|---|---|---|");
+        print!(
+            "{}",
+            daemon_upgrade_rows(&mut daemon, base.path(), &native, smoke)
+        );
+        return;
+    }
     if args.iter().any(|a| a == "--upgrades") {
         // Only the upgrade rows, at full size (memfs holding 1 GiB).
         let base = tempfile::Builder::new()
@@ -448,6 +497,8 @@ fn main() {
     let (cycle_p50, cycle_p99) = (percentile(cycles.clone(), 0.5), percentile(cycles, 0.99));
     eprintln!("upgrades...");
     let upgrades = upgrade_rows(&mut daemon, dir, &native, smoke);
+    eprintln!("daemon upgrades...");
+    let daemon_upgrades = daemon_upgrade_rows(&mut daemon, dir, &native, smoke);
     eprintln!("data ({} MiB per run)...", sizes.data_mib);
     let targets = [
         &tmpfs,
@@ -596,6 +647,7 @@ fn main() {
     );
     let _ = writeln!(other, "| passthroughfs: reads / writes served by the plugin during the data runs | {} / {} ({} opens through passthrough) | 0 / 0 |", pt_stats["plugin_reads"], pt_stats["plugin_writes"], pt_stats["passthrough_opens"]);
     other.push_str(&upgrades);
+    other.push_str(&daemon_upgrades);
     println!("{table}\n{other}");
 
     if let Some(repo) = write_to {
@@ -729,6 +781,110 @@ fn upgrade_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> 
         );
         for m in &mounts {
             // A reader's last close may still be on its way through the kernel.
+            let mut tries = 0;
+            while daemon.answer(&json!({"op": "unmount", "mountpoint": m}))["ok"] != true {
+                tries += 1;
+                if tries == 50 {
+                    daemon.call(json!({"op": "unmount", "mountpoint": m, "lazy": true}));
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    rows
+}
+
+/// Daemon upgrades with 4 readers on the mounts: the time the command takes, the pause the
+/// old process reports (paused until the new one was ready), and the longest read.
+fn daemon_upgrade_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> String {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let mut rows = String::new();
+    std::fs::write(
+        native.join("file"),
+        b"passthroughfs daemon upgrade benchmark\n",
+    )
+    .unwrap();
+    let memfs_mib: u64 = if smoke { 8 } else { 1024 };
+    let cases: [(&str, usize); 5] = [
+        ("hellofs", 1),
+        ("hellofs", 10),
+        ("hellofs", 100),
+        ("passthroughfs", 100),
+        ("memfs", 1),
+    ];
+    for (plugin, n) in cases {
+        let mounts: Vec<PathBuf> = (0..n)
+            .map(|i| dir.join(format!("daemon-upgrade/{plugin}/{i:03}")))
+            .collect();
+        for m in &mounts {
+            std::fs::create_dir_all(m).unwrap();
+            let options = match plugin {
+                "passthroughfs" => json!({"source": native.display().to_string()}),
+                _ => json!({}),
+            };
+            daemon.call(
+                json!({"op": "mount", "plugin": plugin, "mountpoint": m, "options": options}),
+            );
+        }
+        let file = if plugin == "hellofs" { "hello" } else { "file" };
+        if plugin == "memfs" {
+            std::fs::write(mounts[0].join(file), b"memfs daemon upgrade benchmark\n").unwrap();
+            let chunk = vec![7u8; 1 << 20];
+            let mut big = std::fs::File::create(mounts[0].join("big")).unwrap();
+            for _ in 0..memfs_mib {
+                big.write_all(&chunk).unwrap();
+            }
+        }
+        let stop = AtomicBool::new(false);
+        let (took, reply, longest) = std::thread::scope(|scope| {
+            let readers: Vec<_> = (0..4)
+                .map(|r| {
+                    let (mounts, stop) = (&mounts, &stop);
+                    scope.spawn(move || {
+                        let mut longest = Duration::ZERO;
+                        let mut i = r;
+                        while !stop.load(Ordering::Relaxed) {
+                            let t = Instant::now();
+                            let _ = std::fs::read(mounts[i % mounts.len()].join(file));
+                            longest = longest.max(t.elapsed());
+                            i += 1;
+                        }
+                        longest
+                    })
+                })
+                .collect();
+            std::thread::sleep(Duration::from_millis(100));
+            let t = Instant::now();
+            let reply = daemon.daemon_upgrade();
+            let took = t.elapsed();
+            std::thread::sleep(Duration::from_millis(100));
+            stop.store(true, Ordering::Relaxed);
+            let longest = readers
+                .into_iter()
+                .map(|r| r.join().unwrap())
+                .max()
+                .unwrap_or_default();
+            (took, reply, longest)
+        });
+        assert_eq!(reply["ok"], true, "daemon upgrade with {plugin}: {reply}");
+        let upgrade = &reply["result"]["upgrade"];
+        let pause_ms = upgrade["pause_us"].as_f64().unwrap_or(0.0) / 1e3;
+        let what = if plugin == "memfs" {
+            format!(
+                "memfs holding {memfs_mib} MiB ({} MiB of state)",
+                upgrade["state_bytes"].as_u64().unwrap_or(0) >> 20
+            )
+        } else {
+            format!("{plugin}, {n} mount{}", if n == 1 { "" } else { "s" })
+        };
+        let _ = writeln!(
+            rows,
+            "| daemon upgrade, {what}: time / pause / longest reader wait | {:.1} ms / {pause_ms:.1} ms / {:.1} ms | no reader error; pause < 1 s for 100 mounts |",
+            took.as_secs_f64() * 1e3,
+            longest.as_secs_f64() * 1e3
+        );
+        for m in &mounts {
             let mut tries = 0;
             while daemon.answer(&json!({"op": "unmount", "mountpoint": m}))["ok"] != true {
                 tries += 1;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use fshost_protocol::{to_line, Request, Response};
 
 pub mod table;
+pub mod top;
 
 /// How long to wait for the daemon's answer before giving up (on top of a drain's timeout).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);

@@ -108,6 +108,21 @@ enum Command {
         #[arg(long, value_name = "SECS", default_value_t = 1.0)]
         interval: f64,
     },
+    /// A live view of every mount, busiest first (like top/iotop): requests and errors
+    /// per second, p99 latency, bytes per second, in flight, queued in the kernel. Keys:
+    /// q quit; r, e, l, m sort by rate, errors, latency, mount point.
+    Top {
+        /// Print one table after one interval and exit (for scripts; also when standard
+        /// output is not a terminal).
+        #[arg(long)]
+        once: bool,
+        /// Seconds between refreshes.
+        #[arg(long, value_name = "SECS", default_value_t = 1.0)]
+        interval: f64,
+        /// What to sort by.
+        #[arg(long, value_enum, default_value_t = fshostctl::top::SortKey::Rate)]
+        sort: fshostctl::top::SortKey,
+    },
     /// The mounts' statistics in Prometheus's text format (for a scrape or a textfile
     /// collector).
     Metrics {
@@ -201,7 +216,9 @@ fn request(command: &Command) -> Request {
                 }
             }),
         },
-        Command::Completions { .. } | Command::Man => unreachable!("handled locally"),
+        Command::Completions { .. } | Command::Man | Command::Top { .. } => {
+            unreachable!("handled locally")
+        }
     }
 }
 
@@ -356,6 +373,41 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// Mounts, requests, errors, bytes read and written of one plugin generation.
+type PluginSums = (usize, u64, u64, u64, u64);
+
+/// The mounts summed per plugin (and the generation serving them now).
+fn plugins_summary(mounts: &[MountStats]) -> String {
+    let mut per: std::collections::BTreeMap<(&str, u32), PluginSums> =
+        std::collections::BTreeMap::new();
+    for m in mounts {
+        let (count, errors, _) = totals(m);
+        let sum = per.entry((&m.plugin, m.generation)).or_default();
+        sum.0 += 1;
+        sum.1 += count;
+        sum.2 += errors;
+        sum.3 += m.bytes_read;
+        sum.4 += m.bytes_written;
+    }
+    let rows = per.into_iter().map(|((plugin, generation), s)| {
+        vec![
+            plugin.to_string(),
+            generation.to_string(),
+            s.0.to_string(),
+            s.1.to_string(),
+            s.2.to_string(),
+            bytes(s.3),
+            bytes(s.4),
+        ]
+    });
+    table::render(
+        &[
+            "PLUGIN", "GEN", "MOUNTS", "REQUESTS", "ERRORS", "READ", "WRITTEN",
+        ],
+        rows,
+    )
+}
+
 /// The mounts' table; with `earlier` (a sample `interval` seconds before) a rate column.
 /// One mount gets its operations listed too.
 fn stats_text(mounts: &[MountStats], earlier: Option<(&[MountStats], f64)>) -> String {
@@ -403,7 +455,22 @@ fn stats_text(mounts: &[MountStats], earlier: Option<(&[MountStats], f64)>) -> S
         ],
         rows,
     );
+    if mounts.len() > 1 {
+        out.push('\n');
+        out.push_str(&plugins_summary(mounts));
+    }
     if let [m] = mounts {
+        if m.generations.len() > 1 {
+            let rows = m.generations.iter().map(|g| {
+                vec![
+                    g.generation.to_string(),
+                    g.requests.to_string(),
+                    g.errors.to_string(),
+                ]
+            });
+            out.push('\n');
+            out.push_str(&table::render(&["GENERATION", "REQUESTS", "ERRORS"], rows));
+        }
         let rows = m.ops.iter().map(|op| {
             let errors: Vec<String> = op.errors.iter().map(|(e, n)| format!("{e} {n}")).collect();
             vec![
@@ -474,6 +541,25 @@ fn main() -> ExitCode {
                 &mut std::io::stdout(),
             );
             return ExitCode::SUCCESS;
+        }
+        Command::Top {
+            once,
+            interval,
+            sort,
+        } => {
+            let interval = std::time::Duration::from_secs_f64(interval.clamp(0.1, 3600.0));
+            let shown = if *once || cli.json || !fshostctl::top::interactive() {
+                fshostctl::top::once(&cli.socket, interval, *sort).map(|text| print!("{text}"))
+            } else {
+                fshostctl::top::live(&cli.socket, interval, *sort)
+            };
+            return match shown {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(message) => {
+                    eprintln!("fshostctl: {message}");
+                    ExitCode::from(3)
+                }
+            };
         }
         Command::Man => {
             let man = clap_mangen::Man::new(Cli::command());

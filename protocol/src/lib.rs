@@ -268,6 +268,18 @@ pub struct MountStats {
     pub passthrough_opens: u64,
     /// Per operation that was called at least once.
     pub ops: Vec<OpStats>,
+    /// Requests and errors per plugin generation that served the mount (one entry until
+    /// an upgrade; the counters above go on across upgrades).
+    #[serde(default)]
+    pub generations: Vec<GenerationStats>,
+}
+
+/// What one plugin generation served of one mount.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GenerationStats {
+    pub generation: u32,
+    pub requests: u64,
+    pub errors: u64,
 }
 
 /// One operation of one mount.
@@ -356,6 +368,23 @@ pub fn prometheus_text(mounts: &[MountStats]) -> String {
     );
     for (labels, op) in ops() {
         let _ = writeln!(out, "fshost_requests_total{{{labels}}} {}", op.count);
+    }
+    family(
+        &mut out,
+        "fshost_generation_requests_total",
+        "counter",
+        "Requests each plugin generation served, all operations.",
+    );
+    for m in mounts {
+        for g in &m.generations {
+            let _ = writeln!(
+                out,
+                "fshost_generation_requests_total{{{},generation=\"{}\"}} {}",
+                labels(m, None),
+                g.generation,
+                g.requests
+            );
+        }
     }
     family(
         &mut out,

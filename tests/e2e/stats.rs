@@ -1,6 +1,7 @@
 //! Per-mount statistics (`fshostctl stats`, `fshostctl metrics`): exact counts after
 //! scripted operations, errors by errno, histograms that add up, a Prometheus exposition
-//! that parses, and counters that live through a plugin upgrade.
+//! that parses, counters that live through a plugin upgrade (split per generation), `top
+//! --once`, per-plugin sums, and the example Grafana dashboard's series.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -286,4 +287,157 @@ fn a_nostats_mount_records_nothing() {
     let (mount, ops) = ops(&env, path_str(&mnt));
     assert!(ops.is_empty(), "{mount}");
     env.ctl(&["unmount", path_str(&mnt)]).ok();
+}
+
+#[test]
+fn counters_go_on_through_an_upgrade_and_split_by_generation() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", "faultfs"]).ok();
+    let mnt = env.mountpoint("f");
+    env.ctl(&["mount", "faultfs", path_str(&mnt), "-o", "attr_timeout=0"])
+        .ok();
+    let data = mnt.join("data");
+    for _ in 0..10 {
+        fs::read(&data).unwrap();
+    }
+    let (_, before) = ops(&env, path_str(&mnt));
+    let next = fshost_tests::artifact("libfaultfs_next.so");
+    env.ctl(&["upgrade", "faultfs", path_str(&next)]).ok();
+    for _ in 0..5 {
+        fs::read(&data).unwrap();
+    }
+    let (mount, after) = ops(&env, path_str(&mnt));
+    // The counters went on: ten reads before, five after.
+    assert_eq!(count(&before, "read"), 10, "{mount}");
+    assert_eq!(count(&after, "read"), 15, "{mount}");
+    let total: u64 = after.values().map(|o| o["count"].as_u64().unwrap()).sum();
+    let generations = mount["generations"].as_array().unwrap();
+    assert_eq!(generations.len(), 2, "{mount}");
+    assert_eq!(generations[0]["generation"], 1);
+    assert_eq!(generations[1]["generation"], 2);
+    let first: u64 = before.values().map(|o| o["count"].as_u64().unwrap()).sum();
+    let by_generation: Vec<u64> = generations
+        .iter()
+        .map(|g| g["requests"].as_u64().unwrap())
+        .collect();
+    // Generation 1 served everything counted before the upgrade (the stats request
+    // itself reaches no plugin); generation 2 the rest.
+    assert_eq!(by_generation[0], first, "{mount}");
+    assert_eq!(by_generation[0] + by_generation[1], total, "{mount}");
+    assert!(by_generation[1] >= 5, "{mount}");
+    // The table shows the split, and the exposition carries it.
+    let text = env
+        .ctl(&["stats", path_str(&mnt), "--interval", "0"])
+        .ok()
+        .stdout;
+    assert!(text.contains("GENERATION"), "{text}");
+    let metrics = env.ctl(&["metrics"]).ok().stdout;
+    let samples = parse_exposition(&metrics);
+    let split: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.name == "fshost_generation_requests_total")
+        .collect();
+    assert_eq!(split.len(), 2, "{metrics}");
+    // Against the same exposition's totals (a late flush may have come in meanwhile).
+    let requests: u64 = samples
+        .iter()
+        .filter(|s| s.name == "fshost_requests_total")
+        .map(|s| s.value as u64)
+        .sum();
+    assert_eq!(
+        split.iter().map(|s| s.value as u64).sum::<u64>(),
+        requests,
+        "{metrics}"
+    );
+    // The example Grafana dashboard asks only for series the exposition has.
+    let dashboard = fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd/grafana-dashboard.json"),
+    )
+    .unwrap();
+    let dashboard: Value = serde_json::from_str(&dashboard).unwrap();
+    let declared: Vec<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let mut asked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if let Some(name) = word.strip_prefix("fshost_") {
+                    let family = format!("fshost_{}", name.trim_end_matches("_bucket"));
+                    assert!(declared.contains(&family.as_str()), "{family} in {expr}");
+                    asked += 1;
+                }
+            }
+        }
+    }
+    assert!(asked >= 8, "the dashboard asks for {asked} series");
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}
+
+#[test]
+fn top_once_lists_the_busiest_mount_first_and_stats_sums_per_plugin() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", "memfs"]).ok();
+    let (busy, idle) = (env.mountpoint("busy"), env.mountpoint("idle"));
+    env.ctl(&["mount", "memfs", path_str(&busy)]).ok();
+    env.ctl(&["mount", "memfs", path_str(&idle)]).ok();
+    fs::write(busy.join("f"), b"x").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let worker = {
+        let (stop, file) = (std::sync::Arc::clone(&stop), busy.join("f"));
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = fs::metadata(&file);
+                let _ = fs::read(&file);
+            }
+        })
+    };
+    let out = env.ctl(&["top", "--once", "--interval", "1"]).ok().stdout;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    worker.join().unwrap();
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(lines[0].starts_with("MOUNTPOINT"), "{out}");
+    for column in ["REQ/S", "ERR/S", "P99", "READ/S", "IN FLIGHT", "WAITING"] {
+        assert!(lines[0].contains(column), "{column}: {out}");
+    }
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[1].starts_with(path_str(&busy)),
+        "busiest first: {out}"
+    );
+    assert!(lines[2].starts_with(path_str(&idle)), "{out}");
+    let rate = |line: &str| -> f64 { line.split_whitespace().nth(3).unwrap().parse().unwrap() };
+    assert!(rate(lines[1]) > 10.0, "{out}");
+    assert_eq!(rate(lines[2]), 0.0, "{out}");
+    // Sorted by mount point on request.
+    let out = env
+        .ctl(&["top", "--once", "--interval", "0.1", "--sort", "mount"])
+        .ok()
+        .stdout;
+    assert!(
+        out.lines().nth(1).unwrap().starts_with(path_str(&busy)),
+        "{out}"
+    );
+    // stats sums the mounts per plugin.
+    let text = env.ctl(&["stats", "--interval", "0"]).ok().stdout;
+    let summary = text
+        .lines()
+        .skip_while(|l| !l.starts_with("PLUGIN"))
+        .nth(1)
+        .unwrap_or_else(|| panic!("{text}"));
+    let fields: Vec<&str> = summary.split_whitespace().collect();
+    assert_eq!(fields[0], "memfs", "{text}");
+    assert_eq!(fields[2], "2", "two mounts: {text}");
+    for mnt in [&busy, &idle] {
+        env.ctl(&["unmount", path_str(mnt)]).ok();
+    }
 }

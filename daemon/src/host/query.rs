@@ -124,6 +124,7 @@ impl<E: Effects> Host<E> {
                 bytes_written: stats.bytes_written.load(Ordering::Relaxed),
                 passthrough_opens: stats.passthrough_opens.load(Ordering::Relaxed),
                 ops: stats.ops(),
+                generations: stats.by_generation(entry.map_or(0, |e| e.generation)),
             });
         }
         if out.is_empty() {

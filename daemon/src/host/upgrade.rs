@@ -65,6 +65,7 @@ impl<E: Effects> Host<E> {
         }
         // Mounts whose session ended since have no backend any more: nothing to move.
         let kept = mounts.clone();
+        let generation = self.lock().plugin(name).map_or(0, |e| e.generation);
         let moving: Vec<Moving<E::Slot>> = mounts
             .into_iter()
             .filter_map(|(path, record)| {
@@ -73,6 +74,7 @@ impl<E: Effects> Host<E> {
                     path,
                     slot,
                     options: record.options,
+                    generation,
                 })
             })
             .collect();

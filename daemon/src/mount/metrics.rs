@@ -30,6 +30,9 @@ pub struct MountStats {
     latency: [[AtomicU64; BUCKETS]; OPS],
     /// (operation, errno) → failures. Errors are the rare path: a lock is fine there.
     errors: Mutex<BTreeMap<(usize, i32), u64>>,
+    /// Where each plugin generation after the first began serving the mount: (generation,
+    /// requests and errors counted until then). Written at upgrades only.
+    generations: Mutex<Vec<(u32, u64, u64)>>,
 }
 
 impl Default for MountStats {
@@ -45,6 +48,7 @@ impl Default for MountStats {
             nanos: [const { AtomicU64::new(0) }; OPS],
             latency: [const { [const { AtomicU64::new(0) }; BUCKETS] }; OPS],
             errors: Mutex::new(BTreeMap::new()),
+            generations: Mutex::new(Vec::new()),
         }
     }
 }
@@ -57,6 +61,57 @@ pub struct Call<'a> {
 }
 
 impl MountStats {
+    /// Requests and failed requests so far, all operations.
+    fn totals(&self) -> (u64, u64) {
+        let calls = self.calls.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        let errors = self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .sum();
+        (calls, errors)
+    }
+
+    /// The mount moved from generation `from` to `to` (an upgrade, every request paused):
+    /// what is counted from now on is `to`'s.
+    pub fn generation_began(&self, from: u32, to: u32) {
+        let (calls, errors) = self.totals();
+        let mut marks = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        if marks.is_empty() {
+            marks.push((from, 0, 0));
+        }
+        marks.push((to, calls, errors));
+    }
+
+    /// Requests and errors per generation that served the mount (`current` alone if it
+    /// never changed).
+    pub fn by_generation(&self, current: u32) -> Vec<fshost_protocol::GenerationStats> {
+        let (calls, errors) = self.totals();
+        let marks = self.generations.lock().unwrap_or_else(|e| e.into_inner());
+        if marks.is_empty() {
+            return vec![fshost_protocol::GenerationStats {
+                generation: current,
+                requests: calls,
+                errors,
+            }];
+        }
+        marks
+            .iter()
+            .enumerate()
+            .map(|(i, &(generation, from_calls, from_errors))| {
+                let (to_calls, to_errors) = marks
+                    .get(i + 1)
+                    .map_or((calls, errors), |&(_, c, e)| (c, e));
+                fshost_protocol::GenerationStats {
+                    generation,
+                    requests: to_calls.saturating_sub(from_calls),
+                    errors: to_errors.saturating_sub(from_errors),
+                }
+            })
+            .collect()
+    }
+
     /// Starts recording a call of operation `op` (its index in `abi::OPERATIONS`).
     pub fn begin(&self, op: usize) -> Call<'_> {
         self.in_flight[op].fetch_add(1, Ordering::Relaxed);

@@ -24,6 +24,8 @@ pub struct Moving<S = Arc<Swappable>> {
     pub path: PathBuf,
     pub slot: S,
     pub options: BTreeMap<String, String>,
+    /// The generation serving it now (the next one counts from the swap on).
+    pub generation: u32,
 }
 
 /// What a move did.
@@ -125,8 +127,12 @@ fn move_all(new: &Arc<Plugin>, mounts: &[Moving], timeout: Duration) -> Result<M
     }
     // Every import succeeded: swap, and resume each mount as soon as it is swapped.
     let mut old = Vec::with_capacity(mounts.len());
-    for (mut guard, hosted) in paused.into_iter().zip(next) {
+    for ((mut guard, hosted), mount) in paused.into_iter().zip(next).zip(mounts) {
         old.push(std::mem::replace(&mut *guard, hosted));
+        mount
+            .slot
+            .stats
+            .generation_began(mount.generation, mount.generation + 1);
     }
     // New requests wait from the moment the first mount's lock is asked for.
     let pause = started.elapsed();

@@ -10,6 +10,7 @@ use clap::CommandFactory;
 use clap::{Parser, Subcommand};
 use fshost_protocol::{MountInfo, MountStats, PluginInfo, Reply, Request, Status};
 
+use fshostctl::top::sums as totals;
 use fshostctl::{exchange, table};
 
 /// Control fshostd: load and unload filesystem plugins, mount and unmount them.
@@ -339,20 +340,6 @@ fn mounts_table(mounts: &[MountInfo]) -> String {
         ]
     });
     table::render(&["MOUNTPOINT", "PLUGIN", "SINCE", "MODE", "OWNER"], rows)
-}
-
-/// Requests of every operation, and their latency buckets summed.
-fn totals(m: &MountStats) -> (u64, u64, Vec<u64>) {
-    let mut buckets = vec![0u64; fshost_protocol::LATENCY_BUCKETS_US.len() + 1];
-    let (mut count, mut errors) = (0, 0);
-    for op in &m.ops {
-        count += op.count;
-        errors += op.error_count();
-        for (sum, n) in buckets.iter_mut().zip(&op.buckets) {
-            *sum += n;
-        }
-    }
-    (count, errors, buckets)
 }
 
 /// "120 µs", "3.2 ms": a latency bucket's bound.

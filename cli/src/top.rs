@@ -38,7 +38,7 @@ pub struct Line {
 }
 
 /// Requests, errors and latency buckets of a mount, all operations summed.
-fn sums(m: &MountStats) -> (u64, u64, Vec<u64>) {
+pub fn sums(m: &MountStats) -> (u64, u64, Vec<u64>) {
     let mut buckets = vec![0u64; fshost_protocol::LATENCY_BUCKETS_US.len() + 1];
     let (mut count, mut errors) = (0, 0);
     for op in &m.ops {

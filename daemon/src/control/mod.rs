@@ -384,6 +384,15 @@ async fn run_request(
     }
 }
 
+/// How long an upgrade waits for the requests in flight on the mounts it pauses.
+fn pause_limit(timeout_secs: Option<u64>) -> Duration {
+    Duration::from_secs(
+        timeout_secs
+            .unwrap_or(DEFAULT_UPGRADE_SECS)
+            .clamp(1, MAX_DRAIN_SECS),
+    )
+}
+
 fn handle(
     host: &Host,
     upgrader: &Upgrader,
@@ -431,29 +440,15 @@ fn handle(
             name,
             path,
             timeout_secs,
-        } => {
-            let timeout = Duration::from_secs(
-                timeout_secs
-                    .unwrap_or(DEFAULT_UPGRADE_SECS)
-                    .clamp(1, MAX_DRAIN_SECS),
-            );
-            Reply::Upgraded {
-                upgrade: host.upgrade(&name, path.as_deref(), timeout)?,
-            }
-        }
+        } => Reply::Upgraded {
+            upgrade: host.upgrade(&name, path.as_deref(), pause_limit(timeout_secs))?,
+        },
         Request::DaemonUpgrade {
             binary,
             timeout_secs,
-        } => {
-            let timeout = Duration::from_secs(
-                timeout_secs
-                    .unwrap_or(DEFAULT_UPGRADE_SECS)
-                    .clamp(1, MAX_DRAIN_SECS),
-            );
-            Reply::DaemonUpgraded {
-                upgrade: upgrader.run(host, binary.as_deref(), caller, timeout)?,
-            }
-        }
+        } => Reply::DaemonUpgraded {
+            upgrade: upgrader.run(host, binary.as_deref(), caller, pause_limit(timeout_secs))?,
+        },
         Request::Stats { filter } => Reply::Stats {
             mounts: host.stats(filter.as_deref())?,
         },

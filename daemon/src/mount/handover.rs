@@ -90,12 +90,24 @@ pub fn resume_mount(
     state_fds: &[OwnedFd],
 ) -> Result<(ResumedMount, Arc<Swappable>), MoveError> {
     let hosted = instance_from(&plugin, path, options, state, state_fds)?;
+    serve_connection(path, hosted, stats, session, fuse, handed.link.clone())
+}
+
+/// The backend and the session (not yet run) for `hosted` on an existing connection.
+fn serve_connection(
+    path: &std::path::Path,
+    hosted: Hosted,
+    stats: Arc<MountStats>,
+    session: &SessionOptions,
+    fuse: OwnedFd,
+    state: LinkState,
+) -> Result<(ResumedMount, Arc<Swappable>), MoveError> {
     let kept = fuse.try_clone().map_err(|e| MoveError::Create {
         path: path.to_path_buf(),
         errno: fshost_sdk::Errno(e.raw_os_error().unwrap_or(libc::EIO)),
         panic: None,
     })?;
-    let link = Arc::new(Link::resumed(kept, &handed.link));
+    let link = Arc::new(Link::resumed(kept, &state));
     let fs = Swappable::new(
         hosted,
         Arc::clone(&stats),
@@ -107,7 +119,7 @@ pub fn resume_mount(
         ResumedMount {
             session,
             link,
-            state: handed.link.clone(),
+            state,
         },
         fs,
     ))
@@ -133,30 +145,7 @@ pub fn revive_mount(
         errno,
         panic: plugin.library.taint(),
     })?;
-    let link = Arc::new(Link::default());
-    link.agree(agreed);
-    let kept = fuse.try_clone().map_err(|e| MoveError::Create {
-        path: path.to_path_buf(),
-        errno: fshost_sdk::Errno(e.raw_os_error().unwrap_or(libc::EIO)),
-        panic: None,
-    })?;
-    link.keep_fd(kept);
-    let state = link.state().expect("agreed above");
-    let fs = Swappable::new(
-        hosted,
-        Arc::clone(&stats),
-        session.record_stats,
-        Arc::clone(&link),
-    );
-    let session = resume_session(Arc::clone(&fs), stats, Arc::clone(&link), fuse, session);
-    Ok((
-        ResumedMount {
-            session,
-            link,
-            state,
-        },
-        fs,
-    ))
+    serve_connection(path, hosted, stats, session, fuse, LinkState::fresh(agreed))
 }
 
 impl ResumedMount {

@@ -49,21 +49,37 @@ pub struct LinkState {
     pub backing: Vec<(u64, u32, usize)>,
 }
 
+/// Where our file handles start: the current time in nanoseconds. After a crash the
+/// kernel still holds the lost process's handles, and new ones must never equal any of them.
+fn first_handle() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}
+
 impl Default for Link {
-    /// A new connection's state. Our file handles start at the current time in
-    /// nanoseconds: after a crash the kernel still holds the lost process's handles, and
-    /// the new ones must never be equal to any of them.
+    /// A new connection's state.
     fn default() -> Link {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
         Link {
             fuse: OnceLock::new(),
             agreed: Mutex::new(None),
             handles: Mutex::new(Handles {
-                next: now,
+                next: first_handle(),
                 ..Handles::default()
             }),
+        }
+    }
+}
+
+impl LinkState {
+    /// The state of a connection whose server died with everything it knew but what INIT
+    /// agreed (crash recovery): no handles of ours yet.
+    pub fn fresh(agreed: Agreed) -> LinkState {
+        LinkState {
+            agreed,
+            next: first_handle(),
+            open: Vec::new(),
+            backing: Vec::new(),
         }
     }
 }

@@ -687,187 +687,143 @@ fn main() {
 /// and of memfs holding 1 GiB (8 MiB with `smoke`), while reader threads keep opening and
 /// reading a file on every mount: the upgrade's time, the pause the daemon reports, and the
 /// longest any one open+read+close of a reader took. Rows of the "other" table.
-fn upgrade_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> String {
+/// Mounts `plugin` at each of `mounts` (passthroughfs mirrors `native`).
+fn mount_each(daemon: &mut Daemon, plugin: &str, mounts: &[PathBuf], native: &Path) {
+    for m in mounts {
+        std::fs::create_dir_all(m).unwrap();
+        let options = match plugin {
+            "passthroughfs" => json!({"source": native.display().to_string()}),
+            _ => json!({}),
+        };
+        daemon.call(json!({"op": "mount", "plugin": plugin, "mountpoint": m, "options": options}));
+    }
+}
+
+/// Unmounts each of `mounts` (lazily if a reader's last close keeps one busy too long).
+fn unmount_each(daemon: &mut Daemon, mounts: &[PathBuf]) {
+    for m in mounts {
+        let mut tries = 0;
+        while daemon.answer(&json!({"op": "unmount", "mountpoint": m}))["ok"] != true {
+            tries += 1;
+            if tries == 50 {
+                daemon.call(json!({"op": "unmount", "mountpoint": m, "lazy": true}));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Writes `mib` MiB into `big` beside a small `file` in a memfs mount.
+fn fill_memfs(mount: &Path, file: &str, mib: u64) {
+    std::fs::write(mount.join(file), b"memfs upgrade benchmark\n").unwrap();
+    let chunk = vec![7u8; 1 << 20];
+    let mut big = std::fs::File::create(mount.join("big")).unwrap();
+    for _ in 0..mib {
+        big.write_all(&chunk).unwrap();
+    }
+}
+
+/// Runs `action` while four threads open, read and close `file` on the mounts in a loop;
+/// returns how long it took, its answer and the longest read.
+fn with_readers(
+    daemon: &mut Daemon,
+    mounts: &[PathBuf],
+    file: &str,
+    action: impl FnOnce(&mut Daemon) -> Value,
+) -> (Duration, Value, Duration) {
     use std::sync::atomic::{AtomicBool, Ordering};
-    let mut rows = String::new();
-    std::fs::write(native.join("file"), b"passthroughfs upgrade benchmark\n").unwrap();
-    let memfs_mib: u64 = if smoke { 8 } else { 1024 };
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|scope| {
+        let readers: Vec<_> = (0..4)
+            .map(|r| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    let mut longest = Duration::ZERO;
+                    let mut i = r;
+                    while !stop.load(Ordering::Relaxed) {
+                        let t = Instant::now();
+                        let _ = std::fs::read(mounts[i % mounts.len()].join(file));
+                        longest = longest.max(t.elapsed());
+                        i += 1;
+                    }
+                    longest
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let t = Instant::now();
+        // No panic in here: the readers would keep the scope from ever ending.
+        let reply = action(daemon);
+        let took = t.elapsed();
+        std::thread::sleep(Duration::from_millis(100));
+        stop.store(true, Ordering::Relaxed);
+        let longest = readers
+            .into_iter()
+            .map(|r| r.join().unwrap())
+            .max()
+            .unwrap_or_default();
+        (took, reply, longest)
+    })
+}
+
+fn upgrade_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> String {
     let cases: Vec<(&str, usize)> = [1, 10, 100]
         .into_iter()
         .flat_map(|n| [("hellofs", n), ("passthroughfs", n)])
         .chain([("memfs", 1)])
         .collect();
-    for (plugin, n) in cases {
-        let mounts: Vec<PathBuf> = (0..n)
-            .map(|i| dir.join(format!("upgrade/{plugin}/{i:03}")))
-            .collect();
-        for m in &mounts {
-            std::fs::create_dir_all(m).unwrap();
-            let options = match plugin {
-                "passthroughfs" => json!({"source": native.display().to_string()}),
-                _ => json!({}),
-            };
-            daemon.call(
-                json!({"op": "mount", "plugin": plugin, "mountpoint": m, "options": options}),
-            );
-        }
-        let file = match plugin {
-            "hellofs" => "hello",
-            _ => "file",
-        };
-        if plugin == "memfs" {
-            std::fs::write(mounts[0].join(file), b"memfs upgrade benchmark\n").unwrap();
-            let chunk = vec![7u8; 1 << 20];
-            let mut big = std::fs::File::create(mounts[0].join("big")).unwrap();
-            for _ in 0..memfs_mib {
-                big.write_all(&chunk).unwrap();
-            }
-        }
-        let stop = AtomicBool::new(false);
-        let (took, reply, longest) = std::thread::scope(|scope| {
-            let readers: Vec<_> = (0..4)
-                .map(|r| {
-                    let (mounts, stop) = (&mounts, &stop);
-                    scope.spawn(move || {
-                        let mut longest = Duration::ZERO;
-                        let mut i = r;
-                        while !stop.load(Ordering::Relaxed) {
-                            let t = Instant::now();
-                            let _ = std::fs::read(mounts[i % mounts.len()].join(file));
-                            longest = longest.max(t.elapsed());
-                            i += 1;
-                        }
-                        longest
-                    })
-                })
-                .collect();
-            std::thread::sleep(Duration::from_millis(100));
-            let t = Instant::now();
-            // No panic in here: the readers would keep the scope from ever ending.
-            let reply = daemon.answer(&json!({"op": "upgrade", "name": plugin}));
-            let took = t.elapsed();
-            std::thread::sleep(Duration::from_millis(100));
-            stop.store(true, Ordering::Relaxed);
-            let longest = readers
-                .into_iter()
-                .map(|r| r.join().unwrap())
-                .max()
-                .unwrap_or_default();
-            (took, reply, longest)
-        });
-        assert_eq!(reply["ok"], true, "upgrade of {plugin}: {reply}");
-        let upgrade = &reply["result"]["upgrade"];
-        let pause_ms = upgrade["pause_us"].as_f64().unwrap_or(0.0) / 1e3;
-        let what = if plugin == "memfs" {
-            format!(
-                "memfs holding {memfs_mib} MiB ({} MiB of state)",
-                upgrade["state_bytes"].as_u64().unwrap_or(0) >> 20
-            )
-        } else {
-            format!("{plugin}, {n} mount{}", if n == 1 { "" } else { "s" })
-        };
-        let goal = match plugin {
-            "memfs" => format!(
-                "{:.0} MiB/s handed over",
-                memfs_mib as f64 / (pause_ms / 1e3).max(1e-9)
-            ),
-            _ => "pause < 50 ms".to_string(),
-        };
-        let _ = writeln!(
-            rows,
-            "| upgrade {what}: time / pause / longest reader wait | {:.1} ms / {pause_ms:.1} ms / {:.1} ms | {goal} |",
-            took.as_secs_f64() * 1e3,
-            longest.as_secs_f64() * 1e3
-        );
-        for m in &mounts {
-            // A reader's last close may still be on its way through the kernel.
-            let mut tries = 0;
-            while daemon.answer(&json!({"op": "unmount", "mountpoint": m}))["ok"] != true {
-                tries += 1;
-                if tries == 50 {
-                    daemon.call(json!({"op": "unmount", "mountpoint": m, "lazy": true}));
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-    rows
+    moving_rows(daemon, dir, native, smoke, &cases, false)
 }
 
-/// Daemon upgrades with 4 readers on the mounts: the time the command takes, the pause the
-/// old process reports (paused until the new one was ready), and the longest read.
+/// Daemon upgrades with the same readers: the time the command takes, the pause the old
+/// process reports (paused until the new one was ready), and the longest read.
 fn daemon_upgrade_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> String {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    let mut rows = String::new();
-    std::fs::write(
-        native.join("file"),
-        b"passthroughfs daemon upgrade benchmark\n",
-    )
-    .unwrap();
-    let memfs_mib: u64 = if smoke { 8 } else { 1024 };
-    let cases: [(&str, usize); 5] = [
+    let cases = [
         ("hellofs", 1),
         ("hellofs", 10),
         ("hellofs", 100),
         ("passthroughfs", 100),
         ("memfs", 1),
     ];
-    for (plugin, n) in cases {
+    moving_rows(daemon, dir, native, smoke, &cases, true)
+}
+
+/// For each (plugin, mounts) case: mount, then a plugin upgrade (or, with `whole_daemon`,
+/// a daemon upgrade) under four readers, one table row, unmount.
+fn moving_rows(
+    daemon: &mut Daemon,
+    dir: &Path,
+    native: &Path,
+    smoke: bool,
+    cases: &[(&str, usize)],
+    whole_daemon: bool,
+) -> String {
+    let mut rows = String::new();
+    std::fs::write(native.join("file"), b"passthroughfs upgrade benchmark\n").unwrap();
+    let memfs_mib: u64 = if smoke { 8 } else { 1024 };
+    let kind = if whole_daemon {
+        "daemon-upgrade"
+    } else {
+        "upgrade"
+    };
+    for &(plugin, n) in cases {
         let mounts: Vec<PathBuf> = (0..n)
-            .map(|i| dir.join(format!("daemon-upgrade/{plugin}/{i:03}")))
+            .map(|i| dir.join(format!("{kind}/{plugin}/{i:03}")))
             .collect();
-        for m in &mounts {
-            std::fs::create_dir_all(m).unwrap();
-            let options = match plugin {
-                "passthroughfs" => json!({"source": native.display().to_string()}),
-                _ => json!({}),
-            };
-            daemon.call(
-                json!({"op": "mount", "plugin": plugin, "mountpoint": m, "options": options}),
-            );
-        }
+        mount_each(daemon, plugin, &mounts, native);
         let file = if plugin == "hellofs" { "hello" } else { "file" };
         if plugin == "memfs" {
-            std::fs::write(mounts[0].join(file), b"memfs daemon upgrade benchmark\n").unwrap();
-            let chunk = vec![7u8; 1 << 20];
-            let mut big = std::fs::File::create(mounts[0].join("big")).unwrap();
-            for _ in 0..memfs_mib {
-                big.write_all(&chunk).unwrap();
-            }
+            fill_memfs(&mounts[0], file, memfs_mib);
         }
-        let stop = AtomicBool::new(false);
-        let (took, reply, longest) = std::thread::scope(|scope| {
-            let readers: Vec<_> = (0..4)
-                .map(|r| {
-                    let (mounts, stop) = (&mounts, &stop);
-                    scope.spawn(move || {
-                        let mut longest = Duration::ZERO;
-                        let mut i = r;
-                        while !stop.load(Ordering::Relaxed) {
-                            let t = Instant::now();
-                            let _ = std::fs::read(mounts[i % mounts.len()].join(file));
-                            longest = longest.max(t.elapsed());
-                            i += 1;
-                        }
-                        longest
-                    })
-                })
-                .collect();
-            std::thread::sleep(Duration::from_millis(100));
-            let t = Instant::now();
-            let reply = daemon.daemon_upgrade();
-            let took = t.elapsed();
-            std::thread::sleep(Duration::from_millis(100));
-            stop.store(true, Ordering::Relaxed);
-            let longest = readers
-                .into_iter()
-                .map(|r| r.join().unwrap())
-                .max()
-                .unwrap_or_default();
-            (took, reply, longest)
+        let (took, reply, longest) = with_readers(daemon, &mounts, file, |daemon| {
+            if whole_daemon {
+                daemon.daemon_upgrade()
+            } else {
+                daemon.answer(&json!({"op": "upgrade", "name": plugin}))
+            }
         });
-        assert_eq!(reply["ok"], true, "daemon upgrade with {plugin}: {reply}");
+        assert_eq!(reply["ok"], true, "{kind} with {plugin}: {reply}");
         let upgrade = &reply["result"]["upgrade"];
         let pause_ms = upgrade["pause_us"].as_f64().unwrap_or(0.0) / 1e3;
         let what = if plugin == "memfs" {
@@ -878,23 +834,26 @@ fn daemon_upgrade_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bo
         } else {
             format!("{plugin}, {n} mount{}", if n == 1 { "" } else { "s" })
         };
+        let goal = match (plugin, whole_daemon) {
+            (_, true) => "no reader error; pause < 1 s for 100 mounts".to_string(),
+            ("memfs", false) => format!(
+                "{:.0} MiB/s handed over",
+                memfs_mib as f64 / (pause_ms / 1e3).max(1e-9)
+            ),
+            _ => "pause < 50 ms".to_string(),
+        };
+        let name = if whole_daemon {
+            "daemon upgrade,"
+        } else {
+            "upgrade"
+        };
         let _ = writeln!(
             rows,
-            "| daemon upgrade, {what}: time / pause / longest reader wait | {:.1} ms / {pause_ms:.1} ms / {:.1} ms | no reader error; pause < 1 s for 100 mounts |",
+            "| {name} {what}: time / pause / longest reader wait | {:.1} ms / {pause_ms:.1} ms / {:.1} ms | {goal} |",
             took.as_secs_f64() * 1e3,
             longest.as_secs_f64() * 1e3
         );
-        for m in &mounts {
-            let mut tries = 0;
-            while daemon.answer(&json!({"op": "unmount", "mountpoint": m}))["ok"] != true {
-                tries += 1;
-                if tries == 50 {
-                    daemon.call(json!({"op": "unmount", "mountpoint": m, "lazy": true}));
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
+        unmount_each(daemon, &mounts);
     }
     rows
 }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use fshost_protocol::DaemonUpgradeInfo;
 
-use super::{Caller, Host, HostError, MountSide, Real};
+use super::{Caller, Frozen, Host, HostError, MountSide, Real};
 use crate::handover::{
     self, from_epoch, Manifest, MountFds, MountOut, Outgoing, PluginOut, Received, Successor,
 };
@@ -62,16 +62,16 @@ impl Host<Real> {
             Some(path) => PathBuf::from(path),
         };
         let exe = self.trusted_binary(&binary)?;
-        let (plugins, mounts) = self.transition(|reg| reg.begin_handover())?;
+        let frozen = self.freeze()?;
         let began = Instant::now();
-        let handed = self.hand_over_frozen(&binary, &exe, plugins, mounts, timeout, daemon);
+        let handed = self.hand_over_frozen(&binary, &exe, frozen, timeout, daemon);
         match handed {
             Ok((mut info, successor)) => {
                 info.pause_us = began.elapsed().as_micros() as u64;
                 Ok((info, successor))
             }
             Err(e) => {
-                self.transition(|reg| reg.end_handover());
+                self.thaw();
                 tracing::warn!(error = %e, "daemon upgrade failed; this process serves on");
                 Err(e)
             }
@@ -101,18 +101,11 @@ impl Host<Real> {
         Ok(exe)
     }
 
-    #[allow(clippy::type_complexity)]
     fn hand_over_frozen(
         &self,
         binary: &Path,
         exe: &File,
-        plugins: Vec<(
-            String,
-            Arc<crate::plugin::Plugin>,
-            u32,
-            std::time::SystemTime,
-        )>,
-        mounts: crate::registry::Mounts,
+        frozen: Frozen<Real>,
         timeout: Duration,
         daemon: DaemonSide,
     ) -> Result<(DaemonUpgradeInfo, Successor), HostError> {
@@ -134,11 +127,12 @@ impl Host<Real> {
             plugins: Vec::new(),
             mounts: Vec::new(),
         };
+        let Frozen { plugins, mounts } = frozen;
         for (name, plugin, generation, loaded_at) in &plugins {
             let mounted: Vec<PathBuf> = mounts
                 .iter()
-                .filter(|(_, r)| &r.plugin == name)
-                .map(|(path, _)| path.clone())
+                .filter(|(_, r, _, _)| &r.plugin == name)
+                .map(|(path, _, _, _)| path.clone())
                 .collect();
             if !plugin.library.upgradable() && !mounted.is_empty() {
                 return Err(fail(format!(
@@ -156,14 +150,7 @@ impl Host<Real> {
         }
         // Pause every mount at once: requests in flight finish, new ones wait (and, once
         // this process is gone, are read by the next one).
-        let sides: Vec<_> = mounts
-            .iter()
-            .filter_map(|(path, record)| {
-                let side = self.shared.side(record.id)?;
-                let slot = side.slot.get()?.clone();
-                Some((path, record, side, slot))
-            })
-            .collect();
+        let sides = &mounts;
         let paused = mount::pause_all(
             sides
                 .iter()

@@ -568,6 +568,8 @@ enum Op {
         n: usize,
         on_load_fails: bool,
     },
+    /// A daemon upgrade's first step and a failed handover: freeze, look, thaw.
+    Handover,
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -580,6 +582,7 @@ fn op() -> impl Strategy<Value = Op> {
         (0..PATHS.len()).prop_map(|p| Op::ExternalUmount { p }),
         (0..NAMES.len(), proptest::bool::weighted(0.2))
             .prop_map(|(n, on_load_fails)| Op::Upgrade { n, on_load_fails }),
+        Just(Op::Handover),
     ]
 }
 
@@ -608,6 +611,36 @@ fn run(host: &Arc<Host<Model>>, op: Op) {
         Op::Upgrade { n, on_load_fails } => {
             let path = format!("{}{}", NAMES[n], if on_load_fails { "!" } else { "" });
             let _ = host.upgrade(NAMES[n], Some(&path), Duration::from_secs(5));
+        }
+        Op::Handover => {
+            let Ok(frozen) = host.freeze() else {
+                return; // not settled (a load, mount, unmount or upgrade under way)
+            };
+            // Frozen: every mount the registry holds is served (its backend is there) or
+            // ending from outside (its side gone); the handover would take all the others.
+            let recorded: Vec<_> = host.lock().mounts().map(|(_, r)| r.id).collect();
+            let model = host.effects();
+            for id in &recorded {
+                if host
+                    .shared
+                    .side(*id)
+                    .is_some_and(|side| side.slot.get().is_none())
+                {
+                    model.world().violations.push(format!(
+                        "a frozen mount ({id:?}) has no backend to hand over"
+                    ));
+                }
+            }
+            if frozen.mounts.len() > recorded.len() {
+                model
+                    .world()
+                    .violations
+                    .push("a handover took a mount the registry does not hold".into());
+            }
+            drop(frozen);
+            // Others run meanwhile and must be refused; then the handover fails.
+            model.step();
+            host.thaw();
         }
         Op::ExternalUmount { p } => {
             let model = host.effects();

@@ -164,6 +164,21 @@ struct MountSide<E: Effects> {
     slot: OnceLock<E::Slot>,
 }
 
+/// What a frozen host hands over: plugins (name, library, generation, loaded at) and the
+/// served mounts with their records, descriptors and backends.
+struct Frozen<E: Effects> {
+    plugins: Vec<(String, Arc<E::Plugin>, u32, SystemTime)>,
+    mounts: Vec<FrozenMount<E>>,
+}
+
+/// A served mount of a frozen host: where, its record, its descriptors and its backend.
+type FrozenMount<E> = (
+    PathBuf,
+    crate::registry::MountRecord,
+    Arc<MountSide<E>>,
+    <E as Effects>::Slot,
+);
+
 /// State shared with mount threads, which report the end of their session through it.
 struct Shared<E: Effects> {
     registry: Mutex<Registry<E::Plugin>>,
@@ -359,6 +374,28 @@ impl<E: Effects> Host<E> {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push((mapped_path, info));
+    }
+
+    /// Daemon upgrade, first step: freezes the registry (every change is refused as busy
+    /// until [`Host::thaw`]) and returns the plugins and the served mounts with their
+    /// backends. A mount whose session is ending from outside has no backend any more and
+    /// is left out; every other one is served, so it has one.
+    fn freeze(&self) -> Result<Frozen<E>, HostError> {
+        let (plugins, mounts) = self.transition(|reg| reg.begin_handover())?;
+        let mounts = mounts
+            .into_iter()
+            .filter_map(|(path, record)| {
+                let side = self.shared.side(record.id)?;
+                let slot = side.slot.get()?.clone();
+                Some((path, record, side, slot))
+            })
+            .collect();
+        Ok(Frozen { plugins, mounts })
+    }
+
+    /// The handover failed: changes are taken again.
+    fn thaw(&self) {
+        self.transition(|reg| reg.end_handover());
     }
 
     /// Wakes every waiter so it re-checks its condition (used when a client cancels).

@@ -417,7 +417,8 @@ fn top_once_lists_the_busiest_mount_first_and_stats_sums_per_plugin() {
     assert!(lines[2].starts_with(path_str(&idle)), "{out}");
     let rate = |line: &str| -> f64 { line.split_whitespace().nth(3).unwrap().parse().unwrap() };
     assert!(rate(lines[1]) > 10.0, "{out}");
-    assert_eq!(rate(lines[2]), 0.0, "{out}");
+    // Not quite zero: other tests' daemons, starting, statfs every fshost mount.
+    assert!(rate(lines[2]) < rate(lines[1]) / 10.0, "{out}");
     // Sorted by mount point on request.
     let out = env
         .ctl(&["top", "--once", "--interval", "0.1", "--sort", "mount"])

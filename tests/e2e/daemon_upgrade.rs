@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fshost_tests::{artifact, eventually, fuse_available, wait_with_deadline, Env};
+use fshost_tests::{artifact, eventually, fuse_available, Env};
 
 use crate::path_str;
 
@@ -44,26 +44,8 @@ fn workload(dir: &Path, map_bytes: usize) -> std::process::Child {
 }
 
 /// Stops a workload and returns its report; asserts it ran without an error.
-fn finish(mut child: std::process::Child, what: &str) -> String {
-    drop(child.stdin.take());
-    wait_with_deadline(&mut child, Duration::from_secs(60)).expect("the workload ends");
-    let mut report = String::new();
-    child
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut report)
-        .unwrap();
-    let first = report.lines().next().unwrap_or_default().to_string();
-    assert!(first.ends_with(" errors=0"), "{what}: {report}");
-    let ops: u64 = first
-        .trim_start_matches("ops=")
-        .split(' ')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    assert!(ops > 10, "{what}: the workload hardly ran: {report}");
-    first
+fn finish(child: std::process::Child, what: &str) -> String {
+    fshost_tests::finish_workload(child, what, 10)
 }
 
 #[test]

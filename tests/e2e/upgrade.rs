@@ -254,7 +254,7 @@ fn works_on_through_twenty_upgrades(env: &Env, plugin: &str, mnt: &Path) -> Vec<
     let identity = |path: &Path| fs::metadata(path).map(|m| (m.ino(), m.mtime_nsec(), m.len()));
     let work_ino = fs::metadata(mnt.join("work")).unwrap().ino();
     let before = identity(&mnt.join("big")).unwrap();
-    let mut workload = Command::new(artifact("workload"))
+    let workload = Command::new(artifact("workload"))
         .arg(mnt.join("work"))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -265,21 +265,7 @@ fn works_on_through_twenty_upgrades(env: &Env, plugin: &str, mnt: &Path) -> Vec<
         let out = env.ctl(&["--json", "upgrade", plugin]).ok().json();
         pauses.push(out["upgrade"]["pause_us"].as_u64().unwrap());
     }
-    drop(workload.stdin.take());
-    wait_with_deadline(&mut workload, Duration::from_secs(30)).unwrap();
-    let mut report = String::new();
-    std::io::BufReader::new(workload.stdout.take().unwrap())
-        .read_to_string(&mut report)
-        .unwrap();
-    let first = report.lines().next().unwrap_or_default().to_string();
-    assert!(first.ends_with(" errors=0"), "{plugin}: {report}");
-    let ops: u64 = first
-        .trim_start_matches("ops=")
-        .split(' ')
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap();
-    assert!(ops > 20, "the workload hardly ran: {report}");
+    let first = fshost_tests::finish_workload(workload, plugin, 20);
     eprintln!("{plugin}: workload {first}; pauses (µs): {pauses:?}");
     assert_eq!(info(env, plugin)["generation"], 21);
     assert_eq!(identity(&mnt.join("big")).unwrap(), before);

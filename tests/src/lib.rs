@@ -518,6 +518,31 @@ impl Env {
     }
 }
 
+/// Stops a `workload` program (tests/src/bin/workload.rs: its stdin closes) and returns its
+/// first report line; fails the test unless it ran more than `min_ops` rounds without an
+/// error.
+pub fn finish_workload(mut child: Child, what: &str, min_ops: u64) -> String {
+    drop(child.stdin.take());
+    wait_with_deadline(&mut child, COMMAND_TIMEOUT).expect("the workload ends");
+    let mut report = String::new();
+    child
+        .stdout
+        .take()
+        .expect("the workload's stdout is piped")
+        .read_to_string(&mut report)
+        .expect("the workload's report");
+    let first = report.lines().next().unwrap_or_default().to_string();
+    assert!(first.ends_with(" errors=0"), "{what}: {report}");
+    let ops: u64 = first
+        .trim_start_matches("ops=")
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(ops > min_ops, "{what}: the workload hardly ran: {report}");
+    first
+}
+
 /// Aborts the FUSE connection of every fshost mount below `dir` (fusectl's `abort`), so
 /// that nothing of a failed test waits on a connection nobody serves.
 pub fn abort_fuse_below(dir: &Path) {

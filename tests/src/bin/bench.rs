@@ -358,7 +358,15 @@ fn main() {
             .expect("usage: bench BUILD_DIR [--smoke] [--write REPO]"),
     );
     let smoke = args.iter().any(|a| a == "--smoke");
-    if args.iter().any(|a| a == "--daemon-upgrades") {
+    // Only the plugin or daemon upgrade rows, at full size (memfs holding 1 GiB).
+    let only: Option<Rows> = if args.iter().any(|a| a == "--daemon-upgrades") {
+        Some(daemon_upgrade_rows)
+    } else if args.iter().any(|a| a == "--upgrades") {
+        Some(upgrade_rows)
+    } else {
+        None
+    };
+    if let Some(rows) = only {
         let base = tempfile::Builder::new()
             .prefix("fshost-bench-")
             .tempdir_in("/var/tmp")
@@ -370,26 +378,7 @@ fn main() {
             daemon.call(json!({"op": "load", "path": plugin}));
         }
         println!("| metric | value | goal |\n|---|---|---|");
-        print!(
-            "{}",
-            daemon_upgrade_rows(&mut daemon, base.path(), &native, smoke)
-        );
-        return;
-    }
-    if args.iter().any(|a| a == "--upgrades") {
-        // Only the upgrade rows, at full size (memfs holding 1 GiB).
-        let base = tempfile::Builder::new()
-            .prefix("fshost-bench-")
-            .tempdir_in("/var/tmp")
-            .unwrap();
-        let native = base.path().join("native");
-        std::fs::create_dir_all(&native).unwrap();
-        let mut daemon = Daemon::start(&build, base.path());
-        for plugin in ["memfs", "passthroughfs", "hellofs"] {
-            daemon.call(json!({"op": "load", "path": plugin}));
-        }
-        println!("| metric | value | goal |\n|---|---|---|");
-        print!("{}", upgrade_rows(&mut daemon, base.path(), &native, smoke));
+        print!("{}", rows(&mut daemon, base.path(), &native, smoke));
         return;
     }
     let write_to = args
@@ -766,6 +755,9 @@ fn with_readers(
         (took, reply, longest)
     })
 }
+
+/// A set of benchmark rows over a running daemon: (daemon, directory, native dir, smoke).
+type Rows = fn(&mut Daemon, &Path, &Path, bool) -> String;
 
 fn upgrade_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> String {
     let cases: Vec<(&str, usize)> = [1, 10, 100]

@@ -400,7 +400,9 @@ async fn take_over(
             manifest.owns_socket,
             manifest.preloaded.clone(),
         );
-        let listener = received.take(1).map_err(|e| e.to_string())?;
+        let listener = received
+            .take(received.manifest.listener)
+            .map_err(|e| e.to_string())?;
         let taken = host.take_over(&mut received)?;
         Ok::<_, String>((host, listener, socket, owns_socket, preloaded, taken))
     })

@@ -43,6 +43,8 @@ pub struct Manifest {
     pub from_pid: u32,
     pub from_version: String,
     pub socket: PathBuf,
+    /// The control socket's listener, as an index of the descriptors handed over.
+    pub listener: usize,
     /// Whether the old process made the socket file (and the successor removes it at stop).
     pub owns_socket: bool,
     /// Config preloads: entry → plugin name.
@@ -56,6 +58,8 @@ pub struct Manifest {
 pub struct PluginOut {
     pub name: String,
     pub source: PathBuf,
+    /// The private copy it was loaded from, as an index of the descriptors handed over.
+    pub image: usize,
     pub generation: u32,
     pub loaded_at: (u64, u32),
 }
@@ -330,20 +334,11 @@ impl Predecessor {
             }
             fds.extend(batch.into_iter().map(Some));
         }
-        let mut received = Received {
-            manifest: Manifest {
-                format: 0,
-                from_pid: 0,
-                from_version: String::new(),
-                socket: PathBuf::new(),
-                owns_socket: false,
-                preloaded: BTreeMap::new(),
-                plugins: Vec::new(),
-                mounts: Vec::new(),
-            },
-            fds,
-        };
-        let mut file = File::from(received.take(0)?);
+        let manifest_fd = fds
+            .first_mut()
+            .and_then(Option::take)
+            .ok_or_else(|| io::Error::other("no manifest was handed over"))?;
+        let mut file = File::from(manifest_fd);
         file.rewind()?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)?;
@@ -355,8 +350,7 @@ impl Predecessor {
                 manifest.format
             )));
         }
-        received.manifest = manifest;
-        Ok(received)
+        Ok(Received { manifest, fds })
     }
 
     /// Tells the old process that everything is ready to serve.

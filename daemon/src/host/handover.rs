@@ -63,19 +63,11 @@ impl Host<Real> {
         };
         let exe = self.trusted_binary(&binary)?;
         let frozen = self.freeze()?;
-        let began = Instant::now();
-        let handed = self.hand_over_frozen(&binary, &exe, frozen, timeout, daemon);
-        match handed {
-            Ok((mut info, successor)) => {
-                info.pause_us = began.elapsed().as_micros() as u64;
-                Ok((info, successor))
-            }
-            Err(e) => {
+        self.hand_over_frozen(&binary, &exe, frozen, timeout, daemon)
+            .inspect_err(|e| {
                 self.thaw();
                 tracing::warn!(error = %e, "daemon upgrade failed; this process serves on");
-                Err(e)
-            }
-        }
+            })
     }
 
     /// Opens the new binary once and checks that only root could have put it there.
@@ -109,16 +101,13 @@ impl Host<Real> {
         timeout: Duration,
         daemon: DaemonSide,
     ) -> Result<(DaemonUpgradeInfo, Successor), HostError> {
+        let began = Instant::now();
         let binary_text = binary.display().to_string();
         let fail = |why: String| failed(&binary_text, why);
         let mut outgoing = Outgoing::default();
-        let listener = outgoing.push(daemon.listener);
-        debug_assert_eq!(
-            listener, 1,
-            "the manifest's reader expects the listener first"
-        );
         let mut manifest = Manifest {
-            format: 0,
+            format: handover::FORMAT,
+            listener: outgoing.push(daemon.listener),
             from_pid: std::process::id(),
             from_version: env!("CARGO_PKG_VERSION").into(),
             socket: daemon.socket,
@@ -140,26 +129,26 @@ impl Host<Real> {
                     crate::registry::join_paths(&mounted)
                 )));
             }
-            outgoing.push(plugin.image().map_err(|e| fail(e.to_string()))?);
+            let image = plugin.image().map_err(|e| fail(e.to_string()))?;
             manifest.plugins.push(PluginOut {
                 name: name.clone(),
                 source: plugin.source.clone(),
+                image: outgoing.push(image),
                 generation: *generation,
                 loaded_at: handover::epoch(*loaded_at),
             });
         }
         // Pause every mount at once: requests in flight finish, new ones wait (and, once
         // this process is gone, are read by the next one).
-        let sides = &mounts;
         let paused = mount::pause_all(
-            sides
+            mounts
                 .iter()
                 .map(|(path, _, _, slot)| (path.as_path(), &**slot)),
             timeout,
         )
         .map_err(|e| fail(e.to_string()))?;
         let mut state_bytes = 0;
-        for ((path, record, side, slot), current) in sides.iter().zip(&paused) {
+        for ((path, record, side, slot), current) in mounts.iter().zip(&paused) {
             let mut state = handover::memfd("fshost-state").map_err(|e| fail(e.to_string()))?;
             let (mut handed, state_fds) = mount::export_mount(path, slot, current, &mut state)
                 .map_err(|e| fail(e.to_string()))?;
@@ -190,7 +179,6 @@ impl Host<Real> {
                 fds,
             });
         }
-        manifest.format = handover::FORMAT;
         let mut successor =
             handover::start(binary, exe).map_err(|e| fail(format!("cannot start it: {e}")))?;
         tracing::info!(pid = successor.pid(), binary = %binary.display(), plugins = plugins.len(), mounts = manifest.mounts.len(), state_bytes, "daemon upgrade: handing over");
@@ -221,7 +209,7 @@ impl Host<Real> {
                 .iter()
                 .map(|m| m.target.path.display().to_string())
                 .collect(),
-            pause_us: 0,
+            pause_us: began.elapsed().as_micros() as u64,
             state_bytes,
         };
         Ok((info, successor))
@@ -233,9 +221,8 @@ impl Host<Real> {
     pub fn take_over(&self, received: &mut Received) -> Result<Vec<TakenOver>, String> {
         let plugins = std::mem::take(&mut received.manifest.plugins);
         let mounts = std::mem::take(&mut received.manifest.mounts);
-        // Plugin images follow the listener, in the manifest's order.
-        for (i, plugin) in plugins.iter().enumerate() {
-            let image = received.take(2 + i).map_err(|e| e.to_string())?;
+        for plugin in &plugins {
+            let image = received.take(plugin.image).map_err(|e| e.to_string())?;
             let loaded =
                 crate::plugin::load_handed(File::from(image), &plugin.source, &plugin.name)
                     .map_err(|e| format!("plugin \"{}\": {e}", plugin.name))?;

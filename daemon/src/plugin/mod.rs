@@ -222,7 +222,14 @@ pub fn load_handed(image: fs::File, source: &Path, name: &str) -> Result<Plugin,
         path: source.to_path_buf(),
         source: source_err,
     })?;
-    let copy = private_copy(&mut image, &copy_name).map_err(|e| LoadError::Copy {
+    // Through a buffer: a memfd-to-memfd copy goes by splice, whose page references can
+    // still be pending when the copy is sealed (EBUSY, seen once in CI).
+    let mut bytes = Vec::new();
+    image.read_to_end(&mut bytes).map_err(|e| LoadError::Copy {
+        path: source.to_path_buf(),
+        source: e,
+    })?;
+    let copy = private_copy(&mut bytes.as_slice(), &copy_name).map_err(|e| LoadError::Copy {
         path: source.to_path_buf(),
         source: e,
     })?;
@@ -284,7 +291,7 @@ fn identity(file: &fs::File) -> std::io::Result<(u64, i64, i64, i64, i64)> {
 }
 
 /// Copies `file` from its current offset into a new sealed memfd named `name`.
-fn private_copy(file: &mut fs::File, name: &str) -> std::io::Result<fs::File> {
+fn private_copy(file: &mut impl Read, name: &str) -> std::io::Result<fs::File> {
     let image = rustix::fs::memfd_create(name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
     let mut copy = fs::File::from(image);
     std::io::copy(file, &mut copy)?;

@@ -373,3 +373,140 @@ fn whiteouts_and_directory_sizes_are_as_on_tmpfs() {
     assert_eq!(probe(&mnt), expected);
     env.ctl(&["unmount", path_str(&mnt)]).ok();
 }
+
+/// What a file system shows of nodes that lost their names but not their users: a removed
+/// directory through its descriptor, an unlinked file through an `O_PATH` handle or an open
+/// descriptor (reopened through /proc), an unlinked file whose pages were still being
+/// written back, and `O_TMPFILE` files given a name with `linkat` (or refused one with
+/// `O_EXCL`). tmpfs answers all of them; memfs must answer as it does.
+fn lifetime_probe(dir: &Path) -> Vec<String> {
+    use rustix::fs::{AtFlags, Mode as M, OFlags as O};
+    let mut lines = Vec::new();
+    let mut note = |what: &str, result: std::io::Result<String>| {
+        lines.push(format!(
+            "{what}: {}",
+            result.unwrap_or_else(|e| format!("error {e}"))
+        ));
+    };
+    let show = |st: rustix::fs::Stat| {
+        format!(
+            "mode={:o} nlink={} size={} blocks={}",
+            st.st_mode, st.st_nlink, st.st_size, st.st_blocks
+        )
+    };
+    let reopen = |fd: &std::os::fd::OwnedFd| -> std::io::Result<String> {
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(fd));
+        Ok(String::from_utf8_lossy(&fs::read(path)?).into_owned())
+    };
+
+    let removed = dir.join("removed");
+    fs::create_dir(&removed).unwrap();
+    let fd = rustix::fs::open(&removed, O::RDONLY | O::DIRECTORY, M::empty()).unwrap();
+    fs::remove_dir(&removed).unwrap();
+    note("fstat of a removed directory", rustix::fs::fstat(&fd).map(show).map_err(Into::into));
+    note(
+        "'.' in a removed directory",
+        rustix::fs::statat(&fd, ".", AtFlags::empty())
+            .map(show)
+            .map_err(Into::into),
+    );
+    note(
+        "listing a removed directory",
+        rustix::fs::Dir::read_from(&fd)
+            .map(|d| d.filter_map(|e| e.ok()).count().to_string())
+            .map_err(Into::into),
+    );
+
+    let path = dir.join("opath");
+    fs::write(&path, b"kept by O_PATH").unwrap();
+    let fd = rustix::fs::open(&path, O::PATH, M::empty()).unwrap();
+    fs::remove_file(&path).unwrap();
+    note("fstat through O_PATH after unlink", rustix::fs::fstat(&fd).map(show).map_err(Into::into));
+    note("reopen through O_PATH after unlink", reopen(&fd));
+
+    let path = dir.join("open");
+    fs::write(&path, b"kept open").unwrap();
+    let fd = rustix::fs::open(&path, O::RDONLY, M::empty()).unwrap();
+    fs::remove_file(&path).unwrap();
+    note("reopen an open file after unlink", reopen(&fd));
+    drop(fd);
+
+    let path = dir.join("written");
+    fs::write(&path, vec![7u8; 100_000]).unwrap();
+    fs::remove_file(&path).unwrap();
+    let dir_fd = rustix::fs::open(dir, O::RDONLY | O::DIRECTORY, M::empty()).unwrap();
+    note(
+        "syncfs after write, close, unlink",
+        rustix::fs::syncfs(&dir_fd).map(|()| "ok".into()).map_err(Into::into),
+    );
+
+    for (what, exclusive) in [("O_TMPFILE", false), ("O_TMPFILE|O_EXCL", true)] {
+        let flags = O::TMPFILE | O::RDWR | if exclusive { O::EXCL } else { O::empty() };
+        let fd = match rustix::fs::open(dir, flags, M::from_raw_mode(0o640)) {
+            Ok(fd) => fd,
+            Err(e) => {
+                note(what, Err(e.into()));
+                continue;
+            }
+        };
+        rustix::io::write(&fd, b"unnamed").unwrap();
+        // Written back first: under -o writeback, blocks count once pages reach memfs.
+        note(
+            &format!("{what} fsync, fstat"),
+            rustix::fs::fsync(&fd)
+                .and_then(|()| rustix::fs::fstat(&fd))
+                .map(show)
+                .map_err(Into::into),
+        );
+        let name = dir.join(format!("named{}", u8::from(exclusive)));
+        let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+        let linked = rustix::fs::linkat(
+            rustix::fs::CWD,
+            proc_path.as_str(),
+            rustix::fs::CWD,
+            &name,
+            AtFlags::SYMLINK_FOLLOW,
+        );
+        note(
+            &format!("{what} linkat"),
+            linked
+                .map_err(std::io::Error::from)
+                .and_then(|()| {
+                    let meta = fs::symlink_metadata(&name)?;
+                    Ok(format!(
+                        "mode={:o} nlink={} {:?}",
+                        meta.mode(),
+                        meta.nlink(),
+                        String::from_utf8_lossy(&fs::read(&name)?)
+                    ))
+                }),
+        );
+    }
+    lines
+}
+
+#[test]
+fn unlinked_nodes_and_tmpfiles_live_as_on_tmpfs() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let tmpfs = Tmpfs::mount_with(env.path("life-tmpfs"), "mode=1777");
+    let expected = lifetime_probe(&tmpfs.0);
+    // On tmpfs everything works but naming an O_EXCL tmpfile.
+    let refused: Vec<&String> = expected.iter().filter(|l| l.contains("error")).collect();
+    assert_eq!(
+        refused,
+        ["O_TMPFILE|O_EXCL linkat: error No such file or directory (os error 2)"],
+        "tmpfs itself: {expected:#?}"
+    );
+    env.ctl(&["load", "memfs"]).ok();
+    for options in ["attr_timeout=0", "writeback,attr_timeout=0"] {
+        let mnt = env.mountpoint(&format!("life-{options}"));
+        env.ctl(&["mount", "memfs", path_str(&mnt), "-o", options])
+            .ok();
+        let got = lifetime_probe(&mnt);
+        env.ctl(&["unmount", path_str(&mnt)]).ok();
+        assert_eq!(got, expected, "memfs -o {options} (left) differs from tmpfs");
+    }
+}

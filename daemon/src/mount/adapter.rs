@@ -765,6 +765,35 @@ impl<B: Backend> Filesystem for Adapter<B> {
             self.open_flags,
         );
     }
+
+    fn tmpfile(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mode = mode & !(umask & 0o777);
+        let flags = self.plugin_open_flags(flags);
+        match self.fs.tmpfile(&ctx(req), parent.0, mode, flags) {
+            Ok((attr, plugin_fh)) => {
+                // No backing file: the closure that would register one is never called.
+                let (fh, _) = self.register_open(attr.ino, plugin_fh, None, |_| {
+                    Err(std::io::ErrorKind::Unsupported.into())
+                });
+                reply.created(
+                    &self.ttl,
+                    &file_attr(&attr),
+                    Generation(0),
+                    FileHandle(fh),
+                    self.open_flags,
+                );
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
 }
 
 /// Operations a plugin may leave out without failing the caller.

@@ -13,6 +13,7 @@ mod data;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use data::{FileData, PAGE};
@@ -95,8 +96,15 @@ enum Content {
 struct Node {
     attr: Attr,
     content: Content,
-    /// Open file handles; an unlinked node lives until the last one is released.
+    /// Open file handles.
     open: u32,
+    /// The kernel's references (every reply that names the node counts one; `forget`
+    /// gives them back). A node lives while it has a link, an open handle or a reference:
+    /// an unlinked file or removed directory stays reachable through descriptors, `O_PATH`
+    /// handles, a working directory or pages the kernel still has to write back.
+    lookups: AtomicU64,
+    /// Creation time (statx's birth time).
+    btime: Timespec,
     xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
@@ -115,8 +123,9 @@ struct Tree {
 }
 
 /// The version of the state `export_state` writes (a `Tree`); 2 since files record their
-/// unwritten (fallocated) pages.
-const STATE_VERSION: u32 = 2;
+/// unwritten (fallocated) pages, 3 since nodes record the kernel's references and their
+/// birth time. Version 2 is still taken over (see `legacy`).
+const STATE_VERSION: u32 = 3;
 
 pub struct MemFs {
     tree: RwLock<Tree>,
@@ -144,6 +153,23 @@ fn check_name(name: &OsStr) -> Result<()> {
 const DIRENT_SIZE: u64 = 20;
 
 impl Node {
+    fn new(attr: Attr, content: Content) -> Node {
+        Node {
+            btime: attr.ctime,
+            attr,
+            content,
+            open: 0,
+            lookups: AtomicU64::new(0),
+            xattrs: BTreeMap::new(),
+        }
+    }
+
+    /// The attributes for a reply that hands the kernel a reference to this node.
+    fn looked_up(&self) -> Attr {
+        self.lookups.fetch_add(1, Ordering::Relaxed);
+        self.attr()
+    }
+
     /// The attributes as the kernel sees them (a directory's size counts its entries).
     fn attr(&self) -> Attr {
         let mut attr = self.attr;
@@ -219,10 +245,31 @@ impl Tree {
         content: Content,
     ) -> Result<Attr> {
         check_name(name)?;
-        let parent_attr = self.node(parent)?.attr;
         if self.dir(parent)?.get(name).is_some() {
             return Err(Errno::EEXIST);
         }
+        let dir = matches!(content, Content::Dir(_));
+        let ino = self.make(ctx, parent, mode, rdev, content)?;
+        self.dir_mut(parent)?.insert(name, ino);
+        if dir {
+            self.adjust_nlink(parent, true);
+        }
+        self.modified(parent);
+        Ok(self.node(ino)?.looked_up())
+    }
+
+    /// Makes a new node as a child of directory `parent` would be (its group and setgid
+    /// bit follow the parent's), without naming it.
+    fn make(
+        &mut self,
+        ctx: &Context,
+        parent: u64,
+        mode: u32,
+        rdev: u32,
+        content: Content,
+    ) -> Result<u64> {
+        let parent_attr = self.node(parent)?.attr;
+        self.dir(parent)?;
         let ino = self.next_ino;
         self.next_ino += 1;
         let now = Timespec::now();
@@ -254,22 +301,11 @@ impl Tree {
             rdev,
             blksize: PAGE as u32,
         };
-        let node = Node {
-            attr,
-            content,
-            open: 0,
-            xattrs: BTreeMap::new(),
-        };
-        self.nodes.insert(ino, node);
-        self.dir_mut(parent)?.insert(name, ino);
-        if dir {
-            self.adjust_nlink(parent, true);
-        }
-        self.modified(parent);
-        Ok(self.node(ino)?.attr())
+        self.nodes.insert(ino, Node::new(attr, content));
+        Ok(ino)
     }
 
-    /// Drops one link to `ino`; frees it when no link and no open handle is left.
+    /// Drops one link to `ino`; frees it when nothing holds it any more (see `Node`).
     fn drop_link(&mut self, ino: u64) {
         let Some(node) = self.nodes.get_mut(&ino) else {
             return;
@@ -284,10 +320,9 @@ impl Tree {
     }
 
     fn collect(&mut self, ino: u64) {
-        let gone = self
-            .nodes
-            .get(&ino)
-            .is_some_and(|n| n.attr.nlink == 0 && n.open == 0);
+        let gone = self.nodes.get(&ino).is_some_and(|n| {
+            n.attr.nlink == 0 && n.open == 0 && n.lookups.load(Ordering::Relaxed) == 0
+        });
         if gone {
             if let Some(Node {
                 content: Content::File(data),
@@ -547,10 +582,11 @@ impl Plugin for MemFs {
     }
 
     fn import_state(&self, saved: &SavedState) -> Result<()> {
-        if state::version(saved)? != STATE_VERSION {
-            return Err(Errno::EINVAL);
-        }
-        let mut imported: Tree = state::load(saved)?;
+        let mut imported: Tree = match state::version(saved)? {
+            STATE_VERSION => state::load(saved)?,
+            2 => legacy::tree_v2(state::load(saved)?),
+            _ => return Err(Errno::EINVAL),
+        };
         let root_is_dir = imported.nodes.get(&ROOT).is_some_and(|n| is_dir(&n.attr));
         if !root_is_dir || imported.nodes.keys().any(|ino| *ino >= imported.next_ino) {
             return Err(Errno::EINVAL);
@@ -586,8 +622,8 @@ impl Plugin for MemFs {
             }
         }
         let now = Timespec::now();
-        let root = Node {
-            attr: Attr {
+        let root = Node::new(
+            Attr {
                 ino: ROOT,
                 mode: mode::S_IFDIR | 0o1777,
                 nlink: 2,
@@ -597,10 +633,8 @@ impl Plugin for MemFs {
                 blksize: PAGE as u32,
                 ..Attr::default()
             },
-            content: Content::Dir(Dir::new(ROOT)),
-            open: 0,
-            xattrs: BTreeMap::new(),
-        };
+            Content::Dir(Dir::new(ROOT)),
+        );
         Ok(MemFs {
             tree: RwLock::new(Tree {
                 nodes: HashMap::from([(ROOT, root)]),
@@ -615,7 +649,16 @@ impl Plugin for MemFs {
     fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Attr> {
         let tree = self.read_tree();
         let ino = tree.child(parent, name)?;
-        Ok(tree.node(ino)?.attr())
+        Ok(tree.node(ino)?.looked_up())
+    }
+
+    fn forget(&self, ino: u64, nlookup: u64) -> Result<()> {
+        let mut tree = self.tree();
+        let node = tree.node_mut(ino)?;
+        let left = node.lookups.get_mut();
+        *left = left.saturating_sub(nlookup);
+        tree.collect(ino);
+        Ok(())
     }
 
     fn getattr(&self, _ctx: &Context, ino: u64) -> Result<Attr> {
@@ -739,7 +782,7 @@ impl Plugin for MemFs {
         tree.modified(newparent);
         tree.adjust_nlink(ino, true);
         tree.changed(ino);
-        Ok(tree.node(ino)?.attr())
+        Ok(tree.node(ino)?.looked_up())
     }
 
     fn open(&self, _ctx: &Context, ino: u64, _flags: i32) -> Result<u64> {
@@ -942,9 +985,58 @@ impl Plugin for MemFs {
         tree.node_mut(attr.ino)?.open += 1;
         Ok((attr, 0))
     }
+
+    /// A file in no directory, open and held by the kernel (see `Node`).
+    fn tmpfile(&self, ctx: &Context, parent: u64, mode: u32, _flags: i32) -> Result<(Attr, u64)> {
+        let mut tree = self.tree();
+        let mode = mode::S_IFREG | (mode & 0o7777);
+        let ino = tree.make(ctx, parent, mode, 0, Content::File(FileData::default()))?;
+        let node = tree.node_mut(ino)?;
+        node.attr.nlink = 0;
+        node.open += 1;
+        Ok((node.looked_up(), 0))
+    }
 }
 
 export_plugin!(MemFs, "memfs");
+
+/// The state older generations of memfs wrote, taken over by this one.
+mod legacy {
+    use super::*;
+
+    /// Version 2: nodes without the kernel's references or a birth time.
+    #[derive(Deserialize)]
+    pub(super) struct TreeV2 {
+        nodes: HashMap<u64, NodeV2>,
+        next_ino: u64,
+    }
+
+    #[derive(Deserialize)]
+    struct NodeV2 {
+        attr: Attr,
+        content: Content,
+        open: u32,
+        xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    }
+
+    /// The references the kernel holds are unknown: counted as none, an unlinked node
+    /// goes as soon as its last handle does, as version 2 did it. The birth time is the
+    /// last change's.
+    pub(super) fn tree_v2(old: TreeV2) -> Tree {
+        let nodes = old.nodes.into_iter().map(|(ino, node)| {
+            let mut new = Node::new(node.attr, node.content);
+            new.open = node.open;
+            new.xattrs = node.xattrs;
+            (ino, new)
+        });
+        Tree {
+            nodes: nodes.collect(),
+            next_ino: old.next_ino,
+            used_pages: 0,
+            limit_pages: None,
+        }
+    }
+}
 
 #[cfg(test)]
 mod tests {

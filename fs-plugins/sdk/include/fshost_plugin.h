@@ -209,6 +209,12 @@ struct fshost_plugin {
      * only if the plugin can serve on without the lost process's memory (fixed or
      * reconstructible node ids); without it such mounts are detached after a crash. */
     int (*resume)(void *inst);
+
+    /* Tmpfile (FSHOST_TMPFILE_STRUCT_SIZE): creates and opens an unnamed regular file in
+     * parent (O_TMPFILE), answered as create_file; its link count is 0 until link names it.
+     * NULL: the kernel answers EOPNOTSUPP. */
+    int (*tmpfile)(void *inst, fshost_ctx *ctx, uint64_t parent, uint32_t mode, int32_t flags,
+                   struct fshost_attr *out, uint64_t *fh);
 };
 
 /* The descriptor of the first release ends at create_file: a plugin built against it sets
@@ -217,7 +223,8 @@ struct fshost_plugin {
 #define FSHOST_PASSTHROUGH_STRUCT_SIZE offsetof(struct fshost_plugin, export_state)
 #define FSHOST_UPGRADE_STRUCT_SIZE offsetof(struct fshost_plugin, fallocate)
 #define FSHOST_SPACE_STRUCT_SIZE offsetof(struct fshost_plugin, resume)
-#define FSHOST_RESUME_STRUCT_SIZE sizeof(struct fshost_plugin)
+#define FSHOST_RESUME_STRUCT_SIZE offsetof(struct fshost_plugin, tmpfile)
+#define FSHOST_TMPFILE_STRUCT_SIZE sizeof(struct fshost_plugin)
 
 const struct fshost_plugin *fshost_plugin_entry(void);
 

@@ -238,5 +238,9 @@ pub const SPACE_STRUCT_SIZE: u32 =
 pub const RESUME_STRUCT_SIZE: u32 =
     (std::mem::offset_of!(PluginDescriptor, resume) + std::mem::size_of::<usize>()) as u32;
 
+/// `struct_size` of a descriptor that has the tmpfile extension (`O_TMPFILE`).
+pub const TMPFILE_STRUCT_SIZE: u32 =
+    (std::mem::offset_of!(PluginDescriptor, tmpfile) + std::mem::size_of::<usize>()) as u32;
+
 /// The type of `fshost_plugin_entry`.
 pub type EntryFn = unsafe extern "C" fn() -> *const PluginDescriptor;

@@ -91,9 +91,12 @@ pub mod mode {
 }
 
 impl Timespec {
-    /// The current wall-clock time.
+    /// The current wall-clock time, from the clock the kernel stamps files with (the
+    /// coarse one, ticking every few ms). A plugin that mixes it with the kernel's own
+    /// stamps (`-o writeback`: the kernel sets mtime on write) never sees time go
+    /// backwards, as it would with the fine clock.
     pub fn now() -> Timespec {
-        Timespec::from(SystemTime::now())
+        ffi::coarse_now()
     }
 }
 

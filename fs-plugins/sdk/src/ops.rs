@@ -245,6 +245,15 @@ macro_rules! operations {
             /// does not know may be answered EBADF. Return an error to give the mount up.
             [when RESUMABLE]
             fn resume(&self) -> () => [] { Ok(()) }
+
+            /// Creates and opens an unnamed regular file in directory `parent`
+            /// (`O_TMPFILE`): its link count is 0 and it lives while the kernel holds it,
+            /// unless `link` names it (`linkat` through `/proc/self/fd`). Returns its
+            /// attributes and file handle, as `create_file`. Left out (ENOSYS), the kernel
+            /// answers EOPNOTSUPP for the mount from then on.
+            fn tmpfile(&self, ctx: &Context => [ctx: *const Context], parent: u64 => [parent: u64],
+                mode: u32 => [mode: u32], flags: i32 => [flags: i32])
+                -> (Attr, u64) => [out: *mut Attr, fh: *mut u64] { Err(Errno::ENOSYS) }
         }
     };
 }

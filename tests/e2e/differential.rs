@@ -403,7 +403,10 @@ fn lifetime_probe(dir: &Path) -> Vec<String> {
     fs::create_dir(&removed).unwrap();
     let fd = rustix::fs::open(&removed, O::RDONLY | O::DIRECTORY, M::empty()).unwrap();
     fs::remove_dir(&removed).unwrap();
-    note("fstat of a removed directory", rustix::fs::fstat(&fd).map(show).map_err(Into::into));
+    note(
+        "fstat of a removed directory",
+        rustix::fs::fstat(&fd).map(show).map_err(Into::into),
+    );
     note(
         "'.' in a removed directory",
         rustix::fs::statat(&fd, ".", AtFlags::empty())
@@ -421,7 +424,10 @@ fn lifetime_probe(dir: &Path) -> Vec<String> {
     fs::write(&path, b"kept by O_PATH").unwrap();
     let fd = rustix::fs::open(&path, O::PATH, M::empty()).unwrap();
     fs::remove_file(&path).unwrap();
-    note("fstat through O_PATH after unlink", rustix::fs::fstat(&fd).map(show).map_err(Into::into));
+    note(
+        "fstat through O_PATH after unlink",
+        rustix::fs::fstat(&fd).map(show).map_err(Into::into),
+    );
     note("reopen through O_PATH after unlink", reopen(&fd));
 
     let path = dir.join("open");
@@ -437,7 +443,9 @@ fn lifetime_probe(dir: &Path) -> Vec<String> {
     let dir_fd = rustix::fs::open(dir, O::RDONLY | O::DIRECTORY, M::empty()).unwrap();
     note(
         "syncfs after write, close, unlink",
-        rustix::fs::syncfs(&dir_fd).map(|()| "ok".into()).map_err(Into::into),
+        rustix::fs::syncfs(&dir_fd)
+            .map(|()| "ok".into())
+            .map_err(Into::into),
     );
 
     for (what, exclusive) in [("O_TMPFILE", false), ("O_TMPFILE|O_EXCL", true)] {
@@ -469,17 +477,15 @@ fn lifetime_probe(dir: &Path) -> Vec<String> {
         );
         note(
             &format!("{what} linkat"),
-            linked
-                .map_err(std::io::Error::from)
-                .and_then(|()| {
-                    let meta = fs::symlink_metadata(&name)?;
-                    Ok(format!(
-                        "mode={:o} nlink={} {:?}",
-                        meta.mode(),
-                        meta.nlink(),
-                        String::from_utf8_lossy(&fs::read(&name)?)
-                    ))
-                }),
+            linked.map_err(std::io::Error::from).and_then(|()| {
+                let meta = fs::symlink_metadata(&name)?;
+                Ok(format!(
+                    "mode={:o} nlink={} {:?}",
+                    meta.mode(),
+                    meta.nlink(),
+                    String::from_utf8_lossy(&fs::read(&name)?)
+                ))
+            }),
         );
     }
     lines
@@ -507,6 +513,101 @@ fn unlinked_nodes_and_tmpfiles_live_as_on_tmpfs() {
             .ok();
         let got = lifetime_probe(&mnt);
         env.ctl(&["unmount", path_str(&mnt)]).ok();
-        assert_eq!(got, expected, "memfs -o {options} (left) differs from tmpfs");
+        assert_eq!(
+            got, expected,
+            "memfs -o {options} (left) differs from tmpfs"
+        );
+    }
+}
+
+/// Whether reading a file, listing a directory and following a link move atime as
+/// `relatime` does on tmpfs (when atime is not later than the last change; not when it
+/// is), and whether a write right after a create ever stamps a time before the creation's.
+fn times_probe(dir: &Path) -> Vec<String> {
+    use nix::sys::stat::{utimensat, UtimensatFlags};
+    use nix::sys::time::TimeSpec;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let set = |path: &Path, atime: i64, mtime: i64| {
+        utimensat(
+            nix::fcntl::AT_FDCWD,
+            path,
+            &TimeSpec::new(atime, 0),
+            &TimeSpec::new(mtime, 0),
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+    };
+    let atime_moved = |path: &Path, before: i64| {
+        let meta = fs::symlink_metadata(path).unwrap();
+        if meta.atime() == before {
+            "kept"
+        } else {
+            "moved"
+        }
+    };
+    let mut lines = Vec::new();
+    let (file, sub, link) = (dir.join("f"), dir.join("d"), dir.join("l"));
+    fs::write(&file, b"data").unwrap();
+    fs::create_dir(&sub).unwrap();
+    std::os::unix::fs::symlink("f", &link).unwrap();
+    for (what, atime, mtime) in [
+        ("atime before mtime", 1000, 2000),
+        ("atime after every change", now + 3600, 500),
+    ] {
+        set(&file, atime, mtime);
+        fs::read(&file).unwrap();
+        lines.push(format!("read, {what}: {}", atime_moved(&file, atime)));
+        set(&sub, atime, mtime);
+        fs::read_dir(&sub).unwrap().for_each(drop);
+        lines.push(format!("listing, {what}: {}", atime_moved(&sub, atime)));
+        set(&link, atime, mtime);
+        fs::read_link(&link).unwrap();
+        lines.push(format!("readlink, {what}: {}", atime_moved(&link, atime)));
+    }
+    let mut backwards = 0;
+    for i in 0..200 {
+        let path = dir.join(format!("new{i}"));
+        let file = fs::File::create(&path).unwrap();
+        let created = file.metadata().unwrap();
+        std::io::Write::write_all(&mut &file, b"x").unwrap();
+        file.sync_all().unwrap();
+        let written = fs::metadata(&path).unwrap();
+        let stamp = |secs: i64, nsec: i64| (secs, nsec);
+        let born = stamp(created.ctime(), created.ctime_nsec());
+        if stamp(written.mtime(), written.mtime_nsec()) < born
+            || stamp(written.ctime(), written.ctime_nsec()) < born
+        {
+            backwards += 1;
+        }
+    }
+    lines.push(format!(
+        "writes stamped before their file's creation: {backwards}"
+    ));
+    lines
+}
+
+#[test]
+fn atime_follows_relatime_and_times_never_go_backwards() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let tmpfs = Tmpfs::mount_with(env.path("times-tmpfs"), "mode=1777");
+    let expected = times_probe(&tmpfs.0);
+    assert_eq!(expected[0], "read, atime before mtime: moved");
+    env.ctl(&["load", "memfs"]).ok();
+    for options in ["attr_timeout=0", "writeback,attr_timeout=0", "writeback"] {
+        let mnt = env.mountpoint(&format!("times-{options}"));
+        env.ctl(&["mount", "memfs", path_str(&mnt), "-o", options])
+            .ok();
+        let got = times_probe(&mnt);
+        env.ctl(&["unmount", path_str(&mnt)]).ok();
+        assert_eq!(
+            got, expected,
+            "memfs -o {options} (left) differs from tmpfs"
+        );
     }
 }

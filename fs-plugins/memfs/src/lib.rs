@@ -170,6 +170,14 @@ impl Node {
         self.attr()
     }
 
+    /// Whether reading the node now moves its atime, by the kernel's `relatime` rule: when
+    /// it is not later than the last change, or a day old. (FUSE leaves atime to the file
+    /// system; tmpfs is mounted relatime by default.)
+    fn atime_due(&self, now: Timespec) -> bool {
+        let a = &self.attr;
+        a.atime <= a.mtime || a.atime <= a.ctime || now.sec - a.atime.sec >= 24 * 60 * 60
+    }
+
     /// The attributes as the kernel sees them (a directory's size counts its entries).
     fn attr(&self) -> Attr {
         let mut attr = self.attr;
@@ -543,6 +551,20 @@ impl MemFs {
         self.tree.read().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Marks `ino` as read now if `relatime` says so (see `Node::atime_due`). Called after
+    /// the read, without the lock: most reads find nothing to do under the shared lock.
+    fn accessed(&self, ino: u64) {
+        let now = Timespec::now();
+        if !self.read_tree().node(ino).is_ok_and(|n| n.atime_due(now)) {
+            return;
+        }
+        if let Ok(node) = self.tree().node_mut(ino) {
+            if node.atime_due(now) {
+                node.attr.atime = now;
+            }
+        }
+    }
+
     fn tree(&self) -> RwLockWriteGuard<'_, Tree> {
         self.tree.write().unwrap_or_else(|e| e.into_inner())
     }
@@ -564,6 +586,29 @@ fn xattr_namespace_ok(name: &OsStr) -> Result<()> {
 }
 
 impl MemFs {
+    /// The entries of directory `ino` from `offset` on, until `out` is full.
+    fn list(&self, ino: u64, offset: u64, out: &mut DirFiller) -> Result<()> {
+        let tree = self.read_tree();
+        let dir = tree.dir(ino)?;
+        let dots = [(0, ino, "."), (1, dir.parent, "..")];
+        for (at, child, name) in dots {
+            if offset <= at && out.add(child, at + 1, mode::S_IFDIR, OsStr::new(name)) {
+                return Ok(());
+            }
+        }
+        for (cookie, name) in dir.by_cookie.range(offset.max(FIRST_COOKIE)..) {
+            let Some(child) = dir.get(name) else { continue };
+            let kind = tree
+                .nodes
+                .get(&child)
+                .map_or(0, |n| n.attr.mode & mode::S_IFMT);
+            if out.add(child, cookie + 1, kind, name) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn xattrs_on(&self) -> Result<()> {
         if self.no_xattr {
             Err(Errno::ENOSYS)
@@ -697,10 +742,12 @@ impl Plugin for MemFs {
     }
 
     fn readlink(&self, _ctx: &Context, ino: u64) -> Result<Vec<u8>> {
-        match &self.read_tree().node(ino)?.content {
-            Content::Symlink(target) => Ok(target.clone()),
-            _ => Err(Errno::EINVAL),
-        }
+        let target = match &self.read_tree().node(ino)?.content {
+            Content::Symlink(target) => target.clone(),
+            _ => return Err(Errno::EINVAL),
+        };
+        self.accessed(ino);
+        Ok(target)
     }
 
     fn mknod(
@@ -798,11 +845,12 @@ impl Plugin for MemFs {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize> {
-        let tree = self.read_tree();
-        match &tree.node(ino)?.content {
-            Content::File(file) => Ok(file.read(offset, buf)),
-            _ => Err(Errno::EISDIR),
-        }
+        let read = match &self.read_tree().node(ino)?.content {
+            Content::File(file) => file.read(offset, buf),
+            _ => return Err(Errno::EISDIR),
+        };
+        self.accessed(ino);
+        Ok(read)
     }
 
     fn fallocate(
@@ -864,24 +912,8 @@ impl Plugin for MemFs {
         offset: u64,
         out: &mut DirFiller,
     ) -> Result<()> {
-        let tree = self.read_tree();
-        let dir = tree.dir(ino)?;
-        let dots = [(0, ino, "."), (1, dir.parent, "..")];
-        for (at, child, name) in dots {
-            if offset <= at && out.add(child, at + 1, mode::S_IFDIR, OsStr::new(name)) {
-                return Ok(());
-            }
-        }
-        for (cookie, name) in dir.by_cookie.range(offset.max(FIRST_COOKIE)..) {
-            let Some(child) = dir.get(name) else { continue };
-            let kind = tree
-                .nodes
-                .get(&child)
-                .map_or(0, |n| n.attr.mode & mode::S_IFMT);
-            if out.add(child, cookie + 1, kind, name) {
-                break;
-            }
-        }
+        self.list(ino, offset, out)?;
+        self.accessed(ino);
         Ok(())
     }
 

@@ -32,7 +32,8 @@ use crate::mount::{HandedMount, TargetParts};
 /// The environment variable that names the handover socket's descriptor in the successor.
 pub const FD_ENV: &str = "FSHOST_HANDOVER_FD";
 /// Bumped whenever the manifest changes incompatibly; a successor refuses another format.
-pub const FORMAT: u32 = 1;
+/// 2: what INIT agreed names POSIX ACLs.
+pub const FORMAT: u32 = 2;
 /// Descriptors per message (the kernel allows 253).
 const BATCH: usize = 200;
 

@@ -611,3 +611,175 @@ fn atime_follows_relatime_and_times_never_go_backwards() {
         );
     }
 }
+
+/// An ACL attribute value: version 2, then (tag, perm, id) per entry.
+fn acl_value(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}
+
+/// POSIX ACLs end to end: an access ACL grants a user what the mode denies and sets the
+/// mode, chmod narrows it, a default ACL replaces the umask for new nodes and is inherited
+/// by subdirectories, an ACL the mode says all of is not kept. The unprivileged user (65534) is let in or kept out by the ACL alone.
+fn acl_probe(dir: &Path) -> Vec<String> {
+    const USER_OBJ: u16 = 1;
+    const USER: u16 = 2;
+    const GROUP_OBJ: u16 = 4;
+    const MASK: u16 = 0x10;
+    const OTHER: u16 = 0x20;
+    const NOBODY: u32 = 65534;
+    let (access, default) = ("system.posix_acl_access", "system.posix_acl_default");
+    let mut lines = Vec::new();
+    let get = |path: &Path, name: &str| -> String {
+        let mut buf = vec![0u8; 256];
+        match rustix::fs::getxattr(path, name, &mut buf) {
+            Ok(len) => format!("{:?}", &buf[..len]),
+            Err(e) => format!("none ({e})"),
+        }
+    };
+    let mode = |path: &Path| format!("{:o}", fs::metadata(path).unwrap().mode());
+    let as_nobody = |script: &str| -> String {
+        let out = run({
+            let mut c = Command::new("setpriv");
+            c.args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "sh",
+                "-c",
+                script,
+            ]);
+            c.current_dir(dir);
+            c
+        });
+        format!(
+            "{} {}",
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).trim()
+        )
+    };
+    let as_root = |script: &str| {
+        let out = run({
+            let mut c = Command::new("sh");
+            c.args(["-c", script]).current_dir(dir);
+            c
+        });
+        assert!(out.status.success(), "{script}: {out:?}");
+    };
+    let set = |path: &Path, name: &str, value: &[u8]| {
+        rustix::fs::setxattr(path, name, value, rustix::fs::XattrFlags::empty())
+            .map(|()| "set".to_string())
+            .unwrap_or_else(|e| format!("refused ({e})"))
+    };
+
+    let (a, f) = (dir.join("a"), dir.join("a/f"));
+    fs::create_dir(&a).unwrap();
+    fs::set_permissions(&a, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(&f, b"secret").unwrap();
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+    lines.push(format!("nobody reads a 600 file: {}", as_nobody("cat a/f")));
+    let grant = acl_value(&[
+        (USER_OBJ, 6, 0),
+        (USER, 4, NOBODY),
+        (GROUP_OBJ, 0, 0),
+        (MASK, 4, 0),
+        (OTHER, 0, 0),
+    ]);
+    lines.push(format!("grant nobody read: {}", set(&f, access, &grant)));
+    lines.push(format!("mode {} acl {}", mode(&f), get(&f, access)));
+    lines.push(format!("nobody reads: {}", as_nobody("cat a/f")));
+    lines.push(format!("nobody writes: {}", as_nobody("echo x >> a/f")));
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o600)).unwrap();
+    lines.push(format!("after chmod 600: acl {}", get(&f, access)));
+    lines.push(format!("nobody reads: {}", as_nobody("cat a/f")));
+    fs::set_permissions(&f, fs::Permissions::from_mode(0o640)).unwrap();
+    lines.push(format!(
+        "remove: {} mode {} acl {}",
+        rustix::fs::removexattr(&f, access).map_or_else(|e| e.to_string(), |()| "ok".into()),
+        mode(&f),
+        get(&f, access)
+    ));
+    lines.push(format!("nobody reads: {}", as_nobody("cat a/f")));
+
+    let inherited = acl_value(&[
+        (USER_OBJ, 7, 0),
+        (USER, 7, NOBODY),
+        (GROUP_OBJ, 5, 0),
+        (MASK, 7, 0),
+        (OTHER, 0, 0),
+    ]);
+    lines.push(format!("default on a: {}", set(&a, default, &inherited)));
+    lines.push(format!(
+        "default on a file: {}",
+        set(&f, default, &inherited)
+    ));
+    as_root("umask 022; echo new > a/new; mkdir a/sub; mkdir a/sub/deeper; mkfifo a/fifo; ln -s new a/link");
+    for name in ["new", "sub", "sub/deeper", "fifo"] {
+        let path = a.join(name);
+        lines.push(format!(
+            "{name}: mode {} access {} default {}",
+            mode(&path),
+            get(&path, access),
+            get(&path, default)
+        ));
+    }
+    lines.push(format!(
+        "nobody writes new: {}",
+        as_nobody("echo more >> a/new; cat a/new")
+    ));
+    lines.push(format!(
+        "nobody creates in a: {}",
+        as_nobody("echo mine > a/mine && cat a/mine")
+    ));
+    let minimal = acl_value(&[(USER_OBJ, 7, 0), (GROUP_OBJ, 4, 0), (OTHER, 0, 0)]);
+    let new = a.join("new");
+    lines.push(format!(
+        "minimal ACL: {} mode {} acl {}",
+        set(&new, access, &minimal),
+        mode(&new),
+        get(&new, access)
+    ));
+    lines.push(format!("nobody reads new: {}", as_nobody("cat a/new")));
+    rustix::fs::removexattr(&a, default).unwrap();
+    as_root("umask 027; echo plain > a/plain; mkdir a/plaindir");
+    lines.push(format!(
+        "without a default: {} {}",
+        mode(&a.join("plain")),
+        mode(&a.join("plaindir"))
+    ));
+    lines
+}
+
+#[test]
+fn posix_acls_work_as_on_tmpfs() {
+    if !fuse_available() || !tool_available("setpriv") {
+        return;
+    }
+    let env = Env::start();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let tmpfs = Tmpfs::mount_with(env.path("acl-tmpfs"), "mode=1777");
+    let expected = acl_probe(&tmpfs.0);
+    eprintln!("on tmpfs: {expected:#?}");
+    assert!(
+        expected.contains(&"nobody reads: 0 secret".to_string()),
+        "tmpfs itself: {expected:#?}"
+    );
+    env.ctl(&["load", "memfs"]).ok();
+    for options in ["allow_other", "allow_other,attr_timeout=0"] {
+        let mnt = env.mountpoint(&format!("acl-{options}"));
+        env.ctl(&["mount", "memfs", path_str(&mnt), "-o", options])
+            .ok();
+        fs::set_permissions(&mnt, fs::Permissions::from_mode(0o1777)).unwrap();
+        let got = acl_probe(&mnt);
+        env.ctl(&["unmount", path_str(&mnt)]).ok();
+        for (g, e) in got.iter().zip(&expected) {
+            assert_eq!(g, e, "memfs -o {options} (left) differs from tmpfs");
+        }
+        assert_eq!(got.len(), expected.len());
+    }
+}

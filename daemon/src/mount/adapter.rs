@@ -37,6 +37,9 @@ pub struct Adapter<B: Backend> {
     writeback: bool,
     /// Set in `init` when the plugin offers passthrough and the kernel accepted it.
     passthrough: bool,
+    /// Set in `init` when the plugin wants POSIX ACLs and the kernel accepted them: the
+    /// plugin then applies the umask (`Context::umask`), not us.
+    posix_acl: bool,
     /// The connection's state that outlives this process in a daemon upgrade: what INIT
     /// agreed, and the open files' handles.
     link: Arc<Link>,
@@ -69,6 +72,7 @@ impl<B: Backend> Adapter<B> {
             },
             writeback: agreed.map_or(cache.writeback, |a| a.writeback),
             passthrough: agreed.is_some_and(|a| a.passthrough),
+            posix_acl: agreed.is_some_and(|a| a.posix_acl),
             link,
         }
     }
@@ -93,6 +97,18 @@ impl<B: Backend> Adapter<B> {
             flags & !libc::O_APPEND
         } else {
             flags
+        }
+    }
+
+    /// The context and mode of a call that creates a node: with POSIX ACLs the plugin gets
+    /// the umask to apply (a default ACL replaces it); else we apply it here.
+    fn creating(&self, req: &Request, mode: u32, umask: u32) -> (Context, u32) {
+        let mut ctx = ctx(req);
+        if self.posix_acl {
+            ctx.umask = umask & 0o777;
+            (ctx, mode)
+        } else {
+            (ctx, mode & !(umask & 0o777))
         }
     }
 
@@ -296,11 +312,21 @@ impl<B: Backend> Filesystem for Adapter<B> {
                 tracing::info!(plugin = %self.fs.name(), "the kernel does not offer FUSE passthrough; the plugin serves reads and writes itself");
             }
         }
+        let wants = self.fs.wants().unwrap_or(0);
+        if wants & fshost_sdk::abi::WANT_POSIX_ACL != 0 {
+            self.posix_acl = config
+                .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
+                .is_ok();
+            if !self.posix_acl {
+                tracing::info!(plugin = %self.fs.name(), "the kernel does not offer POSIX ACLs; the mount has none");
+            }
+        }
         let abi = config.kernel_abi();
         self.link.agree(Agreed {
             version: (abi.0, abi.1),
             writeback: self.writeback,
             passthrough: self.passthrough,
+            posix_acl: self.posix_acl,
         });
         Ok(())
     }
@@ -391,8 +417,8 @@ impl<B: Backend> Filesystem for Adapter<B> {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let mode = mode & !(umask & 0o777);
-        let result = self.fs.mknod(&ctx(req), parent.0, name, mode, rdev);
+        let (ctx, mode) = self.creating(req, mode, umask);
+        let result = self.fs.mknod(&ctx, parent.0, name, mode, rdev);
         entry(reply, self.ttl, result);
     }
 
@@ -405,8 +431,8 @@ impl<B: Backend> Filesystem for Adapter<B> {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let mode = mode & !(umask & 0o777);
-        let result = self.fs.mkdir(&ctx(req), parent.0, name, mode);
+        let (ctx, mode) = self.creating(req, mode, umask);
+        let result = self.fs.mkdir(&ctx, parent.0, name, mode);
         entry(reply, self.ttl, result);
     }
 
@@ -730,8 +756,8 @@ impl<B: Backend> Filesystem for Adapter<B> {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let mode = mode & !(umask & 0o777);
-        let (ctx, flags) = (ctx(req), self.plugin_open_flags(flags));
+        let (ctx, mode) = self.creating(req, mode, umask);
+        let flags = self.plugin_open_flags(flags);
         let created = if self.maps_handles() {
             self.fs.create_backing(&ctx, parent.0, name, mode, flags)
         } else {
@@ -775,9 +801,9 @@ impl<B: Backend> Filesystem for Adapter<B> {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let mode = mode & !(umask & 0o777);
+        let (ctx, mode) = self.creating(req, mode, umask);
         let flags = self.plugin_open_flags(flags);
-        match self.fs.tmpfile(&ctx(req), parent.0, mode, flags) {
+        match self.fs.tmpfile(&ctx, parent.0, mode, flags) {
             Ok((attr, plugin_fh)) => {
                 // No backing file: the closure that would register one is never called.
                 let (fh, _) = self.register_open(attr.ino, plugin_fh, None, |_| {

@@ -19,6 +19,10 @@ pub struct Agreed {
     pub writeback: bool,
     /// FUSE passthrough is on.
     pub passthrough: bool,
+    /// POSIX ACLs are on (and the kernel leaves the umask to us): `FUSE_POSIX_ACL` and
+    /// `FUSE_DONT_MASK`. Records of older daemons lack it: off.
+    #[serde(default)]
+    pub posix_acl: bool,
 }
 
 /// Open files of a passthrough-capable plugin.

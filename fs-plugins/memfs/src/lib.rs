@@ -20,6 +20,7 @@ use data::{FileData, PAGE};
 use fshost_sdk::abi::{
     SET_ATIME, SET_ATIME_NOW, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID,
 };
+use fshost_sdk::acl::{self, Acl};
 use fshost_sdk::{
     export_plugin, mode, state, Attr, Context, DirFiller, Errno, Options, Plugin, Result,
     SavedState, Setattr, StateWriter, Statfs, Timespec,
@@ -276,8 +277,25 @@ impl Tree {
         rdev: u32,
         content: Content,
     ) -> Result<u64> {
-        let parent_attr = self.node(parent)?.attr;
+        let parent_node = self.node(parent)?;
+        let parent_attr = parent_node.attr;
         self.dir(parent)?;
+        // The directory's default ACL, if any, narrows the mode in place of the umask
+        // (which is 0 here unless the kernel left it to us: see `MemFs::wants`).
+        let mut mode = mode;
+        let mut xattrs = BTreeMap::new();
+        let default = parent_node.xattrs.get(acl::DEFAULT.as_bytes());
+        match default.map(|v| Acl::parse(v)).transpose()? {
+            Some(default) if mode & mode::S_IFMT != mode::S_IFLNK => {
+                if let Some(access) = default.inherit(&mut mode) {
+                    xattrs.insert(acl::ACCESS.as_bytes().to_vec(), access.to_bytes());
+                }
+                if matches!(content, Content::Dir(_)) {
+                    xattrs.insert(acl::DEFAULT.as_bytes().to_vec(), default.to_bytes());
+                }
+            }
+            _ => mode &= !ctx.umask,
+        }
         let ino = self.next_ino;
         self.next_ino += 1;
         let now = Timespec::now();
@@ -309,7 +327,9 @@ impl Tree {
             rdev,
             blksize: PAGE as u32,
         };
-        self.nodes.insert(ino, Node::new(attr, content));
+        let mut node = Node::new(attr, content);
+        node.xattrs = xattrs;
+        self.nodes.insert(ino, node);
         Ok(ino)
     }
 
@@ -570,14 +590,16 @@ impl MemFs {
     }
 }
 
-/// Extended attributes memfs stores: the user, trusted and security namespaces, as tmpfs
-/// does (the kernel lets only privileged callers at trusted.*). POSIX ACLs (system.*) are
-/// not supported.
+/// Extended attributes memfs stores: the user, trusted and security namespaces and POSIX
+/// ACLs, as tmpfs does (the kernel lets only privileged callers at trusted.*, and checks
+/// ACLs before they reach memfs).
 fn xattr_namespace_ok(name: &OsStr) -> Result<()> {
-    let name = name.as_encoded_bytes();
+    let bytes = name.as_encoded_bytes();
     if [&b"user."[..], b"trusted.", b"security."]
         .iter()
-        .any(|prefix| name.starts_with(prefix))
+        .any(|prefix| bytes.starts_with(prefix))
+        || name == acl::ACCESS
+        || name == acl::DEFAULT
     {
         Ok(())
     } else {
@@ -691,6 +713,15 @@ impl Plugin for MemFs {
         })
     }
 
+    /// POSIX ACLs, unless extended attributes are off.
+    fn wants(&self) -> Result<u64> {
+        Ok(if self.no_xattr {
+            0
+        } else {
+            fshost_sdk::abi::WANT_POSIX_ACL
+        })
+    }
+
     fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Attr> {
         let tree = self.read_tree();
         let ino = tree.child(parent, name)?;
@@ -720,6 +751,12 @@ impl Plugin for MemFs {
         let node = tree.node_mut(ino)?;
         if set.valid & SET_MODE != 0 {
             node.attr.mode = (node.attr.mode & mode::S_IFMT) | (set.mode & 0o7777);
+            // The access ACL follows the mode.
+            if let Some(value) = node.xattrs.get_mut(acl::ACCESS.as_bytes()) {
+                let mut access = Acl::parse(value)?;
+                access.chmod(set.mode);
+                *value = access.to_bytes();
+            }
         }
         if set.valid & SET_UID != 0 {
             node.attr.uid = set.uid;
@@ -939,7 +976,7 @@ impl Plugin for MemFs {
 
     fn setxattr(
         &self,
-        _ctx: &Context,
+        ctx: &Context,
         ino: u64,
         name: &OsStr,
         value: &[u8],
@@ -957,8 +994,23 @@ impl Plugin for MemFs {
         if flags & XATTR_REPLACE != 0 && !exists {
             return Err(Errno::ENODATA);
         }
-        node.xattrs.insert(key, value.to_vec());
         node.attr.ctime = Timespec::now();
+        if name == acl::ACCESS {
+            // The ACL sets the mode; one the mode says all of is not kept. A caller
+            // outside the file's group loses its setgid bit, as on tmpfs (root keeps it).
+            let (mode, equivalent) = Acl::parse(value)?.equiv_mode(node.attr.mode);
+            node.attr.mode = mode;
+            if ctx.uid != 0 && ctx.gid != node.attr.gid {
+                node.attr.mode &= !libc::S_ISGID;
+            }
+            if equivalent {
+                node.xattrs.remove(&key);
+                return Ok(());
+            }
+        } else if name == acl::DEFAULT {
+            Acl::parse(value)?;
+        }
+        node.xattrs.insert(key, value.to_vec());
         Ok(())
     }
 

@@ -215,6 +215,13 @@ struct fshost_plugin {
      * NULL: the kernel answers EOPNOTSUPP. */
     int (*tmpfile)(void *inst, fshost_ctx *ctx, uint64_t parent, uint32_t mode, int32_t flags,
                    struct fshost_attr *out, uint64_t *fh);
+
+    /* Wants (FSHOST_WANTS_STRUCT_SIZE): what this instance asks of the kernel when its mount
+     * starts, FSHOST_WANT_* bits in *out. FSHOST_WANT_POSIX_ACL: the kernel enforces the
+     * ACLs in system.posix_acl_access/_default and no longer applies the umask; mknod,
+     * mkdir, create_file and tmpfile get the mode as asked and the umask in ctx->umask,
+     * which the plugin applies unless the directory's default ACL replaces it. */
+    int (*wants)(void *inst, uint64_t *out);
 };
 
 /* The descriptor of the first release ends at create_file: a plugin built against it sets
@@ -224,7 +231,10 @@ struct fshost_plugin {
 #define FSHOST_UPGRADE_STRUCT_SIZE offsetof(struct fshost_plugin, fallocate)
 #define FSHOST_SPACE_STRUCT_SIZE offsetof(struct fshost_plugin, resume)
 #define FSHOST_RESUME_STRUCT_SIZE offsetof(struct fshost_plugin, tmpfile)
-#define FSHOST_TMPFILE_STRUCT_SIZE sizeof(struct fshost_plugin)
+#define FSHOST_TMPFILE_STRUCT_SIZE offsetof(struct fshost_plugin, wants)
+#define FSHOST_WANTS_STRUCT_SIZE sizeof(struct fshost_plugin)
+
+#define FSHOST_WANT_POSIX_ACL (1ull << 0)
 
 const struct fshost_plugin *fshost_plugin_entry(void);
 

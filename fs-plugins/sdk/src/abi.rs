@@ -36,7 +36,15 @@ pub const SET_MTIME_NOW: u32 = 1 << 7;
 pub const SET_CTIME: u32 = 1 << 8;
 pub const SET_FH: u32 = 1 << 9;
 
-/// Who is asking: the calling process's credentials.
+/// [`crate::Plugin::wants`]: POSIX ACLs. The kernel enforces the ACLs it finds in the
+/// `system.posix_acl_access`/`_default` attributes, and no longer applies the umask:
+/// `mknod`, `mkdir`, `create_file` and `tmpfile` get the mode as asked and the caller's
+/// umask in `Context::umask`, which the plugin applies unless the directory's default ACL
+/// replaces it (see [`crate::acl`]).
+pub const WANT_POSIX_ACL: u64 = 1 << 0;
+
+/// Who is asking: the calling process's credentials (and, for plugins that want POSIX
+/// ACLs, the umask of a call that creates a node; 0 otherwise, the host applied it).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Context {
@@ -241,6 +249,10 @@ pub const RESUME_STRUCT_SIZE: u32 =
 /// `struct_size` of a descriptor that has the tmpfile extension (`O_TMPFILE`).
 pub const TMPFILE_STRUCT_SIZE: u32 =
     (std::mem::offset_of!(PluginDescriptor, tmpfile) + std::mem::size_of::<usize>()) as u32;
+
+/// `struct_size` of a descriptor that has `wants` (what an instance asks of the kernel).
+pub const WANTS_STRUCT_SIZE: u32 =
+    (std::mem::offset_of!(PluginDescriptor, wants) + std::mem::size_of::<usize>()) as u32;
 
 /// The type of `fshost_plugin_entry`.
 pub type EntryFn = unsafe extern "C" fn() -> *const PluginDescriptor;

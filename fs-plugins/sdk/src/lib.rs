@@ -17,6 +17,7 @@
 //! ```
 
 pub mod abi;
+pub mod acl;
 #[doc(hidden)]
 pub mod ffi;
 pub mod ops;

@@ -254,6 +254,11 @@ macro_rules! operations {
             fn tmpfile(&self, ctx: &Context => [ctx: *const Context], parent: u64 => [parent: u64],
                 mode: u32 => [mode: u32], flags: i32 => [flags: i32])
                 -> (Attr, u64) => [out: *mut Attr, fh: *mut u64] { Err(Errno::ENOSYS) }
+
+            /// What this instance asks of the kernel when its mount starts: `WANT_*` bits
+            /// ([`crate::abi::WANT_POSIX_ACL`]). Asked once per mount, before any other
+            /// request.
+            fn wants(&self) -> u64 => [out: *mut u64] { Ok(0) }
         }
     };
 }

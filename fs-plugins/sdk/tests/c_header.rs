@@ -62,7 +62,7 @@ fn c_header_matches_rust_layout() {
             "printf(\"fshost_plugin.{op} %zu\\n\", offsetof(struct fshost_plugin, {op}));\n"
         ));
     }
-    let constants: [(&str, u64); 19] = [
+    let constants: [(&str, u64); 21] = [
         ("FSHOST_MIN_STRUCT_SIZE", MIN_STRUCT_SIZE.into()),
         (
             "FSHOST_PASSTHROUGH_STRUCT_SIZE",
@@ -72,6 +72,8 @@ fn c_header_matches_rust_layout() {
         ("FSHOST_SPACE_STRUCT_SIZE", SPACE_STRUCT_SIZE.into()),
         ("FSHOST_RESUME_STRUCT_SIZE", RESUME_STRUCT_SIZE.into()),
         ("FSHOST_TMPFILE_STRUCT_SIZE", TMPFILE_STRUCT_SIZE.into()),
+        ("FSHOST_WANTS_STRUCT_SIZE", WANTS_STRUCT_SIZE.into()),
+        ("FSHOST_WANT_POSIX_ACL", WANT_POSIX_ACL),
         ("FSHOST_PLUGIN_MAGIC", MAGIC),
         ("FSHOST_ABI_VERSION", ABI_VERSION.into()),
         ("FSHOST_PANICKED", PANICKED as i64 as u64),

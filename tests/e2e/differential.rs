@@ -85,19 +85,42 @@ fn memfs_matches_tmpfs_operation_by_operation() {
     let env = Env::start();
     fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     env.ctl(&["load", "memfs"]).ok();
-    let memfs = env.mountpoint("memfs");
-    // No attribute caching: the comparison is of memfs, not of the kernel's cache.
-    // FSHOST_DIFF_MOUNT_OPTIONS adds mount options (e.g. writeback) for a manual run.
-    let mut options = String::from("allow_other,attr_timeout=0");
-    if let Ok(extra) = std::env::var("FSHOST_DIFF_MOUNT_OPTIONS") {
-        options = format!("{options},{extra}");
-    }
-    env.ctl(&["mount", "memfs", path_str(&memfs), "-o", &options])
+    // No attribute caching: the comparison is of memfs, not of the kernel's cache. memfs
+    // is mounted twice, the second time with the kernel's writeback cache.
+    // FSHOST_DIFF_MOUNT_OPTIONS adds mount options to both for a manual run.
+    let extra = std::env::var("FSHOST_DIFF_MOUNT_OPTIONS")
+        .map(|o| format!(",{o}"))
+        .unwrap_or_default();
+    let mounts: Vec<(&str, PathBuf)> = [
+        "allow_other,attr_timeout=0",
+        "allow_other,attr_timeout=0,writeback",
+    ]
+    .into_iter()
+    .map(|options| {
+        let mnt = env.mountpoint(if options.ends_with("writeback") {
+            "memfs-wb"
+        } else {
+            "memfs"
+        });
+        env.ctl(&[
+            "mount",
+            "memfs",
+            path_str(&mnt),
+            "-o",
+            &format!("{options}{extra}"),
+        ])
         .ok();
+        (options, mnt)
+    })
+    .collect();
     let tmpfs = Tmpfs::mount(env.path("tmpfs"));
     // A copy the unprivileged user can run (the build directory may not be reachable).
     let program = env.path("fsops");
     fs::copy(artifact("fsops"), &program).unwrap();
+    let fresh_dir = |dir: &Path| {
+        fs::create_dir(dir).unwrap();
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o1777)).unwrap();
+    };
 
     let mut total = 0;
     for (run_index, unprivileged) in [false, false, false, true, true, true]
@@ -106,38 +129,50 @@ fn memfs_matches_tmpfs_operation_by_operation() {
     {
         let seed = base + run_index as u64;
         let tag = format!("run{run_index}");
-        let (on_tmpfs, on_memfs) = (tmpfs.0.join(&tag), memfs.join(&tag));
-        for dir in [&on_tmpfs, &on_memfs] {
-            fs::create_dir(dir).unwrap();
-            fs::set_permissions(dir, fs::Permissions::from_mode(0o1777)).unwrap();
-        }
-        let expected = fsops(&program, &on_tmpfs, seed, ops, unprivileged);
-        let actual = fsops(&program, &on_memfs, seed, ops, unprivileged);
-        let (expected, actual): (Vec<&str>, Vec<&str>) =
-            (expected.lines().collect(), actual.lines().collect());
-        if let Some(at) =
-            (0..expected.len().max(actual.len())).find(|i| expected.get(*i) != actual.get(*i))
-        {
-            let context = |lines: &[&str]| {
-                lines[at.saturating_sub(3)..(at + 1).min(lines.len())].join("\n  ")
-            };
-            panic!(
-                "memfs differs from tmpfs (seed {seed}, {}; replay: FSHOST_DIFF_SEED={} cargo test ... differential):\n\
-                 tmpfs:\n  {}\nmemfs:\n  {}",
-                if unprivileged { "as uid 65534" } else { "as root" },
-                base,
-                context(&expected),
-                context(&actual),
-            );
+        fresh_dir(&tmpfs.0.join(&tag));
+        let expected = fsops(&program, &tmpfs.0.join(&tag), seed, ops, unprivileged);
+        let expected: Vec<&str> = expected.lines().collect();
+        for (options, mnt) in &mounts {
+            // Two processes at once on the same mount, each in its own directory: each
+            // must see exactly what the one on tmpfs saw alone.
+            let dirs = [mnt.join(format!("{tag}a")), mnt.join(format!("{tag}b"))];
+            dirs.iter().for_each(|dir| fresh_dir(dir));
+            let outputs: Vec<String> = std::thread::scope(|scope| {
+                let running: Vec<_> = dirs
+                    .iter()
+                    .map(|dir| scope.spawn(|| fsops(&program, dir, seed, ops, unprivileged)))
+                    .collect();
+                running.into_iter().map(|t| t.join().unwrap()).collect()
+            });
+            for actual in &outputs {
+                let actual: Vec<&str> = actual.lines().collect();
+                if let Some(at) = (0..expected.len().max(actual.len()))
+                    .find(|i| expected.get(*i) != actual.get(*i))
+                {
+                    let context = |lines: &[&str]| {
+                        lines[at.saturating_sub(3)..(at + 1).min(lines.len())].join("\n  ")
+                    };
+                    panic!(
+                        "memfs -o {options} differs from tmpfs (seed {seed}, {}; replay: FSHOST_DIFF_SEED={} cargo test ... differential):\n\
+                         tmpfs:\n  {}\nmemfs:\n  {}",
+                        if unprivileged { "as uid 65534" } else { "as root" },
+                        base,
+                        context(&expected),
+                        context(&actual),
+                    );
+                }
+            }
         }
         total += ops;
     }
     eprintln!(
-        "memfs matched tmpfs on {total} operations (seeds {base}..{}), as root and as uid 65534",
+        "memfs (plain and writeback, two processes each) matched tmpfs on {total} operations (seeds {base}..{}), as root and as uid 65534",
         base + 5
     );
     drop(tmpfs);
-    env.ctl(&["unmount", path_str(&memfs)]).ok();
+    for (_, mnt) in &mounts {
+        env.ctl(&["unmount", path_str(mnt)]).ok();
+    }
 }
 
 #[test]
@@ -157,8 +192,24 @@ fn memfs_size_limit_statfs_and_readdir_under_concurrent_unlinks() {
     let err = fs::write(mnt.join("big"), vec![1u8; 100 << 10]).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOSPC));
     fs::remove_file(mnt.join("big")).unwrap();
-    let st = nix::sys::statvfs::statvfs(&mnt).unwrap();
-    assert_eq!(st.blocks_free(), 16, "space comes back when the file goes");
+    // The kernel tells a FUSE file system of the last close asynchronously (RELEASE), so
+    // the space of a file removed right after it was closed comes back a moment later
+    // (README's table); one closed earlier is free when rm returns.
+    let free = || nix::sys::statvfs::statvfs(&mnt).unwrap().blocks_free();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while free() != 16 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(free(), 16, "space comes back when the file goes");
+    fs::write(mnt.join("closed"), vec![1u8; 32 << 10]).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert_eq!(free(), 8);
+    fs::remove_file(mnt.join("closed")).unwrap();
+    assert_eq!(
+        free(),
+        16,
+        "the space of a file closed earlier is free when rm returns"
+    );
     env.ctl(&["unmount", path_str(&mnt)]).ok();
 
     // A listing resumed at its offset sees every surviving entry exactly once, even while
@@ -378,7 +429,9 @@ fn whiteouts_and_directory_sizes_are_as_on_tmpfs() {
 /// directory through its descriptor, an unlinked file through an `O_PATH` handle or an open
 /// descriptor (reopened through /proc), an unlinked file whose pages were still being
 /// written back, and `O_TMPFILE` files given a name with `linkat` (or refused one with
-/// `O_EXCL`). tmpfs answers all of them; memfs must answer as it does.
+/// `O_EXCL`). tmpfs answers all of them; memfs must answer as it does. (Every descriptor is
+/// close-on-exec: other tests start processes meanwhile, which must not keep our mounts
+/// busy.)
 fn lifetime_probe(dir: &Path) -> Vec<String> {
     use rustix::fs::{AtFlags, Mode as M, OFlags as O};
     let mut lines = Vec::new();
@@ -401,7 +454,7 @@ fn lifetime_probe(dir: &Path) -> Vec<String> {
 
     let removed = dir.join("removed");
     fs::create_dir(&removed).unwrap();
-    let fd = rustix::fs::open(&removed, O::RDONLY | O::DIRECTORY, M::empty()).unwrap();
+    let fd = rustix::fs::open(&removed, O::RDONLY | O::DIRECTORY | O::CLOEXEC, M::empty()).unwrap();
     fs::remove_dir(&removed).unwrap();
     note(
         "fstat of a removed directory",
@@ -422,7 +475,7 @@ fn lifetime_probe(dir: &Path) -> Vec<String> {
 
     let path = dir.join("opath");
     fs::write(&path, b"kept by O_PATH").unwrap();
-    let fd = rustix::fs::open(&path, O::PATH, M::empty()).unwrap();
+    let fd = rustix::fs::open(&path, O::PATH | O::CLOEXEC, M::empty()).unwrap();
     fs::remove_file(&path).unwrap();
     note(
         "fstat through O_PATH after unlink",
@@ -432,7 +485,7 @@ fn lifetime_probe(dir: &Path) -> Vec<String> {
 
     let path = dir.join("open");
     fs::write(&path, b"kept open").unwrap();
-    let fd = rustix::fs::open(&path, O::RDONLY, M::empty()).unwrap();
+    let fd = rustix::fs::open(&path, O::RDONLY | O::CLOEXEC, M::empty()).unwrap();
     fs::remove_file(&path).unwrap();
     note("reopen an open file after unlink", reopen(&fd));
     drop(fd);
@@ -440,7 +493,7 @@ fn lifetime_probe(dir: &Path) -> Vec<String> {
     let path = dir.join("written");
     fs::write(&path, vec![7u8; 100_000]).unwrap();
     fs::remove_file(&path).unwrap();
-    let dir_fd = rustix::fs::open(dir, O::RDONLY | O::DIRECTORY, M::empty()).unwrap();
+    let dir_fd = rustix::fs::open(dir, O::RDONLY | O::DIRECTORY | O::CLOEXEC, M::empty()).unwrap();
     note(
         "syncfs after write, close, unlink",
         rustix::fs::syncfs(&dir_fd)
@@ -449,7 +502,8 @@ fn lifetime_probe(dir: &Path) -> Vec<String> {
     );
 
     for (what, exclusive) in [("O_TMPFILE", false), ("O_TMPFILE|O_EXCL", true)] {
-        let flags = O::TMPFILE | O::RDWR | if exclusive { O::EXCL } else { O::empty() };
+        let flags =
+            O::TMPFILE | O::RDWR | O::CLOEXEC | if exclusive { O::EXCL } else { O::empty() };
         let fd = match rustix::fs::open(dir, flags, M::from_raw_mode(0o640)) {
             Ok(fd) => fd,
             Err(e) => {
@@ -781,5 +835,71 @@ fn posix_acls_work_as_on_tmpfs() {
             assert_eq!(g, e, "memfs -o {options} (left) differs from tmpfs");
         }
         assert_eq!(got.len(), expected.len());
+    }
+}
+
+/// What statfs shows, step by step, as files come and go: sizes, free blocks and inodes,
+/// and where the inode limit stops creation.
+fn statfs_probe(dir: &Path) -> Vec<String> {
+    let show = |what: &str| {
+        let st = nix::sys::statvfs::statvfs(dir).unwrap();
+        format!(
+            "{what}: bsize={} blocks={} bfree={} bavail={} files={} ffree={} namemax={}",
+            st.block_size(),
+            st.blocks(),
+            st.blocks_free(),
+            st.blocks_available(),
+            st.files(),
+            st.files_free(),
+            st.name_max()
+        )
+    };
+    let mut lines = vec![show("empty")];
+    fs::write(dir.join("a"), vec![1u8; 10_000]).unwrap();
+    fs::create_dir(dir.join("d")).unwrap();
+    lines.push(show("a file of 10000 bytes and a directory"));
+    let mut made = 0;
+    let refused = loop {
+        match fs::File::create(dir.join(format!("n{made}"))) {
+            Ok(_) => made += 1,
+            Err(e) => break e.raw_os_error(),
+        }
+        if made == 100 {
+            break None;
+        }
+    };
+    lines.push(format!("created {made} more, then {refused:?}"));
+    lines.push(show("full of inodes"));
+    fs::remove_file(dir.join("a")).unwrap();
+    lines.push(show("the file removed"));
+    lines
+}
+
+#[test]
+fn statfs_reports_limits_and_use_as_on_tmpfs() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", "memfs"]).ok();
+    for options in ["size=2M,nr_inodes=20", "nr_inodes=50"] {
+        let tmpfs = Tmpfs::mount_with(env.path("statfs-tmpfs"), options);
+        let expected = statfs_probe(&tmpfs.0);
+        drop(tmpfs);
+        let mnt = env.mountpoint("statfs-memfs");
+        env.ctl(&[
+            "mount",
+            "memfs",
+            path_str(&mnt),
+            "-o",
+            &format!("{options},attr_timeout=0"),
+        ])
+        .ok();
+        let got = statfs_probe(&mnt);
+        env.ctl(&["unmount", path_str(&mnt)]).ok();
+        assert_eq!(
+            got, expected,
+            "memfs -o {options} (left) differs from tmpfs"
+        );
     }
 }

@@ -6,8 +6,11 @@
 //! setuid/setgid bits on write and chown through `setattr`); memfs keeps owners, modes,
 //! link counts, times, sparse contents and extended attributes the way tmpfs does.
 //!
-//! Options: `size=N[K|M|G]` limits the stored data (`ENOSPC` past it); `noxattr` turns
-//! extended attributes off (see `MemFs::no_xattr`).
+//! Options, as tmpfs's: `size=N[K|M|G]` limits the stored data (`ENOSPC` past it; default
+//! half of the machine's memory), `nr_inodes=N[K|M|G]` the nodes (default as many as that
+//! half has pages); unlike tmpfs, 0 means none rather than no limit (a user's allowance
+//! must stay a limit). `noxattr` turns extended attributes and ACLs off (see
+//! `MemFs::no_xattr`).
 
 mod data;
 
@@ -31,8 +34,8 @@ const ROOT: u64 = 1;
 const NAME_MAX: usize = 255;
 /// Largest file size, as on tmpfs (MAX_LFS_FILESIZE).
 const MAX_FILE_SIZE: u64 = i64::MAX as u64;
-/// Reported capacity when no `size=` is given.
-const DEFAULT_CAPACITY: u64 = 1 << 40;
+/// Capacity (and inode count) when the machine's memory cannot be read.
+const FALLBACK_CAPACITY: u64 = 1 << 40;
 const FALLOC_FL_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 const FALLOC_FL_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
 const XATTR_CREATE: i32 = 1;
@@ -116,11 +119,18 @@ struct Node {
 struct Tree {
     nodes: HashMap<u64, Node>,
     next_ino: u64,
-    /// Pages stored in all files, and the most allowed (`size=`).
+    /// Pages stored in the files that count (see `Node::counts`), and the most allowed
+    /// (`size=`).
     #[serde(skip)]
     used_pages: u64,
+    /// Nodes that count, the root included.
     #[serde(skip)]
-    limit_pages: Option<u64>,
+    counted_nodes: u64,
+    #[serde(skip)]
+    limit_pages: u64,
+    /// The most nodes (`nr_inodes=`), the root included.
+    #[serde(skip)]
+    limit_nodes: u64,
 }
 
 /// The version of the state `export_state` writes (a `Tree`); 2 since files record their
@@ -169,6 +179,22 @@ impl Node {
     fn looked_up(&self) -> Attr {
         self.lookups.fetch_add(1, Ordering::Relaxed);
         self.attr()
+    }
+
+    /// Whether the node counts toward the limits and statfs: while a name or an open handle
+    /// holds it. One held by the kernel's references alone (an `O_PATH` handle, a working
+    /// directory, or a FORGET still on its way after the last close of an unlinked file)
+    /// is not counted, so that space and inodes come back the moment `rm` returns, as on
+    /// tmpfs, rather than when the FORGET arrives.
+    fn counts(&self) -> bool {
+        self.attr.nlink > 0 || self.open > 0
+    }
+
+    fn pages(&self) -> u64 {
+        match &self.content {
+            Content::File(data) => data.pages(),
+            _ => 0,
+        }
     }
 
     /// Whether reading the node now moves its atime, by the kernel's `relatime` rule: when
@@ -234,13 +260,36 @@ impl Tree {
     }
 
     fn adjust_nlink(&mut self, ino: u64, up: bool) {
-        if let Some(node) = self.nodes.get_mut(&ino) {
+        self.hold(ino, |node| {
             node.attr.nlink = if up {
                 node.attr.nlink + 1
             } else {
                 node.attr.nlink.saturating_sub(1)
             };
+        });
+    }
+
+    /// Changes what holds node `ino` (links, open handles), keeps the totals of what
+    /// counts (see `Node::counts`) and frees the node once nothing holds it.
+    fn hold(&mut self, ino: u64, change: impl FnOnce(&mut Node)) {
+        let Some(node) = self.nodes.get_mut(&ino) else {
+            return;
+        };
+        let before = node.counts();
+        change(node);
+        let (after, pages) = (node.counts(), node.pages());
+        match (before, after) {
+            (true, false) => {
+                self.used_pages -= pages;
+                self.counted_nodes -= 1;
+            }
+            (false, true) => {
+                self.used_pages += pages;
+                self.counted_nodes += 1;
+            }
+            _ => {}
         }
+        self.collect(ino);
     }
 
     /// Makes a new node named `name` in `parent`.
@@ -277,6 +326,9 @@ impl Tree {
         rdev: u32,
         content: Content,
     ) -> Result<u64> {
+        if self.counted_nodes >= self.limit_nodes {
+            return Err(Errno::ENOSPC);
+        }
         let parent_node = self.node(parent)?;
         let parent_attr = parent_node.attr;
         self.dir(parent)?;
@@ -330,35 +382,31 @@ impl Tree {
         let mut node = Node::new(attr, content);
         node.xattrs = xattrs;
         self.nodes.insert(ino, node);
+        self.counted_nodes += 1;
         Ok(ino)
     }
 
     /// Drops one link to `ino`; frees it when nothing holds it any more (see `Node`).
     fn drop_link(&mut self, ino: u64) {
-        let Some(node) = self.nodes.get_mut(&ino) else {
-            return;
-        };
-        node.attr.nlink = if is_dir(&node.attr) {
-            0 // a removed directory loses its "." link too
-        } else {
-            node.attr.nlink.saturating_sub(1)
-        };
-        node.attr.ctime = Timespec::now();
-        self.collect(ino);
+        self.hold(ino, |node| {
+            node.attr.nlink = if is_dir(&node.attr) {
+                0 // a removed directory loses its "." link too
+            } else {
+                node.attr.nlink.saturating_sub(1)
+            };
+            node.attr.ctime = Timespec::now();
+        });
     }
 
+    /// Frees `ino` if nothing holds it (no link, no handle, no reference of the kernel's);
+    /// it no longer counts by then, so the totals stay.
     fn collect(&mut self, ino: u64) {
-        let gone = self.nodes.get(&ino).is_some_and(|n| {
-            n.attr.nlink == 0 && n.open == 0 && n.lookups.load(Ordering::Relaxed) == 0
-        });
+        let gone = self
+            .nodes
+            .get(&ino)
+            .is_some_and(|n| !n.counts() && n.lookups.load(Ordering::Relaxed) == 0);
         if gone {
-            if let Some(Node {
-                content: Content::File(data),
-                ..
-            }) = self.nodes.remove(&ino)
-            {
-                self.used_pages -= data.pages();
-            }
+            self.nodes.remove(&ino);
         }
     }
 
@@ -466,13 +514,12 @@ impl Tree {
         if end > MAX_FILE_SIZE {
             return Err(Errno::EFBIG);
         }
-        let (used, limit) = (self.used_pages, self.limit_pages);
+        let budget = self.limit_pages.saturating_sub(self.used_pages);
         let node = self.node_mut(ino)?;
         let Content::File(file) = &mut node.content else {
             return Err(Errno::EISDIR);
         };
         let mut new_pages = file.new_pages(offset, data.len() as u64);
-        let budget = limit.map_or(u64::MAX, |limit| limit.saturating_sub(used));
         let mut len = data.len() as u64;
         if new_pages > budget {
             // Only the pages up to the one that does not fit: walk them (this is the rare
@@ -499,7 +546,9 @@ impl Tree {
         let now = Timespec::now();
         node.attr.mtime = now;
         node.attr.ctime = now;
-        self.used_pages += new_pages;
+        if node.counts() {
+            self.used_pages += new_pages;
+        }
         Ok(data.len())
     }
 
@@ -510,7 +559,7 @@ impl Tree {
         if end > MAX_FILE_SIZE {
             return Err(Errno::EFBIG);
         }
-        let (used, limit) = (self.used_pages, self.limit_pages);
+        let budget = self.limit_pages.saturating_sub(self.used_pages);
         let node = self.node_mut(ino)?;
         let Content::File(file) = &mut node.content else {
             return Err(if is_dir(&node.attr) {
@@ -522,7 +571,7 @@ impl Tree {
         let (added, freed) = match mode {
             0 | FALLOC_FL_KEEP_SIZE => {
                 let new_pages = file.new_pages(offset, length);
-                if new_pages > limit.map_or(u64::MAX, |limit| limit.saturating_sub(used)) {
+                if new_pages > budget {
                     return Err(Errno::ENOSPC);
                 }
                 file.allocate(offset, length);
@@ -539,7 +588,9 @@ impl Tree {
         let now = Timespec::now();
         node.attr.mtime = now;
         node.attr.ctime = now;
-        self.used_pages = self.used_pages + added - freed;
+        if node.counts() {
+            self.used_pages = self.used_pages + added - freed;
+        }
         Ok(())
     }
 
@@ -560,7 +611,9 @@ impl Tree {
         let after = file.pages();
         node.attr.size = size;
         node.attr.blocks = after * (PAGE / 512);
-        self.used_pages -= before - after;
+        if node.counts() {
+            self.used_pages -= before - after;
+        }
         Ok(())
     }
 }
@@ -588,6 +641,14 @@ impl MemFs {
     fn tree(&self) -> RwLockWriteGuard<'_, Tree> {
         self.tree.write().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// The machine's memory in pages (MemTotal, what tmpfs sizes itself by).
+fn memory_pages() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024 / PAGE)
 }
 
 /// Extended attributes memfs stores: the user, trusted and security namespaces and POSIX
@@ -660,30 +721,24 @@ impl Plugin for MemFs {
         }
         let mut tree = self.tree();
         imported.limit_pages = tree.limit_pages;
-        imported.used_pages = imported
-            .nodes
-            .values()
-            .map(|node| match &node.content {
-                Content::File(data) => data.pages(),
-                _ => 0,
-            })
-            .sum();
+        imported.limit_nodes = tree.limit_nodes;
+        let counting = imported.nodes.values().filter(|node| node.counts());
+        imported.used_pages = counting.clone().map(Node::pages).sum();
+        imported.counted_nodes = counting.count() as u64;
         *tree = imported;
         Ok(())
     }
 
     fn create(options: &Options) -> Result<Self> {
-        let mut limit_pages = None;
+        // As tmpfs: half of the memory, and as many nodes as that has pages.
+        let half = memory_pages().map_or(FALLBACK_CAPACITY / PAGE, |pages| pages / 2);
+        let (mut limit_pages, mut limit_nodes) = (half, half);
         let mut no_xattr = false;
         for (key, value) in &options.0 {
+            let size = || fshost_sdk::parse_size(value).ok_or(Errno::EINVAL);
             match key.as_str() {
-                "size" => {
-                    limit_pages = Some(
-                        fshost_sdk::parse_size(value)
-                            .ok_or(Errno::EINVAL)?
-                            .div_ceil(PAGE),
-                    )
-                }
+                "size" => limit_pages = size()?.div_ceil(PAGE),
+                "nr_inodes" => limit_nodes = size()?,
                 "noxattr" if value.is_empty() => no_xattr = true,
                 _ => return Err(Errno::EINVAL), // refuse rather than ignore a typo
             }
@@ -707,7 +762,9 @@ impl Plugin for MemFs {
                 nodes: HashMap::from([(ROOT, root)]),
                 next_ino: ROOT + 1,
                 used_pages: 0,
+                counted_nodes: 1,
                 limit_pages,
+                limit_nodes,
             }),
             no_xattr,
         })
@@ -870,7 +927,9 @@ impl Plugin for MemFs {
     }
 
     fn open(&self, _ctx: &Context, ino: u64, _flags: i32) -> Result<u64> {
-        self.tree().node_mut(ino)?.open += 1;
+        let mut tree = self.tree();
+        tree.node(ino)?;
+        tree.hold(ino, |node| node.open += 1);
         Ok(0)
     }
 
@@ -935,9 +994,8 @@ impl Plugin for MemFs {
 
     fn release(&self, _ctx: &Context, ino: u64, _fh: u64, _flags: i32) -> Result<()> {
         let mut tree = self.tree();
-        let node = tree.node_mut(ino)?;
-        node.open = node.open.saturating_sub(1);
-        tree.collect(ino);
+        tree.node(ino)?;
+        tree.hold(ino, |node| node.open = node.open.saturating_sub(1));
         Ok(())
     }
 
@@ -956,17 +1014,15 @@ impl Plugin for MemFs {
 
     fn statfs(&self, _ctx: &Context, _ino: u64) -> Result<Statfs> {
         let tree = self.read_tree();
-        let total = tree
-            .limit_pages
-            .unwrap_or(DEFAULT_CAPACITY / PAGE)
-            .max(tree.used_pages);
+        let total = tree.limit_pages.max(tree.used_pages);
         let free = total - tree.used_pages;
+        let nodes = tree.counted_nodes;
         Ok(Statfs {
             blocks: total,
             bfree: free,
             bavail: free,
-            files: u32::MAX as u64,
-            ffree: u32::MAX as u64 - tree.nodes.len() as u64,
+            files: tree.limit_nodes.max(nodes),
+            ffree: tree.limit_nodes.saturating_sub(nodes),
             bsize: PAGE as u32,
             namelen: NAME_MAX as u32,
             frsize: PAGE as u32,
@@ -1066,7 +1122,7 @@ impl Plugin for MemFs {
             0,
             Content::File(FileData::default()),
         )?;
-        tree.node_mut(attr.ino)?.open += 1;
+        tree.hold(attr.ino, |node| node.open += 1);
         Ok((attr, 0))
     }
 
@@ -1075,10 +1131,11 @@ impl Plugin for MemFs {
         let mut tree = self.tree();
         let mode = mode::S_IFREG | (mode & 0o7777);
         let ino = tree.make(ctx, parent, mode, 0, Content::File(FileData::default()))?;
-        let node = tree.node_mut(ino)?;
-        node.attr.nlink = 0;
-        node.open += 1;
-        Ok((node.looked_up(), 0))
+        tree.hold(ino, |node| {
+            node.attr.nlink = 0;
+            node.open += 1;
+        });
+        Ok((tree.node(ino)?.looked_up(), 0))
     }
 }
 
@@ -1117,7 +1174,9 @@ mod legacy {
             nodes: nodes.collect(),
             next_ino: old.next_ino,
             used_pages: 0,
-            limit_pages: None,
+            counted_nodes: 0,
+            limit_pages: 0,
+            limit_nodes: 0,
         }
     }
 }

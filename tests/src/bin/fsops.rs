@@ -64,6 +64,17 @@ fn nx(result: nix::Result<String>) -> String {
     }
 }
 
+/// A POSIX ACL attribute value: version 2, then (tag, perm, id) per entry.
+fn acl_value(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}
+
 /// A cheap content fingerprint (FNV-1a) plus the length.
 fn digest(data: &[u8]) -> String {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -210,7 +221,7 @@ fn main() {
             root.join(parent(&b)),
         ];
         let before: Vec<_> = watch.iter().map(|p| (p.clone(), arm(p))).collect();
-        let choice = rng.below(36);
+        let choice = rng.below(42);
         let mode =
             [0o644u32, 0o600, 0o755, 0o4755, 0o2775, 0o1777, 0o000, 0o444][rng.below(8) as usize];
         let n = rng.below(9000) as usize;
@@ -466,6 +477,129 @@ fn main() {
                                 nix::unistd::lseek(&f, at, whence).map_err(std::io::Error::from)?;
                             Ok(format!("{name} {at} -> {found}"))
                         })),
+                )
+            }
+            36 => (
+                "tmpfile-linkat",
+                io((|| {
+                    use std::os::fd::AsRawFd;
+                    let file = OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .custom_flags(libc::O_TMPFILE)
+                        .mode(mode)
+                        .open(root.join(parent(&a)))?;
+                    file.write_all_at(&vec![b't'; n % 5000], 0)?;
+                    // Under -o writeback blocks count once written back (README's table).
+                    file.sync_all()?;
+                    let unnamed = describe(&file.metadata()?);
+                    let proc_path = format!("/proc/self/fd/{}", file.as_raw_fd());
+                    rustix::fs::linkat(
+                        rustix::fs::CWD,
+                        proc_path.as_str(),
+                        rustix::fs::CWD,
+                        &pb,
+                        rustix::fs::AtFlags::SYMLINK_FOLLOW,
+                    )?;
+                    Ok(format!(
+                        "{unnamed} -> {}",
+                        describe(&fs::symlink_metadata(&pb)?)
+                    ))
+                })()),
+            ),
+            37 => (
+                "remove-then-fstat",
+                io((|| {
+                    let fd = rustix::fs::open(
+                        &pa,
+                        rustix::fs::OFlags::PATH
+                            | rustix::fs::OFlags::NOFOLLOW
+                            | rustix::fs::OFlags::CLOEXEC,
+                        rustix::fs::Mode::empty(),
+                    )?;
+                    let was_dir = fs::symlink_metadata(&pa)?.is_dir();
+                    if was_dir {
+                        fs::remove_dir(&pa)?;
+                    } else {
+                        fs::remove_file(&pa)?;
+                    }
+                    Ok(describe(&fs::File::from(fd).metadata()?))
+                })()),
+            ),
+            38 | 39 => {
+                let name = if choice == 38 {
+                    "system.posix_acl_access"
+                } else {
+                    "system.posix_acl_default"
+                };
+                let value = acl_value(&[
+                    (0x01, (n % 8) as u16, 0),
+                    (0x02, ((n / 8) % 8) as u16, 65534),
+                    (0x04, ((n / 64) % 8) as u16, 0),
+                    (0x10, ((n / 512) % 8) as u16, 0),
+                    (0x20, (i % 8) as u16, 0),
+                ]);
+                let minimal = n % 3 == 0;
+                let value = if minimal {
+                    acl_value(&[(0x01, 7, 0), (0x04, (n % 8) as u16, 0), (0x20, 5, 0)])
+                } else {
+                    value
+                };
+                (
+                    "setacl",
+                    rx(
+                        rustix::fs::lsetxattr(&pa, name, &value, rustix::fs::XattrFlags::empty())
+                            .map(|()| {
+                                let shown = fs::symlink_metadata(&pa)
+                                    .map(|m| describe(&m))
+                                    .unwrap_or_default();
+                                format!("{name} minimal={minimal} {shown}")
+                            }),
+                    ),
+                )
+            }
+            40 => {
+                let name =
+                    ["system.posix_acl_access", "system.posix_acl_default"][rng.below(2) as usize];
+                let mut buf = vec![0u8; 512];
+                (
+                    "getacl",
+                    rx(rustix::fs::lgetxattr(&pa, name, &mut buf)
+                        .map(|len| format!("{name} {}", digest(&buf[..len])))),
+                )
+            }
+            41 => {
+                // relatime: a read moves atime when it is not later than the last change.
+                let atime = if rng.below(2) == 0 { 2 } else { 4_000_000_000 };
+                (
+                    "read-atime",
+                    io((|| {
+                        nix::sys::stat::utimensat(
+                            nix::fcntl::AT_FDCWD,
+                            &pa,
+                            &TimeSpec::new(atime, 0),
+                            &TimeSpec::UTIME_OMIT,
+                            UtimensatFlags::NoFollowSymlink,
+                        )
+                        .map_err(std::io::Error::from)?;
+                        let mut f = OpenOptions::new()
+                            .read(true)
+                            .custom_flags(libc::O_NONBLOCK)
+                            .open(&pa)?;
+                        let meta = f.metadata()?;
+                        if meta.is_dir() {
+                            fs::read_dir(&pa)?.for_each(drop);
+                        } else if meta.len() == 0 {
+                            // The kernel answers a read of an empty FUSE file itself, so
+                            // memfs cannot move atime (README's table).
+                            return Ok("empty".to_string());
+                        } else {
+                            let mut buf = [0u8; 100];
+                            let _ = f.read(&mut buf)?;
+                        }
+                        let moved = fs::symlink_metadata(&pa)?.atime() != atime;
+                        Ok(format!("atime {atime} moved={moved}"))
+                    })()),
                 )
             }
             28 => (

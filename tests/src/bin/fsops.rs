@@ -539,7 +539,7 @@ fn main() {
                     (0x10, ((n / 512) % 8) as u16, 0),
                     (0x20, (i % 8) as u16, 0),
                 ]);
-                let minimal = n % 3 == 0;
+                let minimal = n.is_multiple_of(3);
                 let value = if minimal {
                     acl_value(&[(0x01, 7, 0), (0x04, (n % 8) as u16, 0), (0x20, 5, 0)])
                 } else {

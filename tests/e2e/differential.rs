@@ -10,6 +10,8 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use nix::sys::stat::Mode;
+
 use fshost_tests::{artifact, fuse_available, run, tool_available, Env};
 
 use crate::path_str;
@@ -640,6 +642,48 @@ fn times_probe(dir: &Path) -> Vec<String> {
     lines.push(format!(
         "writes stamped before their file's creation: {backwards}"
     ));
+
+    // The birth time: there, at the creation, and kept through changes; statx's other
+    // fields as stat's (a device number too).
+    use rustix::fs::{AtFlags, StatxFlags};
+    let statx = |path: &Path| {
+        rustix::fs::statx(
+            rustix::fs::CWD,
+            path,
+            AtFlags::SYMLINK_NOFOLLOW,
+            StatxFlags::ALL,
+        )
+        .unwrap()
+    };
+    let born = dir.join("born");
+    fs::write(&born, b"x").unwrap();
+    let first = statx(&born);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    fs::write(&born, b"changed").unwrap();
+    fs::set_permissions(&born, fs::Permissions::from_mode(0o600)).unwrap();
+    fs::rename(&born, dir.join("reborn")).unwrap();
+    let later = statx(&dir.join("reborn"));
+    let has_btime = first.stx_mask & StatxFlags::BTIME.bits() != 0;
+    let at = |t: rustix::fs::StatxTimestamp| (t.tv_sec, t.tv_nsec);
+    lines.push(format!(
+        "birth time reported {has_btime}, at the creation {}, kept {}, before the change {}",
+        at(first.stx_btime) == at(first.stx_ctime),
+        at(later.stx_btime) == at(first.stx_btime),
+        at(later.stx_btime) < at(later.stx_mtime)
+    ));
+    let device = dir.join("null");
+    nix::sys::stat::mknod(
+        &device,
+        nix::sys::stat::SFlag::S_IFCHR,
+        Mode::from_bits_truncate(0o644),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let sx = statx(&device);
+    lines.push(format!(
+        "device through statx: {}:{} mode {:o}",
+        sx.stx_rdev_major, sx.stx_rdev_minor, sx.stx_mode
+    ));
     lines
 }
 
@@ -652,6 +696,13 @@ fn atime_follows_relatime_and_times_never_go_backwards() {
     let tmpfs = Tmpfs::mount_with(env.path("times-tmpfs"), "mode=1777");
     let expected = times_probe(&tmpfs.0);
     assert_eq!(expected[0], "read, atime before mtime: moved");
+    assert!(
+        expected.contains(
+            &"birth time reported true, at the creation true, kept true, before the change true"
+                .to_string()
+        ),
+        "tmpfs itself: {expected:#?}"
+    );
     env.ctl(&["load", "memfs"]).ok();
     for options in ["attr_timeout=0", "writeback,attr_timeout=0", "writeback"] {
         let mnt = env.mountpoint(&format!("times-{options}"));

@@ -68,6 +68,7 @@ pub use crate::reply::ReplyEntry;
 pub use crate::reply::ReplyIoctl;
 pub use crate::reply::ReplyLock;
 pub use crate::reply::ReplyLseek;
+pub use crate::reply::ReplyStatx;
 pub use crate::reply::ReplyOpen;
 pub use crate::reply::ReplyPoll;
 pub use crate::reply::ReplyStatfs;
@@ -852,6 +853,22 @@ pub trait Filesystem: Send + Sync + 'static {
             "[Not Implemented] create(parent: {parent:#x?}, name: {name:?}, mode: {mode}, \
             umask: {umask:#x?}, flags: {flags:#x?})"
         );
+        reply.error(Errno::ENOSYS);
+    }
+
+    /// Get file attributes with the birth time (statx(2) asking for more than the basic
+    /// fields); answer with `crtime` set. If this method is not implemented, the kernel
+    /// asks `getattr` from then on and reports no birth time.
+    fn statx(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: Option<FileHandle>,
+        flags: u32,
+        mask: u32,
+        reply: ReplyStatx,
+    ) {
+        warn!("[Not Implemented] statx(ino: {ino:#x?}, fh: {fh:#x?}, flags: {flags:#x?}, mask: {mask:#x?})");
         reply.error(Errno::ENOSYS);
     }
 

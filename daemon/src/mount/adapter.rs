@@ -19,7 +19,7 @@ use fuser::{
     BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
     ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyStatfs, ReplyStatx, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
 use super::backend::Backend;
@@ -339,6 +339,33 @@ impl<B: Backend> Filesystem for Adapter<B> {
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         // Nothing to answer; a failure is the plugin's to log.
         let _ = self.fs.forget(ino.0, nlookup);
+    }
+
+    /// The kernel asks only when the caller wants the birth time.
+    fn statx(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: Option<FileHandle>,
+        _flags: u32,
+        _mask: u32,
+        reply: ReplyStatx,
+    ) {
+        let ctx = ctx(req);
+        let born = match self.fs.birth_time(&ctx, ino.0) {
+            Ok(born) => born,
+            Err(e) => return reply.error(errno(e)),
+        };
+        match self.fs.getattr(&ctx, ino.0) {
+            Ok(attr) => reply.statx(
+                &self.ttl,
+                &FileAttr {
+                    crtime: to_system_time(born),
+                    ..file_attr(&attr)
+                },
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {

@@ -798,6 +798,10 @@ impl Plugin for MemFs {
         Ok(self.read_tree().node(ino)?.attr())
     }
 
+    fn birth_time(&self, _ctx: &Context, ino: u64) -> Result<Timespec> {
+        Ok(self.read_tree().node(ino)?.btime)
+    }
+
     fn setattr(&self, _ctx: &Context, ino: u64, set: &Setattr) -> Result<Attr> {
         let mut tree = self.tree();
         let now = Timespec::now();

@@ -222,6 +222,10 @@ struct fshost_plugin {
      * mkdir, create_file and tmpfile get the mode as asked and the umask in ctx->umask,
      * which the plugin applies unless the directory's default ACL replaces it. */
     int (*wants)(void *inst, uint64_t *out);
+
+    /* Birth (FSHOST_BIRTH_STRUCT_SIZE): when ino was created, for statx's birth time. NULL:
+     * the kernel reports none for the mount. */
+    int (*birth_time)(void *inst, fshost_ctx *ctx, uint64_t ino, struct fshost_timespec *out);
 };
 
 /* The descriptor of the first release ends at create_file: a plugin built against it sets
@@ -232,7 +236,8 @@ struct fshost_plugin {
 #define FSHOST_SPACE_STRUCT_SIZE offsetof(struct fshost_plugin, resume)
 #define FSHOST_RESUME_STRUCT_SIZE offsetof(struct fshost_plugin, tmpfile)
 #define FSHOST_TMPFILE_STRUCT_SIZE offsetof(struct fshost_plugin, wants)
-#define FSHOST_WANTS_STRUCT_SIZE sizeof(struct fshost_plugin)
+#define FSHOST_WANTS_STRUCT_SIZE offsetof(struct fshost_plugin, birth_time)
+#define FSHOST_BIRTH_STRUCT_SIZE sizeof(struct fshost_plugin)
 
 #define FSHOST_WANT_POSIX_ACL (1ull << 0)
 

@@ -27,7 +27,9 @@
 /// The names the table uses, for the modules that expand it.
 #[doc(hidden)]
 pub mod vocabulary {
-    pub use crate::abi::{Attr, Context, FillDir, Setattr, ShareFd, Statfs, TakeFd, WriteState};
+    pub use crate::abi::{
+        Attr, Context, FillDir, Setattr, ShareFd, Statfs, TakeFd, Timespec, WriteState,
+    };
     pub use crate::{DirFiller, Errno, SavedState, StateWriter};
     pub use std::ffi::{c_char, c_int, c_void, OsStr};
     pub use std::os::fd::OwnedFd;
@@ -259,6 +261,11 @@ macro_rules! operations {
             /// ([`crate::abi::WANT_POSIX_ACL`]). Asked once per mount, before any other
             /// request.
             fn wants(&self) -> u64 => [out: *mut u64] { Ok(0) }
+
+            /// When `ino` was created (statx's birth time). Left out (ENOSYS), the kernel
+            /// reports none for the mount.
+            fn birth_time(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64])
+                -> Timespec => [out: *mut Timespec] { Err(Errno::ENOSYS) }
         }
     };
 }

@@ -244,6 +244,53 @@ impl ResponseStruct<abi::fuse_getxattr_out> {
     }
 }
 
+impl ResponseStruct<abi::fuse_statx_out> {
+    /// `attr`'s `crtime` is the birth time; the answer carries the basic fields and it.
+    pub(crate) fn new_statx(ttl: &Duration, attr: &crate::FileAttr) -> Self {
+        let plain = fuse_attr_from_attr(attr);
+        let time = |t: &std::time::SystemTime| {
+            let (tv_sec, tv_nsec) = time_from_system_time(t);
+            abi::fuse_sx_time {
+                tv_sec,
+                tv_nsec,
+                reserved: 0,
+            }
+        };
+        let rdev = u64::from(plain.rdev);
+        ResponseStruct(abi::fuse_statx_out {
+            attr_valid: ttl.as_secs(),
+            attr_valid_nsec: ttl.subsec_nanos(),
+            flags: 0,
+            spare: [0; 2],
+            stat: abi::fuse_statx {
+                // STATX_BASIC_STATS | STATX_BTIME
+                mask: 0x7ff | 0x800,
+                blksize: plain.blksize,
+                attributes: 0,
+                nlink: plain.nlink,
+                uid: plain.uid,
+                gid: plain.gid,
+                mode: plain.mode as u16,
+                spare0: 0,
+                ino: plain.ino,
+                size: plain.size,
+                blocks: plain.blocks,
+                attributes_mask: 0,
+                atime: time(&attr.atime),
+                btime: time(&attr.crtime),
+                ctime: time(&attr.ctime),
+                mtime: time(&attr.mtime),
+                // The kernel's encoding of dev_t (new_decode_dev).
+                rdev_major: ((rdev >> 8) & 0xfff) as u32,
+                rdev_minor: ((rdev & 0xff) | ((rdev >> 12) & 0xfff00)) as u32,
+                dev_major: 0,
+                dev_minor: 0,
+                spare2: [0; 14],
+            },
+        })
+    }
+}
+
 impl ResponseStruct<abi::fuse_lseek_out> {
     pub(crate) fn new_lseek(offset: i64) -> Self {
         ResponseStruct(abi::fuse_lseek_out { offset })

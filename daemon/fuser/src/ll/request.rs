@@ -1521,6 +1521,31 @@ mod op {
         }
     }
 
+    /// Get extended file attributes (statx); sent only when the caller asks for more
+    /// than the basic ones (the birth time).
+    #[derive(Debug)]
+    pub(crate) struct Statx<'a> {
+        #[expect(dead_code)]
+        header: &'a fuse_in_header,
+        arg: &'a fuse_statx_in,
+    }
+    impl Statx<'_> {
+        /// The file handle, if the caller named an open file.
+        pub(crate) fn file_handle(&self) -> Option<FileHandle> {
+            GetattrFlags::from_bits_retain(self.arg.getattr_flags)
+                .contains(GetattrFlags::FUSE_GETATTR_FH)
+                .then_some(FileHandle(self.arg.fh))
+        }
+        /// statx(2)'s `flags` (`AT_STATX_*`).
+        pub(crate) fn flags(&self) -> u32 {
+            self.arg.sx_flags
+        }
+        /// statx(2)'s `mask` (`STATX_*`).
+        pub(crate) fn mask(&self) -> u32 {
+            self.arg.sx_mask
+        }
+    }
+
     /// Copy the specified range from the source inode to the destination inode
     #[derive(Debug, Clone, Copy)]
     pub(crate) struct CopyFileRangeFile {
@@ -1852,6 +1877,10 @@ mod op {
                 header,
                 arg: data.fetch()?,
             }),
+            fuse_opcode::FUSE_STATX => Operation::Statx(Statx {
+                header,
+                arg: data.fetch()?,
+            }),
             fuse_opcode::FUSE_TMPFILE => Operation::Tmpfile(Create {
                 header,
                 arg: data.fetch()?,
@@ -1933,6 +1962,7 @@ pub(crate) enum Operation<'a> {
     CopyFileRange(CopyFileRange<'a>),
     /// Create and open an unnamed file (`O_TMPFILE`), as `Create` without a name.
     Tmpfile(Create<'a>),
+    Statx(Statx<'a>),
 
     #[cfg(target_os = "macos")]
     SetVolName(SetVolName<'a>),
@@ -2072,6 +2102,7 @@ impl fmt::Display for Operation<'_> {
                 x.mode(),
                 x.flags()
             ),
+            Operation::Statx(x) => write!(f, "STATX mask {:#x}, flags {:#x}", x.mask(), x.flags()),
             Operation::Tmpfile(x) => write!(
                 f,
                 "TMPFILE mode {:#05o}, flags {:#x}",

@@ -656,7 +656,7 @@ fn times_probe(dir: &Path) -> Vec<String> {
         .unwrap()
     };
     let born = dir.join("born");
-    fs::write(&born, b"x").unwrap();
+    fs::File::create(&born).unwrap();
     let first = statx(&born);
     std::thread::sleep(std::time::Duration::from_millis(20));
     fs::write(&born, b"changed").unwrap();

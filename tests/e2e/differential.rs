@@ -954,3 +954,242 @@ fn statfs_reports_limits_and_use_as_on_tmpfs() {
         );
     }
 }
+
+/// chattr's flags: what append-only, immutable and noatime allow and refuse on files and
+/// directories, set and read through the FS_IOC_GETFLAGS/SETFLAGS ioctls, step by step.
+fn flags_probe(dir: &Path) -> Vec<String> {
+    use rustix::fs::{IFlags, OFlags as O};
+    let mut lines = Vec::new();
+    let outcome = |what: &str, result: std::io::Result<()>| {
+        format!(
+            "{what}: {}",
+            result.map_or_else(|e| format!("error {e}"), |()| "ok".into())
+        )
+    };
+    let open = |path: &Path, flags: O| {
+        rustix::fs::open(
+            path,
+            flags | O::CLOEXEC,
+            rustix::fs::Mode::from_raw_mode(0o644),
+        )
+        .map_err(std::io::Error::from)
+    };
+    let set_flags = |path: &Path, flags: IFlags| -> std::io::Result<()> {
+        let fd = open(path, O::RDONLY | O::NONBLOCK)?;
+        rustix::fs::ioctl_setflags(&fd, flags)?;
+        Ok(())
+    };
+    let get_flags = |path: &Path| -> String {
+        open(path, O::RDONLY | O::NONBLOCK)
+            .and_then(|fd| Ok(rustix::fs::ioctl_getflags(&fd)?))
+            .map_or_else(|e| format!("error {e}"), |f| format!("{:#x}", f.bits()))
+    };
+    let touch_now = |path: &Path| -> std::io::Result<()> {
+        let now = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: rustix::fs::UTIME_NOW,
+            },
+        };
+        Ok(rustix::fs::utimensat(
+            rustix::fs::CWD,
+            path,
+            &now,
+            rustix::fs::AtFlags::empty(),
+        )?)
+    };
+    let times = |path: &Path| -> std::io::Result<()> {
+        let set = rustix::fs::Timestamps {
+            last_access: rustix::fs::Timespec {
+                tv_sec: 5,
+                tv_nsec: 0,
+            },
+            last_modification: rustix::fs::Timespec {
+                tv_sec: 5,
+                tv_nsec: 0,
+            },
+        };
+        Ok(rustix::fs::utimensat(
+            rustix::fs::CWD,
+            path,
+            &set,
+            rustix::fs::AtFlags::empty(),
+        )?)
+    };
+    let xattr = |path: &Path| -> std::io::Result<()> {
+        Ok(rustix::fs::setxattr(
+            path,
+            "user.k",
+            b"v",
+            rustix::fs::XattrFlags::empty(),
+        )?)
+    };
+    let write_at = |path: &Path, flags: O| -> std::io::Result<()> {
+        let fd = open(path, flags)?;
+        rustix::io::write(&fd, b"more")?;
+        Ok(())
+    };
+    let allocate = |path: &Path, mode: rustix::fs::FallocateFlags| -> std::io::Result<()> {
+        let fd = open(path, O::WRONLY | O::APPEND)?;
+        Ok(rustix::fs::fallocate(&fd, mode, 0, 8192)?)
+    };
+
+    for (name, flags) in [("append", IFlags::APPEND), ("immutable", IFlags::IMMUTABLE)] {
+        let path = dir.join(name);
+        fs::write(&path, b"data").unwrap();
+        lines.push(outcome(&format!("{name}: set"), set_flags(&path, flags)));
+        lines.push(format!("{name}: flags {}", get_flags(&path)));
+        lines.push(outcome(&format!("{name}: read"), fs::read(&path).map(drop)));
+        lines.push(outcome(
+            &format!("{name}: write"),
+            write_at(&path, O::WRONLY),
+        ));
+        lines.push(outcome(
+            &format!("{name}: append"),
+            write_at(&path, O::WRONLY | O::APPEND),
+        ));
+        lines.push(outcome(
+            &format!("{name}: O_TRUNC"),
+            open(&path, O::WRONLY | O::APPEND | O::TRUNC).map(drop),
+        ));
+        lines.push(outcome(
+            &format!("{name}: truncate"),
+            nix::unistd::truncate(&path, 1).map_err(Into::into),
+        ));
+        lines.push(outcome(
+            &format!("{name}: fallocate keep"),
+            allocate(&path, rustix::fs::FallocateFlags::KEEP_SIZE),
+        ));
+        lines.push(outcome(
+            &format!("{name}: fallocate grow"),
+            allocate(&path, rustix::fs::FallocateFlags::empty()),
+        ));
+        lines.push(outcome(
+            &format!("{name}: chmod"),
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o600)),
+        ));
+        lines.push(outcome(
+            &format!("{name}: chown"),
+            std::os::unix::fs::chown(&path, Some(0), Some(0)),
+        ));
+        lines.push(outcome(&format!("{name}: set times"), times(&path)));
+        lines.push(outcome(&format!("{name}: touch now"), touch_now(&path)));
+        lines.push(outcome(&format!("{name}: setxattr"), xattr(&path)));
+        lines.push(outcome(
+            &format!("{name}: link"),
+            fs::hard_link(&path, dir.join(format!("{name}-link"))),
+        ));
+        lines.push(outcome(
+            &format!("{name}: rename"),
+            fs::rename(&path, dir.join(format!("{name}-moved"))),
+        ));
+        lines.push(outcome(&format!("{name}: unlink"), fs::remove_file(&path)));
+        lines.push(outcome(
+            &format!("{name}: clear"),
+            set_flags(&path, IFlags::empty()),
+        ));
+        lines.push(format!(
+            "{name}: size {}",
+            fs::metadata(&path).unwrap().len()
+        ));
+        lines.push(outcome(
+            &format!("{name}: unlink after clearing"),
+            fs::remove_file(&path),
+        ));
+    }
+    for (name, flags) in [
+        ("append-dir", IFlags::APPEND),
+        ("immutable-dir", IFlags::IMMUTABLE),
+    ] {
+        let path = dir.join(name);
+        fs::create_dir(&path).unwrap();
+        fs::write(path.join("old"), b"x").unwrap();
+        lines.push(outcome(&format!("{name}: set"), set_flags(&path, flags)));
+        lines.push(format!("{name}: flags {}", get_flags(&path)));
+        lines.push(outcome(
+            &format!("{name}: create"),
+            fs::write(path.join("new"), b"x"),
+        ));
+        lines.push(outcome(
+            &format!("{name}: mkdir"),
+            fs::create_dir(path.join("sub")),
+        ));
+        lines.push(outcome(
+            &format!("{name}: symlink"),
+            std::os::unix::fs::symlink("old", path.join("sym")),
+        ));
+        lines.push(outcome(
+            &format!("{name}: O_TMPFILE"),
+            open(&path, O::TMPFILE | O::RDWR).map(drop),
+        ));
+        lines.push(outcome(
+            &format!("{name}: write old"),
+            write_at(&path.join("old"), O::WRONLY | O::TRUNC),
+        ));
+        lines.push(outcome(
+            &format!("{name}: unlink old"),
+            fs::remove_file(path.join("old")),
+        ));
+        lines.push(outcome(
+            &format!("{name}: rename old out"),
+            fs::rename(path.join("old"), dir.join(format!("{name}-out"))),
+        ));
+        lines.push(outcome(&format!("{name}: rename in"), {
+            fs::write(dir.join("incoming"), b"x").unwrap();
+            fs::rename(dir.join("incoming"), path.join("incoming"))
+        }));
+        lines.push(outcome(&format!("{name}: rmdir"), fs::remove_dir(&path)));
+        lines.push(outcome(
+            &format!("{name}: clear"),
+            set_flags(&path, IFlags::empty()),
+        ));
+        lines.push(format!(
+            "{name}: entries {}",
+            fs::read_dir(&path).unwrap().count()
+        ));
+    }
+    let quiet = dir.join("noatime");
+    fs::write(&quiet, b"data").unwrap();
+    lines.push(outcome(
+        "noatime: set",
+        set_flags(&quiet, IFlags::NOATIME | IFlags::NODUMP),
+    ));
+    lines.push(format!("noatime: flags {}", get_flags(&quiet)));
+    times(&quiet).unwrap();
+    fs::read(&quiet).unwrap();
+    lines.push(format!(
+        "noatime: atime after a read {}",
+        fs::metadata(&quiet).unwrap().atime()
+    ));
+    lines.push(outcome("sync flag", set_flags(&quiet, IFlags::SYNC)));
+    lines
+}
+
+#[test]
+fn chattr_flags_work_as_on_tmpfs() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let tmpfs = Tmpfs::mount_with(env.path("flags-tmpfs"), "mode=1777");
+    let expected = flags_probe(&tmpfs.0);
+    eprintln!("on tmpfs: {expected:#?}");
+    assert!(expected
+        .contains(&"immutable: unlink: error Operation not permitted (os error 1)".to_string()));
+    env.ctl(&["load", "memfs"]).ok();
+    for options in ["attr_timeout=0", "writeback"] {
+        let mnt = env.mountpoint(&format!("flags-{options}"));
+        env.ctl(&["mount", "memfs", path_str(&mnt), "-o", options])
+            .ok();
+        let got = flags_probe(&mnt);
+        env.ctl(&["unmount", path_str(&mnt)]).ok();
+        for (g, e) in got.iter().zip(&expected) {
+            assert_eq!(g, e, "memfs -o {options} (left) differs from tmpfs");
+        }
+        assert_eq!(got.len(), expected.len());
+    }
+}

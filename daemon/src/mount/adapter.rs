@@ -14,12 +14,14 @@ use fshost_sdk::abi::{
     Attr, Context, Setattr, Timespec, SET_ATIME, SET_ATIME_NOW, SET_CTIME, SET_FH, SET_GID,
     SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID,
 };
+use fshost_sdk::inode_flags::{APPEND, IMMUTABLE, NOATIME, NODUMP, SYNC};
 use fshost_sdk::DirFiller;
 use fuser::{
     BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr,
-    ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen,
-    ReplyStatfs, ReplyStatx, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyIoctl,
+    ReplyLseek, ReplyOpen, ReplyStatfs, ReplyStatx, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 
 use super::backend::Backend;
@@ -109,6 +111,28 @@ impl<B: Backend> Adapter<B> {
             (ctx, mode)
         } else {
             (ctx, mode & !(umask & 0o777))
+        }
+    }
+
+    /// Refuses the opens that append-only and immutable forbid, as the VFS does for other
+    /// file systems (it cannot for FUSE: it does not know the flags). Asks the plugin only
+    /// for opens that write or truncate; a plugin without flags has none.
+    fn open_allowed(&self, ctx: &Context, ino: u64, flags: i32) -> Result<(), fshost_sdk::Errno> {
+        let writes = flags & libc::O_ACCMODE != libc::O_RDONLY;
+        let truncates = flags & libc::O_TRUNC != 0;
+        if !writes && !truncates {
+            return Ok(());
+        }
+        let inode_flags = match self.fs.get_flags(ctx, ino) {
+            Ok(inode_flags) => inode_flags,
+            Err(_) => return Ok(()),
+        };
+        let immutable = inode_flags & IMMUTABLE != 0;
+        let append_only = inode_flags & APPEND != 0;
+        if immutable || (append_only && (truncates || flags & libc::O_APPEND == 0)) {
+            Err(fshost_sdk::Errno::EPERM)
+        } else {
+            Ok(())
         }
     }
 
@@ -341,6 +365,24 @@ impl<B: Backend> Filesystem for Adapter<B> {
         let _ = self.fs.forget(ino.0, nlookup);
     }
 
+    fn ioctl(
+        &self,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        cmd: u32,
+        in_data: &[u8],
+        out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        match inode_flags_ioctl(&self.fs, &ctx(req), ino.0, cmd, in_data) {
+            Ok(out) if out.len() <= out_size as usize => reply.ioctl(0, &out),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
     /// The kernel asks only when the caller wants the birth time.
     fn statx(
         &self,
@@ -521,6 +563,9 @@ impl<B: Backend> Filesystem for Adapter<B> {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if let Err(e) = self.open_allowed(&ctx(req), ino.0, flags.0) {
+            return reply.error(errno(e));
+        }
         let flags = self.plugin_open_flags(flags.0);
         let opened = if self.maps_handles() {
             self.fs.open_backing(&ctx(req), ino.0, flags)
@@ -846,6 +891,90 @@ impl<B: Backend> Filesystem for Adapter<B> {
             }
             Err(e) => reply.error(errno(e)),
         }
+    }
+}
+
+/// `FS_IOC_GETFLAGS` and `FS_IOC_SETFLAGS` (the kernel's fileattr calls send these 64-bit
+/// numbers with an int's worth of data), their 32-bit forms, and `FS_IOC_FSGETXATTR` and
+/// `FS_IOC_FSSETXATTR` (struct fsxattr).
+const FS_IOC_GETFLAGS: u32 = 0x8008_6601;
+const FS_IOC_SETFLAGS: u32 = 0x4008_6602;
+const FS_IOC32_GETFLAGS: u32 = 0x8004_6601;
+const FS_IOC32_SETFLAGS: u32 = 0x4004_6602;
+const FS_IOC_FSGETXATTR: u32 = 0x801c_581f;
+const FS_IOC_FSSETXATTR: u32 = 0x401c_5820;
+/// Size of struct fsxattr: xflags, extsize, nextents, projid, cowextsize, 8 bytes padding.
+const FSXATTR_SIZE: usize = 28;
+/// Inode flags and their fsxattr twins (`FS_XFLAG_*`).
+const XFLAGS: [(u32, u32); 5] = [
+    (SYNC, 0x20),
+    (IMMUTABLE, 0x8),
+    (APPEND, 0x10),
+    (NODUMP, 0x80),
+    (NOATIME, 0x40),
+];
+
+/// Answers the inode-flag ioctls from the plugin's `get_flags`/`set_flags`; any other
+/// ioctl is not ours to pass on (ENOTTY).
+fn inode_flags_ioctl<B: Backend>(
+    fs: &B,
+    ctx: &Context,
+    ino: u64,
+    cmd: u32,
+    input: &[u8],
+) -> Result<Vec<u8>, fshost_sdk::Errno> {
+    let not_tty = |e: fshost_sdk::Errno| {
+        if e == fshost_sdk::Errno::ENOSYS {
+            fshost_sdk::Errno(libc::ENOTTY)
+        } else {
+            e
+        }
+    };
+    let word = |at: usize| {
+        input
+            .get(at..at + 4)
+            .and_then(|b| b.try_into().ok())
+            .map(u32::from_ne_bytes)
+            .ok_or(fshost_sdk::Errno::EINVAL)
+    };
+    match cmd {
+        FS_IOC_GETFLAGS | FS_IOC32_GETFLAGS => {
+            let flags = fs.get_flags(ctx, ino).map_err(not_tty)?;
+            Ok(flags.to_ne_bytes().to_vec())
+        }
+        FS_IOC_SETFLAGS | FS_IOC32_SETFLAGS => {
+            fs.set_flags(ctx, ino, word(0)?).map_err(not_tty)?;
+            Ok(Vec::new())
+        }
+        FS_IOC_FSGETXATTR => {
+            let flags = fs.get_flags(ctx, ino).map_err(not_tty)?;
+            let xflags = XFLAGS
+                .iter()
+                .filter(|(flag, _)| flags & flag != 0)
+                .fold(0u32, |x, (_, xflag)| x | xflag);
+            let mut out = vec![0u8; FSXATTR_SIZE];
+            out[..4].copy_from_slice(&xflags.to_ne_bytes());
+            Ok(out)
+        }
+        FS_IOC_FSSETXATTR => {
+            let xflags = word(0)?;
+            let known = XFLAGS.iter().fold(0u32, |x, (_, xflag)| x | xflag);
+            // Extent sizes and project ids are not inode flags: as tmpfs, refuse them.
+            if xflags & !known != 0 || (4..16).step_by(4).any(|at| word(at) != Ok(0)) {
+                return Err(fshost_sdk::Errno::EOPNOTSUPP);
+            }
+            let old = fs.get_flags(ctx, ino).map_err(not_tty)?;
+            let flags = XFLAGS.iter().fold(old, |f, (flag, xflag)| {
+                if xflags & xflag != 0 {
+                    f | flag
+                } else {
+                    f & !flag
+                }
+            });
+            fs.set_flags(ctx, ino, flags).map_err(not_tty)?;
+            Ok(Vec::new())
+        }
+        _ => Err(fshost_sdk::Errno(libc::ENOTTY)),
     }
 }
 

@@ -21,12 +21,13 @@ use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use data::{FileData, PAGE};
 use fshost_sdk::abi::{
-    SET_ATIME, SET_ATIME_NOW, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID,
+    SET_ATIME, SET_ATIME_NOW, SET_CTIME, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE,
+    SET_UID,
 };
 use fshost_sdk::acl::{self, Acl};
 use fshost_sdk::{
-    export_plugin, mode, state, Attr, Context, DirFiller, Errno, Options, Plugin, Result,
-    SavedState, Setattr, StateWriter, Statfs, Timespec,
+    export_plugin, inode_flags, mode, state, Attr, Context, DirFiller, Errno, Options, Plugin,
+    Result, SavedState, Setattr, StateWriter, Statfs, Timespec,
 };
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,9 @@ const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 const FALLBACK_CAPACITY: u64 = 1 << 40;
 const FALLOC_FL_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
 const FALLOC_FL_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
+/// The inode flags memfs keeps, those tmpfs does.
+const KEPT_FLAGS: u32 =
+    inode_flags::IMMUTABLE | inode_flags::APPEND | inode_flags::NODUMP | inode_flags::NOATIME;
 const XATTR_CREATE: i32 = 1;
 const XATTR_REPLACE: i32 = 2;
 /// readdir offsets: 0 is ".", 1 is "..", entries carry cookies from here on.
@@ -109,6 +113,8 @@ struct Node {
     lookups: AtomicU64,
     /// Creation time (statx's birth time).
     btime: Timespec,
+    /// Inode flags (chattr): `KEPT_FLAGS`.
+    flags: u32,
     xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
@@ -171,7 +177,43 @@ impl Node {
             content,
             open: 0,
             lookups: AtomicU64::new(0),
+            flags: 0,
             xattrs: BTreeMap::new(),
+        }
+    }
+
+    /// Refuses changing or removing an append-only or immutable node (EPERM), as the
+    /// VFS does on tmpfs.
+    fn changeable(&self) -> Result<()> {
+        if self.flags & (inode_flags::IMMUTABLE | inode_flags::APPEND) != 0 {
+            Err(Errno::EPERM)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Refuses the setattr that append-only and immutable forbid: everything on an
+    /// immutable node; on an append-only one the owner, mode, size and times given
+    /// explicitly ("now" is allowed, and so is the kernel's own mtime+ctime stamp under
+    /// `-o writeback`, the one setattr that carries ctime).
+    fn settable(&self, set: &Setattr) -> Result<()> {
+        if self.flags & inode_flags::IMMUTABLE != 0 {
+            return Err(Errno::EPERM);
+        }
+        let forbidden = SET_MODE | SET_UID | SET_GID | SET_SIZE | SET_ATIME;
+        let explicit_mtime = set.valid & SET_MTIME != 0 && set.valid & SET_CTIME == 0;
+        if self.flags & inode_flags::APPEND != 0 && (set.valid & forbidden != 0 || explicit_mtime) {
+            return Err(Errno::EPERM);
+        }
+        Ok(())
+    }
+
+    /// Refuses new entries in an immutable directory.
+    fn extensible(&self) -> Result<()> {
+        if self.flags & inode_flags::IMMUTABLE != 0 {
+            Err(Errno::EPERM)
+        } else {
+            Ok(())
         }
     }
 
@@ -202,6 +244,9 @@ impl Node {
     /// system; tmpfs is mounted relatime by default.)
     fn atime_due(&self, now: Timespec) -> bool {
         let a = &self.attr;
+        if self.flags & inode_flags::NOATIME != 0 {
+            return false;
+        }
         a.atime <= a.mtime || a.atime <= a.ctime || now.sec - a.atime.sec >= 24 * 60 * 60
     }
 
@@ -332,6 +377,7 @@ impl Tree {
         let parent_node = self.node(parent)?;
         let parent_attr = parent_node.attr;
         self.dir(parent)?;
+        parent_node.extensible()?;
         // The directory's default ACL, if any, narrows the mode in place of the umask
         // (which is 0 here unless the kernel left it to us: see `MemFs::wants`).
         let mut mode = mode;
@@ -410,6 +456,13 @@ impl Tree {
         }
     }
 
+    /// Refuses removing `ino` from directory `dir` (or renaming it away) when either is
+    /// append-only or immutable.
+    fn removable(&self, dir: u64, ino: u64) -> Result<()> {
+        self.node(dir)?.changeable()?;
+        self.node(ino)?.changeable()
+    }
+
     /// True if `ancestor` is `ino` or one of its parent directories.
     fn is_ancestor(&self, ancestor: u64, mut ino: u64) -> bool {
         loop {
@@ -441,6 +494,11 @@ impl Tree {
         check_name(newname)?;
         let ino = self.child(parent, name)?;
         let target = self.dir(newparent)?.get(newname);
+        self.removable(parent, ino)?;
+        match target {
+            Some(target) => self.removable(newparent, target)?,
+            None => self.node(newparent)?.extensible()?,
+        }
         let moving_dir = is_dir(&self.node(ino)?.attr);
         if moving_dir && self.is_ancestor(ino, newparent) {
             return Err(Errno::EINVAL);
@@ -561,6 +619,12 @@ impl Tree {
         }
         let budget = self.limit_pages.saturating_sub(self.used_pages);
         let node = self.node_mut(ino)?;
+        let grows = mode & !FALLOC_FL_KEEP_SIZE != 0;
+        if node.flags & inode_flags::IMMUTABLE != 0
+            || (node.flags & inode_flags::APPEND != 0 && grows)
+        {
+            return Err(Errno::EPERM);
+        }
         let Content::File(file) = &mut node.content else {
             return Err(if is_dir(&node.attr) {
                 Errno::EISDIR
@@ -802,9 +866,25 @@ impl Plugin for MemFs {
         Ok(self.read_tree().node(ino)?.btime)
     }
 
+    fn get_flags(&self, _ctx: &Context, ino: u64) -> Result<u32> {
+        Ok(self.read_tree().node(ino)?.flags)
+    }
+
+    fn set_flags(&self, _ctx: &Context, ino: u64, flags: u32) -> Result<()> {
+        if flags & !KEPT_FLAGS != 0 {
+            return Err(Errno::EOPNOTSUPP);
+        }
+        let mut tree = self.tree();
+        let node = tree.node_mut(ino)?;
+        node.flags = flags;
+        node.attr.ctime = Timespec::now();
+        Ok(())
+    }
+
     fn setattr(&self, _ctx: &Context, ino: u64, set: &Setattr) -> Result<Attr> {
         let mut tree = self.tree();
         let now = Timespec::now();
+        tree.node(ino)?.settable(set)?;
         if set.valid & SET_SIZE != 0 {
             tree.truncate(ino, set.size)?;
             tree.node_mut(ino)?.attr.mtime = now;
@@ -873,6 +953,7 @@ impl Plugin for MemFs {
     fn unlink(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
         let mut tree = self.tree();
         let ino = tree.child(parent, name)?;
+        tree.removable(parent, ino)?;
         if is_dir(&tree.node(ino)?.attr) {
             return Err(Errno::EISDIR);
         }
@@ -885,6 +966,7 @@ impl Plugin for MemFs {
     fn rmdir(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
         let mut tree = self.tree();
         let ino = tree.child(parent, name)?;
+        tree.removable(parent, ino)?;
         if !tree.dir(ino)?.is_empty() {
             return Err(Errno::ENOTEMPTY);
         }
@@ -923,6 +1005,8 @@ impl Plugin for MemFs {
         if tree.dir(newparent)?.get(newname).is_some() {
             return Err(Errno::EEXIST);
         }
+        tree.node(ino)?.changeable()?;
+        tree.node(newparent)?.extensible()?;
         tree.dir_mut(newparent)?.insert(newname, ino);
         tree.modified(newparent);
         tree.adjust_nlink(ino, true);
@@ -1046,6 +1130,7 @@ impl Plugin for MemFs {
         xattr_namespace_ok(name)?;
         let mut tree = self.tree();
         let node = tree.node_mut(ino)?;
+        node.changeable()?;
         let key = name.as_encoded_bytes().to_vec();
         let exists = node.xattrs.contains_key(&key);
         if flags & XATTR_CREATE != 0 && exists {
@@ -1101,6 +1186,7 @@ impl Plugin for MemFs {
         xattr_namespace_ok(name)?;
         let mut tree = self.tree();
         let node = tree.node_mut(ino)?;
+        node.changeable()?;
         node.xattrs
             .remove(name.as_encoded_bytes())
             .ok_or(Errno::ENODATA)?;

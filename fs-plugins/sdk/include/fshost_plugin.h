@@ -226,6 +226,13 @@ struct fshost_plugin {
     /* Birth (FSHOST_BIRTH_STRUCT_SIZE): when ino was created, for statx's birth time. NULL:
      * the kernel reports none for the mount. */
     int (*birth_time)(void *inst, fshost_ctx *ctx, uint64_t ino, struct fshost_timespec *out);
+
+    /* Flags (FSHOST_FLAGS_STRUCT_SIZE): the inode flags chattr(1) shows and sets (FS_*_FL).
+     * set_flags runs after the kernel checked the caller may; refuse flags not kept with
+     * EOPNOTSUPP. The kernel does not enforce append-only and immutable on FUSE: the host
+     * refuses the opens they forbid, the plugin every other change. NULL: ENOTTY. */
+    int (*get_flags)(void *inst, fshost_ctx *ctx, uint64_t ino, uint32_t *out);
+    int (*set_flags)(void *inst, fshost_ctx *ctx, uint64_t ino, uint32_t flags);
 };
 
 /* The descriptor of the first release ends at create_file: a plugin built against it sets
@@ -237,7 +244,8 @@ struct fshost_plugin {
 #define FSHOST_RESUME_STRUCT_SIZE offsetof(struct fshost_plugin, tmpfile)
 #define FSHOST_TMPFILE_STRUCT_SIZE offsetof(struct fshost_plugin, wants)
 #define FSHOST_WANTS_STRUCT_SIZE offsetof(struct fshost_plugin, birth_time)
-#define FSHOST_BIRTH_STRUCT_SIZE sizeof(struct fshost_plugin)
+#define FSHOST_BIRTH_STRUCT_SIZE offsetof(struct fshost_plugin, get_flags)
+#define FSHOST_FLAGS_STRUCT_SIZE sizeof(struct fshost_plugin)
 
 #define FSHOST_WANT_POSIX_ACL (1ull << 0)
 

@@ -745,7 +745,7 @@ macro_rules! value_part {
         }
     )*};
 }
-value_part!(Attr, Statfs, Timespec, u64, usize);
+value_part!(Attr, Statfs, Timespec, u32, u64, usize);
 
 /// A backing file handed to the host: a descriptor it owns from then on, or -1.
 impl OutPart for Option<OwnedFd> {

@@ -79,6 +79,16 @@ impl Options {
     }
 }
 
+/// Inode flags (`FS_*_FL` of `<linux/fs.h>`) for `get_flags`/`set_flags`: the ones tmpfs
+/// keeps, and `SYNC`.
+pub mod inode_flags {
+    pub const SYNC: u32 = 0x08;
+    pub const IMMUTABLE: u32 = 0x10;
+    pub const APPEND: u32 = 0x20;
+    pub const NODUMP: u32 = 0x40;
+    pub const NOATIME: u32 = 0x80;
+}
+
 /// File type bits for [`Attr::mode`].
 pub mod mode {
     pub const S_IFMT: u32 = libc::S_IFMT;

@@ -266,6 +266,22 @@ macro_rules! operations {
             /// reports none for the mount.
             fn birth_time(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64])
                 -> Timespec => [out: *mut Timespec] { Err(Errno::ENOSYS) }
+
+            /// The inode flags chattr(1) shows (`FS_IOC_GETFLAGS`: `FS_APPEND_FL`,
+            /// `FS_IMMUTABLE_FL`, `FS_NODUMP_FL`, `FS_NOATIME_FL`, ...). Left out (ENOSYS),
+            /// the ioctl answers ENOTTY.
+            fn get_flags(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64])
+                -> u32 => [out: *mut u32] { Err(Errno::ENOSYS) }
+
+            /// Sets them (`FS_IOC_SETFLAGS`, `FS_IOC_FSSETXATTR`), after the kernel checked
+            /// that the caller may (the owner; `CAP_LINUX_IMMUTABLE` for append-only and
+            /// immutable); refuse flags the plugin does not keep with EOPNOTSUPP. On FUSE
+            /// the kernel does not enforce append-only and immutable: the host refuses the
+            /// opens they forbid, the plugin every other change (setattr, unlink, rename,
+            /// link, new entries, xattrs, fallocate), as the VFS does for tmpfs.
+            fn set_flags(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
+                flags: u32 => [flags: u32])
+                -> () => [] { Err(Errno::ENOSYS) }
         }
     };
 }

@@ -62,7 +62,7 @@ fn c_header_matches_rust_layout() {
             "printf(\"fshost_plugin.{op} %zu\\n\", offsetof(struct fshost_plugin, {op}));\n"
         ));
     }
-    let constants: [(&str, u64); 22] = [
+    let constants: [(&str, u64); 23] = [
         ("FSHOST_MIN_STRUCT_SIZE", MIN_STRUCT_SIZE.into()),
         (
             "FSHOST_PASSTHROUGH_STRUCT_SIZE",
@@ -74,6 +74,7 @@ fn c_header_matches_rust_layout() {
         ("FSHOST_TMPFILE_STRUCT_SIZE", TMPFILE_STRUCT_SIZE.into()),
         ("FSHOST_WANTS_STRUCT_SIZE", WANTS_STRUCT_SIZE.into()),
         ("FSHOST_BIRTH_STRUCT_SIZE", BIRTH_STRUCT_SIZE.into()),
+        ("FSHOST_FLAGS_STRUCT_SIZE", FLAGS_STRUCT_SIZE.into()),
         ("FSHOST_WANT_POSIX_ACL", WANT_POSIX_ACL),
         ("FSHOST_PLUGIN_MAGIC", MAGIC),
         ("FSHOST_ABI_VERSION", ABI_VERSION.into()),

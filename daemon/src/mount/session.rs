@@ -92,7 +92,7 @@ pub fn start_session<B: Backend>(
             // A failed handshake leaves a dead mount behind.
             let _ = target.detach(id, true);
         })?;
-    tuning::tune(id, &target.path, options);
+    tuning::tune(target, options);
     Ok((session, id))
 }
 

@@ -161,6 +161,16 @@ impl MountTarget {
         top_mount_id(&self.parent, &self.name)
     }
 
+    /// `major:minor` of the mount that covers the directory now (its backing device info
+    /// in sysfs), from what the kernel has cached: a FUSE mount is not asked, so this works
+    /// before its session is served. O(1), unlike finding the mount in mountinfo.
+    pub fn current_device(&self) -> io::Result<String> {
+        let fd = rustix::fs::openat2(&self.parent, &self.name, PATH_DIR, Mode::empty(), RESOLVE)?;
+        let flags = rustix::fs::AtFlags::EMPTY_PATH | rustix::fs::AtFlags::STATX_DONT_SYNC;
+        let sx = rustix::fs::statx(&fd, "", flags, rustix::fs::StatxFlags::TYPE)?;
+        Ok(format!("{}:{}", sx.stx_dev_major, sx.stx_dev_minor))
+    }
+
     /// Kernel id of the mount the directory itself lives on.
     pub fn dir_mount_id(&self) -> io::Result<u64> {
         mount_id(&self.dir)

@@ -1,13 +1,14 @@
 //! Per-mount kernel tuning in sysfs, after INIT: readahead (INIT caps it at 128 KiB) and,
 //! for writeback-cached mounts, FUSE's strict dirty limit.
 
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use super::{kernel_mounts, SessionOptions};
+use super::{MountTarget, SessionOptions};
 
-/// Writes the mount's sysfs knobs; a failure is logged and the kernel's defaults stay.
-pub(super) fn tune(id: u64, mountpoint: &Path, options: &SessionOptions) {
+/// Writes the sysfs knobs of the mount now on `target`; a failure is logged and the
+/// kernel's defaults stay.
+pub(super) fn tune(target: &MountTarget, options: &SessionOptions) {
+    let mountpoint = &target.path;
     // After INIT, which caps FUSE readahead at 128 KiB: only sysfs can raise it.
     let mut tuning = vec![("read_ahead_kb", options.read_ahead_kb.to_string())];
     if options.cache.writeback {
@@ -17,7 +18,8 @@ pub(super) fn tune(id: u64, mountpoint: &Path, options: &SessionOptions) {
         // mount is throttled like a disk, by the machine's dirty limits.
         tuning.push(("strict_limit", "0".to_string()));
     }
-    let tuned = bdi_dir(id).and_then(|dir| {
+    let tuned = target.current_device().and_then(|device| {
+        let dir = Path::new("/sys/class/bdi").join(device);
         tuning
             .iter()
             .try_for_each(|(knob, value)| std::fs::write(dir.join(knob), value))
@@ -25,14 +27,4 @@ pub(super) fn tune(id: u64, mountpoint: &Path, options: &SessionOptions) {
     if let Err(e) = tuned {
         tracing::info!(mountpoint = %mountpoint.display(), error = %e, "cannot tune the mount in sysfs; the kernel's defaults stay");
     }
-}
-
-/// The sysfs directory of the backing device of the mount with kernel id `id`,
-/// `/sys/class/bdi/<major:minor>/`.
-fn bdi_dir(id: u64) -> io::Result<PathBuf> {
-    kernel_mounts()?
-        .into_iter()
-        .find(|m| m.id == id)
-        .map(|m| Path::new("/sys/class/bdi").join(m.device))
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "mount not in mountinfo"))
 }

@@ -298,6 +298,10 @@ fn status_text(s: &Status) -> String {
         ("socket", s.socket.clone()),
         ("plugins", s.plugins.to_string()),
         ("mounts", s.mounts.to_string()),
+        (
+            "threads",
+            format!("{} of {} for mounts", s.mount_threads.0, s.mount_threads.1),
+        ),
         ("tainted", tainted),
     ];
     rows.iter().map(|(k, v)| format!("{k:<8} {v}\n")).collect()

@@ -108,6 +108,11 @@ pub struct Limits {
     /// Requests one connection may send per second before it is slowed down.
     #[serde(default = "default_requests_per_second")]
     pub requests_per_second: u32,
+    /// Threads all mounts together may use (each takes `-o threads=N` plus one); a mount
+    /// past it is refused. 0: as many as the system allows (memory maps, the pids cgroup,
+    /// threads-max), read at start, less a reserve for the daemon. Read at start only.
+    #[serde(default)]
+    pub max_mount_threads: usize,
 }
 
 impl Default for Limits {
@@ -119,6 +124,7 @@ impl Default for Limits {
             idle_timeout_secs: default_idle_timeout_secs(),
             max_queued_requests: default_max_queued_requests(),
             requests_per_second: default_requests_per_second(),
+            max_mount_threads: 0,
         }
     }
 }

@@ -93,9 +93,15 @@ pub fn main() -> anyhow::Result<()> {
         // One JSON object per line, for log shippers.
         LogFormat::Json => logs.json().init(),
     }
+    // The control plane's threads are bounded, so that they fit in the reserve the
+    // mounts' thread budget leaves (mount::budget): a few workers, and at most 32 threads
+    // for blocking work (more requests wait their turn).
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get().min(4));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fshostd")
+        .worker_threads(workers)
+        .max_blocking_threads(32)
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(run(args, predecessor, systemd))
@@ -343,6 +349,7 @@ async fn start(
     ));
     host.set_user_policy(config.users.clone());
     keep_connections(&settings.socket);
+    limit_mount_threads(config);
     // The rest of what systemd passed: FUSE connections it kept for us before a crash.
     let kept: Vec<(u64, OwnedFd)> = systemd
         .into_iter()
@@ -374,6 +381,12 @@ async fn start(
     })
     .await?;
     Ok((host, listener, owns_socket, preloaded))
+}
+
+/// Bounds the threads mounts may use (see `mount::budget`), before any mount starts.
+fn limit_mount_threads(config: &Config) {
+    let (cap, bound) = mount::budget::limit_threads(config.limits.max_mount_threads);
+    tracing::info!(threads = cap, bounded_by = %bound, "threads mounts may use");
 }
 
 /// Started by a daemon upgrade: take everything the old process hands over, tell it we
@@ -430,6 +443,8 @@ async fn take_over(
     if let Err(e) = gone {
         tracing::warn!(error = %e, "daemon upgrade: serving although the old fshostd may still run");
     }
+    // Now that the old process's threads are gone from the system's counts.
+    limit_mount_threads(config);
     let serving = Arc::clone(&host);
     tokio::task::spawn_blocking(move || serving.serve_taken_over(taken)).await?;
     tracing::info!(

@@ -43,7 +43,10 @@ pub fn serve<P: fshost_sdk::Plugin>(
         &session_options,
     )
     .map_err(|e| format!("mounting {} failed: {e}", mountpoint.display()))?;
+    let running = session
+        .start()
+        .map_err(|e| format!("cannot serve {}: {e}", mountpoint.display()))?;
     ready();
-    mount::run_session(session, &target, id);
+    mount::finish_session(running, &target, id);
     Ok(())
 }

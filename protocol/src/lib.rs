@@ -183,6 +183,9 @@ pub struct Status {
     pub mounts: usize,
     /// Names of tainted plugins.
     pub tainted: Vec<String>,
+    /// Threads the mounts use, and the most they may (absent from older daemons).
+    #[serde(default)]
+    pub mount_threads: (usize, usize),
 }
 
 /// Life-cycle state of a plugin (the seed's state machine).

@@ -14,6 +14,7 @@ mod daemon_upgrade;
 mod differential;
 mod faults;
 mod lifecycle;
+mod limits;
 mod passthrough;
 mod recovery;
 mod security;

@@ -216,21 +216,42 @@ impl Env {
     /// Like [`Env::start`], with environment variables and the text of the daemon's config
     /// file (every daemon gets its own config file, never the machine's).
     pub fn start_configured(vars: &[(&str, &str)], config: &str) -> Env {
+        let mut env = Env::prepared(config);
+        env.spawn_daemon(vars);
+        env
+    }
+
+    /// A fresh directory with the config file, the socket's and the log's paths; no daemon.
+    fn prepared(config: &str) -> Env {
         let dir = tempfile::Builder::new()
             .prefix("fshost-e2e-")
             .tempdir()
             .expect("temporary directory");
-        let socket = dir.path().join("fshostd.sock");
-        let log = dir.path().join("fshostd.log");
         std::fs::write(dir.path().join("fshostd.toml"), config).expect("config file");
-        let mut env = Env {
-            socket,
+        Env {
+            socket: dir.path().join("fshostd.sock"),
             daemon: None,
             successor: None,
-            log,
+            log: dir.path().join("fshostd.log"),
             dir,
-        };
-        env.spawn_daemon(vars);
+        }
+    }
+
+    /// Like [`Env::start_configured`], with the daemon started inside the cgroup whose
+    /// `cgroup.procs` file is `procs` (it joins before it starts, so that it sees the
+    /// cgroup's limits from its first thread on).
+    pub fn start_in_cgroup(procs: &Path, config: &str) -> Env {
+        let mut env = Env::prepared(config);
+        let mut shell = Command::new("sh");
+        shell
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > '{}' && exec \"$0\" \"$@\"",
+                procs.display()
+            ))
+            .arg(artifact("fshostd"));
+        let _starting = DAEMON_START.lock().unwrap_or_else(|e| e.into_inner());
+        env.spawn_daemon_as(shell, &[]);
         env
     }
 

@@ -285,6 +285,17 @@ impl<FS: Filesystem> Session<FS> {
     /// # Errors
     /// Returns any final error when the session comes to an end.
     pub fn run(self) -> io::Result<()> {
+        self.start()?.join()
+    }
+
+    /// Starts serving: spawns the session's threads and returns once they run, so that
+    /// the caller can tell whether the mount is served before it says so. If a thread
+    /// cannot be spawned, those already started keep serving until the mount goes (the
+    /// caller should unmount it); they then end on their own. `Running::join` waits for
+    /// the end, as `run` does.
+    /// # Errors
+    /// The error of a thread that could not be spawned.
+    pub fn start(self) -> io::Result<Running<FS>> {
         let Session {
             filesystem,
             ch,
@@ -308,7 +319,7 @@ impl<FS: Filesystem> Session<FS> {
             return Err(io::Error::other("n_threads"));
         };
 
-        let mut filesystem = Arc::new(filesystem);
+        let filesystem = Arc::new(filesystem);
 
         let mut channels = Vec::with_capacity(n_threads);
 
@@ -347,6 +358,34 @@ impl<FS: Filesystem> Session<FS> {
             );
         }
 
+        Ok(Running {
+            filesystem,
+            threads,
+            _mount: _do_not_umount_yet,
+        })
+    }
+}
+
+/// A session whose threads are serving (see `Session::start`).
+#[derive(Debug)]
+pub struct Running<FS: Filesystem> {
+    filesystem: Arc<FilesystemHolder<FS>>,
+    threads: Vec<JoinHandle<io::Result<()>>>,
+    /// Unmounts (a mount fuser made) once the session has ended.
+    _mount: UmountOnDrop,
+}
+
+impl<FS: Filesystem> Running<FS> {
+    /// Waits until the session ends (every thread has ended), then destroys the
+    /// filesystem, as `Session::run` does.
+    /// # Errors
+    /// The first error a session thread ended with.
+    pub fn join(self) -> io::Result<()> {
+        let Running {
+            mut filesystem,
+            threads,
+            _mount,
+        } = self;
         let mut reply: io::Result<()> = Ok(());
         for thread in threads {
             let res = match thread.join() {
@@ -372,7 +411,9 @@ impl<FS: Filesystem> Session<FS> {
 
         reply
     }
+}
 
+impl<FS: Filesystem> Session<FS> {
     fn handshake(&mut self) -> io::Result<()> {
         let mut buf = FuseReadBuf::new();
         let buf = buf.as_mut();

@@ -170,6 +170,7 @@ impl<E: Effects> Host<E> {
                 .filter(|p| p.tainted.is_some())
                 .map(|p| p.name)
                 .collect(),
+            mount_threads: crate::mount::budget::threads(),
         }
     }
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::backend::Backend;
 use super::backend::{Hosted, Swappable};
 use super::link::{Agreed, Link, LinkState};
-use super::session::{resume_session, run_session};
+use super::session::{finish_session, resume_session};
 use super::upgrade::{export, instance_from, new_instance, MoveError};
 use super::{Adapter, MountStats, MountTarget, SessionOptions};
 use crate::plugin::Plugin;
@@ -72,6 +72,8 @@ pub struct ResumedMount {
     session: Session<Adapter<Arc<Swappable>>>,
     link: Arc<Link>,
     state: LinkState,
+    /// The threads it will use: taken even past the cap, since the mount exists already.
+    threads: super::budget::Threads,
 }
 
 /// Makes an instance of `plugin` for a handed-over mount, gives it the old instance's
@@ -114,12 +116,14 @@ fn serve_connection(
         session.record_stats,
         Arc::clone(&link),
     );
+    let threads = super::budget::Threads::take_anyway(session.threads + 1);
     let session = resume_session(Arc::clone(&fs), stats, Arc::clone(&link), fuse, session);
     Ok((
         ResumedMount {
             session,
             link,
             state,
+            threads,
         },
         fs,
     ))
@@ -162,6 +166,7 @@ impl ResumedMount {
             session,
             link,
             state,
+            threads,
         } = self;
         // Each backing id of the handed state was registered on this connection by the
         // previous process, which is gone; each is wrapped once, here.
@@ -173,7 +178,15 @@ impl ResumedMount {
         std::thread::Builder::new()
             .name("mount:resumed".into())
             .spawn(move || {
-                run_session(session, &target, kernel_id);
+                let _threads = threads;
+                match session.start() {
+                    Ok(running) => finish_session(running, &target, kernel_id),
+                    Err(e) => {
+                        // The system refused the threads: nobody can serve the mount.
+                        tracing::error!(mountpoint = %target.path.display(), error = %e, "cannot start the threads that serve a taken-over mount; detaching it");
+                        let _ = target.detach(kernel_id, true);
+                    }
+                }
                 on_end();
             })
             .map(drop)

@@ -4,6 +4,7 @@
 
 mod adapter;
 mod backend;
+pub mod budget;
 mod handover;
 mod link;
 mod metrics;
@@ -21,7 +22,7 @@ pub use handover::{export_mount, resume_mount, revive_mount, HandedMount, Resume
 pub use link::{Agreed, Link};
 pub use mountinfo::{abort_connection, fuse_waiting, kernel_mounts, KernelMount};
 pub use options::{plugin_options, SessionOptions};
-pub use session::{run_session, start_session};
+pub use session::{finish_session, start_session};
 pub use stale::{answers_enotconn_as, detach_stale_mounts};
 pub use target::{
     answers_enotconn, detach_mount_at, mount_id_at, DetachError, MountTarget, TargetError,
@@ -70,6 +71,15 @@ pub enum MountError {
     Mount { path: PathBuf, source: io::Error },
     #[error("cannot start the mount thread: {0}")]
     Thread(io::Error),
+    #[error("fshostd's mounts already use {used} of the {cap} threads it may have (bounded by {bound}); this mount needs {needed} (-o threads=N, plus one): unmount something, mount with fewer threads, or raise the limit")]
+    Threads {
+        used: usize,
+        cap: usize,
+        needed: usize,
+        bound: String,
+    },
+    #[error("cannot start the threads that serve the mount ({0}); it was unmounted: unmount something or raise the system's thread limits")]
+    Serve(io::Error),
     #[error("the mount thread ended without reporting")]
     ThreadLost,
 }
@@ -101,9 +111,18 @@ pub fn spawn(
 ) -> Result<(u64, Arc<Swappable>), MountError> {
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(u64, Arc<Swappable>), MountError>>(1);
     let thread_name = format!("mount:{}", spec.plugin.name);
+    // The session's threads and this one; given back when the thread ends.
+    let needed = spec.session.threads + 1;
+    let threads = budget::Threads::take(needed).map_err(|(used, cap)| MountError::Threads {
+        used,
+        cap,
+        needed,
+        bound: budget::bound(),
+    })?;
     std::thread::Builder::new()
         .name(thread_name)
         .spawn(move || {
+            let _threads = threads;
             let plugin = spec.plugin;
             let name = plugin.name.clone();
             // The options were checked (NUL bytes included) by `SessionOptions::parse`.
@@ -148,8 +167,17 @@ pub fn spawn(
                     return;
                 }
             };
+            // "Mounted" means served: the session's threads run before we say so.
+            let running = match session.start() {
+                Ok(running) => running,
+                Err(e) => {
+                    let _ = spec.target.detach(id, true);
+                    let _ = ready_tx.send(Err(MountError::Serve(e)));
+                    return;
+                }
+            };
             let _ = ready_tx.send(Ok((id, slot)));
-            run_session(session, &spec.target, id);
+            finish_session(running, &spec.target, id);
             on_end();
         })
         .map_err(MountError::Thread)?;

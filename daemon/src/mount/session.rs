@@ -125,9 +125,13 @@ pub fn resume_session<B: Backend>(
     )
 }
 
-/// Serves `session` until the mount is gone.
-pub fn run_session<B: Backend>(session: Session<Adapter<B>>, target: &MountTarget, id: u64) {
-    if let Err(e) = session.run() {
+/// Waits until the session `running` ends (the mount is gone).
+pub fn finish_session<B: Backend>(
+    running: fuser::Running<Adapter<B>>,
+    target: &MountTarget,
+    id: u64,
+) {
+    if let Err(e) = running.join() {
         // The kernel did not end the session, so the mount is still there but no longer
         // served: detach it rather than leave a dead mount behind.
         tracing::warn!(mountpoint = %target.path.display(), error = %e, "FUSE session failed; detaching the mount");

@@ -7,8 +7,10 @@
 //! Usage: bench BUILD_DIR [--smoke] [--write REPO_DIR]   (as root; needs fio)
 //!        bench BUILD_DIR --upgrades   (only the plugin upgrade rows)
 //!        bench BUILD_DIR --daemon-upgrades   (only the daemon upgrade rows)
+//!        bench BUILD_DIR --tools   (only tar -xf, rm -rf and git clone; needs git)
 //!        bench --metadata DIR   (one metadata run of 10,000 files in DIR)
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -282,6 +284,204 @@ fn metadata_once(dir: &Path, n: usize) -> [f64; 4] {
     [create, stat, readdir, unlink]
 }
 
+/// What users notice, on memfs against tmpfs and passthroughfs against its source directory:
+/// `tar -xf` of a source-like tree (7,000 files, 80 MB; 200 with `smoke`), `rm -rf` of it, a
+/// local `git clone` of it; and the FUSE requests per file memfs saw for each.
+fn tool_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> String {
+    let files = if smoke { 200 } else { 7000 };
+    let base = dir.join("tools");
+    let (tmpfs, memfs, pt) = (base.join("tmpfs"), base.join("memfs"), base.join("pt"));
+    let pt_native = native.join("tools");
+    for d in [&tmpfs, &memfs, &pt, &pt_native] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let _tmpfs = mount_tmpfs(&tmpfs);
+    daemon.call(
+        json!({"op": "mount", "plugin": "memfs", "mountpoint": memfs,
+        "options": options_json(MEMFS_OPTIONS)}),
+    );
+    daemon.call(
+        json!({"op": "mount", "plugin": "passthroughfs", "mountpoint": pt,
+        "options": {"source": pt_native.display().to_string()}}),
+    );
+    let (tarball, repo) = source_tree(&base, files);
+    let runs = tool_runs(&[&tmpfs, &memfs, &pt_native, &pt], &tarball, &repo);
+    let (tree, clone) = (memfs.join("tree"), memfs.join("clone"));
+    std::fs::create_dir_all(&tree).unwrap();
+    let counted = [
+        requests_per_file(daemon, &memfs, files, || {
+            run_tool(
+                Command::new("tar")
+                    .arg("-xf")
+                    .arg(&tarball)
+                    .arg("-C")
+                    .arg(&tree),
+            )
+        }),
+        requests_per_file(daemon, &memfs, files, || {
+            run_tool(Command::new("rm").arg("-rf").arg(&tree))
+        }),
+        requests_per_file(daemon, &memfs, files, || {
+            run_tool(
+                Command::new("git")
+                    .args(["clone", "-q", "--no-hardlinks"])
+                    .arg(&repo)
+                    .arg(&clone),
+            )
+        }),
+    ];
+    run_tool(Command::new("rm").arg("-rf").arg(&clone));
+    for mountpoint in [&memfs, &pt] {
+        daemon.call(json!({"op": "unmount", "mountpoint": mountpoint}));
+    }
+    let names = ["tar -xf", "rm -rf", "git clone"];
+    let mut rows = String::new();
+    for (label, (reference, target), goals) in [
+        ("memfs vs tmpfs", (runs[0], runs[1]), ["≤ 5×", "≤ 3×", ""]),
+        (
+            "passthroughfs vs its source dir",
+            (runs[2], runs[3]),
+            [""; 3],
+        ),
+    ] {
+        for i in 0..3 {
+            let _ = writeln!(
+                rows,
+                "| {label}: {} of {files} files | {:.3} s vs {:.3} s: {:.2}× time | {} |",
+                names[i],
+                reference[i],
+                target[i],
+                target[i] / reference[i],
+                goals[i]
+            );
+        }
+    }
+    for (name, counted) in names.iter().zip(&counted) {
+        let _ = writeln!(
+            rows,
+            "| memfs: FUSE requests per file during {name} (by operation) | {counted} | |"
+        );
+    }
+    rows
+}
+
+/// What users notice: `tar -xf` of a source tree, `rm -rf` of it, and a local `git clone`
+/// of a repository, in seconds per target (medians of `RUNS` interleaved runs).
+fn tool_runs(targets: &[&Path], tarball: &Path, repo: &Path) -> Vec<[f64; 3]> {
+    interleaved(targets, |dir| tools_once(dir, tarball, repo))
+        .into_iter()
+        .map(|runs| std::array::from_fn(|i| median(runs.iter().map(|r| r[i]).collect())))
+        .collect()
+}
+
+fn tools_once(dir: &Path, tarball: &Path, repo: &Path) -> [f64; 3] {
+    let (tree, clone) = (dir.join("tree"), dir.join("clone"));
+    std::fs::create_dir_all(&tree).unwrap();
+    let t = Instant::now();
+    run_tool(
+        Command::new("tar")
+            .arg("-xf")
+            .arg(tarball)
+            .arg("-C")
+            .arg(&tree),
+    );
+    let tar = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    run_tool(Command::new("rm").arg("-rf").arg(&tree));
+    let rm = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    run_tool(
+        Command::new("git")
+            .args(["clone", "-q", "--no-hardlinks"])
+            .arg(repo)
+            .arg(&clone),
+    );
+    let git = t.elapsed().as_secs_f64();
+    run_tool(Command::new("rm").arg("-rf").arg(&clone));
+    [tar, rm, git]
+}
+
+fn run_tool(command: &mut Command) {
+    let out = command.output().expect("run a tool");
+    assert!(out.status.success(), "{command:?}: {out:?}");
+}
+
+/// A source-like tree of `files` files (about 11 KiB each, 20 to a directory), as a
+/// tarball and as a git repository with one commit, both under `base`.
+fn source_tree(base: &Path, files: usize) -> (PathBuf, PathBuf) {
+    let repo = base.join("repo");
+    for i in 0..files {
+        let dir = repo.join(format!("src/m{:03}/d{:03}", i / 400, i / 20));
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = 512 + (i * 7919) % 21_000;
+        let text: Vec<u8> = (0..size)
+            .map(|k| b"abcdefghij klmnopqrst\n"[(k + i) % 22])
+            .collect();
+        std::fs::write(dir.join(format!("f{i:05}.c")), text).unwrap();
+    }
+    let tarball = base.join("tree.tar");
+    run_tool(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(&tarball)
+            .arg("-C")
+            .arg(&repo)
+            .arg("src"),
+    );
+    let git = |args: &[&str]| {
+        run_tool(
+            Command::new("git")
+                .args(["-c", "user.name=bench", "-c", "user.email=bench@localhost"])
+                .args(args)
+                .current_dir(&repo),
+        )
+    };
+    git(&["init", "-q"]);
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "tree"]);
+    (tarball, repo)
+}
+
+/// FUSE requests per file that the memfs mount at `mountpoint` saw while `work` ran, in
+/// total and for the operations that took at least 0.05 per file.
+fn requests_per_file(
+    daemon: &mut Daemon,
+    mountpoint: &Path,
+    files: usize,
+    work: impl FnOnce(),
+) -> String {
+    let counts = |daemon: &mut Daemon| -> BTreeMap<String, u64> {
+        let stats = daemon.call(json!({"op": "stats", "filter": mountpoint}));
+        stats["result"]["mounts"][0]["ops"]
+            .as_array()
+            .map(|ops| {
+                ops.iter()
+                    .map(|o| {
+                        (
+                            o["op"].as_str().unwrap_or("?").to_string(),
+                            o["count"].as_u64().unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let before = counts(daemon);
+    work();
+    let after = counts(daemon);
+    let per = |n: u64| n as f64 / files as f64;
+    let mut total = 0;
+    let mut each = Vec::new();
+    for (op, n) in &after {
+        let n = n - before.get(op).copied().unwrap_or(0);
+        total += n;
+        if per(n) >= 0.05 {
+            each.push(format!("{op} {:.2}", per(n)));
+        }
+    }
+    format!("{:.2} ({})", per(total), each.join(", "))
+}
+
 /// A mount made by the suite itself; detached when dropped (also when the suite panics).
 struct Mounted(PathBuf);
 
@@ -361,6 +561,8 @@ fn main() {
     // Only the plugin or daemon upgrade rows, at full size (memfs holding 1 GiB).
     let only: Option<Rows> = if args.iter().any(|a| a == "--daemon-upgrades") {
         Some(daemon_upgrade_rows)
+    } else if args.iter().any(|a| a == "--tools") {
+        Some(tool_rows)
     } else if args.iter().any(|a| a == "--upgrades") {
         Some(upgrade_rows)
     } else {
@@ -488,6 +690,8 @@ fn main() {
     let upgrades = upgrade_rows(&mut daemon, dir, &native, smoke);
     eprintln!("daemon upgrades...");
     let daemon_upgrades = daemon_upgrade_rows(&mut daemon, dir, &native, smoke);
+    eprintln!("tar, rm, git...");
+    let tools = tool_rows(&mut daemon, dir, &native, smoke);
     eprintln!("data ({} MiB per run)...", sizes.data_mib);
     let targets = [
         &tmpfs,
@@ -637,6 +841,7 @@ fn main() {
     let _ = writeln!(other, "| passthroughfs: reads / writes served by the plugin during the data runs | {} / {} ({} opens through passthrough) | 0 / 0 |", pt_stats["plugin_reads"], pt_stats["plugin_writes"], pt_stats["passthrough_opens"]);
     other.push_str(&upgrades);
     other.push_str(&daemon_upgrades);
+    other.push_str(&tools);
     println!("{table}\n{other}");
 
     if let Some(repo) = write_to {

@@ -185,3 +185,36 @@ fn a_plugin_built_before_the_passthrough_extension_still_loads() {
     assert_eq!(fs::metadata(&mnt).unwrap().mode(), libc::S_IFDIR | 0o555);
     env.ctl(&["unmount", path_str(&mnt)]).ok();
 }
+
+/// Files and directories renamed through the mount are reached by their new names, with
+/// their attributes cached by the kernel or not (a renamed file's path once gained a
+/// trailing slash, so opening it failed with ENOTDIR: `git clone` into the mount failed).
+#[test]
+fn renamed_files_and_directories_open_by_their_new_names() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    env.ctl(&["load", "passthroughfs"]).ok();
+    for options in ["", ",attr_timeout=0"] {
+        let mnt = env.mountpoint("renames");
+        let option = format!("source={}{options}", src.display());
+        env.ctl(&["mount", "passthroughfs", path_str(&mnt), "-o", &option])
+            .ok();
+        fs::write(mnt.join("config.lock"), b"one").unwrap();
+        fs::rename(mnt.join("config.lock"), mnt.join("config")).unwrap();
+        fs::write(mnt.join("config.lock"), b"two").unwrap();
+        assert_eq!(fs::read(mnt.join("config")).unwrap(), b"one");
+        fs::create_dir_all(mnt.join("d/e")).unwrap();
+        fs::write(mnt.join("d/e/f"), b"deep").unwrap();
+        fs::rename(mnt.join("d"), mnt.join("moved")).unwrap();
+        assert_eq!(fs::read(mnt.join("moved/e/f")).unwrap(), b"deep");
+        fs::write(mnt.join("moved/e/g"), b"new").unwrap();
+        assert_eq!(fs::read(src.join("moved/e/g")).unwrap(), b"new");
+        env.ctl(&["unmount", path_str(&mnt)]).ok();
+        fs::remove_dir_all(&src).unwrap();
+        fs::create_dir_all(&src).unwrap();
+    }
+}

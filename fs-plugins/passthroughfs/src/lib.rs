@@ -216,7 +216,13 @@ impl PassthroughFs {
         let mut paths = self.paths.write().unwrap_or_else(|e| e.into_inner());
         for path in paths.values_mut() {
             if let Ok(rest) = path.strip_prefix(from) {
-                *path = to.join(rest);
+                // Not `to.join("")`, which ends in a slash: a file's path would then not
+                // resolve (ENOTDIR).
+                *path = if rest.as_os_str().is_empty() {
+                    to.to_path_buf()
+                } else {
+                    to.join(rest)
+                };
             }
         }
     }

@@ -336,6 +336,8 @@ impl<B: Backend> Filesystem for Adapter<B> {
                 tracing::info!(plugin = %self.fs.name(), "the kernel does not offer FUSE passthrough; the plugin serves reads and writes itself");
             }
         }
+        // Lookups and listings in one directory may run at once (every plugin is Sync).
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let wants = self.fs.wants().unwrap_or(0);
         if wants & fshost_sdk::abi::WANT_POSIX_ACL != 0 {
             self.posix_acl = config
@@ -356,8 +358,19 @@ impl<B: Backend> Filesystem for Adapter<B> {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let result = self.fs.lookup(&ctx(req), parent.0, name);
-        entry(reply, self.ttl, result);
+        match self.fs.lookup(&ctx(req), parent.0, name) {
+            // A name that does not exist is cached as long as one that does (node id 0:
+            // a negative entry), so that the next lookup of it asks nobody; a create
+            // through this mount replaces it at once.
+            Err(e) if e == fshost_sdk::Errno::ENOENT && !self.ttl.is_zero() => {
+                let absent = FileAttr {
+                    ino: INodeNo(0),
+                    ..file_attr(&Attr::default())
+                };
+                reply.entry(&self.ttl, &absent, Generation(0));
+            }
+            result => entry(reply, self.ttl, result),
+        }
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use nix::sys::stat::Mode;
 
-use fshost_tests::{artifact, fuse_available, run, tool_available, Env};
+use fshost_tests::{acl_value, artifact, fuse_available, run, tool_available, Env};
 
 use crate::path_str;
 
@@ -715,17 +715,6 @@ fn atime_follows_relatime_and_times_never_go_backwards() {
             "memfs -o {options} (left) differs from tmpfs"
         );
     }
-}
-
-/// An ACL attribute value: version 2, then (tag, perm, id) per entry.
-fn acl_value(entries: &[(u16, u16, u32)]) -> Vec<u8> {
-    let mut out = 2u32.to_le_bytes().to_vec();
-    for (tag, perm, id) in entries {
-        out.extend_from_slice(&tag.to_le_bytes());
-        out.extend_from_slice(&perm.to_le_bytes());
-        out.extend_from_slice(&id.to_le_bytes());
-    }
-    out
 }
 
 /// POSIX ACLs end to end: an access ACL grants a user what the mode denies and sets the

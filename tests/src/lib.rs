@@ -616,3 +616,15 @@ impl Drop for Env {
         }
     }
 }
+
+/// A POSIX ACL attribute value (`system.posix_acl_access`/`_default`), written out by hand
+/// so that tests do not use the code they check: version 2, then (tag, perm, id) per entry.
+pub fn acl_value(entries: &[(u16, u16, u32)]) -> Vec<u8> {
+    let mut out = 2u32.to_le_bytes().to_vec();
+    for (tag, perm, id) in entries {
+        out.extend_from_slice(&tag.to_le_bytes());
+        out.extend_from_slice(&perm.to_le_bytes());
+        out.extend_from_slice(&id.to_le_bytes());
+    }
+    out
+}

@@ -10,6 +10,7 @@ use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use fshost_tests::acl_value;
 use nix::fcntl::RenameFlags;
 use nix::sys::stat::{Mode, UtimensatFlags};
 use nix::sys::time::TimeSpec;
@@ -62,17 +63,6 @@ fn nx(result: nix::Result<String>) -> String {
         Ok(s) => format!("ok {s}"),
         Err(e) => format!("err {}", errno_name(e as i32)),
     }
-}
-
-/// A POSIX ACL attribute value: version 2, then (tag, perm, id) per entry.
-fn acl_value(entries: &[(u16, u16, u32)]) -> Vec<u8> {
-    let mut out = 2u32.to_le_bytes().to_vec();
-    for (tag, perm, id) in entries {
-        out.extend_from_slice(&tag.to_le_bytes());
-        out.extend_from_slice(&perm.to_le_bytes());
-        out.extend_from_slice(&id.to_le_bytes());
-    }
-    out
 }
 
 /// A cheap content fingerprint (FNV-1a) plus the length.

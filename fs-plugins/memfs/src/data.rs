@@ -113,15 +113,22 @@ impl FileData {
     }
 
     /// `fallocate` without a hole: stores zero pages where `[offset, offset + len)` has
-    /// none (they stay holes for `SEEK_DATA` until written); the size does not change.
+    /// none (they stay holes for `SEEK_DATA` until written); the size does not change. As on
+    /// tmpfs, a page an earlier `fallocate` left unwritten becomes data now (tmpfs zeroes
+    /// and marks it up to date when it meets it again).
     pub fn allocate(&mut self, offset: u64, len: u64) {
         if len == 0 {
             return;
         }
         for index in offset / PAGE..=(offset + len - 1) / PAGE {
-            if let std::collections::btree_map::Entry::Vacant(slot) = self.pages.entry(index) {
-                slot.insert(vec![0u8; PAGE as usize].into_boxed_slice());
-                self.unwritten.insert(index);
+            match self.pages.entry(index) {
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(vec![0u8; PAGE as usize].into_boxed_slice());
+                    self.unwritten.insert(index);
+                }
+                std::collections::btree_map::Entry::Occupied(_) => {
+                    self.unwritten.remove(&index);
+                }
             }
         }
     }

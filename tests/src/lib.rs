@@ -73,12 +73,23 @@ pub fn fuse_available() -> bool {
 
 /// Runs a command with a deadline; kills it and fails the test if it takes longer.
 pub fn run(mut command: Command) -> Output {
-    let mut child = command
+    command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+        .stderr(Stdio::piped());
+    // A program the test has just copied can be "busy" for a moment: a process another
+    // test thread forked while the copy was open for writing holds that descriptor until
+    // it execs (ETXTBSY). Try again then.
+    let mut tries = 0;
+    let mut child = loop {
+        match command.spawn() {
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && tries < 100 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            spawned => break spawned.unwrap_or_else(|e| panic!("cannot run {command:?}: {e}")),
+        }
+    };
     let mut stdout = child.stdout.take().expect("piped");
     let mut stderr = child.stderr.take().expect("piped");
     let out_reader = std::thread::spawn(move || {

@@ -91,7 +91,7 @@ impl PidsCgroup {
             Path::new("/sys/fs/cgroup"),
         ];
         for root in roots {
-            if !root.join("cgroup.procs").exists() || !root.join(".").exists() {
+            if !root.join("cgroup.procs").exists() {
                 continue;
             }
             let dir = root.join(&name);

@@ -576,14 +576,15 @@ impl<B: Backend> Filesystem for Adapter<B> {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if let Err(e) = self.open_allowed(&ctx(req), ino.0, flags.0) {
+        let ctx = ctx(req);
+        if let Err(e) = self.open_allowed(&ctx, ino.0, flags.0) {
             return reply.error(errno(e));
         }
         let flags = self.plugin_open_flags(flags.0);
         let opened = if self.maps_handles() {
-            self.fs.open_backing(&ctx(req), ino.0, flags)
+            self.fs.open_backing(&ctx, ino.0, flags)
         } else {
-            self.fs.open(&ctx(req), ino.0, flags).map(|fh| (fh, None))
+            self.fs.open(&ctx, ino.0, flags).map(|fh| (fh, None))
         };
         let (plugin_fh, backing) = match opened {
             Ok(opened) => opened,

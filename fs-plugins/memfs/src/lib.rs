@@ -1139,11 +1139,21 @@ impl Plugin for MemFs {
         if flags & XATTR_REPLACE != 0 && !exists {
             return Err(Errno::ENODATA);
         }
+        // An ACL is checked before anything changes.
+        let access = match name {
+            n if n == acl::ACCESS => Some(Acl::parse(value)?),
+            n if n == acl::DEFAULT => {
+                Acl::parse(value)?;
+                None
+            }
+            _ => None,
+        };
         node.attr.ctime = Timespec::now();
-        if name == acl::ACCESS {
+        if let Some(access) = access {
             // The ACL sets the mode; one the mode says all of is not kept. A caller
-            // outside the file's group loses its setgid bit, as on tmpfs (root keeps it).
-            let (mode, equivalent) = Acl::parse(value)?.equiv_mode(node.attr.mode);
+            // outside the file's group loses its setgid bit, as on tmpfs (root keeps it;
+            // memfs sees only the caller's primary group, tmpfs all of them).
+            let (mode, equivalent) = access.equiv_mode(node.attr.mode);
             node.attr.mode = mode;
             if ctx.uid != 0 && ctx.gid != node.attr.gid {
                 node.attr.mode &= !libc::S_ISGID;
@@ -1152,8 +1162,6 @@ impl Plugin for MemFs {
                 node.xattrs.remove(&key);
                 return Ok(());
             }
-        } else if name == acl::DEFAULT {
-            Acl::parse(value)?;
         }
         node.xattrs.insert(key, value.to_vec());
         Ok(())

@@ -77,8 +77,8 @@ enum Command {
         name: String,
         mountpoint: PathBuf,
         /// Options, KEY[=VALUE][,...] (repeatable): the daemon's own (allow_other,
-        /// attr_timeout=SECS, keep_cache, read_ahead_kb=N, threads=N, writeback; see
-        /// README) and the plugin's (memfs: size=64M, noxattr).
+        /// attr_timeout=SECS, keep_cache, nopassthrough, read_ahead_kb=N, threads=N,
+        /// writeback; see README) and the plugin's (memfs: size=64M, nr_inodes=N, noxattr).
         #[arg(short = 'o', value_name = "KEY=VALUE,...")]
         options: Vec<String>,
         /// Mount read-only.

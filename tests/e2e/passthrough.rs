@@ -218,3 +218,95 @@ fn renamed_files_and_directories_open_by_their_new_names() {
         fs::create_dir_all(&src).unwrap();
     }
 }
+
+/// memfs's file data goes through passthrough into its private tmpfs by default, so the
+/// daemon sees no read or write; `-o nopassthrough` and `-o writeback` keep memfs serving
+/// them. Either way the same bytes come back, the size limit answers a short write then
+/// ENOSPC as tmpfs does, and an O_TMPFILE file named by linkat opens again (the kernel
+/// refuses to mix passthrough and served opens of one file).
+#[test]
+fn memfs_data_passes_through_unless_the_mount_says_otherwise() {
+    use std::io::{Read, Seek, Write};
+    use std::os::unix::fs::OpenOptionsExt;
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", "memfs"]).ok();
+    for (options, passes_through) in [
+        ("size=1M", true),
+        ("size=1M,nopassthrough", false),
+        ("size=1M,writeback", false),
+    ] {
+        let mnt = env.mountpoint(&format!("data-{options}"));
+        env.ctl(&["mount", "memfs", path_str(&mnt), "-o", options])
+            .ok();
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        fs::write(mnt.join("f"), &data).unwrap();
+        assert_eq!(fs::read(mnt.join("f")).unwrap(), data, "{options}");
+        // Past the megabyte: what fits, then ENOSPC (under the writeback cache the kernel
+        // takes it all and fsync reports what the write-back met).
+        let mut big = fs::File::create(mnt.join("big")).unwrap();
+        let written = big.write(&vec![1u8; 1 << 20]).unwrap();
+        if options.contains("writeback") {
+            assert_eq!(errno(big.sync_all()), Some(libc::ENOSPC), "{options}");
+        } else {
+            assert!(written > 0 && written < 1 << 20, "{options}: {written}");
+            assert_eq!(
+                errno(big.write(&[1u8; 4096])),
+                Some(libc::ENOSPC),
+                "{options}"
+            );
+        }
+        drop(big);
+        fs::remove_file(mnt.join("big")).unwrap();
+        // O_TMPFILE, named, written through the name, read back through the first open.
+        let mut tmp = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_TMPFILE)
+            .mode(0o600)
+            .open(&mnt)
+            .unwrap();
+        tmp.write_all(b"unnamed ").unwrap();
+        let proc_path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&tmp));
+        let named = mnt.join("named");
+        rustix::fs::linkat(
+            rustix::fs::CWD,
+            proc_path.as_str(),
+            rustix::fs::CWD,
+            &named,
+            rustix::fs::AtFlags::SYMLINK_FOLLOW,
+        )
+        .unwrap();
+        let mut again = fs::OpenOptions::new().append(true).open(&named).unwrap();
+        again.write_all(b"then named").unwrap();
+        let mut text = String::new();
+        tmp.rewind().unwrap();
+        tmp.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "unnamed then named", "{options}");
+        drop((tmp, again));
+
+        let mounts = env.ctl(&["--json", "mounts"]).ok().json();
+        let stats = mounts["mounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["mountpoint"] == path_str(&mnt))
+            .unwrap()
+            .clone();
+        let served =
+            stats["plugin_reads"].as_u64().unwrap() + stats["plugin_writes"].as_u64().unwrap();
+        if passes_through {
+            assert!(
+                stats["passthrough_opens"].as_u64().unwrap() >= 5,
+                "{options}: {stats}"
+            );
+            assert_eq!(served, 0, "{options}: {stats}");
+        } else {
+            assert_eq!(stats["passthrough_opens"], 0, "{options}: {stats}");
+            assert!(served > 0, "{options}: {stats}");
+        }
+        env.ctl(&["unmount", path_str(&mnt)]).ok();
+    }
+}

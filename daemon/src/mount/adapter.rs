@@ -37,7 +37,8 @@ pub struct Adapter<B: Backend> {
     open_flags: FopenFlags,
     /// `-o writeback`: ask the kernel for its writeback cache (false if it refused).
     writeback: bool,
-    /// Set in `init` when the plugin offers passthrough and the kernel accepted it.
+    /// Set in `init` when the plugin offers passthrough, the mount did not turn it off
+    /// (`CachePolicy::passthrough`) and the kernel accepted it; until then, whether to ask.
     passthrough: bool,
     /// Set in `init` when the plugin wants POSIX ACLs and the kernel accepted them: the
     /// plugin then applies the umask (`Context::umask`), not us.
@@ -57,6 +58,9 @@ pub struct CachePolicy {
     /// Writes go to the page cache and reach the plugin later, in large batches
     /// (`-o writeback`). Only for plugins whose files nothing else changes.
     pub writeback: bool,
+    /// Offer FUSE passthrough to plugins that have backing files (off with
+    /// `-o nopassthrough` or `-o writeback`): the kernel then reads and writes them itself.
+    pub passthrough: bool,
 }
 
 impl<B: Backend> Adapter<B> {
@@ -73,7 +77,7 @@ impl<B: Backend> Adapter<B> {
                 FopenFlags::empty()
             },
             writeback: agreed.map_or(cache.writeback, |a| a.writeback),
-            passthrough: agreed.is_some_and(|a| a.passthrough),
+            passthrough: agreed.map_or(cache.passthrough, |a| a.passthrough),
             posix_acl: agreed.is_some_and(|a| a.posix_acl),
             link,
         }
@@ -197,6 +201,41 @@ impl<B: Backend> Adapter<B> {
         }
         handles.open.insert(fh, (ino, plugin_fh, passthrough));
         (fh, passthrough)
+    }
+
+    /// Answers a CREATE or TMPFILE: registers the open (through passthrough if the
+    /// plugin handed over a backing file) and replies with the node and the handle.
+    fn reply_created(
+        &self,
+        created: Result<(Attr, u64, Option<std::os::fd::OwnedFd>), fshost_sdk::Errno>,
+        reply: ReplyCreate,
+    ) {
+        let (attr, plugin_fh, backing) = match created {
+            Ok(created) => created,
+            Err(e) => return reply.error(errno(e)),
+        };
+        let (fh, passthrough) =
+            self.register_open(attr.ino, plugin_fh, backing, |fd| reply.open_backing(fd));
+        let fuse_attr = file_attr(&attr);
+        if passthrough {
+            if let Some((id, _)) = self.handles().backing.get(&attr.ino) {
+                return reply.created_passthrough(
+                    &self.ttl,
+                    &fuse_attr,
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::empty(),
+                    id,
+                );
+            }
+        }
+        reply.created(
+            &self.ttl,
+            &fuse_attr,
+            Generation(0),
+            FileHandle(fh),
+            self.open_flags,
+        );
     }
 
     /// Forgets one of our handles (the plugin's for it, if we gave it out); the inode's
@@ -328,13 +367,15 @@ impl<B: Backend> Filesystem for Adapter<B> {
             self.writeback = false;
             tracing::info!(plugin = %self.fs.name(), "the kernel does not offer a writeback cache; writes go through");
         }
-        if self.fs.offers_passthrough() {
+        if self.passthrough && self.fs.offers_passthrough() {
             let accepted = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             self.passthrough = accepted;
             if !accepted {
                 tracing::info!(plugin = %self.fs.name(), "the kernel does not offer FUSE passthrough; the plugin serves reads and writes itself");
             }
+        } else {
+            self.passthrough = false;
         }
         // Lookups and listings in one directory may run at once (every plugin is Sync).
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
@@ -581,7 +622,7 @@ impl<B: Backend> Filesystem for Adapter<B> {
             return reply.error(errno(e));
         }
         let flags = self.plugin_open_flags(flags.0);
-        let opened = if self.maps_handles() {
+        let opened = if self.passthrough {
             self.fs.open_backing(&ctx, ino.0, flags)
         } else {
             self.fs.open(&ctx, ino.0, flags).map(|fh| (fh, None))
@@ -638,27 +679,43 @@ impl<B: Backend> Filesystem for Adapter<B> {
         fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
         self.stats.plugin_writes.fetch_add(1, Ordering::Relaxed);
-        match self.fs.write(
-            &ctx(req),
-            ino.0,
+        let (ctx, fh, flags) = (
+            ctx(req),
             self.plugin_fh(fh),
-            offset,
-            data,
             self.plugin_write_flags(flags.0),
-        ) {
-            Ok(n) => {
-                let n = n.min(data.len());
-                self.stats
-                    .bytes_written
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                reply.written(n as u32)
+        );
+        // The kernel takes a short answer to a write-back of its cache (FUSE_WRITE_CACHE)
+        // as done, and the rest of the pages would be lost without an error: ask again for
+        // the rest, and answer the error (ENOSPC, say) that stops it, which fsync reports.
+        let whole = write_flags.contains(WriteFlags::FUSE_WRITE_CACHE);
+        let mut done = 0;
+        let result = loop {
+            let rest = &data[done..];
+            match self
+                .fs
+                .write(&ctx, ino.0, fh, offset + done as u64, rest, flags)
+            {
+                Ok(n) => {
+                    done += n.min(rest.len());
+                    if !whole || n == 0 || done == data.len() {
+                        break Ok(done);
+                    }
+                }
+                Err(e) => break Err(e),
             }
+        };
+        self.stats
+            .bytes_written
+            .fetch_add(done as u64, Ordering::Relaxed);
+        match result {
+            Ok(n) if whole && n < data.len() => reply.error(Errno::EIO),
+            Ok(n) => reply.written(n as u32),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -844,38 +901,13 @@ impl<B: Backend> Filesystem for Adapter<B> {
     ) {
         let (ctx, mode) = self.creating(req, mode, umask);
         let flags = self.plugin_open_flags(flags);
-        let created = if self.maps_handles() {
+        let created = if self.passthrough {
             self.fs.create_backing(&ctx, parent.0, name, mode, flags)
         } else {
             (self.fs.create_file(&ctx, parent.0, name, mode, flags))
                 .map(|(attr, fh)| (attr, fh, None))
         };
-        let (attr, plugin_fh, backing) = match created {
-            Ok(created) => created,
-            Err(e) => return reply.error(errno(e)),
-        };
-        let (fh, passthrough) =
-            self.register_open(attr.ino, plugin_fh, backing, |fd| reply.open_backing(fd));
-        let fuse_attr = file_attr(&attr);
-        if passthrough {
-            if let Some((id, _)) = self.handles().backing.get(&attr.ino) {
-                return reply.created_passthrough(
-                    &self.ttl,
-                    &fuse_attr,
-                    Generation(0),
-                    FileHandle(fh),
-                    FopenFlags::empty(),
-                    id,
-                );
-            }
-        }
-        reply.created(
-            &self.ttl,
-            &fuse_attr,
-            Generation(0),
-            FileHandle(fh),
-            self.open_flags,
-        );
+        self.reply_created(created, reply);
     }
 
     fn tmpfile(
@@ -889,22 +921,13 @@ impl<B: Backend> Filesystem for Adapter<B> {
     ) {
         let (ctx, mode) = self.creating(req, mode, umask);
         let flags = self.plugin_open_flags(flags);
-        match self.fs.tmpfile(&ctx, parent.0, mode, flags) {
-            Ok((attr, plugin_fh)) => {
-                // No backing file: the closure that would register one is never called.
-                let (fh, _) = self.register_open(attr.ino, plugin_fh, None, |_| {
-                    Err(std::io::ErrorKind::Unsupported.into())
-                });
-                reply.created(
-                    &self.ttl,
-                    &file_attr(&attr),
-                    Generation(0),
-                    FileHandle(fh),
-                    self.open_flags,
-                );
-            }
-            Err(e) => reply.error(errno(e)),
-        }
+        // Served as the file's later opens will be (the kernel refuses mixing the two).
+        let created = if self.passthrough {
+            self.fs.tmpfile_backing(&ctx, parent.0, mode, flags)
+        } else {
+            (self.fs.tmpfile(&ctx, parent.0, mode, flags)).map(|(attr, fh)| (attr, fh, None))
+        };
+        self.reply_created(created, reply);
     }
 }
 

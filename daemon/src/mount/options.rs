@@ -1,5 +1,5 @@
 //! The mount options fshostd handles itself (`-o threads=N`, `attr_timeout`, `keep_cache`,
-//! `read_ahead_kb`, `writeback`, `allow_other`, `nostats`), parsed and checked; the rest go
+//! `read_ahead_kb`, `writeback`, `nopassthrough`, `allow_other`, `nostats`), parsed and checked; the rest go
 //! to the plugin.
 
 use std::collections::BTreeMap;
@@ -7,10 +7,11 @@ use std::collections::BTreeMap;
 use super::{CachePolicy, MountError};
 
 /// Mount options the daemon handles itself instead of passing them to the plugin.
-pub const DAEMON_OPTIONS: [&str; 7] = [
+pub const DAEMON_OPTIONS: [&str; 8] = [
     "allow_other",
     "attr_timeout",
     "keep_cache",
+    "nopassthrough",
     "nostats",
     "read_ahead_kb",
     "threads",
@@ -96,6 +97,10 @@ impl SessionOptions {
                 // changes the files (memfs), wrong for a mirror others write to.
                 keep_cache: options.contains_key("keep_cache"),
                 writeback: options.contains_key("writeback"),
+                // The writeback cache keeps mtime and size in the kernel, which passthrough
+                // writes do not update (they change the backing file's): one or the other.
+                passthrough: !options.contains_key("nopassthrough")
+                    && !options.contains_key("writeback"),
             },
             record_stats: !options.contains_key("nostats"),
         })

@@ -1,7 +1,10 @@
 //! memfs: an in-memory read-write filesystem served through fshost, with tmpfs's semantics.
 //!
-//! One instance per mount. The tree sits behind one `RwLock`: lookups, stats, reads and
-//! directory listings run in parallel; changes take the lock alone. Permission checks are
+//! One instance per mount. The tree sits behind one `RwLock`: lookups, stats, reads, writes
+//! and directory listings run in parallel; changes to the tree take the lock alone. File
+//! contents live in a private tmpfs (`store`), which the kernel reads and writes directly
+//! through FUSE passthrough; memfs serves them itself where passthrough is off
+//! (`-o nopassthrough`, `-o writeback`, a kernel without it). Permission checks are
 //! the kernel's job (the daemon mounts with `default_permissions`, which also clears
 //! setuid/setgid bits on write and chown through `setattr`); memfs keeps owners, modes,
 //! link counts, times, sparse contents and extended attributes the way tmpfs does.
@@ -13,23 +16,29 @@
 //! `MemFs::no_xattr`).
 
 mod data;
+mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use data::{FileData, PAGE};
+use data::PAGE;
 use fshost_sdk::abi::{
     SET_ATIME, SET_ATIME_NOW, SET_CTIME, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE,
     SET_UID,
 };
 use fshost_sdk::acl::{self, Acl};
+use fshost_sdk::state::SharedFd;
 use fshost_sdk::{
     export_plugin, inode_flags, mode, state, Attr, Context, DirFiller, Errno, Options, Plugin,
     Result, SavedState, Setattr, StateWriter, Statfs, Timespec,
 };
 use serde::{Deserialize, Serialize};
+use store::{Store, Time};
 
 const ROOT: u64 = 1;
 const NAME_MAX: usize = 255;
@@ -37,8 +46,6 @@ const NAME_MAX: usize = 255;
 const MAX_FILE_SIZE: u64 = i64::MAX as u64;
 /// Capacity (and inode count) when the machine's memory cannot be read.
 const FALLBACK_CAPACITY: u64 = 1 << 40;
-const FALLOC_FL_KEEP_SIZE: i32 = libc::FALLOC_FL_KEEP_SIZE;
-const FALLOC_FL_PUNCH_HOLE: i32 = libc::FALLOC_FL_PUNCH_HOLE;
 /// The inode flags memfs keeps, those tmpfs does.
 const KEPT_FLAGS: u32 =
     inode_flags::IMMUTABLE | inode_flags::APPEND | inode_flags::NODUMP | inode_flags::NOATIME;
@@ -91,9 +98,21 @@ impl Dir {
     }
 }
 
+/// A regular file. Its contents are the store's file of the same inode number; `fd` is that
+/// file opened when a call that does not pass through needs it (a read or write memfs
+/// serves, fallocate, lseek), kept until the node's last handle goes.
+#[derive(Default, Serialize, Deserialize)]
+struct FileNode {
+    #[serde(skip)]
+    fd: OnceLock<File>,
+    /// The same, opened to append (writes of opens with `O_APPEND`).
+    #[serde(skip)]
+    append_fd: OnceLock<File>,
+}
+
 #[derive(Serialize, Deserialize)]
 enum Content {
-    File(FileData),
+    File(FileNode),
     Dir(Dir),
     Symlink(Vec<u8>),
     /// FIFOs, sockets and device nodes: only metadata.
@@ -118,31 +137,46 @@ struct Node {
     xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
-/// The whole tree is what an upgrade hands over (inode numbers, open counts, directory
-/// cookies and all), but the page counts: those come from the new instance's options and
-/// a recount.
-#[derive(Serialize, Deserialize)]
+/// The tree and the store of file contents. An upgrade hands over the nodes (inode
+/// numbers, open counts, directory cookies and all) and the store's descriptor (`Saved`);
+/// the counts come from the new instance's options and a recount.
 struct Tree {
     nodes: HashMap<u64, Node>,
     next_ino: u64,
-    /// Pages stored in the files that count (see `Node::counts`), and the most allowed
-    /// (`size=`).
-    #[serde(skip)]
-    used_pages: u64,
-    /// Nodes that count, the root included.
-    #[serde(skip)]
+    store: Store,
+    /// Nodes that count (see `Node::counts`), the root included.
     counted_nodes: u64,
-    #[serde(skip)]
+    /// The most pages (`size=`) and nodes (`nr_inodes=`, the root included).
     limit_pages: u64,
-    /// The most nodes (`nr_inodes=`), the root included.
-    #[serde(skip)]
     limit_nodes: u64,
+    /// Pages of files that no longer count but are still stored (removed, closed, and
+    /// the kernel's references not yet given back), by node, and their sum: statfs
+    /// leaves them out.
+    uncounted: HashMap<u64, u64>,
+    uncounted_pages: u64,
 }
 
-/// The version of the state `export_state` writes (a `Tree`); 2 since files record their
+/// What `export_state` writes: the store's descriptor and the nodes.
+#[derive(Serialize)]
+struct SavedRef<'t> {
+    store: SharedFd,
+    nodes: &'t HashMap<u64, Node>,
+    next_ino: u64,
+}
+
+/// What `import_state` reads (see `SavedRef`).
+#[derive(Deserialize)]
+struct Saved {
+    store: SharedFd,
+    nodes: HashMap<u64, Node>,
+    next_ino: u64,
+}
+
+/// The version of the state `export_state` writes (`SavedRef`); 2 since files record their
 /// unwritten (fallocated) pages, 3 since nodes record the kernel's references and their
-/// birth time. Version 2 is still taken over (see `legacy`).
-const STATE_VERSION: u32 = 3;
+/// birth time, 4 since file contents are in the store. Versions 2 and 3 are still taken
+/// over (see `legacy`): their pages are written into the store.
+const STATE_VERSION: u32 = 4;
 
 pub struct MemFs {
     tree: RwLock<Tree>,
@@ -217,12 +251,6 @@ impl Node {
         }
     }
 
-    /// The attributes for a reply that hands the kernel a reference to this node.
-    fn looked_up(&self) -> Attr {
-        self.lookups.fetch_add(1, Ordering::Relaxed);
-        self.attr()
-    }
-
     /// Whether the node counts toward the limits and statfs: while a name or an open handle
     /// holds it. One held by the kernel's references alone (an `O_PATH` handle, a working
     /// directory, or a FORGET still on its way after the last close of an unlinked file)
@@ -230,13 +258,6 @@ impl Node {
     /// tmpfs, rather than when the FORGET arrives.
     fn counts(&self) -> bool {
         self.attr.nlink > 0 || self.open > 0
-    }
-
-    fn pages(&self) -> u64 {
-        match &self.content {
-            Content::File(data) => data.pages(),
-            _ => 0,
-        }
     }
 
     /// Whether reading the node now moves its atime, by the kernel's `relatime` rule: when
@@ -250,17 +271,59 @@ impl Node {
         a.atime <= a.mtime || a.atime <= a.ctime || now.sec - a.atime.sec >= 24 * 60 * 60
     }
 
-    /// The attributes as the kernel sees them (a directory's size counts its entries).
-    fn attr(&self) -> Attr {
-        let mut attr = self.attr;
-        if let Content::Dir(dir) = &self.content {
-            attr.size = DIRENT_SIZE * (dir.entries.len() as u64 + 2);
-        }
-        attr
+    fn is_file(&self) -> bool {
+        matches!(self.content, Content::File(_))
     }
 }
 
 impl Tree {
+    /// The attributes as the kernel sees them: a directory's size counts its entries; a
+    /// file's size, blocks and times are its store file's.
+    fn attr(&self, node: &Node) -> Attr {
+        let mut attr = node.attr;
+        match &node.content {
+            Content::Dir(dir) => attr.size = DIRENT_SIZE * (dir.entries.len() as u64 + 2),
+            Content::File(_) => {
+                if let Ok(st) = self.store.stat(attr.ino) {
+                    attr.size = st.stx_size;
+                    attr.blocks = st.stx_blocks;
+                    (attr.atime, attr.mtime, attr.ctime) = store::times(&st);
+                }
+            }
+            _ => {}
+        }
+        attr
+    }
+
+    /// The attributes for a reply that hands the kernel a reference to node `ino`.
+    fn looked_up(&self, ino: u64) -> Result<Attr> {
+        let node = self.node(ino)?;
+        node.lookups.fetch_add(1, Ordering::Relaxed);
+        Ok(self.attr(node))
+    }
+
+    /// Node `ino`'s store file, opened once for the calls that need it (see `FileNode`).
+    fn file(&self, ino: u64, append: bool) -> Result<&File> {
+        let node = self.node(ino)?;
+        let Content::File(file) = &node.content else {
+            return Err(if is_dir(&node.attr) {
+                Errno::EISDIR
+            } else {
+                Errno::EINVAL
+            });
+        };
+        let (slot, flags) = if append {
+            (&file.append_fd, node.flags | inode_flags::APPEND)
+        } else {
+            (&file.fd, node.flags)
+        };
+        if let Some(fd) = slot.get() {
+            return Ok(fd);
+        }
+        let opened = self.store.open(ino, flags)?;
+        Ok(slot.get_or_init(|| opened))
+    }
+
     fn node(&self, ino: u64) -> Result<&Node> {
         self.nodes.get(&ino).ok_or(Errno::ENOENT)
     }
@@ -297,10 +360,13 @@ impl Tree {
         }
     }
 
-    /// Marks a node's metadata as changed now (ctime).
+    /// Marks a node's metadata as changed now (ctime; a file's is its store file's).
     fn changed(&mut self, ino: u64) {
         if let Some(node) = self.nodes.get_mut(&ino) {
             node.attr.ctime = Timespec::now();
+            if node.is_file() {
+                let _ = self.store.touch(ino);
+            }
         }
     }
 
@@ -322,15 +388,31 @@ impl Tree {
         };
         let before = node.counts();
         change(node);
-        let (after, pages) = (node.counts(), node.pages());
+        let after = node.counts();
+        let file = match &mut node.content {
+            Content::File(file) => {
+                if node.open == 0 {
+                    // The last handle went: so do the descriptors memfs opened for it.
+                    *file = FileNode::default();
+                }
+                true
+            }
+            _ => false,
+        };
         match (before, after) {
             (true, false) => {
-                self.used_pages -= pages;
                 self.counted_nodes -= 1;
+                if file {
+                    let pages = self.store.stat(ino).map_or(0, |st| st.stx_blocks / 8);
+                    self.uncounted.insert(ino, pages);
+                    self.uncounted_pages += pages;
+                }
             }
             (false, true) => {
-                self.used_pages += pages;
                 self.counted_nodes += 1;
+                if let Some(pages) = self.uncounted.remove(&ino) {
+                    self.uncounted_pages -= pages;
+                }
             }
             _ => {}
         }
@@ -358,7 +440,7 @@ impl Tree {
             self.adjust_nlink(parent, true);
         }
         self.modified(parent);
-        Ok(self.node(ino)?.looked_up())
+        self.looked_up(ino)
     }
 
     /// Makes a new node as a child of directory `parent` would be (its group and setgid
@@ -396,7 +478,14 @@ impl Tree {
         }
         let ino = self.next_ino;
         self.next_ino += 1;
-        let now = Timespec::now();
+        let now = match content {
+            // A file's times are its store file's from the start: its birth time too.
+            Content::File(_) => {
+                self.store.create(ino)?;
+                self.store.birth(ino)?
+            }
+            _ => Timespec::now(),
+        };
         let dir = matches!(content, Content::Dir(_));
         // A setgid directory passes its group (and, to subdirectories, the setgid bit) on.
         let (gid, mode) = if parent_attr.mode & libc::S_ISGID != 0 {
@@ -434,13 +523,13 @@ impl Tree {
 
     /// Drops one link to `ino`; frees it when nothing holds it any more (see `Node`).
     fn drop_link(&mut self, ino: u64) {
+        self.changed(ino);
         self.hold(ino, |node| {
             node.attr.nlink = if is_dir(&node.attr) {
                 0 // a removed directory loses its "." link too
             } else {
                 node.attr.nlink.saturating_sub(1)
             };
-            node.attr.ctime = Timespec::now();
         });
     }
 
@@ -452,7 +541,14 @@ impl Tree {
             .get(&ino)
             .is_some_and(|n| !n.counts() && n.lookups.load(Ordering::Relaxed) == 0);
         if gone {
-            self.nodes.remove(&ino);
+            if let Some(node) = self.nodes.remove(&ino) {
+                if node.is_file() {
+                    self.store.remove(ino, node.flags);
+                }
+                if let Some(pages) = self.uncounted.remove(&ino) {
+                    self.uncounted_pages -= pages;
+                }
+            }
         }
     }
 
@@ -564,122 +660,67 @@ impl Tree {
         Ok(())
     }
 
-    /// Writes `data` at `offset`, within the size limit for the pages it would add; returns
-    /// how many bytes that was. Like tmpfs, a write that crosses the limit writes the pages
-    /// that fit (a short write) and fails with ENOSPC only when not one byte fits.
-    fn write(&mut self, ino: u64, offset: u64, data: &[u8]) -> Result<usize> {
-        let end = offset.checked_add(data.len() as u64).ok_or(Errno::EFBIG)?;
-        if end > MAX_FILE_SIZE {
-            return Err(Errno::EFBIG);
+    /// Writes `data` at `offset` into node `ino`'s store file (at its end, `append`): as
+    /// on tmpfs, a write that crosses the size limit writes what fits (a short write) and
+    /// fails with ENOSPC only when not one byte fits.
+    fn write(&self, ino: u64, offset: u64, data: &[u8], append: bool) -> Result<usize> {
+        if self.limit_pages == 0 && !data.is_empty() {
+            return Err(Errno::ENOSPC);
         }
-        let budget = self.limit_pages.saturating_sub(self.used_pages);
-        let node = self.node_mut(ino)?;
-        let Content::File(file) = &mut node.content else {
-            return Err(Errno::EISDIR);
-        };
-        let mut new_pages = file.new_pages(offset, data.len() as u64);
-        let mut len = data.len() as u64;
-        if new_pages > budget {
-            // Only the pages up to the one that does not fit: walk them (this is the rare
-            // case; a write that fits is counted in one go above).
-            let (mut left, mut fits) = (budget, 0);
-            for index in offset / PAGE..end.div_ceil(PAGE) {
-                if file.new_pages(index * PAGE, 1) == 1 {
-                    if left == 0 {
-                        break;
-                    }
-                    left -= 1;
-                }
-                fits = ((index + 1) * PAGE).min(end) - offset;
-            }
-            if fits == 0 {
-                return Err(Errno::ENOSPC);
-            }
-            (len, new_pages) = (fits, budget - left);
-        }
-        let data = &data[..len as usize];
-        file.write(offset, data);
-        node.attr.size = file.size();
-        node.attr.blocks = file.pages() * (PAGE / 512);
-        let now = Timespec::now();
-        node.attr.mtime = now;
-        node.attr.ctime = now;
-        if node.counts() {
-            self.used_pages += new_pages;
-        }
-        Ok(data.len())
+        // With O_APPEND, Linux's pwrite writes at the end whatever the offset.
+        self.file(ino, append)?
+            .write_at(data, offset)
+            .map_err(io_errno)
     }
 
-    /// fallocate(2) as tmpfs does it: allocate (growing the file unless `KEEP_SIZE`) with
-    /// ENOSPC when the pages do not fit, or punch a hole; every mode touches mtime and ctime.
-    fn fallocate(&mut self, ino: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
-        let end = offset.checked_add(length).ok_or(Errno::EFBIG)?;
-        if end > MAX_FILE_SIZE {
-            return Err(Errno::EFBIG);
-        }
-        let budget = self.limit_pages.saturating_sub(self.used_pages);
-        let node = self.node_mut(ino)?;
-        let grows = mode & !FALLOC_FL_KEEP_SIZE != 0;
+    /// fallocate(2), done by the store file (tmpfs's own): allocate (growing the file
+    /// unless `KEEP_SIZE`) with ENOSPC when the pages do not fit, or punch a hole.
+    fn fallocate(&self, ino: u64, offset: u64, length: u64, mode: i32) -> Result<()> {
+        let node = self.node(ino)?;
+        let keeps_to_size = mode & !libc::FALLOC_FL_KEEP_SIZE == 0;
         if node.flags & inode_flags::IMMUTABLE != 0
-            || (node.flags & inode_flags::APPEND != 0 && grows)
+            || (node.flags & inode_flags::APPEND != 0 && !keeps_to_size)
         {
             return Err(Errno::EPERM);
         }
-        let Content::File(file) = &mut node.content else {
+        if !node.is_file() {
             return Err(if is_dir(&node.attr) {
                 Errno::EISDIR
             } else {
                 Errno(libc::ENODEV)
             });
-        };
-        let (added, freed) = match mode {
-            0 | FALLOC_FL_KEEP_SIZE => {
-                let new_pages = file.new_pages(offset, length);
-                if new_pages > budget {
-                    return Err(Errno::ENOSPC);
-                }
-                file.allocate(offset, length);
-                if mode == 0 && end > file.size() {
-                    file.truncate(end);
-                }
-                (new_pages, 0)
-            }
-            m if m == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE => (0, file.punch(offset, length)),
-            _ => return Err(Errno::EOPNOTSUPP),
-        };
-        node.attr.size = file.size();
-        node.attr.blocks = file.pages() * (PAGE / 512);
-        let now = Timespec::now();
-        node.attr.mtime = now;
-        node.attr.ctime = now;
-        if node.counts() {
-            self.used_pages = self.used_pages + added - freed;
         }
-        Ok(())
+        if self.limit_pages == 0 && mode & libc::FALLOC_FL_PUNCH_HOLE == 0 {
+            return Err(Errno::ENOSPC);
+        }
+        let mode = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+        rustix::fs::fallocate(self.file(ino, false)?, mode, offset, length)
+            .map_err(|e| Errno(e.raw_os_error()))
     }
 
-    fn truncate(&mut self, ino: u64, size: u64) -> Result<()> {
+    fn truncate(&self, ino: u64, size: u64) -> Result<()> {
         if size > MAX_FILE_SIZE {
             return Err(Errno::EFBIG);
         }
-        let node = self.node_mut(ino)?;
-        let Content::File(file) = &mut node.content else {
+        let node = self.node(ino)?;
+        let Content::File(file) = &node.content else {
             return Err(if is_dir(&node.attr) {
                 Errno::EISDIR
             } else {
                 Errno::EINVAL
             });
         };
-        let before = file.pages();
-        file.truncate(size);
-        let after = file.pages();
-        node.attr.size = size;
-        node.attr.blocks = after * (PAGE / 512);
-        if node.counts() {
-            self.used_pages -= before - after;
+        // Through the open descriptor if there is one; else one for this call only.
+        match file.fd.get() {
+            Some(fd) => fd.set_len(size),
+            None => self.store.open(ino, node.flags)?.set_len(size),
         }
-        Ok(())
+        .map_err(io_errno)
     }
+}
+
+fn io_errno(e: std::io::Error) -> Errno {
+    Errno(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 impl MemFs {
@@ -756,6 +797,18 @@ impl MemFs {
         Ok(())
     }
 
+    /// Node `ino`'s store file for the kernel to read and write directly (passthrough),
+    /// or none, and memfs serves the file: when the size limit is 0 (memfs refuses every
+    /// write itself then) or the file cannot be opened.
+    fn backing(&self, ino: u64) -> Option<OwnedFd> {
+        let tree = self.read_tree();
+        if tree.limit_pages == 0 {
+            return None;
+        }
+        let node = tree.node(ino).ok()?;
+        tree.store.open(ino, node.flags).ok().map(OwnedFd::from)
+    }
+
     fn xattrs_on(&self) -> Result<()> {
         if self.no_xattr {
             Err(Errno::ENOSYS)
@@ -768,28 +821,49 @@ impl MemFs {
 impl Plugin for MemFs {
     /// Upgrades hand the whole tree over (see `Tree`).
     const UPGRADABLE: bool = true;
+    /// File contents are store files the kernel can read and write itself.
+    const PASSTHROUGH: bool = true;
 
     fn export_state(&self, out: &mut StateWriter) -> Result<()> {
-        state::save(out, STATE_VERSION, &*self.read_tree())
+        let tree = self.read_tree();
+        let saved = SavedRef {
+            store: out.share_fd(tree.store.fd())?,
+            nodes: &tree.nodes,
+            next_ino: tree.next_ino,
+        };
+        state::save(out, STATE_VERSION, &saved)
     }
 
     fn import_state(&self, saved: &SavedState) -> Result<()> {
-        let mut imported: Tree = match state::version(saved)? {
-            STATE_VERSION => state::load(saved)?,
-            2 => legacy::tree_v2(state::load(saved)?),
+        let mut tree = self.tree();
+        let (nodes, next_ino) = match state::version(saved)? {
+            STATE_VERSION => {
+                let loaded: Saved = state::load(saved)?;
+                let store = saved.fd(loaded.store).map_err(io_errno)?;
+                tree.store = Store::from_fd(store);
+                (loaded.nodes, loaded.next_ino)
+            }
+            // Pages from memfs's memory: into this instance's (new, empty) store.
+            3 => legacy::nodes_v3(state::load(saved)?, &tree.store)?,
+            2 => legacy::nodes_v2(state::load(saved)?, &tree.store)?,
             _ => return Err(Errno::EINVAL),
         };
-        let root_is_dir = imported.nodes.get(&ROOT).is_some_and(|n| is_dir(&n.attr));
-        if !root_is_dir || imported.nodes.keys().any(|ino| *ino >= imported.next_ino) {
+        let root_is_dir = nodes.get(&ROOT).is_some_and(|n| is_dir(&n.attr));
+        if !root_is_dir || nodes.keys().any(|ino| *ino >= next_ino) {
             return Err(Errno::EINVAL);
         }
-        let mut tree = self.tree();
-        imported.limit_pages = tree.limit_pages;
-        imported.limit_nodes = tree.limit_nodes;
-        let counting = imported.nodes.values().filter(|node| node.counts());
-        imported.used_pages = counting.clone().map(Node::pages).sum();
-        imported.counted_nodes = counting.count() as u64;
-        *tree = imported;
+        tree.counted_nodes = nodes.values().filter(|node| node.counts()).count() as u64;
+        tree.uncounted.clear();
+        tree.uncounted_pages = 0;
+        for (ino, node) in &nodes {
+            if node.is_file() && !node.counts() {
+                let pages = tree.store.stat(*ino).map_or(0, |st| st.stx_blocks / 8);
+                tree.uncounted.insert(*ino, pages);
+                tree.uncounted_pages += pages;
+            }
+        }
+        tree.nodes = nodes;
+        tree.next_ino = next_ino;
         Ok(())
     }
 
@@ -825,10 +899,12 @@ impl Plugin for MemFs {
             tree: RwLock::new(Tree {
                 nodes: HashMap::from([(ROOT, root)]),
                 next_ino: ROOT + 1,
-                used_pages: 0,
+                store: Store::new(limit_pages)?,
                 counted_nodes: 1,
                 limit_pages,
                 limit_nodes,
+                uncounted: HashMap::new(),
+                uncounted_pages: 0,
             }),
             no_xattr,
         })
@@ -846,7 +922,7 @@ impl Plugin for MemFs {
     fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Attr> {
         let tree = self.read_tree();
         let ino = tree.child(parent, name)?;
-        Ok(tree.node(ino)?.looked_up())
+        tree.looked_up(ino)
     }
 
     fn forget(&self, ino: u64, nlookup: u64) -> Result<()> {
@@ -859,7 +935,8 @@ impl Plugin for MemFs {
     }
 
     fn getattr(&self, _ctx: &Context, ino: u64) -> Result<Attr> {
-        Ok(self.read_tree().node(ino)?.attr())
+        let tree = self.read_tree();
+        Ok(tree.attr(tree.node(ino)?))
     }
 
     fn birth_time(&self, _ctx: &Context, ino: u64) -> Result<Timespec> {
@@ -875,6 +952,12 @@ impl Plugin for MemFs {
             return Err(Errno::EOPNOTSUPP);
         }
         let mut tree = self.tree();
+        let node = tree.node(ino)?;
+        if node.is_file() {
+            // The store file keeps them too, for the reads and writes that pass memfs by
+            // (this also moves its ctime).
+            tree.store.set_flags(ino, flags)?;
+        }
         let node = tree.node_mut(ino)?;
         node.flags = flags;
         node.attr.ctime = Timespec::now();
@@ -885,9 +968,9 @@ impl Plugin for MemFs {
         let mut tree = self.tree();
         let now = Timespec::now();
         tree.node(ino)?.settable(set)?;
+        let file = tree.node(ino)?.is_file();
         if set.valid & SET_SIZE != 0 {
             tree.truncate(ino, set.size)?;
-            tree.node_mut(ino)?.attr.mtime = now;
         }
         let node = tree.node_mut(ino)?;
         if set.valid & SET_MODE != 0 {
@@ -905,18 +988,46 @@ impl Plugin for MemFs {
         if set.valid & SET_GID != 0 {
             node.attr.gid = set.gid;
         }
-        if set.valid & SET_ATIME_NOW != 0 {
-            node.attr.atime = now;
+        let atime = if set.valid & SET_ATIME_NOW != 0 {
+            Time::Now
         } else if set.valid & SET_ATIME != 0 {
-            node.attr.atime = set.atime;
-        }
-        if set.valid & SET_MTIME_NOW != 0 {
-            node.attr.mtime = now;
+            Time::At(set.atime)
+        } else {
+            Time::Keep
+        };
+        let mtime = if set.valid & SET_MTIME_NOW != 0 {
+            Time::Now
         } else if set.valid & SET_MTIME != 0 {
-            node.attr.mtime = set.mtime;
-        }
+            Time::At(set.mtime)
+        } else {
+            Time::Keep
+        };
         node.attr.ctime = now;
-        Ok(node.attr())
+        if file {
+            // A file's times are its store file's; every setattr moves its ctime. The
+            // one explicit time an append-only file takes is the kernel's own stamp
+            // (see `Node::settable`), which its store file refuses: now instead.
+            let (atime, mtime) = if node.flags & inode_flags::APPEND != 0 {
+                let now_if_set = |t| if let Time::At(_) = t { Time::Now } else { t };
+                (now_if_set(atime), now_if_set(mtime))
+            } else {
+                (atime, mtime)
+            };
+            match (atime, mtime) {
+                (Time::Keep, Time::Keep) if set.valid & SET_SIZE != 0 => {}
+                (Time::Keep, Time::Keep) => tree.store.touch(ino)?,
+                _ => tree.store.set_times(ino, atime, mtime)?,
+            }
+        } else {
+            for (time, slot) in [(atime, &mut node.attr.atime), (mtime, &mut node.attr.mtime)] {
+                match time {
+                    Time::At(t) => *slot = t,
+                    Time::Now => *slot = now,
+                    Time::Keep => {}
+                }
+            }
+        }
+        Ok(tree.attr(tree.node(ino)?))
     }
 
     fn readlink(&self, _ctx: &Context, ino: u64) -> Result<Vec<u8>> {
@@ -937,7 +1048,7 @@ impl Plugin for MemFs {
         rdev: u32,
     ) -> Result<Attr> {
         let content = match mode & mode::S_IFMT {
-            mode::S_IFREG => Content::File(FileData::default()),
+            mode::S_IFREG => Content::File(FileNode::default()),
             mode::S_IFIFO | mode::S_IFSOCK | mode::S_IFCHR | mode::S_IFBLK => Content::Special,
             _ => return Err(Errno::EINVAL),
         };
@@ -1011,7 +1122,7 @@ impl Plugin for MemFs {
         tree.modified(newparent);
         tree.adjust_nlink(ino, true);
         tree.changed(ino);
-        Ok(tree.node(ino)?.looked_up())
+        tree.looked_up(ino)
     }
 
     fn open(&self, _ctx: &Context, ino: u64, _flags: i32) -> Result<u64> {
@@ -1019,6 +1130,12 @@ impl Plugin for MemFs {
         tree.node(ino)?;
         tree.hold(ino, |node| node.open += 1);
         Ok(0)
+    }
+
+    /// Hands the kernel the node's store file: it reads and writes it from then on.
+    fn open_backing(&self, ctx: &Context, ino: u64, flags: i32) -> Result<(u64, Option<OwnedFd>)> {
+        let fh = self.open(ctx, ino, flags)?;
+        Ok((fh, self.backing(ino)))
     }
 
     fn read(
@@ -1029,12 +1146,19 @@ impl Plugin for MemFs {
         offset: u64,
         buf: &mut [u8],
     ) -> Result<usize> {
-        let read = match &self.read_tree().node(ino)?.content {
-            Content::File(file) => file.read(offset, buf),
-            _ => return Err(Errno::EISDIR),
-        };
-        self.accessed(ino);
-        Ok(read)
+        let tree = self.read_tree();
+        let file = tree.file(ino, false)?;
+        // As many bytes as asked unless the file ends first (what FUSE expects of a read).
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_errno(e)),
+            }
+        }
+        Ok(done)
     }
 
     fn fallocate(
@@ -1046,20 +1170,20 @@ impl Plugin for MemFs {
         length: u64,
         mode: i32,
     ) -> Result<()> {
-        self.tree().fallocate(ino, offset, length, mode)
+        self.read_tree().fallocate(ino, offset, length, mode)
     }
 
     fn lseek(&self, _ctx: &Context, ino: u64, _fh: u64, offset: u64, whence: i32) -> Result<u64> {
         let tree = self.read_tree();
-        let Content::File(file) = &tree.node(ino)?.content else {
+        if !tree.node(ino)?.is_file() {
             return Err(Errno::EINVAL);
-        };
-        let found = match whence {
-            libc::SEEK_DATA => file.seek_data(offset),
-            libc::SEEK_HOLE => file.seek_hole(offset),
+        }
+        let at = match whence {
+            libc::SEEK_DATA => rustix::fs::SeekFrom::Data(offset),
+            libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset),
             _ => return Err(Errno::EINVAL),
         };
-        found.ok_or(Errno(libc::ENXIO))
+        rustix::fs::seek(tree.file(ino, false)?, at).map_err(|e| Errno(e.raw_os_error()))
     }
 
     fn write(
@@ -1071,13 +1195,8 @@ impl Plugin for MemFs {
         data: &[u8],
         flags: i32,
     ) -> Result<usize> {
-        let mut tree = self.tree();
-        let offset = if flags & libc::O_APPEND != 0 {
-            tree.node(ino)?.attr.size
-        } else {
-            offset
-        };
-        tree.write(ino, offset, data)
+        self.read_tree()
+            .write(ino, offset, data, flags & libc::O_APPEND != 0)
     }
 
     fn release(&self, _ctx: &Context, ino: u64, _fh: u64, _flags: i32) -> Result<()> {
@@ -1102,8 +1221,9 @@ impl Plugin for MemFs {
 
     fn statfs(&self, _ctx: &Context, _ino: u64) -> Result<Statfs> {
         let tree = self.read_tree();
-        let total = tree.limit_pages.max(tree.used_pages);
-        let free = total - tree.used_pages;
+        let used = tree.store.used_pages().saturating_sub(tree.uncounted_pages);
+        let total = tree.limit_pages.max(used);
+        let free = total - used;
         let nodes = tree.counted_nodes;
         Ok(Statfs {
             blocks: total,
@@ -1212,28 +1332,45 @@ impl Plugin for MemFs {
     ) -> Result<(Attr, u64)> {
         let mut tree = self.tree();
         let mode = mode::S_IFREG | (mode & 0o7777);
-        let attr = tree.insert(
-            ctx,
-            parent,
-            name,
-            mode,
-            0,
-            Content::File(FileData::default()),
-        )?;
+        let content = Content::File(FileNode::default());
+        let attr = tree.insert(ctx, parent, name, mode, 0, content)?;
         tree.hold(attr.ino, |node| node.open += 1);
         Ok((attr, 0))
+    }
+
+    fn create_backing(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, u64, Option<OwnedFd>)> {
+        let (attr, fh) = self.create_file(ctx, parent, name, mode, flags)?;
+        Ok((attr, fh, self.backing(attr.ino)))
     }
 
     /// A file in no directory, open and held by the kernel (see `Node`).
     fn tmpfile(&self, ctx: &Context, parent: u64, mode: u32, _flags: i32) -> Result<(Attr, u64)> {
         let mut tree = self.tree();
         let mode = mode::S_IFREG | (mode & 0o7777);
-        let ino = tree.make(ctx, parent, mode, 0, Content::File(FileData::default()))?;
+        let ino = tree.make(ctx, parent, mode, 0, Content::File(FileNode::default()))?;
         tree.hold(ino, |node| {
             node.attr.nlink = 0;
             node.open += 1;
         });
-        Ok((tree.node(ino)?.looked_up(), 0))
+        Ok((tree.looked_up(ino)?, 0))
+    }
+
+    fn tmpfile_backing(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        mode: u32,
+        flags: i32,
+    ) -> Result<(Attr, u64, Option<OwnedFd>)> {
+        let (attr, fh) = self.tmpfile(ctx, parent, mode, flags)?;
+        Ok((attr, fh, self.backing(attr.ino)))
     }
 }
 
@@ -1242,8 +1379,35 @@ export_plugin!(MemFs, "memfs");
 /// The state older generations of memfs wrote, taken over by this one.
 mod legacy {
     use super::*;
+    use crate::data::FileData;
 
-    /// Version 2: nodes without the kernel's references or a birth time.
+    /// What a node held before version 4: a file's pages were in the state.
+    #[derive(Deserialize)]
+    enum ContentV3 {
+        File(FileData),
+        Dir(Dir),
+        Symlink(Vec<u8>),
+        Special,
+    }
+
+    #[derive(Deserialize)]
+    pub(super) struct TreeV3 {
+        nodes: HashMap<u64, NodeV3>,
+        next_ino: u64,
+    }
+
+    #[derive(Deserialize)]
+    struct NodeV3 {
+        attr: Attr,
+        content: ContentV3,
+        open: u32,
+        lookups: u64,
+        btime: Timespec,
+        flags: u32,
+        xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    }
+
+    /// Version 2: nodes without the kernel's references, a birth time or flags.
     #[derive(Deserialize)]
     pub(super) struct TreeV2 {
         nodes: HashMap<u64, NodeV2>,
@@ -1253,29 +1417,56 @@ mod legacy {
     #[derive(Deserialize)]
     struct NodeV2 {
         attr: Attr,
-        content: Content,
+        content: ContentV3,
         open: u32,
         xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    }
+
+    type Nodes = (HashMap<u64, Node>, u64);
+
+    pub(super) fn nodes_v3(old: TreeV3, store: &Store) -> Result<Nodes> {
+        let mut nodes = HashMap::new();
+        for (ino, old) in old.nodes {
+            let mut node = Node::new(old.attr, content(ino, old.content, &old.attr, store)?);
+            node.open = old.open;
+            node.lookups = AtomicU64::new(old.lookups);
+            node.btime = old.btime;
+            node.flags = old.flags;
+            node.xattrs = old.xattrs;
+            if node.is_file() && node.flags != 0 {
+                store.set_flags(ino, node.flags)?;
+            }
+            nodes.insert(ino, node);
+        }
+        Ok((nodes, old.next_ino))
     }
 
     /// The references the kernel holds are unknown: counted as none, an unlinked node
     /// goes as soon as its last handle does, as version 2 did it. The birth time is the
     /// last change's.
-    pub(super) fn tree_v2(old: TreeV2) -> Tree {
-        let nodes = old.nodes.into_iter().map(|(ino, node)| {
-            let mut new = Node::new(node.attr, node.content);
-            new.open = node.open;
-            new.xattrs = node.xattrs;
-            (ino, new)
-        });
-        Tree {
-            nodes: nodes.collect(),
-            next_ino: old.next_ino,
-            used_pages: 0,
-            counted_nodes: 0,
-            limit_pages: 0,
-            limit_nodes: 0,
+    pub(super) fn nodes_v2(old: TreeV2, store: &Store) -> Result<Nodes> {
+        let mut nodes = HashMap::new();
+        for (ino, old) in old.nodes {
+            let mut node = Node::new(old.attr, content(ino, old.content, &old.attr, store)?);
+            node.open = old.open;
+            node.xattrs = old.xattrs;
+            nodes.insert(ino, node);
         }
+        Ok((nodes, old.next_ino))
+    }
+
+    /// A node's content now: a file's pages go into a store file with its times.
+    fn content(ino: u64, old: ContentV3, attr: &Attr, store: &Store) -> Result<Content> {
+        Ok(match old {
+            ContentV3::File(data) => {
+                data.write_into(&store.create(ino)?)?;
+                store.set_times(ino, Time::At(attr.atime), Time::At(attr.mtime))?;
+                Content::File(FileNode::default())
+            }
+            ContentV3::Dir(dir) => Content::Dir(dir),
+            ContentV3::Symlink(target) => Content::Symlink(target),
+            ContentV3::Special => Content::Special,
+        })
     }
 }
 
@@ -1356,6 +1547,145 @@ mod tests {
             without.removexattr(&ctx, ROOT, name).err(),
             Some(Errno::ENOSYS)
         );
+    }
+
+    /// Exports `from` and imports it into a fresh instance, as an upgrade does.
+    fn hand_over(from: &MemFs) -> MemFs {
+        let (mut bytes, mut fds) = (Vec::new(), Vec::new());
+        let mut sink = |chunk: &[u8]| {
+            bytes.extend_from_slice(chunk);
+            true
+        };
+        StateWriter::over(&mut sink, &mut fds, |out| from.export_state(out)).unwrap();
+        let to = memfs(&[]).unwrap();
+        SavedState::over(&bytes, &fds, |saved| to.import_state(saved)).unwrap();
+        to
+    }
+
+    fn read_all(fs: &MemFs, ino: u64) -> Vec<u8> {
+        let mut buf = vec![0u8; 1 << 16];
+        let n = fs.read(&Context::default(), ino, 0, 0, &mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    #[test]
+    fn an_upgrade_hands_the_store_over_and_the_old_instance_may_go() {
+        let ctx = Context::default();
+        let old = memfs(&[]).unwrap();
+        let (file, _) = old
+            .create_file(&ctx, ROOT, OsStr::new("f"), 0o644, libc::O_RDWR)
+            .unwrap();
+        old.write(&ctx, file.ino, 0, 8192, b"kept", 0).unwrap();
+        let new = hand_over(&old);
+        drop(old);
+        assert_eq!(new.getattr(&ctx, file.ino).unwrap().size, 8196);
+        assert_eq!(&read_all(&new, file.ino)[8192..], b"kept");
+        // The hole stays a hole: the store file itself crossed, not a copy of its bytes.
+        assert_eq!(new.lseek(&ctx, file.ino, 0, 0, libc::SEEK_DATA), Ok(8192));
+        new.release(&ctx, file.ino, 0, 0).unwrap();
+    }
+
+    /// State version 3 (pages in the state), written by the types memfs had then.
+    #[test]
+    fn a_version_3_state_is_taken_over_into_the_store() {
+        use fshost_sdk::state::serde_bytes::ByteBuf;
+        use std::collections::BTreeSet;
+        #[derive(Serialize)]
+        enum ContentV3 {
+            File((u64, Vec<(u64, ByteBuf)>, BTreeSet<u64>)),
+            Dir(Dir),
+        }
+        #[derive(Serialize)]
+        struct NodeV3 {
+            attr: Attr,
+            content: ContentV3,
+            open: u32,
+            lookups: u64,
+            btime: Timespec,
+            flags: u32,
+            xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+        }
+        let when = Timespec {
+            sec: 1_000_000_000,
+            nsec: 5,
+            reserved: 0,
+        };
+        let attr = |ino, mode| Attr {
+            ino,
+            mode,
+            nlink: 1,
+            atime: when,
+            mtime: when,
+            ctime: when,
+            ..Attr::default()
+        };
+        let mut root = Dir::new(ROOT);
+        root.insert(OsStr::new("f"), 2);
+        let page = |byte| ByteBuf::from(vec![byte; PAGE as usize]);
+        // Page 0 written, page 2 allocated and unwritten, 10,000 bytes long.
+        let file = (
+            10_000,
+            vec![(0, page(7)), (2, page(0))],
+            BTreeSet::from([2]),
+        );
+        let nodes = HashMap::from([
+            (
+                ROOT,
+                NodeV3 {
+                    attr: attr(ROOT, mode::S_IFDIR | 0o755),
+                    content: ContentV3::Dir(root),
+                    open: 0,
+                    lookups: 1,
+                    btime: when,
+                    flags: 0,
+                    xattrs: BTreeMap::new(),
+                },
+            ),
+            (
+                2,
+                NodeV3 {
+                    attr: attr(2, mode::S_IFREG | 0o600),
+                    content: ContentV3::File(file),
+                    open: 1,
+                    lookups: 1,
+                    btime: when,
+                    flags: 0,
+                    xattrs: BTreeMap::new(),
+                },
+            ),
+        ]);
+        let mut bytes = Vec::new();
+        let mut sink = |chunk: &[u8]| {
+            bytes.extend_from_slice(chunk);
+            true
+        };
+        StateWriter::over(&mut sink, &mut Vec::new(), |out| {
+            state::save(out, 3, &(nodes, 3u64))
+        })
+        .unwrap();
+        let fs = memfs(&[]).unwrap();
+        SavedState::over(&bytes, &[], |saved| fs.import_state(saved)).unwrap();
+        let ctx = Context::default();
+        let got = fs.getattr(&ctx, 2).unwrap();
+        assert_eq!(
+            (got.size, got.mtime, got.mode),
+            (10_000, when, mode::S_IFREG | 0o600)
+        );
+        assert_eq!(got.blocks, 16, "two pages stored");
+        let data = read_all(&fs, 2);
+        assert_eq!(data.len(), 10_000);
+        assert!(data[..4096].iter().all(|b| *b == 7) && data[4096..].iter().all(|b| *b == 0));
+        assert_eq!(
+            fs.lseek(&ctx, 2, 0, 4096, libc::SEEK_DATA),
+            Err(Errno(libc::ENXIO))
+        );
+        assert_eq!(fs.lseek(&ctx, 2, 0, 0, libc::SEEK_HOLE), Ok(4096));
+        // A new node does not take a number the old state used.
+        let (new, _) = fs
+            .create_file(&ctx, ROOT, OsStr::new("g"), 0o644, 0)
+            .unwrap();
+        assert_eq!(new.ino, 3);
     }
 
     #[test]

@@ -233,6 +233,12 @@ struct fshost_plugin {
      * refuses the opens they forbid, the plugin every other change. NULL: ENOTTY. */
     int (*get_flags)(void *inst, fshost_ctx *ctx, uint64_t ino, uint32_t *out);
     int (*set_flags)(void *inst, fshost_ctx *ctx, uint64_t ino, uint32_t flags);
+
+    /* Tmpfile with passthrough (FSHOST_TMPFILE_BACKING_STRUCT_SIZE): tmpfile as open_backing
+     * is to open. The kernel serves every open of a file the same way, so a plugin that
+     * hands over backing files in open_backing must do it here too. */
+    int (*tmpfile_backing)(void *inst, fshost_ctx *ctx, uint64_t parent, uint32_t mode,
+                           int32_t flags, struct fshost_attr *out, uint64_t *fh, int *backing_fd);
 };
 
 /* The descriptor of the first release ends at create_file: a plugin built against it sets
@@ -245,7 +251,8 @@ struct fshost_plugin {
 #define FSHOST_TMPFILE_STRUCT_SIZE offsetof(struct fshost_plugin, wants)
 #define FSHOST_WANTS_STRUCT_SIZE offsetof(struct fshost_plugin, birth_time)
 #define FSHOST_BIRTH_STRUCT_SIZE offsetof(struct fshost_plugin, get_flags)
-#define FSHOST_FLAGS_STRUCT_SIZE sizeof(struct fshost_plugin)
+#define FSHOST_FLAGS_STRUCT_SIZE offsetof(struct fshost_plugin, tmpfile_backing)
+#define FSHOST_TMPFILE_BACKING_STRUCT_SIZE sizeof(struct fshost_plugin)
 
 #define FSHOST_WANT_POSIX_ACL (1ull << 0)
 

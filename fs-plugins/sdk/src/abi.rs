@@ -262,5 +262,9 @@ pub const BIRTH_STRUCT_SIZE: u32 =
 pub const FLAGS_STRUCT_SIZE: u32 =
     (std::mem::offset_of!(PluginDescriptor, set_flags) + std::mem::size_of::<usize>()) as u32;
 
+/// `struct_size` of a descriptor that has `tmpfile_backing`.
+pub const TMPFILE_BACKING_STRUCT_SIZE: u32 =
+    (std::mem::offset_of!(PluginDescriptor, tmpfile_backing) + std::mem::size_of::<usize>()) as u32;
+
 /// The type of `fshost_plugin_entry`.
 pub type EntryFn = unsafe extern "C" fn() -> *const PluginDescriptor;

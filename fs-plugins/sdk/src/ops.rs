@@ -282,6 +282,18 @@ macro_rules! operations {
             fn set_flags(&self, ctx: &Context => [ctx: *const Context], ino: u64 => [ino: u64],
                 flags: u32 => [flags: u32])
                 -> () => [] { Err(Errno::ENOSYS) }
+
+            /// `tmpfile` with passthrough, as `open_backing` is to `open`. The kernel wants
+            /// every open of a file served the same way, so a plugin that hands over
+            /// backing files for `open` must do it here too.
+            [when PASSTHROUGH]
+            fn tmpfile_backing(&self, ctx: &Context => [ctx: *const Context],
+                parent: u64 => [parent: u64], mode: u32 => [mode: u32], flags: i32 => [flags: i32])
+                -> (Attr, u64, Option<OwnedFd>) => [out: *mut Attr, fh: *mut u64, backing_fd: *mut c_int]
+            {
+                let (attr, fh) = self.tmpfile(ctx, parent, mode, flags)?;
+                Ok((attr, fh, None))
+            }
         }
     };
 }

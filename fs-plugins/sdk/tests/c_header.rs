@@ -62,7 +62,7 @@ fn c_header_matches_rust_layout() {
             "printf(\"fshost_plugin.{op} %zu\\n\", offsetof(struct fshost_plugin, {op}));\n"
         ));
     }
-    let constants: [(&str, u64); 23] = [
+    let constants: [(&str, u64); 24] = [
         ("FSHOST_MIN_STRUCT_SIZE", MIN_STRUCT_SIZE.into()),
         (
             "FSHOST_PASSTHROUGH_STRUCT_SIZE",
@@ -75,6 +75,10 @@ fn c_header_matches_rust_layout() {
         ("FSHOST_WANTS_STRUCT_SIZE", WANTS_STRUCT_SIZE.into()),
         ("FSHOST_BIRTH_STRUCT_SIZE", BIRTH_STRUCT_SIZE.into()),
         ("FSHOST_FLAGS_STRUCT_SIZE", FLAGS_STRUCT_SIZE.into()),
+        (
+            "FSHOST_TMPFILE_BACKING_STRUCT_SIZE",
+            TMPFILE_BACKING_STRUCT_SIZE.into(),
+        ),
         ("FSHOST_WANT_POSIX_ACL", WANT_POSIX_ACL),
         ("FSHOST_PLUGIN_MAGIC", MAGIC),
         ("FSHOST_ABI_VERSION", ABI_VERSION.into()),

@@ -8,6 +8,8 @@ use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fshost_tests::{artifact, eventually, fuse_available, Env};
@@ -88,6 +90,25 @@ fn busy_programs_work_on_through_ten_daemon_upgrades() {
     assert!(eventually(Duration::from_secs(60), || {
         mem.join("work/ready").exists() && pass.join("work/ready").exists()
     }));
+    // And one that opens, reads and closes a memfs file (through passthrough) over and
+    // over: a close that the old process saw while paused once released a backing id the
+    // new process had been handed, and the next open of the file failed.
+    let opened = mem.join("opened");
+    fs::write(&opened, b"open me again").unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let opener = {
+        let (stop, opened) = (stop.clone(), opened.clone());
+        std::thread::spawn(move || {
+            let (mut reads, mut errors) = (0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                match fs::read(&opened) {
+                    Ok(data) if data == b"open me again" => reads += 1,
+                    other => errors.push(format!("{other:?}")),
+                }
+            }
+            (reads, errors)
+        })
+    };
     let mut pids = vec![env.pid()];
     let mut pauses = Vec::new();
     for round in 0..10 {
@@ -125,6 +146,14 @@ fn busy_programs_work_on_through_ten_daemon_upgrades() {
         assert_eq!(fs::read(hello.join("hello")).unwrap(), hello_text);
         assert_eq!(identity(&hello.join("hello")).unwrap(), hello_id);
     }
+    stop.store(true, Ordering::Relaxed);
+    let (reads, errors) = opener.join().unwrap();
+    assert!(
+        reads > 0 && errors.is_empty(),
+        "{reads} reads, errors {errors:?}"
+    );
+    let log = env.log_text();
+    assert!(!log.contains("Failed to close backing"), "{log}");
     let report = finish(busy, "memfs");
     let report_pass = finish(busy_pass, "passthroughfs");
     eprintln!("workloads: memfs {report}, passthroughfs {report_pass}; pauses (µs): {pauses:?}; pids {pids:?}");

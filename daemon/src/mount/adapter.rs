@@ -238,11 +238,12 @@ impl<B: Backend> Adapter<B> {
         );
     }
 
-    /// Forgets one of our handles (the plugin's for it, if we gave it out); the inode's
-    /// backing file goes with its last user.
-    fn unregister_open(&self, fh: FileHandle) -> Option<u64> {
+    /// Forgets one of our handles; the inode's backing file goes with its last user.
+    fn unregister_open(&self, fh: FileHandle) {
         let mut handles = self.handles();
-        let (ino, plugin_fh, passthrough) = handles.open.remove(&fh.0)?;
+        let Some((ino, _, passthrough)) = handles.open.remove(&fh.0) else {
+            return;
+        };
         if passthrough {
             if let Some(entry) = handles.backing.get_mut(&ino) {
                 entry.1 -= 1;
@@ -251,7 +252,6 @@ impl<B: Backend> Adapter<B> {
                 }
             }
         }
-        Some(plugin_fh)
     }
 }
 
@@ -744,16 +744,24 @@ impl<B: Backend> Filesystem for Adapter<B> {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let plugin_fh = if self.maps_handles() {
-            match self.unregister_open(fh) {
-                Some(plugin_fh) => plugin_fh,
-                // The lost process's handle (after a crash): nothing of ours to release.
-                None => return reply.ok(),
-            }
-        } else {
-            fh.0
+        if !self.maps_handles() {
+            let result = self.fs.release(&ctx(req), ino.0, fh.0, flags.0);
+            return empty(reply, result.or_else(ignore_enosys));
+        }
+        let Some(plugin_fh) = self
+            .handles()
+            .open
+            .get(&fh.0)
+            .map(|(_, plugin_fh, _)| *plugin_fh)
+        else {
+            // The lost process's handle (after a crash): nothing of ours to release.
+            return reply.ok();
         };
+        // The plugin first: its call waits while the mount is paused for a daemon upgrade,
+        // so that a handle (and the backing id it may close) the state has handed over is
+        // released by the next process, never by this one behind its back.
         let result = self.fs.release(&ctx(req), ino.0, plugin_fh, flags.0);
+        self.unregister_open(fh);
         empty(reply, result.or_else(ignore_enosys));
     }
 

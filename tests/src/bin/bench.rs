@@ -1056,10 +1056,9 @@ fn moving_rows(
         };
         let goal = match (plugin, whole_daemon) {
             (_, true) => "no reader error; pause < 1 s for 100 mounts".to_string(),
-            ("memfs", false) => format!(
-                "{:.0} MiB/s handed over",
-                memfs_mib as f64 / (pause_ms / 1e3).max(1e-9)
-            ),
+            // The contents stay in memfs's store (one descriptor crosses): the pause
+            // does not grow with them.
+            ("memfs", false) => "pause < 50 ms, whatever memfs holds".to_string(),
             _ => "pause < 50 ms".to_string(),
         };
         let name = if whole_daemon {

@@ -228,15 +228,18 @@ fn renamed_files_and_directories_open_by_their_new_names() {
 fn memfs_data_passes_through_unless_the_mount_says_otherwise() {
     use std::io::{Read, Seek, Write};
     use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::process::CommandExt;
     if !fuse_available() {
         return;
     }
     let env = Env::start();
+    // Another user writes below (allow_other; memfs's root is 1777).
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
     env.ctl(&["load", "memfs"]).ok();
     for (options, passes_through) in [
-        ("size=1M", true),
-        ("size=1M,nopassthrough", false),
-        ("size=1M,writeback", false),
+        ("size=1M,allow_other", true),
+        ("size=1M,allow_other,nopassthrough", false),
+        ("size=1M,allow_other,writeback", false),
     ] {
         let mnt = env.mountpoint(&format!("data-{options}"));
         env.ctl(&["mount", "memfs", path_str(&mnt), "-o", options])
@@ -286,6 +289,26 @@ fn memfs_data_passes_through_unless_the_mount_says_otherwise() {
         tmp.read_to_string(&mut text).unwrap();
         assert_eq!(text, "unnamed then named", "{options}");
         drop((tmp, again));
+
+        // A write by another user clears the setuid bit, also when the kernel writes the
+        // store file itself (it asks memfs to, through setattr, before it writes).
+        let setuid = mnt.join("setuid");
+        fs::write(&setuid, b"#!/bin/sh\n").unwrap();
+        fs::set_permissions(&setuid, fs::Permissions::from_mode(0o4777)).unwrap();
+        let status = std::process::Command::new("sh")
+            .args(["-c", "echo appended >> \"$0\"", path_str(&setuid)])
+            .uid(65534)
+            .gid(65534)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{options}");
+        let mode = fs::metadata(&setuid).unwrap().mode();
+        assert_eq!(mode & 0o7777, 0o777, "{options}: mode {mode:o}");
+        assert_eq!(
+            fs::read(&setuid).unwrap(),
+            b"#!/bin/sh\nappended\n",
+            "{options}"
+        );
 
         let mounts = env.ctl(&["--json", "mounts"]).ok().json();
         let stats = mounts["mounts"]

@@ -151,9 +151,12 @@ struct Tree {
     limit_nodes: u64,
     /// Pages of files that no longer count but are still stored (removed, closed, and
     /// the kernel's references not yet given back), by node, and their sum: statfs
-    /// leaves them out.
+    /// leaves them out, and the store may hold that many pages more than the limit, so
+    /// that the space of a removed file can be written again at once, as on tmpfs.
     uncounted: HashMap<u64, u64>,
     uncounted_pages: u64,
+    /// The store's own size now (`limit_pages + uncounted_pages` once `fit_store` is done).
+    store_pages: u64,
 }
 
 /// What `export_state` writes: the store's descriptor and the nodes.
@@ -417,6 +420,7 @@ impl Tree {
             _ => {}
         }
         self.collect(ino);
+        self.fit_store();
     }
 
     /// Makes a new node named `name` in `parent`.
@@ -549,6 +553,17 @@ impl Tree {
                     self.uncounted_pages -= pages;
                 }
             }
+            self.fit_store();
+        }
+    }
+
+    /// Gives the store room for the limit plus the pages of files that no longer count.
+    /// Shrinking fails while the store still holds more (a removed file's pages the
+    /// kernel has not let go of yet): the next change tries again.
+    fn fit_store(&mut self) {
+        let pages = self.limit_pages + self.uncounted_pages;
+        if pages != self.store_pages && self.store.resize(pages).is_ok() {
+            self.store_pages = pages;
         }
     }
 
@@ -864,6 +879,10 @@ impl Plugin for MemFs {
         }
         tree.nodes = nodes;
         tree.next_ino = next_ino;
+        // The store handed over has the old instance's size, which this one's options
+        // may change.
+        tree.store_pages = u64::MAX;
+        tree.fit_store();
         Ok(())
     }
 
@@ -905,6 +924,7 @@ impl Plugin for MemFs {
                 limit_nodes,
                 uncounted: HashMap::new(),
                 uncounted_pages: 0,
+                store_pages: limit_pages,
             }),
             no_xattr,
         })
@@ -1524,6 +1544,41 @@ mod tests {
         // Pages that exist can still be rewritten.
         assert_eq!(fs.write(&ctx, file.ino, 0, 0, &data[..4096], 0), Ok(4096));
         assert_eq!(fs.getattr(&ctx, file.ino).unwrap().size, 4 * 4096);
+    }
+
+    /// A removed file the kernel has not forgotten yet keeps its store file (a reopen
+    /// through /proc still reads it), but its space is free at once, for statfs and for
+    /// writes, as on tmpfs; it goes for good with the FORGET.
+    #[test]
+    fn the_space_of_a_removed_file_is_free_before_the_kernel_forgets_it() {
+        let ctx = Context::default();
+        let fs = memfs(&[("size", "16K")]).unwrap();
+        let full = vec![7u8; 4 * 4096];
+        let (f, _) = fs
+            .create_file(&ctx, ROOT, OsStr::new("f"), 0o644, 0)
+            .unwrap();
+        assert_eq!(fs.write(&ctx, f.ino, 0, 0, &full, 0), Ok(full.len()));
+        fs.unlink(&ctx, ROOT, OsStr::new("f")).unwrap();
+        fs.release(&ctx, f.ino, 0, 0).unwrap();
+        assert_eq!(fs.statfs(&ctx, ROOT).unwrap().bfree, 4);
+        let (g, _) = fs
+            .create_file(&ctx, ROOT, OsStr::new("g"), 0o644, 0)
+            .unwrap();
+        assert_eq!(fs.write(&ctx, g.ino, 0, 0, &full, 0), Ok(full.len()));
+        // Still the limit: not a page more.
+        assert_eq!(
+            fs.write(&ctx, g.ino, 0, full.len() as u64, b"x", 0),
+            Err(Errno::ENOSPC)
+        );
+        assert_eq!(read_all(&fs, f.ino), full, "still readable until forgotten");
+        fs.forget(f.ino, 1).unwrap();
+        assert_eq!(fs.getattr(&ctx, f.ino), Err(Errno::ENOENT));
+        let st = fs.statfs(&ctx, ROOT).unwrap();
+        assert_eq!((st.blocks, st.bfree), (4, 0));
+        assert_eq!(
+            fs.write(&ctx, g.ino, 0, full.len() as u64, b"x", 0),
+            Err(Errno::ENOSPC)
+        );
     }
 
     #[test]

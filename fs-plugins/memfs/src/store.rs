@@ -13,7 +13,7 @@ use std::os::fd::{AsFd, OwnedFd};
 
 use fshost_sdk::{inode_flags, Errno, Result, Timespec};
 use rustix::fs::{AtFlags, IFlags, Mode, OFlags, Statx, StatxFlags, Timestamps};
-use rustix::mount::{FsMountFlags, FsOpenFlags, MountAttrFlags};
+use rustix::mount::{FsMountFlags, FsOpenFlags, FsPickFlags, MountAttrFlags};
 
 use crate::data::PAGE;
 
@@ -79,6 +79,15 @@ impl Store {
         let root =
             rustix::mount::fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, flags).map_err(errno)?;
         Ok(Store { root })
+    }
+
+    /// Sets how many pages the store may hold (at least one; see `new`).
+    pub fn resize(&self, pages: u64) -> Result<()> {
+        let flags = FsPickFlags::FSPICK_EMPTY_PATH | FsPickFlags::FSPICK_CLOEXEC;
+        let fs = rustix::mount::fspick(&self.root, "", flags).map_err(errno)?;
+        let size = (pages.max(1) * PAGE).to_string();
+        rustix::mount::fsconfig_set_string(&fs, "size", size).map_err(errno)?;
+        rustix::mount::fsconfig_reconfigure(&fs).map_err(errno)
     }
 
     /// The store a previous generation handed over.

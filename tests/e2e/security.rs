@@ -614,3 +614,45 @@ fn eventually_answer(env: &Env) -> String {
     });
     answer
 }
+
+/// Removing files while holding them by `O_PATH` descriptors leaves memfs files the kernel
+/// still references, whose space memfs gives back at once (their FORGET usually follows in
+/// a moment); held that way on purpose, they must not let a mount grow past its `size=`
+/// without end: at most twice it.
+#[test]
+fn files_removed_but_held_cannot_grow_a_memfs_without_end() {
+    use std::io::Write;
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    env.ctl(&["load", "memfs"]).ok();
+    let mnt = env.mountpoint("held");
+    env.ctl(&["mount", "memfs", path_str(&mnt), "-o", "size=1M"])
+        .ok();
+    let mut held = Vec::new();
+    let mut stored = 0usize;
+    for i in 0..6 {
+        let path = mnt.join(format!("f{i}"));
+        let mut file = fs::File::create(&path).unwrap();
+        let chunk = vec![1u8; 64 << 10];
+        while let Ok(n) = file.write(&chunk) {
+            if n == 0 {
+                break;
+            }
+            stored += n;
+        }
+        drop(file);
+        let fd =
+            rustix::fs::open(&path, rustix::fs::OFlags::PATH, rustix::fs::Mode::empty()).unwrap();
+        fs::remove_file(&path).unwrap();
+        held.push(fd);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        (1 << 20..=2 << 20).contains(&stored),
+        "{stored} bytes stored with a 1 MiB limit"
+    );
+    drop(held);
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}

@@ -151,11 +151,12 @@ struct Tree {
     limit_nodes: u64,
     /// Pages of files that no longer count but are still stored (removed, closed, and
     /// the kernel's references not yet given back), by node, and their sum: statfs
-    /// leaves them out, and the store may hold that many pages more than the limit, so
-    /// that the space of a removed file can be written again at once, as on tmpfs.
+    /// leaves them out, and the store may hold that many pages more than the limit (up
+    /// to the limit once more: `excused_pages`), so that the space of a removed file can
+    /// be written again at once, as on tmpfs.
     uncounted: HashMap<u64, u64>,
     uncounted_pages: u64,
-    /// The store's own size now (`limit_pages + uncounted_pages` once `fit_store` is done).
+    /// The store's own size now (`limit_pages + excused_pages()` once `fit_store` is done).
     store_pages: u64,
 }
 
@@ -557,11 +558,20 @@ impl Tree {
         }
     }
 
+    /// The pages of files that no longer count that are left out of the limit: all of
+    /// them, up to the limit once more. A removed file held by an `O_PATH` descriptor is
+    /// such a file too, and memfs cannot tell it from one whose FORGET is on its way: so
+    /// that removing files held that way cannot grow a mount without end, it holds at
+    /// most twice its `size=` (tmpfs counts such a file until its last reference goes).
+    fn excused_pages(&self) -> u64 {
+        self.uncounted_pages.min(self.limit_pages)
+    }
+
     /// Gives the store room for the limit plus the pages of files that no longer count.
     /// Shrinking fails while the store still holds more (a removed file's pages the
     /// kernel has not let go of yet): the next change tries again.
     fn fit_store(&mut self) {
-        let pages = self.limit_pages + self.uncounted_pages;
+        let pages = self.limit_pages + self.excused_pages();
         if pages != self.store_pages && self.store.resize(pages).is_ok() {
             self.store_pages = pages;
         }
@@ -1241,7 +1251,7 @@ impl Plugin for MemFs {
 
     fn statfs(&self, _ctx: &Context, _ino: u64) -> Result<Statfs> {
         let tree = self.read_tree();
-        let used = tree.store.used_pages().saturating_sub(tree.uncounted_pages);
+        let used = tree.store.used_pages().saturating_sub(tree.excused_pages());
         let total = tree.limit_pages.max(used);
         let free = total - used;
         let nodes = tree.counted_nodes;
@@ -1548,7 +1558,8 @@ mod tests {
 
     /// A removed file the kernel has not forgotten yet keeps its store file (a reopen
     /// through /proc still reads it), but its space is free at once, for statfs and for
-    /// writes, as on tmpfs; it goes for good with the FORGET.
+    /// writes, as on tmpfs; it goes for good with the FORGET. Such files get at most the
+    /// limit once more.
     #[test]
     fn the_space_of_a_removed_file_is_free_before_the_kernel_forgets_it() {
         let ctx = Context::default();
@@ -1571,6 +1582,23 @@ mod tests {
             Err(Errno::ENOSPC)
         );
         assert_eq!(read_all(&fs, f.ino), full, "still readable until forgotten");
+        // Not without end: a second removed file still referenced gets no more room.
+        fs.unlink(&ctx, ROOT, OsStr::new("g")).unwrap();
+        fs.release(&ctx, g.ino, 0, 0).unwrap();
+        let (h, _) = fs
+            .create_file(&ctx, ROOT, OsStr::new("h"), 0o644, 0)
+            .unwrap();
+        assert_eq!(fs.write(&ctx, h.ino, 0, 0, b"x", 0), Err(Errno::ENOSPC));
+        assert_eq!(fs.statfs(&ctx, ROOT).unwrap().bfree, 0);
+        fs.forget(g.ino, 1).unwrap();
+        assert_eq!(fs.write(&ctx, h.ino, 0, 0, &full, 0), Ok(full.len()));
+        fs.unlink(&ctx, ROOT, OsStr::new("h")).unwrap();
+        fs.release(&ctx, h.ino, 0, 0).unwrap();
+        fs.forget(h.ino, 1).unwrap();
+        let (g, _) = fs
+            .create_file(&ctx, ROOT, OsStr::new("g"), 0o644, 0)
+            .unwrap();
+        assert_eq!(fs.write(&ctx, g.ino, 0, 0, &full, 0), Ok(full.len()));
         fs.forget(f.ino, 1).unwrap();
         assert_eq!(fs.getattr(&ctx, f.ino), Err(Errno::ENOENT));
         let st = fs.statfs(&ctx, ROOT).unwrap();

@@ -568,11 +568,21 @@ impl Tree {
     }
 
     /// Gives the store room for the limit plus the pages of files that no longer count.
-    /// Shrinking fails while the store still holds more (a removed file's pages the
-    /// kernel has not let go of yet): the next change tries again.
+    /// A remount costs about 10 µs, twice for every `rm` of a file with data, so the store
+    /// grows only once it is seven eighths full: below that, a write finds the room
+    /// anyway unless it fills that last eighth before the kernel's FORGET (a moment). It
+    /// shrinks back as soon as it may, so memfs's limit stays exact; shrinking fails while
+    /// the store still holds more (pages the kernel has not let go of yet): the next
+    /// change tries again.
     fn fit_store(&mut self) {
         let pages = self.limit_pages + self.excused_pages();
-        if pages != self.store_pages && self.store.resize(pages).is_ok() {
+        if pages == self.store_pages {
+            return;
+        }
+        if pages > self.store_pages && self.store.used_pages() < self.store_pages / 8 * 7 {
+            return;
+        }
+        if self.store.resize(pages).is_ok() {
             self.store_pages = pages;
         }
     }

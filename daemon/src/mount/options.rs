@@ -97,8 +97,8 @@ impl SessionOptions {
                 // changes the files (memfs), wrong for a mirror others write to.
                 keep_cache: options.contains_key("keep_cache"),
                 writeback: options.contains_key("writeback"),
-                // The writeback cache keeps mtime and size in the kernel, which passthrough
-                // writes do not update (they change the backing file's): one or the other.
+                // The kernel agrees to passthrough only without the writeback cache: do not
+                // ask for it there (each open's backing registration would fail).
                 passthrough: !options.contains_key("nopassthrough")
                     && !options.contains_key("writeback"),
             },

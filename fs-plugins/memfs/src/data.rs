@@ -10,7 +10,7 @@ use fshost_sdk::{Errno, Result};
 use rustix::fs::FallocateFlags;
 use serde::{Deserialize, Deserializer};
 
-pub const PAGE: u64 = 4096;
+use crate::store::{errno, PAGE};
 
 /// (size, [(page index, bytes)], pages `fallocate` added and nothing wrote since).
 pub struct FileData {
@@ -44,7 +44,6 @@ impl FileData {
     /// Writes these contents into `file` (new and empty): written pages as data, unwritten
     /// ones allocated without data (as `fallocate` left them), holes left holes.
     pub fn write_into(&self, file: &File) -> Result<()> {
-        let io = |e: std::io::Error| Errno(e.raw_os_error().unwrap_or(libc::EIO));
         let written = self
             .pages
             .iter()
@@ -53,13 +52,13 @@ impl FileData {
             let at = index * PAGE;
             // Nothing past the size: the file must not grow beyond it.
             let len = self.size.saturating_sub(at).min(PAGE) as usize;
-            file.write_all_at(&page[..len], at).map_err(io)?;
+            file.write_all_at(&page[..len], at).map_err(Errno::from)?;
         }
-        file.set_len(self.size).map_err(io)?;
+        file.set_len(self.size).map_err(Errno::from)?;
         // After the size is set: a truncation would drop those past the end.
         for index in &self.unwritten {
             rustix::fs::fallocate(file, FallocateFlags::KEEP_SIZE, index * PAGE, PAGE)
-                .map_err(|e| Errno(e.raw_os_error()))?;
+                .map_err(errno)?;
         }
         Ok(())
     }

@@ -26,7 +26,6 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use data::PAGE;
 use fshost_sdk::abi::{
     SET_ATIME, SET_ATIME_NOW, SET_CTIME, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE,
     SET_UID,
@@ -38,7 +37,7 @@ use fshost_sdk::{
     Result, SavedState, Setattr, StateWriter, Statfs, Timespec,
 };
 use serde::{Deserialize, Serialize};
-use store::{Store, Time};
+use store::{errno, Store, Time, PAGE};
 
 const ROOT: u64 = 1;
 const NAME_MAX: usize = 255;
@@ -306,16 +305,19 @@ impl Tree {
         Ok(self.attr(node))
     }
 
+    /// Node `ino` and its file part: EISDIR for a directory, EINVAL for anything else.
+    fn file_node(&self, ino: u64) -> Result<(&Node, &FileNode)> {
+        let node = self.node(ino)?;
+        match &node.content {
+            Content::File(file) => Ok((node, file)),
+            Content::Dir(_) => Err(Errno::EISDIR),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
     /// Node `ino`'s store file, opened once for the calls that need it (see `FileNode`).
     fn file(&self, ino: u64, append: bool) -> Result<&File> {
-        let node = self.node(ino)?;
-        let Content::File(file) = &node.content else {
-            return Err(if is_dir(&node.attr) {
-                Errno::EISDIR
-            } else {
-                Errno::EINVAL
-            });
-        };
+        let (node, file) = self.file_node(ino)?;
         let (slot, flags) = if append {
             (&file.append_fd, node.flags | inode_flags::APPEND)
         } else {
@@ -404,24 +406,34 @@ impl Tree {
             _ => false,
         };
         match (before, after) {
-            (true, false) => {
-                self.counted_nodes -= 1;
-                if file {
-                    let pages = self.store.stat(ino).map_or(0, |st| st.stx_blocks / 8);
-                    self.uncounted.insert(ino, pages);
-                    self.uncounted_pages += pages;
-                }
-            }
+            (true, false) => self.counted_nodes -= 1,
             (false, true) => {
                 self.counted_nodes += 1;
-                if let Some(pages) = self.uncounted.remove(&ino) {
-                    self.uncounted_pages -= pages;
-                }
+                self.recount(ino);
             }
             _ => {}
         }
         self.collect(ino);
+        // A file that stopped counting but lives on (the kernel still references it).
+        if file && before && !after && self.nodes.contains_key(&ino) {
+            self.uncount(ino);
+        }
+    }
+
+    /// File `ino` stops counting while its store file stays: its pages are left out.
+    fn uncount(&mut self, ino: u64) {
+        let pages = self.store.stat(ino).map_or(0, |st| st.stx_blocks / 8);
+        self.uncounted.insert(ino, pages);
+        self.uncounted_pages += pages;
         self.fit_store();
+    }
+
+    /// File `ino` counts again, or its store file went: its pages are no longer left out.
+    fn recount(&mut self, ino: u64) {
+        if let Some(pages) = self.uncounted.remove(&ino) {
+            self.uncounted_pages -= pages;
+            self.fit_store();
+        }
     }
 
     /// Makes a new node named `name` in `parent`.
@@ -487,7 +499,7 @@ impl Tree {
             // A file's times are its store file's from the start: its birth time too.
             Content::File(_) => {
                 self.store.create(ino)?;
-                self.store.birth(ino)?
+                store::birth(&self.store.stat(ino)?)
             }
             _ => Timespec::now(),
         };
@@ -546,15 +558,13 @@ impl Tree {
             .get(&ino)
             .is_some_and(|n| !n.counts() && n.lookups.load(Ordering::Relaxed) == 0);
         if gone {
-            if let Some(node) = self.nodes.remove(&ino) {
-                if node.is_file() {
-                    self.store.remove(ino, node.flags);
-                }
-                if let Some(pages) = self.uncounted.remove(&ino) {
-                    self.uncounted_pages -= pages;
-                }
+            let removed = self.nodes.remove(&ino);
+            // The node (and any descriptor it holds of its store file) goes first, so that
+            // the store can shrink back once the file is removed.
+            if let Some((true, flags)) = removed.map(|node| (node.is_file(), node.flags)) {
+                self.store.remove(ino, flags);
+                self.recount(ino);
             }
-            self.fit_store();
         }
     }
 
@@ -705,7 +715,7 @@ impl Tree {
         // With O_APPEND, Linux's pwrite writes at the end whatever the offset.
         self.file(ino, append)?
             .write_at(data, offset)
-            .map_err(io_errno)
+            .map_err(Errno::from)
     }
 
     /// fallocate(2), done by the store file (tmpfs's own): allocate (growing the file
@@ -729,33 +739,21 @@ impl Tree {
             return Err(Errno::ENOSPC);
         }
         let mode = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
-        rustix::fs::fallocate(self.file(ino, false)?, mode, offset, length)
-            .map_err(|e| Errno(e.raw_os_error()))
+        rustix::fs::fallocate(self.file(ino, false)?, mode, offset, length).map_err(errno)
     }
 
     fn truncate(&self, ino: u64, size: u64) -> Result<()> {
         if size > MAX_FILE_SIZE {
             return Err(Errno::EFBIG);
         }
-        let node = self.node(ino)?;
-        let Content::File(file) = &node.content else {
-            return Err(if is_dir(&node.attr) {
-                Errno::EISDIR
-            } else {
-                Errno::EINVAL
-            });
-        };
+        let (node, file) = self.file_node(ino)?;
         // Through the open descriptor if there is one; else one for this call only.
         match file.fd.get() {
             Some(fd) => fd.set_len(size),
             None => self.store.open(ino, node.flags)?.set_len(size),
         }
-        .map_err(io_errno)
+        .map_err(Errno::from)
     }
-}
-
-fn io_errno(e: std::io::Error) -> Errno {
-    Errno(e.raw_os_error().unwrap_or(libc::EIO))
 }
 
 impl MemFs {
@@ -874,7 +872,7 @@ impl Plugin for MemFs {
         let (nodes, next_ino) = match state::version(saved)? {
             STATE_VERSION => {
                 let loaded: Saved = state::load(saved)?;
-                let store = saved.fd(loaded.store).map_err(io_errno)?;
+                let store = saved.fd(loaded.store).map_err(Errno::from)?;
                 tree.store = Store::from_fd(store);
                 (loaded.nodes, loaded.next_ino)
             }
@@ -892,9 +890,7 @@ impl Plugin for MemFs {
         tree.uncounted_pages = 0;
         for (ino, node) in &nodes {
             if node.is_file() && !node.counts() {
-                let pages = tree.store.stat(*ino).map_or(0, |st| st.stx_blocks / 8);
-                tree.uncounted.insert(*ino, pages);
-                tree.uncounted_pages += pages;
+                tree.uncount(*ino);
             }
         }
         tree.nodes = nodes;
@@ -1195,7 +1191,7 @@ impl Plugin for MemFs {
                 Ok(0) => break,
                 Ok(n) => done += n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(io_errno(e)),
+                Err(e) => return Err(e.into()),
             }
         }
         Ok(done)
@@ -1223,7 +1219,7 @@ impl Plugin for MemFs {
             libc::SEEK_HOLE => rustix::fs::SeekFrom::Hole(offset),
             _ => return Err(Errno::EINVAL),
         };
-        rustix::fs::seek(tree.file(ino, false)?, at).map_err(|e| Errno(e.raw_os_error()))
+        rustix::fs::seek(tree.file(ino, false)?, at).map_err(errno)
     }
 
     fn write(

@@ -15,13 +15,15 @@ use fshost_sdk::{inode_flags, Errno, Result, Timespec};
 use rustix::fs::{AtFlags, IFlags, Mode, OFlags, Statx, StatxFlags, Timestamps};
 use rustix::mount::{FsMountFlags, FsOpenFlags, FsPickFlags, MountAttrFlags};
 
-use crate::data::PAGE;
+/// tmpfs's page, the unit of `size=` and statfs.
+pub const PAGE: u64 = 4096;
 
 pub struct Store {
     root: OwnedFd,
 }
 
-fn errno(e: rustix::io::Errno) -> Errno {
+/// What a call on the store answered, as the kernel wants it.
+pub fn errno(e: rustix::io::Errno) -> Errno {
     Errno(e.raw_os_error())
 }
 
@@ -130,25 +132,15 @@ impl Store {
         let _ = rustix::fs::unlinkat(&self.root, name(ino), AtFlags::empty());
     }
 
+    /// Node `ino`'s file's size, blocks and times (birth time included).
     pub fn stat(&self, ino: u64) -> Result<Statx> {
         let mask = StatxFlags::SIZE
             | StatxFlags::BLOCKS
             | StatxFlags::ATIME
             | StatxFlags::MTIME
-            | StatxFlags::CTIME;
+            | StatxFlags::CTIME
+            | StatxFlags::BTIME;
         rustix::fs::statx(&self.root, name(ino), AtFlags::SYMLINK_NOFOLLOW, mask).map_err(errno)
-    }
-
-    /// When node `ino`'s file was made (statx's birth time).
-    pub fn birth(&self, ino: u64) -> Result<Timespec> {
-        let st = rustix::fs::statx(
-            &self.root,
-            name(ino),
-            AtFlags::SYMLINK_NOFOLLOW,
-            StatxFlags::BTIME,
-        )
-        .map_err(errno)?;
-        Ok(timespec(st.stx_btime))
     }
 
     /// Sets the times of node `ino`'s file (its ctime becomes now).
@@ -185,6 +177,11 @@ impl Store {
         rustix::fs::fstatfs(self.root.as_fd())
             .map_or(0, |s| (s.f_blocks - s.f_bfree) * s.f_bsize as u64 / PAGE)
     }
+}
+
+/// When a store file was made (statx's birth time).
+pub fn birth(st: &Statx) -> Timespec {
+    timespec(st.stx_btime)
 }
 
 /// The times of a store file, as (atime, mtime, ctime).

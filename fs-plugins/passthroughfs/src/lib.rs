@@ -52,10 +52,6 @@ pub struct PassthroughFs {
 /// How many entries the walk after a crash visits at most.
 const WALK_LIMIT: usize = 1 << 20;
 
-fn errno(e: std::io::Error) -> Errno {
-    Errno(e.raw_os_error().unwrap_or(libc::EIO))
-}
-
 fn nix_errno(e: nix::Error) -> Errno {
     Errno(e as i32)
 }
@@ -97,7 +93,9 @@ impl PassthroughFs {
     fn find(&self, ino: u64) -> Result<PathBuf> {
         if !self.walked.swap(true, Ordering::SeqCst) {
             let mut seen = Vec::new();
-            let dev = fs::symlink_metadata(&self.source).map_err(errno)?.dev();
+            let dev = fs::symlink_metadata(&self.source)
+                .map_err(Errno::from)?
+                .dev();
             let mut dirs = vec![PathBuf::new()];
             while let Some(dir) = dirs.pop() {
                 let Ok(entries) = fs::read_dir(self.full(&dir)) else {
@@ -145,7 +143,7 @@ impl PassthroughFs {
 
     /// Stats `relative` (without following a final symlink) and remembers its path.
     fn stat(&self, relative: &Path) -> Result<Attr> {
-        let meta = fs::symlink_metadata(self.full(relative)).map_err(errno)?;
+        let meta = fs::symlink_metadata(self.full(relative)).map_err(Errno::from)?;
         let ino = self.fuse_ino(meta.ino());
         self.paths
             .write()
@@ -171,7 +169,8 @@ impl PassthroughFs {
     fn finish_create(&self, ctx: &Context, relative: &Path, mode: u32) -> Result<Attr> {
         let full = self.full(relative);
         if mode & mode::S_IFMT != mode::S_IFLNK {
-            fs::set_permissions(&full, fs::Permissions::from_mode(mode & 0o7777)).map_err(errno)?;
+            fs::set_permissions(&full, fs::Permissions::from_mode(mode & 0o7777))
+                .map_err(Errno::from)?;
         }
         nix::unistd::fchownat(
             nix::fcntl::AT_FDCWD,
@@ -208,7 +207,7 @@ impl PassthroughFs {
     fn with_file<T>(&self, fh: u64, f: impl FnOnce(&File) -> std::io::Result<T>) -> Result<T> {
         let files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         let file = files.get(&fh).ok_or(Errno::EBADF)?;
-        f(file).map_err(errno)
+        f(file).map_err(Errno::from)
     }
 
     /// After a rename, every remembered path under `from` now lives under `to`.
@@ -315,7 +314,7 @@ impl Plugin for PassthroughFs {
         let saved: Saved = state::load(state_in)?;
         let mut files = HashMap::new();
         for (fh, fd) in saved.files {
-            files.insert(fh, File::from(state_in.fd(fd).map_err(errno)?));
+            files.insert(fh, File::from(state_in.fd(fd).map_err(Errno::from)?));
         }
         *self.paths.write().unwrap_or_else(|e| e.into_inner()) = saved
             .paths
@@ -329,8 +328,8 @@ impl Plugin for PassthroughFs {
 
     fn create(options: &Options) -> Result<Self> {
         let source = options.get("source").ok_or(Errno::EINVAL)?;
-        let source = Path::new(source).canonicalize().map_err(errno)?;
-        let meta = fs::metadata(&source).map_err(errno)?;
+        let source = Path::new(source).canonicalize().map_err(Errno::from)?;
+        let meta = fs::metadata(&source).map_err(Errno::from)?;
         if !meta.is_dir() {
             return Err(Errno::ENOTDIR);
         }
@@ -358,7 +357,7 @@ impl Plugin for PassthroughFs {
         let full = self.full(&relative);
         if set.valid & SET_MODE != 0 {
             fs::set_permissions(&full, fs::Permissions::from_mode(set.mode & 0o7777))
-                .map_err(errno)?;
+                .map_err(Errno::from)?;
         }
         if set.valid & (SET_UID | SET_GID) != 0 {
             let uid = (set.valid & SET_UID != 0).then(|| Uid::from_raw(set.uid));
@@ -391,7 +390,7 @@ impl Plugin for PassthroughFs {
     }
 
     fn readlink(&self, _ctx: &Context, ino: u64) -> Result<Vec<u8>> {
-        let target = fs::read_link(self.path(ino)?).map_err(errno)?;
+        let target = fs::read_link(self.path(ino)?).map_err(Errno::from)?;
         Ok(target.into_os_string().into_encoded_bytes())
     }
 
@@ -413,21 +412,21 @@ impl Plugin for PassthroughFs {
 
     fn mkdir(&self, ctx: &Context, parent: u64, name: &OsStr, mode: u32) -> Result<Attr> {
         let relative = self.child(parent, name)?;
-        fs::create_dir(self.full(&relative)).map_err(errno)?;
+        fs::create_dir(self.full(&relative)).map_err(Errno::from)?;
         self.finish_create(ctx, &relative, mode::S_IFDIR | mode)
     }
 
     fn unlink(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
-        fs::remove_file(self.full(&self.child(parent, name)?)).map_err(errno)
+        fs::remove_file(self.full(&self.child(parent, name)?)).map_err(Errno::from)
     }
 
     fn rmdir(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<()> {
-        fs::remove_dir(self.full(&self.child(parent, name)?)).map_err(errno)
+        fs::remove_dir(self.full(&self.child(parent, name)?)).map_err(Errno::from)
     }
 
     fn symlink(&self, ctx: &Context, parent: u64, name: &OsStr, target: &OsStr) -> Result<Attr> {
         let relative = self.child(parent, name)?;
-        std::os::unix::fs::symlink(target, self.full(&relative)).map_err(errno)?;
+        std::os::unix::fs::symlink(target, self.full(&relative)).map_err(Errno::from)?;
         self.finish_create(ctx, &relative, mode::S_IFLNK | 0o777)
     }
 
@@ -463,7 +462,7 @@ impl Plugin for PassthroughFs {
 
     fn link(&self, _ctx: &Context, ino: u64, newparent: u64, newname: &OsStr) -> Result<Attr> {
         let relative = self.child(newparent, newname)?;
-        fs::hard_link(self.path(ino)?, self.full(&relative)).map_err(errno)?;
+        fs::hard_link(self.path(ino)?, self.full(&relative)).map_err(Errno::from)?;
         self.stat(&relative)
     }
 
@@ -473,7 +472,7 @@ impl Plugin for PassthroughFs {
 
     fn open_backing(&self, _ctx: &Context, ino: u64, flags: i32) -> Result<(u64, Option<OwnedFd>)> {
         let file = self.open_file(&self.path(ino)?, flags, None)?;
-        let backing = file.try_clone().map_err(errno)?;
+        let backing = file.try_clone().map_err(Errno::from)?;
         Ok((self.keep(file), Some(OwnedFd::from(backing))))
     }
 
@@ -542,9 +541,9 @@ impl Plugin for PassthroughFs {
             (ino, mode::S_IFDIR, ".".into()),
             (ino, mode::S_IFDIR, "..".into()),
         ];
-        for entry in fs::read_dir(self.full(&relative)).map_err(errno)? {
-            let entry = entry.map_err(errno)?;
-            let kind = entry.file_type().map_err(errno)?;
+        for entry in fs::read_dir(self.full(&relative)).map_err(Errno::from)? {
+            let entry = entry.map_err(Errno::from)?;
+            let kind = entry.file_type().map_err(Errno::from)?;
             let kind = if kind.is_dir() {
                 mode::S_IFDIR
             } else if kind.is_symlink() {
@@ -602,7 +601,7 @@ impl Plugin for PassthroughFs {
         let relative = self.child(parent, name)?;
         let file = self.open_file(&self.full(&relative), flags, Some(mode))?;
         let attr = self.finish_create(ctx, &relative, mode::S_IFREG | mode)?;
-        let backing = file.try_clone().map_err(errno)?;
+        let backing = file.try_clone().map_err(Errno::from)?;
         Ok((attr, self.keep(file), Some(OwnedFd::from(backing))))
     }
 }

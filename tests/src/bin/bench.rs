@@ -723,14 +723,17 @@ fn main() {
         .as_array()
         .and_then(|m| m.iter().find(|m| m["plugin"] == "passthroughfs").cloned())
         .unwrap_or_default();
-    let served_stats = stats["result"]["mounts"]
-        .as_array()
-        .and_then(|m| {
-            m.iter()
-                .find(|m| m["mountpoint"] == served.display().to_string())
-                .cloned()
-        })
-        .unwrap_or_default();
+    // `mounts` has no byte counts: those are in the mount's `stats`.
+    let served_stats =
+        daemon.call(json!({"op": "stats", "filter": served}))["result"]["mounts"][0].clone();
+    let served_calls = |op: &str| {
+        served_stats["ops"]
+            .as_array()
+            .and_then(|ops| ops.iter().find(|o| o["op"] == op))
+            .and_then(|o| o["count"].as_u64())
+            .unwrap_or(0)
+    };
+    let (served_reads, served_writes) = (served_calls("read"), served_calls("write"));
     for mountpoint in [&memfs, &memfs2, &writeback, &served, &pt] {
         daemon.call(json!({"op": "unmount", "mountpoint": mountpoint}));
     }
@@ -861,7 +864,13 @@ fn main() {
         sizes.mounts
     );
     let _ = writeln!(other, "| passthroughfs: reads / writes served by the plugin during the data runs | {} / {} ({} opens through passthrough) | 0 / 0 |", pt_stats["plugin_reads"], pt_stats["plugin_writes"], pt_stats["passthrough_opens"]);
-    let _ = writeln!(other, "| memfs -o nopassthrough: reads / writes memfs served, bytes per read, per write | {} / {}, {:.0} B, {:.0} B | |", served_stats["plugin_reads"], served_stats["plugin_writes"], served_stats["bytes_read"].as_f64().unwrap_or(0.0) / served_stats["plugin_reads"].as_f64().unwrap_or(1.0).max(1.0), served_stats["bytes_written"].as_f64().unwrap_or(0.0) / served_stats["plugin_writes"].as_f64().unwrap_or(1.0).max(1.0));
+    let per = |bytes: &Value, calls: u64| bytes.as_u64().unwrap_or(0) / calls.max(1);
+    let _ = writeln!(
+        other,
+        "| memfs -o nopassthrough: reads / writes memfs served, bytes per read, per write | {served_reads} / {served_writes}, {} B, {} B | |",
+        per(&served_stats["bytes_read"], served_reads),
+        per(&served_stats["bytes_written"], served_writes)
+    );
     other.push_str(&upgrades);
     other.push_str(&daemon_upgrades);
     other.push_str(&tools);

@@ -108,11 +108,20 @@ pub struct Limits {
     /// Requests one connection may send per second before it is slowed down.
     #[serde(default = "default_requests_per_second")]
     pub requests_per_second: u32,
-    /// Threads all mounts together may use (each takes `-o threads=N` plus one); a mount
-    /// past it is refused. 0: as many as the system allows (memory maps, the pids cgroup,
-    /// threads-max), read at start, less a reserve for the daemon. Read at start only.
+    /// Threads all mounts together may use (the workers that serve them, and one for each
+    /// mount being made); a mount that would need one more is refused. 0: as many as the
+    /// system allows (memory maps, the pids cgroup, threads-max), read at start, less a
+    /// reserve for the daemon. Read at start only.
     #[serde(default)]
     pub max_mount_threads: usize,
+    /// Workers that serve one plugin's mounts, at most (however many mounts it has; a mount
+    /// takes at most its `-o threads=N` of them at once). Read at start only.
+    #[serde(default = "default_threads_per_plugin")]
+    pub threads_per_plugin: usize,
+}
+
+fn default_threads_per_plugin() -> usize {
+    crate::mount::pool::DEFAULT_THREADS_PER_PLUGIN
 }
 
 impl Default for Limits {
@@ -125,6 +134,7 @@ impl Default for Limits {
             max_queued_requests: default_max_queued_requests(),
             requests_per_second: default_requests_per_second(),
             max_mount_threads: 0,
+            threads_per_plugin: default_threads_per_plugin(),
         }
     }
 }

@@ -383,10 +383,23 @@ async fn start(
     Ok((host, listener, owns_socket, preloaded))
 }
 
-/// Bounds the threads mounts may use (see `mount::budget`), before any mount starts.
+/// Bounds the threads mounts may use (see `mount::budget`), before any mount starts, and
+/// takes all the descriptors the process may have: each mount holds a few (its connection,
+/// its mount point, its plugin's), and the soft limit systemd and shells give (1,024) would
+/// stop fshostd at a few hundred mounts.
 fn limit_mount_threads(config: &Config) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+            }
+        }
+        _ => {}
+    }
     let (cap, bound) = mount::budget::limit_threads(config.limits.max_mount_threads);
-    tracing::info!(threads = cap, bounded_by = %bound, "threads mounts may use");
+    mount::pool::set_threads_per_plugin(config.limits.threads_per_plugin);
+    tracing::info!(threads = cap, bounded_by = %bound, per_plugin = config.limits.threads_per_plugin, "threads mounts may use");
 }
 
 /// Started by a daemon upgrade: take everything the old process hands over, tell it we

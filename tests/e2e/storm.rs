@@ -124,13 +124,18 @@ fn kernel_mounts(dir: &Path) -> BTreeMap<PathBuf, String> {
         .collect()
 }
 
-/// Threads of the daemon that serve mounts (mount threads, FUSE session threads).
+/// Threads of the daemon that serve mounts (mount threads, plugins' pool workers and the
+/// threads that report a closed pool's last mount).
 fn mount_threads(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/task"))
         .map(|tasks| {
             tasks
                 .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter(|comm| comm.starts_with("mount:") || comm.starts_with("fuser"))
+                .filter(|comm| {
+                    ["mount:", "serve:", "ended:"]
+                        .iter()
+                        .any(|p| comm.starts_with(p))
+                })
                 .count()
         })
         .unwrap_or(0)

@@ -47,6 +47,17 @@ impl Channel {
         }
     }
 
+    /// Receives one request if one is waiting (the channel must be non-blocking: EAGAIN
+    /// then means none), retrying only interrupted reads (ENOENT, EINTR).
+    pub(crate) fn receive_now(&self, buffer: &mut [u8]) -> nix::Result<usize> {
+        loop {
+            match self.receive(buffer) {
+                Err(Errno::ENOENT | Errno::EINTR) => continue,
+                other => return other,
+            }
+        }
+    }
+
     /// Returns a sender object for this channel. The sender object can be
     /// used to send to the channel. Multiple sender objects can be used
     /// and they can safely be sent to other threads.

@@ -26,6 +26,17 @@ impl FuseReadBuf {
         }
     }
 
+    /// The aligned portion of the buffer, as `as_mut` gives it.
+    pub(crate) fn aligned(&self) -> &[u8] {
+        let alignment = align_of::<abi::fuse_in_header>();
+        let off = alignment - (self.buffer.as_ptr() as usize) % alignment;
+        if off == alignment {
+            &self.buffer
+        } else {
+            &self.buffer[off..]
+        }
+    }
+
     /// Returns a mutable reference to the aligned portion of the buffer.
     pub(crate) fn as_mut(&mut self) -> &mut [u8] {
         let alignment = align_of::<abi::fuse_in_header>();

@@ -612,28 +612,157 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             // Read the next request from the given channel to kernel driver
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
-                Ok(size) => match RequestWithSender::new(self.ch.sender(), &buf[..size]) {
-                    // Dispatch request
-                    Some(req) => {
-                        if let Ok(Operation::Destroy(_)) = req.request.operation() {
-                            req.reply::<ReplyEmpty>().ok();
-                            return Ok(());
-                        } else {
-                            req.dispatch(self)
-                        }
+                Ok(size) => {
+                    if self.handle(&buf[..size])? == Received::Ended {
+                        return Ok(());
                     }
-                    // Quit loop on illegal request
-                    None => {
-                        return Err(io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            "Invalid request",
-                        ));
-                    }
-                },
+                }
                 Err(nix::errno::Errno::ENODEV) => return Ok(()),
                 Err(err) => return Err(err.into()),
             }
         }
+    }
+
+    /// Dispatches one request; `Ended` if it was DESTROY (the session ends).
+    fn handle(&self, data: &[u8]) -> io::Result<Received> {
+        match RequestWithSender::new(self.ch.sender(), data) {
+            Some(req) => {
+                if let Ok(Operation::Destroy(_)) = req.request.operation() {
+                    req.reply::<ReplyEmpty>().ok();
+                    Ok(Received::Ended)
+                } else {
+                    req.dispatch(self);
+                    Ok(Received::Request)
+                }
+            }
+            // Quit loop on illegal request
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "Invalid request",
+            )),
+        }
+    }
+}
+
+/// What one read of a polled session's connection gave (see `Polled::receive`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Received {
+    /// A request is in the buffer, for `Polled::dispatch`.
+    Request,
+    /// No request is waiting now.
+    Empty,
+    /// The session has ended (the filesystem was unmounted or the connection aborted).
+    Ended,
+}
+
+/// A buffer for one request of a polled session: one per thread that serves.
+#[derive(Debug)]
+pub struct RequestBuf {
+    buf: FuseReadBuf,
+    len: usize,
+}
+
+impl RequestBuf {
+    /// A buffer large enough for any request (the largest write plus its header).
+    pub fn new() -> Self {
+        RequestBuf {
+            buf: FuseReadBuf::new(),
+            len: 0,
+        }
+    }
+}
+
+impl Default for RequestBuf {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A session served by the caller's threads rather than its own: the caller waits until
+/// the connection is readable (`as_fd`, e.g. with epoll, which reports it readable when a
+/// request waits and in error once the session has ended), then reads one request with
+/// `receive` and serves it with `dispatch`. Any number of threads may do so at once, so
+/// that a few threads can serve many sessions and an idle one costs none. Dropping it
+/// destroys the filesystem, as the end of `Session::run` does.
+pub struct Polled<FS: Filesystem> {
+    event_loop: SessionEventLoop<FS>,
+    _mount: UmountOnDrop,
+}
+
+impl<FS: Filesystem> Session<FS> {
+    /// Serves this session from the caller's threads (see `Polled`). The connection is
+    /// made non-blocking.
+    /// # Errors
+    /// If the connection's flags cannot be changed.
+    pub fn into_polled(self) -> io::Result<Polled<FS>> {
+        let Session {
+            filesystem,
+            ch,
+            mount,
+            allowed,
+            session_owner,
+            proto_version: _,
+            config: _,
+        } = self;
+        let flags = nix::fcntl::fcntl(&ch, nix::fcntl::FcntlArg::F_GETFL)?;
+        let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&ch, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+        Ok(Polled {
+            event_loop: SessionEventLoop {
+                thread_name: "polled".to_string(),
+                filesystem: Arc::new(filesystem),
+                ch,
+                allowed,
+                session_owner,
+            },
+            _mount: mount,
+        })
+    }
+}
+
+impl<FS: Filesystem> Polled<FS> {
+    /// Reads one request into `buf`, without waiting.
+    /// # Errors
+    /// A read error other than "nothing waiting" or "session ended".
+    pub fn receive(&self, buf: &mut RequestBuf) -> io::Result<Received> {
+        buf.len = 0;
+        match self.event_loop.ch.receive_now(buf.buf.as_mut()) {
+            Ok(len) => {
+                buf.len = len;
+                Ok(Received::Request)
+            }
+            Err(nix::errno::Errno::EAGAIN) => Ok(Received::Empty),
+            Err(nix::errno::Errno::ENODEV) => Ok(Received::Ended),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Serves the request `receive` put in `buf`: `Request` once answered (or handed to
+    /// the filesystem's reply), `Ended` if it was the kernel's DESTROY.
+    /// # Errors
+    /// If the buffer holds no valid request.
+    pub fn dispatch(&self, buf: &RequestBuf) -> io::Result<Received> {
+        let len = buf.len;
+        // The same aligned part `receive` filled.
+        let data = &buf.buf.aligned()[..len];
+        self.event_loop.handle(data)
+    }
+
+    /// Returns an object that can be used to send notifications to the kernel.
+    pub fn notifier(&self) -> Notifier {
+        Notifier::new(self.event_loop.ch.sender())
+    }
+}
+
+impl<FS: Filesystem> std::fmt::Debug for Polled<FS> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Polled").field("ch", &self.event_loop.ch).finish()
+    }
+}
+
+impl<FS: Filesystem> AsFd for Polled<FS> {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.event_loop.ch.as_fd()
     }
 }
 

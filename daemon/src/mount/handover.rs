@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use super::backend::Backend;
 use super::backend::{Hosted, Swappable};
 use super::link::{Agreed, Link, LinkState};
-use super::session::{finish_session, resume_session};
+use super::session::resume_session;
 use super::upgrade::{export, instance_from, new_instance, MoveError};
 use super::{Adapter, MountStats, MountTarget, SessionOptions};
 use crate::plugin::Plugin;
@@ -72,8 +72,9 @@ pub struct ResumedMount {
     session: Session<Adapter<Arc<Swappable>>>,
     link: Arc<Link>,
     state: LinkState,
-    /// The threads it will use: taken even past the cap, since the mount exists already.
-    threads: super::budget::Threads,
+    /// Its plugin's name (whose pool will serve it) and `-o threads=N`.
+    plugin: String,
+    cap: usize,
 }
 
 /// Makes an instance of `plugin` for a handed-over mount, gives it the old instance's
@@ -116,14 +117,16 @@ fn serve_connection(
         session.record_stats,
         Arc::clone(&link),
     );
-    let threads = super::budget::Threads::take_anyway(session.threads + 1);
+    let plugin = fs.name().to_string();
+    let cap = session.threads;
     let session = resume_session(Arc::clone(&fs), stats, Arc::clone(&link), fuse, session);
     Ok((
         ResumedMount {
             session,
             link,
             state,
-            threads,
+            plugin,
+            cap,
         },
         fs,
     ))
@@ -166,7 +169,8 @@ impl ResumedMount {
             session,
             link,
             state,
-            threads,
+            plugin,
+            cap,
         } = self;
         // Each backing id of the handed state was registered on this connection by the
         // previous process, which is gone; each is wrapped once, here.
@@ -175,20 +179,21 @@ impl ResumedMount {
             // Before Linux 6.9: requests the old process had read stay unanswered.
             tracing::warn!(mountpoint = %target.path.display(), error = %e, "the kernel cannot re-send requests (FUSE_NOTIFY_RESEND needs Linux 6.9)");
         }
-        std::thread::Builder::new()
-            .name("mount:resumed".into())
-            .spawn(move || {
-                let _threads = threads;
-                match session.start() {
-                    Ok(running) => finish_session(running, &target, kernel_id),
-                    Err(e) => {
-                        // The system refused the threads: nobody can serve the mount.
-                        tracing::error!(mountpoint = %target.path.display(), error = %e, "cannot start the threads that serve a taken-over mount; detaching it");
-                        let _ = target.detach(kernel_id, true);
-                    }
-                }
-                on_end();
-            })
-            .map(drop)
+        let served = session
+            .into_polled()
+            .map_err(super::pool::ServeError::Io)
+            .and_then(|conn| {
+                let t = Arc::clone(&target);
+                super::pool::serve(&plugin, conn, t, kernel_id, cap, true, Box::new(on_end))
+            });
+        served.map_err(|e| {
+            // Nobody can serve the mount.
+            tracing::error!(mountpoint = %target.path.display(), error = ?e, "cannot serve a taken-over mount; detaching it");
+            let _ = target.detach(kernel_id, true);
+            match e {
+                super::pool::ServeError::Io(e) => e,
+                super::pool::ServeError::Budget(..) => unreachable!("taken anyway"),
+            }
+        })
     }
 }

@@ -10,6 +10,7 @@ mod link;
 mod metrics;
 mod mountinfo;
 mod options;
+pub mod pool;
 mod session;
 mod stale;
 mod target;
@@ -71,11 +72,10 @@ pub enum MountError {
     Mount { path: PathBuf, source: io::Error },
     #[error("cannot start the mount thread: {0}")]
     Thread(io::Error),
-    #[error("fshostd's mounts already use {used} of the {cap} threads it may have (bounded by {bound}); this mount needs {needed} (-o threads=N, plus one): unmount something, mount with fewer threads, or raise the limit")]
+    #[error("fshostd's mounts already use {used} of the {cap} threads it may have (bounded by {bound}) and this mount needs one: unmount something or raise the limit")]
     Threads {
         used: usize,
         cap: usize,
-        needed: usize,
         bound: String,
     },
     #[error("cannot start the threads that serve the mount ({0}); it was unmounted: unmount something or raise the system's thread limits")]
@@ -111,18 +111,12 @@ pub fn spawn(
 ) -> Result<(u64, Arc<Swappable>), MountError> {
     let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(u64, Arc<Swappable>), MountError>>(1);
     let thread_name = format!("mount:{}", spec.plugin.name);
-    // The session's threads and this one; given back when the thread ends.
-    let needed = spec.session.threads + 1;
-    let threads = budget::Threads::take(needed).map_err(|(used, cap)| MountError::Threads {
-        used,
-        cap,
-        needed,
-        bound: budget::bound(),
-    })?;
+    // This thread, given back when it ends (once the mount is served or failed).
+    let thread = budget::Threads::take(1).map_err(|(used, cap)| threads_error(used, cap))?;
     std::thread::Builder::new()
         .name(thread_name)
         .spawn(move || {
-            let _threads = threads;
+            let _thread = thread;
             let plugin = spec.plugin;
             let name = plugin.name.clone();
             // The options were checked (NUL bytes included) by `SessionOptions::parse`.
@@ -167,21 +161,42 @@ pub fn spawn(
                     return;
                 }
             };
-            // "Mounted" means served: the session's threads run before we say so.
-            let running = match session.start() {
-                Ok(running) => running,
+            // "Mounted" means served: a worker of the plugin's pool waits for the mount's
+            // requests before we say so.
+            let served = session
+                .into_polled()
+                .map_err(pool::ServeError::Io)
+                .and_then(|conn| {
+                    let target = Arc::clone(&spec.target);
+                    let cap = spec.session.threads;
+                    pool::serve(&name, conn, target, id, cap, false, Box::new(on_end))
+                });
+            let reply = match served {
+                Ok(()) => Ok((id, slot)),
                 Err(e) => {
                     let _ = spec.target.detach(id, true);
-                    let _ = ready_tx.send(Err(MountError::Serve(e)));
-                    return;
+                    Err(serve_error(e))
                 }
             };
-            let _ = ready_tx.send(Ok((id, slot)));
-            finish_session(running, &spec.target, id);
-            on_end();
+            let _ = ready_tx.send(reply);
         })
         .map_err(MountError::Thread)?;
     ready_rx.recv().unwrap_or(Err(MountError::ThreadLost))
+}
+
+fn threads_error(used: usize, cap: usize) -> MountError {
+    MountError::Threads {
+        used,
+        cap,
+        bound: budget::bound(),
+    }
+}
+
+fn serve_error(e: pool::ServeError) -> MountError {
+    match e {
+        pool::ServeError::Budget(used, cap) => threads_error(used, cap),
+        pool::ServeError::Io(e) => MountError::Serve(e),
+    }
 }
 
 /// Unmounts the mount with kernel id `id` at `target`, and nothing else; `lazy` detaches it

@@ -29,7 +29,13 @@ fn kernel_mount(
         .read(true)
         .write(true)
         .open("/dev/fuse")
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open /dev/fuse: {e}")))?;
+        .map_err(|e| {
+            let hint = match e.raw_os_error() {
+                Some(libc::EMFILE) => ": fshostd has as many files open as it may (RLIMIT_NOFILE); unmount something or raise its limit (LimitNOFILE= in the unit)",
+                _ => "",
+            };
+            io::Error::new(e.kind(), format!("cannot open /dev/fuse: {e}{hint}"))
+        })?;
     let root_mode = target.mode;
     // fstype `fuse.fshost-<plugin>`, source `fshost:<plugin>` in /proc/self/mountinfo.
     let mut data = format!(

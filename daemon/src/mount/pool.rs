@@ -1,0 +1,444 @@
+//! The threads that serve mounts: each plugin's mounts share one pool of workers that wait
+//! on all of their `/dev/fuse` connections with one epoll, so that an idle mount costs no
+//! thread and the threads are bounded by configuration, not by the number of mounts.
+//!
+//! A connection is registered one-shot: the worker that is woken for it reads one request
+//! and, while fewer than the mount's `-o threads=N` requests of it are being served, arms
+//! it again before serving, so that others may read the next. A mount thus holds at most N
+//! workers (a stuck plugin instance or a paused mount cannot take its plugin's whole pool),
+//! and a pool grows by one worker whenever a worker takes a request and none is left
+//! waiting, up to `[limits] threads_per_plugin`; a worker idle for a while ends (the last
+//! one stays while the plugin has mounts).
+//!
+//! Plugin code runs only on threads that end before its library may be closed (DESIGN.md
+//! §8): when a plugin's last mount ends its pool closes, every worker ends, and only a
+//! thread that joined them all reports that last mount's end (after which the plugin may
+//! be unloaded). Per plugin rather than one pool for the daemon for that reason, and so
+//! that one plugin's stuck requests never hold another plugin's mounts.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use fuser::{Polled, Received, RequestBuf};
+use parking_lot::{Mutex, MutexGuard};
+use rustix::buffer::spare_capacity;
+use rustix::event::{epoll, eventfd, EventfdFlags, Timespec};
+
+use super::budget;
+use super::{Adapter, MountTarget, Swappable};
+
+/// A mount's connection, served by a pool.
+pub type Connection = Polled<Adapter<Arc<Swappable>>>;
+
+/// What to run when a mount's session has ended.
+pub type OnEnd = Box<dyn FnOnce() + Send>;
+
+/// Workers one plugin's pool may have unless configured.
+pub const DEFAULT_THREADS_PER_PLUGIN: usize = 16;
+/// A worker that had no request for this long ends, unless it is its pool's last.
+const IDLE: Duration = Duration::from_secs(10);
+/// The epoll token of the pool's wake-up descriptor (mount tokens count up from 0).
+const WAKE: u64 = u64::MAX;
+
+static THREADS_PER_PLUGIN: AtomicUsize = AtomicUsize::new(DEFAULT_THREADS_PER_PLUGIN);
+/// The pool of each plugin (by name) that has mounts.
+static POOLS: Mutex<BTreeMap<String, Arc<Pool>>> = Mutex::new(BTreeMap::new());
+
+/// Sets the most workers one plugin's pool may have (at start, before any mount).
+pub fn set_threads_per_plugin(n: usize) {
+    THREADS_PER_PLUGIN.store(n.max(1), Ordering::Relaxed);
+}
+
+/// Why a mount could not be served.
+#[derive(Debug)]
+pub enum ServeError {
+    /// The thread budget has no room for the pool's first worker: (used, cap).
+    Budget(usize, usize),
+    /// The system refused a thread, or the connection could not be registered.
+    Io(io::Error),
+}
+
+/// Serves `conn` (the mount at `target`, kernel id `kernel_id`, of plugin `plugin`) from
+/// the plugin's pool, at most `cap` of its requests at once, until the session ends; then
+/// the plugin instance is destroyed and `on_end` runs. `anyway`: the mount exists already
+/// and must be served (a takeover), so its pool's first worker is made even past the
+/// thread budget. On an error nothing serves the mount, `on_end` is dropped unrun and the
+/// instance destroyed; the caller unmounts.
+pub fn serve(
+    plugin: &str,
+    conn: Connection,
+    target: Arc<MountTarget>,
+    kernel_id: u64,
+    cap: usize,
+    anyway: bool,
+    on_end: OnEnd,
+) -> Result<(), ServeError> {
+    loop {
+        let pool = pool_for(plugin).map_err(ServeError::Io)?;
+        let mut inner = pool.inner.lock();
+        if inner.closing {
+            continue; // it just lost its last mount and left `POOLS`; a new one is made
+        }
+        if inner.workers == 0 {
+            if let Err(e) = pool.spawn_worker(&mut inner, anyway) {
+                drop(inner);
+                pool.forget_if_empty();
+                return Err(e);
+            }
+        }
+        let token = inner.next_token;
+        inner.next_token += 1;
+        let served = Arc::new(Served {
+            conn,
+            token,
+            target,
+            kernel_id,
+            cap: cap.max(1),
+            state: Mutex::new(State {
+                armed: true,
+                ..State::default()
+            }),
+            end: EndGuard {
+                on_end: Mutex::new(Some(on_end)),
+                pool: Arc::clone(&pool),
+            },
+        });
+        if let Err(e) = epoll::add(
+            &pool.epoll,
+            &served.conn,
+            epoll::EventData::new_u64(token),
+            armed_flags(),
+        ) {
+            // Nothing read it: the instance goes, but the mount never was served.
+            let Ok(mut served) = Arc::try_unwrap(served) else {
+                unreachable!("nothing else has the mount yet")
+            };
+            *served.end.on_end.get_mut() = None;
+            drop(inner);
+            drop(served);
+            pool.forget_if_empty();
+            return Err(ServeError::Io(e.into()));
+        }
+        inner.mounts.insert(token, served);
+        return Ok(());
+    }
+}
+
+fn armed_flags() -> epoll::EventFlags {
+    epoll::EventFlags::IN | epoll::EventFlags::ONESHOT
+}
+
+/// The pool of `plugin`, made if it has none.
+fn pool_for(plugin: &str) -> io::Result<Arc<Pool>> {
+    let mut pools = POOLS.lock();
+    if let Some(pool) = pools.get(plugin) {
+        return Ok(Arc::clone(pool));
+    }
+    let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+    let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+    // Level-triggered: once written, it wakes every waiting worker of a closing pool.
+    epoll::add(
+        &epoll,
+        &wake,
+        epoll::EventData::new_u64(WAKE),
+        epoll::EventFlags::IN,
+    )?;
+    let pool = Arc::new(Pool {
+        name: plugin.to_string(),
+        epoll,
+        wake,
+        inner: Mutex::new(Inner::default()),
+    });
+    pools.insert(plugin.to_string(), Arc::clone(&pool));
+    Ok(pool)
+}
+
+/// One plugin's workers and the mounts they serve.
+struct Pool {
+    name: String,
+    epoll: OwnedFd,
+    /// An eventfd in `epoll`, written when the pool closes.
+    wake: OwnedFd,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    mounts: HashMap<u64, Arc<Served>>,
+    next_token: u64,
+    /// Workers alive, and how many of them wait for a request.
+    workers: usize,
+    idle: usize,
+    /// Every worker started and not yet joined (finished ones are pruned now and then).
+    handles: Vec<JoinHandle<()>>,
+    /// The last mount went: every worker ends, and the pool is out of `POOLS`.
+    closing: bool,
+    /// Ends of mounts to report once every worker has ended (the pool is closing).
+    deferred: Vec<OnEnd>,
+}
+
+impl Pool {
+    /// Starts one more worker, its thread taken from the budget (`anyway`: even past it).
+    fn spawn_worker(
+        self: &Arc<Self>,
+        inner: &mut MutexGuard<'_, Inner>,
+        anyway: bool,
+    ) -> Result<(), ServeError> {
+        let thread = if anyway {
+            budget::Threads::take_anyway(1)
+        } else {
+            budget::Threads::take(1).map_err(|(used, cap)| ServeError::Budget(used, cap))?
+        };
+        let pool = Arc::clone(self);
+        let handle = std::thread::Builder::new()
+            .name(format!("serve:{}", self.name))
+            .spawn(move || {
+                let _thread = thread;
+                pool.work();
+            })
+            .map_err(ServeError::Io)?;
+        inner.workers += 1;
+        inner.handles.retain(|h| !h.is_finished());
+        inner.handles.push(handle);
+        Ok(())
+    }
+
+    /// A worker: waits for a connection with a request and serves one request of it, until
+    /// the pool closes or (when not its pool's last) it has been idle for `IDLE`.
+    fn work(self: Arc<Self>) {
+        let mut buf = RequestBuf::new();
+        let mut events = Vec::with_capacity(1);
+        let idle = Timespec {
+            tv_sec: IDLE.as_secs() as i64,
+            tv_nsec: 0,
+        };
+        loop {
+            self.inner.lock().idle += 1;
+            events.clear();
+            let waited = epoll::wait(&self.epoll, spare_capacity(&mut events), Some(&idle));
+            let mut inner = self.inner.lock();
+            inner.idle -= 1;
+            if inner.closing {
+                self.leave(inner);
+                return;
+            }
+            let token = match waited {
+                Ok(_) => events.first().map(|e| e.data.u64()),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::error!(plugin = %self.name, error = %e, "waiting for FUSE requests failed");
+                    drop(inner);
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let Some(token) = token else {
+                // Idle for a while: end, unless the plugin's mounts need this one.
+                if inner.workers > 1 {
+                    inner.workers -= 1;
+                    return;
+                }
+                continue;
+            };
+            let Some(served) = inner.mounts.get(&token).cloned() else {
+                continue; // the wake-up of a pool that is not closing, or a mount gone
+            };
+            if inner.idle == 0 && inner.workers < THREADS_PER_PLUGIN.load(Ordering::Relaxed) {
+                // Someone must wait for the next request while this one is served.
+                if let Err(e) = self.spawn_worker(&mut inner, false) {
+                    tracing::debug!(plugin = %self.name, error = ?e, "no worker more for now");
+                }
+            }
+            drop(inner);
+            served.serve(&self, &mut buf);
+        }
+    }
+
+    /// The end of a worker of a closing pool; the last one has every worker joined and
+    /// then the ends of the pool's mounts reported.
+    fn leave(&self, mut inner: MutexGuard<'_, Inner>) {
+        inner.workers -= 1;
+        if inner.workers > 0 {
+            return;
+        }
+        let handles = std::mem::take(&mut inner.handles);
+        let deferred = std::mem::take(&mut inner.deferred);
+        drop(inner);
+        let report = move || {
+            for handle in handles {
+                let _ = handle.join();
+            }
+            for on_end in deferred {
+                on_end();
+            }
+        };
+        if let Err(e) = std::thread::Builder::new()
+            .name(format!("ended:{}", self.name))
+            .spawn(report)
+        {
+            // Cannot happen often (threads are bounded); the plugin's library may then stay
+            // mapped after an unload until this thread ends, which the unload reports.
+            tracing::warn!(plugin = %self.name, error = %e, "cannot start the thread that reports the end of the last mount");
+        }
+    }
+
+    /// Stops serving the mount `token` (its session ended and no request of it is being
+    /// served); the pool closes if it was the last.
+    fn remove(&self, token: u64) {
+        let mut inner = self.inner.lock();
+        let Some(served) = inner.mounts.remove(&token) else {
+            return;
+        };
+        let _ = epoll::delete(&self.epoll, &served.conn);
+        if inner.mounts.is_empty() {
+            self.close(&mut inner);
+        }
+        drop(inner);
+        // Usually the last reference: the instance is destroyed and the end reported.
+        drop(served);
+    }
+
+    /// Marks the pool closing, takes it out of `POOLS` and wakes every waiting worker.
+    fn close(&self, inner: &mut Inner) {
+        inner.closing = true;
+        let mut pools = POOLS.lock();
+        if pools
+            .get(&self.name)
+            .is_some_and(|p| std::ptr::eq(Arc::as_ptr(p), self))
+        {
+            pools.remove(&self.name);
+        }
+        drop(pools);
+        if let Err(e) = rustix::io::write(&self.wake, &1u64.to_ne_bytes()) {
+            tracing::error!(plugin = %self.name, error = %e, "cannot wake the workers of a closing pool");
+        }
+    }
+
+    /// Closes a pool left without mounts by a mount that could not be served.
+    fn forget_if_empty(&self) {
+        let mut inner = self.inner.lock();
+        if inner.mounts.is_empty() && !inner.closing {
+            // Its workers (if any) end; no mount's end is waiting to be reported.
+            self.close(&mut inner);
+        }
+    }
+}
+
+/// A mount served by a pool.
+struct Served {
+    /// Dropped before `end`: the instance is destroyed before the end is reported.
+    conn: Connection,
+    token: u64,
+    target: Arc<MountTarget>,
+    kernel_id: u64,
+    /// Requests of this mount served at once, at most.
+    cap: usize,
+    state: Mutex<State>,
+    end: EndGuard,
+}
+
+#[derive(Default)]
+struct State {
+    /// Registered in the epoll to wake a worker (as far as we know: a worker woken for
+    /// it clears this when it starts).
+    armed: bool,
+    /// Requests read and not yet answered.
+    in_flight: usize,
+    /// The session has ended; once nothing is in flight the mount leaves the pool.
+    ended: bool,
+    removed: bool,
+}
+
+impl Served {
+    /// Reads and serves one request (woken by the epoll for this mount).
+    fn serve(&self, pool: &Pool, buf: &mut RequestBuf) {
+        {
+            let mut st = self.state.lock();
+            st.armed = false;
+            if st.ended {
+                return;
+            }
+        }
+        let received = self.conn.receive(buf);
+        let mut st = self.state.lock();
+        let outcome = match received {
+            Ok(Received::Request) => {
+                st.in_flight += 1;
+                if st.in_flight < self.cap {
+                    self.arm(pool, &mut st);
+                }
+                drop(st);
+                let served = self.conn.dispatch(buf);
+                st = self.state.lock();
+                st.in_flight -= 1;
+                served
+            }
+            other => other,
+        };
+        match outcome {
+            Ok(Received::Request | Received::Empty) => {}
+            Ok(Received::Ended) => st.ended = true,
+            Err(e) => {
+                // The kernel did not end the session, so the mount is still there but no
+                // longer served: detach it rather than leave a dead mount behind.
+                tracing::warn!(mountpoint = %self.target.path.display(), error = %e, "FUSE session failed; detaching the mount");
+                let _ = self.target.detach(self.kernel_id, true);
+                st.ended = true;
+            }
+        }
+        if !st.ended {
+            if !st.armed {
+                self.arm(pool, &mut st);
+            }
+        } else if st.in_flight == 0 && !st.removed {
+            st.removed = true;
+            drop(st);
+            pool.remove(self.token);
+        }
+    }
+
+    /// Registers the connection again, so that a worker is woken for its next request.
+    fn arm(&self, pool: &Pool, st: &mut State) {
+        match epoll::modify(
+            &pool.epoll,
+            &self.conn,
+            epoll::EventData::new_u64(self.token),
+            armed_flags(),
+        ) {
+            Ok(()) => st.armed = true,
+            Err(e) => {
+                tracing::error!(mountpoint = %self.target.path.display(), error = %e, "cannot wait for the mount's requests; detaching it");
+                let _ = self.target.detach(self.kernel_id, true);
+                st.ended = true;
+            }
+        }
+    }
+}
+
+/// Reports a mount's end when dropped (after its instance, declared before it in `Served`):
+/// at once, or, if its pool is closing, once every worker of the pool has ended.
+struct EndGuard {
+    /// In a mutex only so that `Served` may be shared; taken once, at the drop.
+    on_end: Mutex<Option<OnEnd>>,
+    pool: Arc<Pool>,
+}
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        let Some(on_end) = self.on_end.get_mut().take() else {
+            return;
+        };
+        let mut inner = self.pool.inner.lock();
+        if inner.closing {
+            inner.deferred.push(on_end);
+        } else {
+            drop(inner);
+            on_end();
+        }
+    }
+}

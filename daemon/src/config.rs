@@ -56,7 +56,7 @@ pub struct UserPolicy {
     /// Mounts one such user may have at once.
     #[serde(default = "default_user_max_mounts")]
     pub max_mounts: usize,
-    /// Most FUSE session threads (`-o threads=N`) one of their mounts may have.
+    /// Most requests (`-o threads=N`) one of their mounts may have served at once.
     #[serde(default = "default_user_max_threads")]
     pub max_threads_per_mount: usize,
     /// Memory their mounts may hold together (`64M`, `1G`): the sum of the `size=` of

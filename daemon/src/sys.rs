@@ -80,7 +80,7 @@ pub fn inherited_socket(fd: i32) -> io::Result<std::os::fd::OwnedFd> {
 
 /// Ends the process at once, without atexit handlers or library destructors: after a
 /// daemon upgrade the old process must not unmount, unload or tear down anything (its
-/// successor serves the same connections), and its session threads are still parked.
+/// successor serves the same connections), and its workers are still parked.
 pub fn exit_now(code: i32) -> ! {
     // SAFETY: `_exit` ends the process without touching any state of ours; it cannot fail
     // and does not return.

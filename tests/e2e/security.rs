@@ -374,7 +374,7 @@ fn users_mounts_are_limited_in_number_threads_and_size() {
                 "-o".into(),
                 "threads=16".into(),
             ],
-            "at most 2 session threads",
+            "at most 2 requests served at once",
         ),
         (
             vec![

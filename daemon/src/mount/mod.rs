@@ -95,6 +95,9 @@ pub enum UnmountError {
     Failed { path: PathBuf, source: io::Error },
 }
 
+/// What to do when fshostd runs out of descriptors (EMFILE), for error messages.
+const NOFILE_HINT: &str = "fshostd has as many files open as it may (RLIMIT_NOFILE); unmount something or raise its limit (LimitNOFILE= in the unit)";
+
 /// `strerror`-like text for an errno, for messages people read.
 pub fn describe_errno(e: i32) -> String {
     format!("{} (errno {e})", io::Error::from_raw_os_error(e))

@@ -19,13 +19,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use fuser::{Polled, Received, RequestBuf};
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use rustix::buffer::spare_capacity;
 use rustix::event::{epoll, eventfd, EventfdFlags, Timespec};
 
@@ -80,34 +80,32 @@ pub fn serve(
 ) -> Result<(), ServeError> {
     loop {
         let pool = pool_for(plugin).map_err(ServeError::Io)?;
-        let mut inner = pool.inner.lock();
-        if inner.closing {
+        let mut control = pool.control.lock();
+        if pool.closing.load(Ordering::Acquire) {
             continue; // it just lost its last mount and left `POOLS`; a new one is made
         }
-        if inner.workers == 0 {
-            if let Err(e) = pool.spawn_worker(&mut inner, anyway) {
-                drop(inner);
+        if control.workers == 0 {
+            if let Err(e) = pool.spawn_worker(&mut control, anyway) {
+                drop(control);
                 pool.forget_if_empty();
                 return Err(e);
             }
         }
-        let token = inner.next_token;
-        inner.next_token += 1;
+        let token = pool.next_token.fetch_add(1, Ordering::Relaxed);
         let served = Arc::new(Served {
             conn,
             token,
             target,
             kernel_id,
             cap: cap.max(1),
-            state: Mutex::new(State {
-                armed: true,
-                ..State::default()
-            }),
+            state: AtomicU64::new(ARMED),
             end: EndGuard {
                 on_end: Mutex::new(Some(on_end)),
                 pool: Arc::clone(&pool),
             },
         });
+        // In the table before the epoll can wake a worker for it.
+        pool.mounts.write().insert(token, Arc::clone(&served));
         if let Err(e) = epoll::add(
             &pool.epoll,
             &served.conn,
@@ -115,16 +113,16 @@ pub fn serve(
             armed_flags(),
         ) {
             // Nothing read it: the instance goes, but the mount never was served.
+            pool.mounts.write().remove(&token);
             let Ok(mut served) = Arc::try_unwrap(served) else {
                 unreachable!("nothing else has the mount yet")
             };
             *served.end.on_end.get_mut() = None;
-            drop(inner);
+            drop(control);
             drop(served);
             pool.forget_if_empty();
             return Err(ServeError::Io(e.into()));
         }
-        inner.mounts.insert(token, served);
         return Ok(());
     }
 }
@@ -152,32 +150,39 @@ fn pool_for(plugin: &str) -> io::Result<Arc<Pool>> {
         name: plugin.to_string(),
         epoll,
         wake,
-        inner: Mutex::new(Inner::default()),
+        mounts: RwLock::new(HashMap::new()),
+        next_token: AtomicU64::new(0),
+        idle: AtomicUsize::new(0),
+        closing: AtomicBool::new(false),
+        control: Mutex::new(Control::default()),
     });
     pools.insert(plugin.to_string(), Arc::clone(&pool));
     Ok(pool)
 }
 
-/// One plugin's workers and the mounts they serve.
+/// One plugin's workers and the mounts they serve. What every request touches is
+/// atomic or read-locked; `control` only when workers come and go and mounts end.
 struct Pool {
     name: String,
     epoll: OwnedFd,
     /// An eventfd in `epoll`, written when the pool closes.
     wake: OwnedFd,
-    inner: Mutex<Inner>,
+    mounts: RwLock<HashMap<u64, Arc<Served>>>,
+    next_token: AtomicU64,
+    /// Workers waiting for a request.
+    idle: AtomicUsize,
+    /// The last mount went: every worker ends, and the pool is out of `POOLS`. Set
+    /// with `control` held.
+    closing: AtomicBool,
+    control: Mutex<Control>,
 }
 
 #[derive(Default)]
-struct Inner {
-    mounts: HashMap<u64, Arc<Served>>,
-    next_token: u64,
-    /// Workers alive, and how many of them wait for a request.
+struct Control {
+    /// Workers alive.
     workers: usize,
-    idle: usize,
     /// Every worker started and not yet joined (finished ones are pruned now and then).
     handles: Vec<JoinHandle<()>>,
-    /// The last mount went: every worker ends, and the pool is out of `POOLS`.
-    closing: bool,
     /// Ends of mounts to report once every worker has ended (the pool is closing).
     deferred: Vec<OnEnd>,
 }
@@ -186,7 +191,7 @@ impl Pool {
     /// Starts one more worker, its thread taken from the budget (`anyway`: even past it).
     fn spawn_worker(
         self: &Arc<Self>,
-        inner: &mut MutexGuard<'_, Inner>,
+        control: &mut Control,
         anyway: bool,
     ) -> Result<(), ServeError> {
         let thread = if anyway {
@@ -202,9 +207,9 @@ impl Pool {
                 pool.work();
             })
             .map_err(ServeError::Io)?;
-        inner.workers += 1;
-        inner.handles.retain(|h| !h.is_finished());
-        inner.handles.push(handle);
+        control.workers += 1;
+        control.handles.retain(|h| !h.is_finished());
+        control.handles.push(handle);
         Ok(())
     }
 
@@ -218,13 +223,12 @@ impl Pool {
             tv_nsec: 0,
         };
         loop {
-            self.inner.lock().idle += 1;
+            self.idle.fetch_add(1, Ordering::AcqRel);
             events.clear();
             let waited = epoll::wait(&self.epoll, spare_capacity(&mut events), Some(&idle));
-            let mut inner = self.inner.lock();
-            inner.idle -= 1;
-            if inner.closing {
-                self.leave(inner);
+            let idle_now = self.idle.fetch_sub(1, Ordering::AcqRel) - 1;
+            if self.closing.load(Ordering::Acquire) {
+                self.leave(self.control.lock());
                 return;
             }
             let token = match waited {
@@ -232,43 +236,45 @@ impl Pool {
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
                     tracing::error!(plugin = %self.name, error = %e, "waiting for FUSE requests failed");
-                    drop(inner);
                     std::thread::sleep(Duration::from_millis(100));
                     continue;
                 }
             };
             let Some(token) = token else {
                 // Idle for a while: end, unless the plugin's mounts need this one.
-                if inner.workers > 1 {
-                    inner.workers -= 1;
+                let mut control = self.control.lock();
+                if control.workers > 1 && !self.closing.load(Ordering::Acquire) {
+                    control.workers -= 1;
                     return;
                 }
                 continue;
             };
-            let Some(served) = inner.mounts.get(&token).cloned() else {
+            let Some(served) = self.mounts.read().get(&token).cloned() else {
                 continue; // the wake-up of a pool that is not closing, or a mount gone
             };
-            if inner.idle == 0 && inner.workers < THREADS_PER_PLUGIN.load(Ordering::Relaxed) {
+            if idle_now == 0 {
                 // Someone must wait for the next request while this one is served.
-                if let Err(e) = self.spawn_worker(&mut inner, false) {
-                    tracing::debug!(plugin = %self.name, error = ?e, "no worker more for now");
+                let mut control = self.control.lock();
+                if control.workers < THREADS_PER_PLUGIN.load(Ordering::Relaxed) {
+                    if let Err(e) = self.spawn_worker(&mut control, false) {
+                        tracing::debug!(plugin = %self.name, error = ?e, "no worker more for now");
+                    }
                 }
             }
-            drop(inner);
             served.serve(&self, &mut buf);
         }
     }
 
     /// The end of a worker of a closing pool; the last one has every worker joined and
     /// then the ends of the pool's mounts reported.
-    fn leave(&self, mut inner: MutexGuard<'_, Inner>) {
-        inner.workers -= 1;
-        if inner.workers > 0 {
+    fn leave(&self, mut control: MutexGuard<'_, Control>) {
+        control.workers -= 1;
+        if control.workers > 0 {
             return;
         }
-        let handles = std::mem::take(&mut inner.handles);
-        let deferred = std::mem::take(&mut inner.deferred);
-        drop(inner);
+        let handles = std::mem::take(&mut control.handles);
+        let deferred = std::mem::take(&mut control.deferred);
+        drop(control);
         let report = move || {
             for handle in handles {
                 let _ = handle.join();
@@ -290,22 +296,23 @@ impl Pool {
     /// Stops serving the mount `token` (its session ended and no request of it is being
     /// served); the pool closes if it was the last.
     fn remove(&self, token: u64) {
-        let mut inner = self.inner.lock();
-        let Some(served) = inner.mounts.remove(&token) else {
+        let control = self.control.lock();
+        let Some(served) = self.mounts.write().remove(&token) else {
             return;
         };
         let _ = epoll::delete(&self.epoll, &served.conn);
-        if inner.mounts.is_empty() {
-            self.close(&mut inner);
+        if self.mounts.read().is_empty() {
+            self.close();
         }
-        drop(inner);
+        drop(control);
         // Usually the last reference: the instance is destroyed and the end reported.
         drop(served);
     }
 
-    /// Marks the pool closing, takes it out of `POOLS` and wakes every waiting worker.
-    fn close(&self, inner: &mut Inner) {
-        inner.closing = true;
+    /// Marks the pool closing (`control` held), takes it out of `POOLS` and wakes every
+    /// waiting worker.
+    fn close(&self) {
+        self.closing.store(true, Ordering::Release);
         let mut pools = POOLS.lock();
         if pools
             .get(&self.name)
@@ -321,10 +328,10 @@ impl Pool {
 
     /// Closes a pool left without mounts by a mount that could not be served.
     fn forget_if_empty(&self) {
-        let mut inner = self.inner.lock();
-        if inner.mounts.is_empty() && !inner.closing {
+        let _control = self.control.lock();
+        if self.mounts.read().is_empty() && !self.closing.load(Ordering::Acquire) {
             // Its workers (if any) end; no mount's end is waiting to be reported.
-            self.close(&mut inner);
+            self.close();
         }
     }
 }
@@ -338,84 +345,96 @@ struct Served {
     kernel_id: u64,
     /// Requests of this mount served at once, at most.
     cap: usize,
-    state: Mutex<State>,
+    /// `ARMED`, `ENDED`, `REMOVED` and the requests in flight (times `ONE`). Atomic, not
+    /// locked: with a mutex, the two workers of a busy mount met on it at every request
+    /// (measured: 47,656 sched_yield with parking_lot's, 126,724 futex calls with std's, for
+    /// 80,000 requests; 23,408 futex calls with a thread per mount).
+    state: AtomicU64,
     end: EndGuard,
 }
 
-#[derive(Default)]
-struct State {
-    /// Registered in the epoll to wake a worker (as far as we know: a worker woken for
-    /// it clears this when it starts).
-    armed: bool,
-    /// Requests read and not yet answered.
-    in_flight: usize,
-    /// The session has ended; once nothing is in flight the mount leaves the pool.
-    ended: bool,
-    removed: bool,
-}
+/// Registered in the epoll to wake a worker (as far as we know: a worker woken for the
+/// mount clears it when it starts).
+const ARMED: u64 = 1;
+/// The session has ended; once nothing is in flight the mount leaves the pool.
+const ENDED: u64 = 2;
+/// The mount has left (or is leaving) the pool.
+const REMOVED: u64 = 4;
+/// One request read and not yet answered.
+const ONE: u64 = 8;
 
 impl Served {
     /// Reads and serves one request (woken by the epoll for this mount).
     fn serve(&self, pool: &Pool, buf: &mut RequestBuf) {
-        {
-            let mut st = self.state.lock();
-            st.armed = false;
-            if st.ended {
-                return;
-            }
+        if self.state.fetch_and(!ARMED, Ordering::AcqRel) & ENDED != 0 {
+            return;
         }
-        let received = self.conn.receive(buf);
-        let mut st = self.state.lock();
-        let outcome = match received {
+        let outcome = match self.conn.receive(buf) {
             Ok(Received::Request) => {
-                st.in_flight += 1;
-                if st.in_flight < self.cap {
-                    self.arm(pool, &mut st);
+                let in_flight = self.state.fetch_add(ONE, Ordering::AcqRel) / ONE + 1;
+                if in_flight < self.cap as u64 {
+                    self.arm(pool);
                 }
-                drop(st);
                 let served = self.conn.dispatch(buf);
-                st = self.state.lock();
-                st.in_flight -= 1;
+                self.state.fetch_sub(ONE, Ordering::AcqRel);
                 served
             }
             other => other,
         };
         match outcome {
-            Ok(Received::Request | Received::Empty) => {}
-            Ok(Received::Ended) => st.ended = true,
+            Ok(Received::Request | Received::Empty) => self.arm(pool),
+            Ok(Received::Ended) => self.end(pool),
             Err(e) => {
                 // The kernel did not end the session, so the mount is still there but no
                 // longer served: detach it rather than leave a dead mount behind.
                 tracing::warn!(mountpoint = %self.target.path.display(), error = %e, "FUSE session failed; detaching the mount");
                 let _ = self.target.detach(self.kernel_id, true);
-                st.ended = true;
+                self.end(pool);
             }
-        }
-        if !st.ended {
-            if !st.armed {
-                self.arm(pool, &mut st);
-            }
-        } else if st.in_flight == 0 && !st.removed {
-            st.removed = true;
-            drop(st);
-            pool.remove(self.token);
         }
     }
 
-    /// Registers the connection again, so that a worker is woken for its next request.
-    fn arm(&self, pool: &Pool, st: &mut State) {
-        match epoll::modify(
+    /// Registers the connection again, unless it is or the session ended, so that a
+    /// worker is woken for its next request.
+    fn arm(&self, pool: &Pool) {
+        let armed = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v & (ARMED | ENDED) == 0).then_some(v | ARMED)
+            });
+        if armed.is_err() {
+            // Armed by another worker, or ended: then the one whose request was the last
+            // in flight takes the mount out.
+            self.leave_if_done(pool, self.state.load(Ordering::Acquire));
+            return;
+        }
+        let modified = epoll::modify(
             &pool.epoll,
             &self.conn,
             epoll::EventData::new_u64(self.token),
             armed_flags(),
-        ) {
-            Ok(()) => st.armed = true,
-            Err(e) => {
-                tracing::error!(mountpoint = %self.target.path.display(), error = %e, "cannot wait for the mount's requests; detaching it");
-                let _ = self.target.detach(self.kernel_id, true);
-                st.ended = true;
-            }
+        );
+        if let Err(e) = modified {
+            tracing::error!(mountpoint = %self.target.path.display(), error = %e, "cannot wait for the mount's requests; detaching it");
+            let _ = self.target.detach(self.kernel_id, true);
+            self.end(pool);
+        }
+    }
+
+    /// The session ended: the mount leaves the pool once no request of it is in flight.
+    fn end(&self, pool: &Pool) {
+        let now = self.state.fetch_or(ENDED, Ordering::AcqRel) | ENDED;
+        self.leave_if_done(pool, now);
+    }
+
+    /// Takes the mount out of the pool if, in state `now`, it has ended and nothing is in
+    /// flight; of all workers that see so, only one does.
+    fn leave_if_done(&self, pool: &Pool, now: u64) {
+        if now & ENDED == 0 || now / ONE != 0 {
+            return;
+        }
+        if self.state.fetch_or(REMOVED, Ordering::AcqRel) & REMOVED == 0 {
+            pool.remove(self.token);
         }
     }
 }
@@ -433,11 +452,11 @@ impl Drop for EndGuard {
         let Some(on_end) = self.on_end.get_mut().take() else {
             return;
         };
-        let mut inner = self.pool.inner.lock();
-        if inner.closing {
-            inner.deferred.push(on_end);
+        let mut control = self.pool.control.lock();
+        if self.pool.closing.load(Ordering::Acquire) {
+            control.deferred.push(on_end);
         } else {
-            drop(inner);
+            drop(control);
             on_end();
         }
     }

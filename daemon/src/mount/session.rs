@@ -31,8 +31,8 @@ fn kernel_mount(
         .open("/dev/fuse")
         .map_err(|e| {
             let hint = match e.raw_os_error() {
-                Some(libc::EMFILE) => ": fshostd has as many files open as it may (RLIMIT_NOFILE); unmount something or raise its limit (LimitNOFILE= in the unit)",
-                _ => "",
+                Some(libc::EMFILE) => format!(": {}", super::NOFILE_HINT),
+                _ => String::new(),
             };
             io::Error::new(e.kind(), format!("cannot open /dev/fuse: {e}{hint}"))
         })?;

@@ -57,6 +57,11 @@ impl TargetError {
             rustix::io::Errno::NOENT => TargetError::Missing,
             rustix::io::Errno::NOTDIR => TargetError::NotADirectory,
             rustix::io::Errno::NOTCONN => TargetError::DeadMount,
+            rustix::io::Errno::MFILE => TargetError::Other(io::Error::other(format!(
+                "{}: {}",
+                io::Error::from(e),
+                super::NOFILE_HINT
+            ))),
             e => TargetError::Other(e.into()),
         }
     }

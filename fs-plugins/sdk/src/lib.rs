@@ -8,7 +8,8 @@
 //! What a plugin must not do, so that its library really unmaps at unload: leave threads
 //! running after `destroy`, or touch a `thread_local!` with a destructor from a thread the
 //! host owns. The host only calls plugin code from threads that end before the unload
-//! (mount threads, FUSE session threads, and a short-lived thread for `on_load`/`on_unload`).
+//! (mount threads, the workers of the plugin's pool, which all end before its last mount's
+//! end is reported, and a short-lived thread for `on_load`/`on_unload`).
 //!
 //! ```text
 //! struct MyFs;

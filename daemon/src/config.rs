@@ -56,7 +56,8 @@ pub struct UserPolicy {
     /// Mounts one such user may have at once.
     #[serde(default = "default_user_max_mounts")]
     pub max_mounts: usize,
-    /// Most requests (`-o threads=N`) one of their mounts may have served at once.
+    /// Most of its plugin's threads (`-o threads=N`: requests served at once) one of their
+    /// mounts may take.
     #[serde(default = "default_user_max_threads")]
     pub max_threads_per_mount: usize,
     /// Memory their mounts may hold together (`64M`, `1G`): the sum of the `size=` of

@@ -374,7 +374,7 @@ fn users_mounts_are_limited_in_number_threads_and_size() {
                 "-o".into(),
                 "threads=16".into(),
             ],
-            "at most 2 requests served at once",
+            "at most 2 of their plugin's threads",
         ),
         (
             vec![
@@ -592,7 +592,10 @@ fn a_reload_applies_every_limit_to_users() {
     let at = |name: &str| home.join(name).display().to_string();
     let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", &at("a"), "-o", "threads=2"]);
     assert_eq!(code, 1, "{stderr}");
-    assert!(stderr.contains("at most 1 session thread"), "{stderr}");
+    assert!(
+        stderr.contains("at most 1 of their plugin's threads"),
+        "{stderr}"
+    );
     let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", &at("a")]);
     assert_eq!(code, 0, "{stderr}");
     let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", &at("b")]);

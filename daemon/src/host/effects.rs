@@ -291,7 +291,7 @@ impl Effects for Real {
             since: crate::handover::epoch(kept.since),
             agreed,
         };
-        crate::fdstore::keep(&record, std::os::fd::AsFd::as_fd(fuse));
+        crate::fdstore::keep(&record, fuse.as_fd());
     }
 
     fn forget_mount(&self, kernel_id: u64) {

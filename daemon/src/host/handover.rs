@@ -159,7 +159,8 @@ impl Host<Real> {
                 .link
                 .fd()
                 .ok_or_else(|| fail(format!("{} has no connection yet", path.display())))?
-                .try_clone()
+                .as_fd()
+                .try_clone_to_owned()
                 .map_err(|e| fail(e.to_string()))?;
             let fds = MountFds {
                 fuse: outgoing.push(fuse),

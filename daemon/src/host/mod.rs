@@ -69,7 +69,7 @@ pub enum HostError {
     NotOwner { uid: u32, path: PathBuf, owner: u32 },
     #[error("permission denied: user {uid} may not unmount {}: it was mounted by uid {owner}; only its owner, root or the admin group may", .path.display())]
     NotTheirMount { uid: u32, path: PathBuf, owner: u32 },
-    #[error("users' mounts may have at most {max} requests served at once ([users] max_threads_per_mount); ask for fewer with -o threads=N")]
+    #[error("users' mounts may take at most {max} of their plugin's threads at once ([users] max_threads_per_mount); ask for fewer with -o threads=N")]
     TooManyThreads { max: usize },
     #[error("user {uid} already has {count} mounts ([users] max_mounts); unmount one first")]
     TooManyMounts { uid: u32, count: usize },

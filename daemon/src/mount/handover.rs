@@ -186,7 +186,7 @@ impl ResumedMount {
                 let t = Arc::clone(&target);
                 super::pool::serve(&plugin, conn, t, kernel_id, cap, true, Box::new(on_end))
             });
-        served.map_err(|e| {
+        served.map(|session| link.served_by(session)).map_err(|e| {
             // Nobody can serve the mount.
             tracing::error!(mountpoint = %target.path.display(), error = ?e, "cannot serve a taken-over mount; detaching it");
             let _ = target.detach(kernel_id, true);

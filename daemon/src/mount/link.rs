@@ -4,8 +4,8 @@
 //! connection). A daemon upgrade hands all of it to the next process ([`LinkState`]).
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use fuser::BackingId;
 use serde::{Deserialize, Serialize};
@@ -38,9 +38,19 @@ pub struct Handles {
 
 /// One mount's connection state (see the module docs).
 pub struct Link {
-    fuse: OnceLock<OwnedFd>,
+    fuse: Mutex<Connection>,
     agreed: Mutex<Option<Agreed>>,
     handles: Mutex<Handles>,
+}
+
+/// How a link reaches its `/dev/fuse` descriptor.
+enum Connection {
+    None,
+    /// A duplicate of its own, while no session serves the connection.
+    Kept(Arc<OwnedFd>),
+    /// The serving session's, as long as it is served: no descriptor more per mount
+    /// (10,000 mounts would otherwise need 20,000 for their connections).
+    Served(Weak<dyn AsFd + Send + Sync>),
 }
 
 /// A connection's state as it crosses to the next process; the descriptor goes beside it.
@@ -65,7 +75,7 @@ impl Default for Link {
     /// A new connection's state.
     fn default() -> Link {
         Link {
-            fuse: OnceLock::new(),
+            fuse: Mutex::new(Connection::None),
             agreed: Mutex::new(None),
             handles: Mutex::new(Handles {
                 next: first_handle(),
@@ -93,7 +103,7 @@ impl Link {
     /// are adopted later ([`Link::adopt_backing`]), once that process is gone.
     pub fn resumed(fuse: OwnedFd, state: &LinkState) -> Link {
         let link = Link::default();
-        let _ = link.fuse.set(fuse);
+        link.keep_fd(fuse);
         *link.agreed.lock().unwrap_or_else(|e| e.into_inner()) = Some(state.agreed);
         {
             let mut handles = link.handles();
@@ -109,11 +119,26 @@ impl Link {
 
     /// Keeps a duplicate of the connection's descriptor, to hand it over later.
     pub fn keep_fd(&self, fuse: OwnedFd) {
-        let _ = self.fuse.set(fuse);
+        *self.connection() = Connection::Kept(Arc::new(fuse));
     }
 
-    pub fn fd(&self) -> Option<&OwnedFd> {
-        self.fuse.get()
+    /// Reaches the descriptor through the session that serves it from now on (the kept
+    /// duplicate is closed).
+    pub fn served_by(&self, session: Weak<dyn AsFd + Send + Sync>) {
+        *self.connection() = Connection::Served(session);
+    }
+
+    /// The connection's descriptor (while its session lives, if served).
+    pub fn fd(&self) -> Option<Arc<dyn AsFd + Send + Sync>> {
+        match &*self.connection() {
+            Connection::None => None,
+            Connection::Kept(fd) => Some(Arc::clone(fd) as Arc<dyn AsFd + Send + Sync>),
+            Connection::Served(session) => session.upgrade(),
+        }
+    }
+
+    fn connection(&self) -> MutexGuard<'_, Connection> {
+        self.fuse.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     pub fn agree(&self, agreed: Agreed) {

@@ -78,7 +78,7 @@ pub enum MountError {
         cap: usize,
         bound: String,
     },
-    #[error("cannot start the threads that serve the mount ({0}); it was unmounted: unmount something or raise the system's thread limits")]
+    #[error("cannot serve the mount ({0}); it was unmounted")]
     Serve(io::Error),
     #[error("the mount thread ended without reporting")]
     ThreadLost,
@@ -97,6 +97,14 @@ pub enum UnmountError {
 
 /// What to do when fshostd runs out of descriptors (EMFILE), for error messages.
 const NOFILE_HINT: &str = "fshostd has as many files open as it may (RLIMIT_NOFILE); unmount something or raise its limit (LimitNOFILE= in the unit)";
+
+/// `e`, saying what to do if it is EMFILE.
+fn with_nofile_hint(e: io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => io::Error::new(e.kind(), format!("{e}: {NOFILE_HINT}")),
+        _ => e,
+    }
+}
 
 /// `strerror`-like text for an errno, for messages people read.
 pub fn describe_errno(e: i32) -> String {
@@ -160,6 +168,7 @@ pub fn spawn(
                 Ok(session) => session,
                 Err(source) => {
                     let path = spec.target.path.clone();
+                    let source = with_nofile_hint(source);
                     let _ = ready_tx.send(Err(MountError::Mount { path, source }));
                     return;
                 }
@@ -175,7 +184,10 @@ pub fn spawn(
                     pool::serve(&name, conn, target, id, cap, false, Box::new(on_end))
                 });
             let reply = match served {
-                Ok(()) => Ok((id, slot)),
+                Ok(session) => {
+                    slot.link.served_by(session);
+                    Ok((id, slot))
+                }
                 Err(e) => {
                     let _ = spec.target.detach(id, true);
                     Err(serve_error(e))
@@ -198,14 +210,31 @@ fn threads_error(used: usize, cap: usize) -> MountError {
 fn serve_error(e: pool::ServeError) -> MountError {
     match e {
         pool::ServeError::Budget(used, cap) => threads_error(used, cap),
-        pool::ServeError::Io(e) => MountError::Serve(e),
+        pool::ServeError::Io(e) if e.raw_os_error() == Some(libc::EAGAIN) => {
+            MountError::Serve(io::Error::new(
+                e.kind(),
+                format!("{e}: the system refused a thread; unmount something or raise its thread limits"),
+            ))
+        }
+        pool::ServeError::Io(e) => MountError::Serve(with_nofile_hint(e)),
     }
 }
 
 /// Unmounts the mount with kernel id `id` at `target`, and nothing else; `lazy` detaches it
 /// even while files are open (MNT_DETACH).
 pub fn unmount(target: &MountTarget, id: u64, lazy: bool) -> Result<(), UnmountError> {
-    target.detach(id, lazy).map_err(|e| match e {
+    // A program that looks at the mount for a moment (`df`, a monitoring agent's statfs,
+    // another fshostd checking for dead mounts as it starts) makes umount2 fail with EBUSY
+    // just then: ask again a few times (about 0.1 s in all) before calling the mount busy.
+    let mut detached = target.detach(id, lazy);
+    for wait_ms in [4, 8, 16, 32, 64] {
+        if !matches!(detached, Err(DetachError::Busy)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        detached = target.detach(id, lazy);
+    }
+    detached.map_err(|e| match e {
         DetachError::Busy => UnmountError::Busy(target.path.clone()),
         DetachError::NotOurs => UnmountError::NotOurs(target.path.clone()),
         DetachError::Failed(source) => UnmountError::Failed {

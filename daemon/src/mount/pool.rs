@@ -18,9 +18,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -68,7 +68,8 @@ pub enum ServeError {
 /// the plugin instance is destroyed and `on_end` runs. `anyway`: the mount exists already
 /// and must be served (a takeover), so its pool's first worker is made even past the
 /// thread budget. On an error nothing serves the mount, `on_end` is dropped unrun and the
-/// instance destroyed; the caller unmounts.
+/// instance destroyed; the caller unmounts. Returns a way to the connection's descriptor
+/// while the mount is served.
 pub fn serve(
     plugin: &str,
     conn: Connection,
@@ -77,7 +78,7 @@ pub fn serve(
     cap: usize,
     anyway: bool,
     on_end: OnEnd,
-) -> Result<(), ServeError> {
+) -> Result<Weak<dyn AsFd + Send + Sync>, ServeError> {
     loop {
         let pool = pool_for(plugin).map_err(ServeError::Io)?;
         let mut control = pool.control.lock();
@@ -123,7 +124,7 @@ pub fn serve(
             pool.forget_if_empty();
             return Err(ServeError::Io(e.into()));
         }
-        return Ok(());
+        return Ok(Arc::downgrade(&served) as Weak<dyn AsFd + Send + Sync>);
     }
 }
 
@@ -351,6 +352,12 @@ struct Served {
     /// 80,000 requests; 23,408 futex calls with a thread per mount).
     state: AtomicU64,
     end: EndGuard,
+}
+
+impl AsFd for Served {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.conn.as_fd()
+    }
 }
 
 /// Registered in the epoll to wake a worker (as far as we know: a worker woken for the

@@ -29,13 +29,7 @@ fn kernel_mount(
         .read(true)
         .write(true)
         .open("/dev/fuse")
-        .map_err(|e| {
-            let hint = match e.raw_os_error() {
-                Some(libc::EMFILE) => format!(": {}", super::NOFILE_HINT),
-                _ => String::new(),
-            };
-            io::Error::new(e.kind(), format!("cannot open /dev/fuse: {e}{hint}"))
-        })?;
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open /dev/fuse: {e}")))?;
     let root_mode = target.mode;
     // fstype `fuse.fshost-<plugin>`, source `fshost:<plugin>` in /proc/self/mountinfo.
     let mut data = format!(
@@ -50,10 +44,10 @@ fn kernel_mount(
         flags |= MsFlags::MS_RDONLY;
     }
     let source = format!("fshost:{name}");
-    let below = target.dir_mount_id()?;
+    let (dir_path, below) = target.dir_path_and_mount_id()?;
     nix::mount::mount(
         Some(source.as_str()),
-        &target.dir_path(),
+        &dir_path,
         Some("fuse"),
         flags,
         Some(data.as_str()),
@@ -71,6 +65,7 @@ fn kernel_mount(
             "the new mount is not visible at its mount point",
         ));
     }
+    target.mounted();
     Ok((OwnedFd::from(dev), id))
 }
 

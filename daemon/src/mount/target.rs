@@ -9,10 +9,12 @@
 //! swaps directories for symlinks, or renames a parent of their mount, can therefore never
 //! steer a mount or an unmount onto another path.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
 use rustix::mount::UnmountFlags;
@@ -22,10 +24,12 @@ use rustix::mount::UnmountFlags;
 pub struct MountTarget {
     /// The path as the caller gave it (absolute, normalized): for messages and records.
     pub path: PathBuf,
-    parent: OwnedFd,
+    /// Shared by every target in the same directory (see [`shared_parent`]).
+    parent: Arc<OwnedFd>,
     name: OsString,
-    /// The directory mounted on, as it was resolved (before the mount covers it).
-    dir: OwnedFd,
+    /// The directory mounted on, as it was resolved (before the mount covers it); closed
+    /// once the mount is made ([`MountTarget::mounted`]), which needs it no more.
+    dir: Mutex<Option<OwnedFd>>,
     /// Owner and mode of the directory, read from `dir`.
     pub uid: u32,
     pub mode: u32,
@@ -57,11 +61,7 @@ impl TargetError {
             rustix::io::Errno::NOENT => TargetError::Missing,
             rustix::io::Errno::NOTDIR => TargetError::NotADirectory,
             rustix::io::Errno::NOTCONN => TargetError::DeadMount,
-            rustix::io::Errno::MFILE => TargetError::Other(io::Error::other(format!(
-                "{}: {}",
-                io::Error::from(e),
-                super::NOFILE_HINT
-            ))),
+            rustix::io::Errno::MFILE => TargetError::Other(super::with_nofile_hint(e.into())),
             e => TargetError::Other(e.into()),
         }
     }
@@ -97,7 +97,8 @@ pub struct TargetParts {
 
 impl MountTarget {
     /// What to hand over: the parts, and duplicates of the parent's and the directory's
-    /// descriptors.
+    /// descriptors (the parent's again once the directory's is closed: a mounted target
+    /// never uses it, and the wire keeps two).
     pub fn hand_over(&self) -> io::Result<(TargetParts, OwnedFd, OwnedFd)> {
         let parts = TargetParts {
             path: self.path.clone(),
@@ -105,7 +106,20 @@ impl MountTarget {
             uid: self.uid,
             mode: self.mode,
         };
-        Ok((parts, self.parent.try_clone()?, self.dir.try_clone()?))
+        let dir = match &*self.dir() {
+            Some(dir) => dir.try_clone()?,
+            None => self.parent.try_clone()?,
+        };
+        Ok((parts, self.parent.try_clone()?, dir))
+    }
+
+    fn dir(&self) -> MutexGuard<'_, Option<OwnedFd>> {
+        self.dir.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The mount is made: the directory below it is needed no more.
+    pub fn mounted(&self) {
+        self.dir().take();
     }
 
     /// The target of a mount made by a process that died (crash recovery), from the path
@@ -117,24 +131,25 @@ impl MountTarget {
     pub fn reattach(path: &Path, uid: u32, mode: u32) -> Result<MountTarget, TargetError> {
         let (parent, name, root) = open_beneath_no_symlinks(path)?;
         drop(root);
-        let dir = parent.try_clone().map_err(TargetError::Other)?;
         Ok(MountTarget {
             path: path.to_path_buf(),
-            parent,
+            parent: shared_parent(parent),
             name,
-            dir,
+            dir: Mutex::new(None),
             uid,
             mode,
         })
     }
 
     /// The target the previous process resolved, from what it handed over.
+    /// Its mount exists, so the directory's descriptor is closed at once.
     pub fn taken_over(parts: TargetParts, parent: OwnedFd, dir: OwnedFd) -> MountTarget {
+        drop(dir);
         MountTarget {
             path: parts.path,
-            parent,
+            parent: shared_parent(parent),
             name: parts.name,
-            dir,
+            dir: Mutex::new(None),
             uid: parts.uid,
             mode: parts.mode,
         }
@@ -146,17 +161,26 @@ impl MountTarget {
         let stat = rustix::fs::fstat(&dir).map_err(TargetError::from_errno)?;
         Ok(MountTarget {
             path: path.to_path_buf(),
-            parent,
+            parent: shared_parent(parent),
             name,
-            dir,
+            dir: Mutex::new(Some(dir)),
             uid: stat.st_uid,
             mode: stat.st_mode,
         })
     }
 
-    /// The directory as a path the kernel resolves to exactly the pinned directory.
-    pub fn dir_path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.dir.as_raw_fd()))
+    /// The directory as a path the kernel resolves to exactly the pinned directory, and
+    /// the kernel id of the mount it lives on, for making the mount; an error once made.
+    pub fn dir_path_and_mount_id(&self) -> io::Result<(PathBuf, u64)> {
+        let dir = self.dir();
+        let dir = dir.as_ref().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the mount point is mounted already",
+            )
+        })?;
+        let path = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        Ok((path, mount_id(dir)?))
     }
 
     /// Kernel id of the mount that covers the directory now (after mounting: ours), or of
@@ -176,15 +200,45 @@ impl MountTarget {
         Ok(format!("{}:{}", sx.stx_dev_major, sx.stx_dev_minor))
     }
 
-    /// Kernel id of the mount the directory itself lives on.
-    pub fn dir_mount_id(&self) -> io::Result<u64> {
-        mount_id(&self.dir)
-    }
-
     /// Unmounts the mount with kernel id `id` at this target, and only that one.
     pub fn detach(&self, id: u64, lazy: bool) -> Result<(), DetachError> {
         detach_at(&self.parent, &self.name, id, lazy)
     }
+}
+
+/// The one descriptor of directory `fd` that targets share: many mount points in one
+/// directory would otherwise hold one each (10,000 mounts, 10,000 descriptors). Two
+/// `O_PATH` descriptors of a directory on the same mount (the same mount id, device and
+/// inode) lead to the same place, so which one a target holds makes no difference; `fd`
+/// itself is kept if none is alive yet, or if it cannot be told apart.
+fn shared_parent(fd: OwnedFd) -> Arc<OwnedFd> {
+    type Parents = HashMap<(u64, u32, u32, u64), Weak<OwnedFd>>;
+    static PARENTS: Mutex<Option<Parents>> = Mutex::new(None);
+    let flags = rustix::fs::AtFlags::EMPTY_PATH | rustix::fs::AtFlags::STATX_DONT_SYNC;
+    let mask = rustix::fs::StatxFlags::INO | rustix::fs::StatxFlags::MNT_ID;
+    let Ok(sx) = rustix::fs::statx(&fd, "", flags, mask) else {
+        return Arc::new(fd);
+    };
+    if sx.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() == 0 {
+        return Arc::new(fd);
+    }
+    let key = (
+        sx.stx_mnt_id,
+        sx.stx_dev_major,
+        sx.stx_dev_minor,
+        sx.stx_ino,
+    );
+    let mut parents = PARENTS.lock().unwrap_or_else(|e| e.into_inner());
+    let parents = parents.get_or_insert_with(HashMap::new);
+    if let Some(shared) = parents.get(&key).and_then(Weak::upgrade) {
+        return shared;
+    }
+    if parents.len() >= 64 && parents.len().is_power_of_two() {
+        parents.retain(|_, parent| parent.strong_count() > 0);
+    }
+    let shared = Arc::new(fd);
+    parents.insert(key, Arc::downgrade(&shared));
+    shared
 }
 
 /// Kernel id of the top mount at `name` in the directory `parent`.
@@ -324,7 +378,7 @@ mod tests {
         // Not mounted: the top mount is the directory's own.
         assert_eq!(
             target.current_mount_id().unwrap(),
-            target.dir_mount_id().unwrap()
+            target.dir_path_and_mount_id().unwrap().1
         );
         assert!(matches!(target.detach(1, false), Err(DetachError::NotOurs)));
     }

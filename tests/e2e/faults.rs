@@ -153,6 +153,65 @@ fn a_slow_mount_does_not_hold_up_the_daemon_or_other_mounts() {
     assert_eq!(data, "faultfs data\n");
 }
 
+/// Mounts share their plugin's workers, but a mount takes at most its `-o threads=N` of
+/// them: requests of a slow mount wait for each other while another mount of the same
+/// plugin is served at once.
+#[test]
+fn a_slow_mount_takes_only_its_share_of_its_plugins_workers() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start_configured(&[], "[limits]\nthreads_per_plugin = 4\n");
+    faultfs(&env);
+    let slow = env.mountpoint("slow");
+    let fast = env.mountpoint("fast");
+    env.ctl(&[
+        "mount",
+        "faultfs",
+        path_str(&slow),
+        "-o",
+        "slow_ms=1500,threads=2",
+    ])
+    .ok();
+    env.ctl(&["mount", "faultfs", path_str(&fast)]).ok();
+    // Four direct reads at once (no page cache: each is a request of its own), in other
+    // processes, as real users' would be.
+    let started = Instant::now();
+    let mut readers: Vec<_> = (0..4)
+        .map(|_| {
+            std::process::Command::new("dd")
+                .arg(format!("if={}", slow.join("data").display()))
+                .args(["iflag=direct", "bs=4096", "count=1", "status=none"])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    assert!(fs::read_to_string(fast.join("data"))
+        .unwrap()
+        .starts_with("faultfs"));
+    let fast_took = t.elapsed();
+    assert!(
+        fast_took < Duration::from_millis(1000),
+        "the other mount waited {fast_took:?}"
+    );
+    for reader in &mut readers {
+        let status = fshost_tests::wait_with_deadline(reader, Duration::from_secs(20)).unwrap();
+        assert!(status.success());
+    }
+    // Two at a time: two rounds of 1.5 s (four workers would have served them in one).
+    let all = started.elapsed();
+    assert!(
+        all >= Duration::from_millis(2900),
+        "four slow reads took {all:?}"
+    );
+    for mnt in [&slow, &fast] {
+        env.ctl(&["unmount", path_str(mnt)]).ok();
+    }
+}
+
 #[test]
 fn a_plugin_that_stays_mapped_is_shown_as_such() {
     if !fuse_available() {

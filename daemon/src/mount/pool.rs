@@ -115,10 +115,7 @@ pub fn serve(
         ) {
             // Nothing read it: the instance goes, but the mount never was served.
             pool.mounts.write().remove(&token);
-            let Ok(mut served) = Arc::try_unwrap(served) else {
-                unreachable!("nothing else has the mount yet")
-            };
-            *served.end.on_end.get_mut() = None;
+            *served.end.on_end.lock() = None;
             drop(control);
             drop(served);
             pool.forget_if_empty();

@@ -6,7 +6,8 @@
 //! the transport alone. A measuring tool, not part of fshost: `tests/bench/uring` runs the
 //! benchmark's metadata pass on it both ways.
 //!
-//! Usage: `fuse-transport MOUNTPOINT dev|uring [TTL_SECS]` (as root; entries and attributes
+//! Usage: `fuse-transport MOUNTPOINT dev|uring|uring-pinned [TTL_SECS]` (as root;
+//! `uring-pinned` keeps each queue's thread on its CPU, as libfuse does; entries and attributes
 //! cached for TTL_SECS, default 60; 0 makes every stat a round trip); serves until
 //! unmounted.
 
@@ -330,8 +331,26 @@ fn fuse_cmd(
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
+/// Keeps the calling thread on CPU `cpu`, as libfuse does with its queue threads: the
+/// kernel queues a task's request on the queue of the CPU the task runs on, so the thread
+/// that answers runs where the task waits.
+fn pin_to(cpu: usize) {
+    // SAFETY: `cpu_set_t` is plain data, zeroed is the empty set; CPU_SET writes within it
+    // (cpu < CPU_SETSIZE, checked); sched_setaffinity reads `size_of` bytes of it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if cpu < libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(cpu, &mut set);
+            let _ = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
+    }
+}
+
 /// Serves queue `qid` (the requests of tasks on CPU `qid`) through io_uring.
-fn serve_ring(dev: Arc<File>, fs: Arc<Mutex<Fs>>, qid: u16) {
+fn serve_ring(dev: Arc<File>, fs: Arc<Mutex<Fs>>, qid: u16, pin: bool) {
+    if pin {
+        pin_to(qid as usize);
+    }
     let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder()
         .setup_cqsize(QUEUE_DEPTH as u32 * 2)
         .build(QUEUE_DEPTH as u32)
@@ -419,13 +438,15 @@ fn serve_ring(dev: Arc<File>, fs: Arc<Mutex<Fs>>, qid: u16) {
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(mountpoint), Some(mode)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: fuse-transport MOUNTPOINT dev|uring [TTL_SECS]");
+        eprintln!("usage: fuse-transport MOUNTPOINT dev|uring|uring-pinned [TTL_SECS]");
         std::process::exit(2);
     };
     if let Some(ttl) = args.get(3).and_then(|t| t.parse().ok()) {
         TTL_SECS.store(ttl, Ordering::Relaxed);
     }
-    let uring = mode == "uring";
+    // "uring-pinned": each queue's thread kept on its CPU.
+    let uring = mode.starts_with("uring");
+    let pin = mode == "uring-pinned";
     let dev = File::options()
         .read(true)
         .write(true)
@@ -455,7 +476,7 @@ fn main() {
     if uring {
         for qid in 0..cpus {
             let (dev, fs) = (Arc::clone(&dev), Arc::clone(&fs));
-            std::thread::spawn(move || serve_ring(dev, fs, qid as u16));
+            std::thread::spawn(move || serve_ring(dev, fs, qid as u16, pin));
         }
         // Forgets and interrupts still come through /dev/fuse, as does everything until
         // every queue is registered.

@@ -60,6 +60,11 @@ pub struct UserPolicy {
     /// mounts may take.
     #[serde(default = "default_user_max_threads")]
     pub max_threads_per_mount: usize,
+    /// Threads of one plugin that all of one user's mounts may take at once: requests of
+    /// their mounts past it wait, so that a user whose requests block in the plugin cannot
+    /// stall everyone's mounts of it.
+    #[serde(default = "default_user_max_threads_all")]
+    pub max_threads: usize,
     /// Memory their mounts may hold together (`64M`, `1G`): the sum of the `size=` of
     /// one user's mounts. A user mount without `size=` gets `max_size / max_mounts`.
     #[serde(default = "default_user_max_size")]
@@ -80,6 +85,7 @@ impl Default for UserPolicy {
             allow_other: false,
             max_mounts: default_user_max_mounts(),
             max_threads_per_mount: default_user_max_threads(),
+            max_threads: default_user_max_threads_all(),
             max_size: default_user_max_size(),
         }
     }
@@ -181,6 +187,9 @@ fn default_user_max_mounts() -> usize {
 fn default_user_max_threads() -> usize {
     2
 }
+fn default_user_max_threads_all() -> usize {
+    crate::mount::pool::DEFAULT_USER_THREADS
+}
 fn default_user_max_size() -> String {
     "1G".into()
 }
@@ -210,7 +219,7 @@ pub enum Invalid {
     ReserveTooLarge,
     #[error("[users] max_size {0:?} is not a size like \"512M\" or \"1G\"")]
     MaxSize(String),
-    #[error("[users] max_threads_per_mount must be 1 to 16")]
+    #[error("[users] max_threads_per_mount must be 1 to 16, and max_threads at least 1")]
     MaxThreads,
     #[error("[[mount]] mountpoint {} must be an absolute path", .0.display())]
     RelativeMountpoint(PathBuf),
@@ -270,7 +279,7 @@ impl Config {
         if fshost_sdk::parse_size(&self.users.max_size).is_none() {
             return Err(Invalid::MaxSize(self.users.max_size.clone()));
         }
-        if !(1..=16).contains(&self.users.max_threads_per_mount) {
+        if !(1..=16).contains(&self.users.max_threads_per_mount) || self.users.max_threads == 0 {
             return Err(Invalid::MaxThreads);
         }
         let mut seen = std::collections::BTreeSet::new();

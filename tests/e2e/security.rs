@@ -659,3 +659,70 @@ fn files_removed_but_held_cannot_grow_a_memfs_without_end() {
     drop(held);
     env.ctl(&["unmount", path_str(&mnt)]).ok();
 }
+
+/// A user's mounts take at most `[users] max_threads` of their plugin's workers together:
+/// a user whose requests block in the plugin (faultfs's slow reads here; for real, say, a
+/// passthroughfs over their own FUSE file system that never answers) waits for their own
+/// requests, while root's mount of the same plugin is served at once.
+#[test]
+fn a_users_blocked_requests_hold_only_their_share_of_the_workers() {
+    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
+        return;
+    }
+    let config = "socket_mode = \"0666\"\n[limits]\nthreads_per_plugin = 8\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 2\n";
+    let env = Env::start_configured(&[], config);
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    env.ctl(&["load", "faultfs"]).ok();
+    let mounts: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let dir = user_dir(&env, &format!("slow{i}"));
+            let (code, stderr) = ctl_as_nobody(
+                &env,
+                &["mount", "faultfs", path_str(&dir), "-o", "slow_ms=1000"],
+            );
+            assert_eq!(code, 0, "{stderr}");
+            dir
+        })
+        .collect();
+    let root_mount = env.mountpoint("root");
+    env.ctl(&["mount", "faultfs", path_str(&root_mount)]).ok();
+    // Two direct reads (no page cache: a request each) on each of the user's three mounts,
+    // as the user: six requests the per-mount limit (2) alone would serve at once.
+    let started = std::time::Instant::now();
+    let mut readers: Vec<_> = mounts
+        .iter()
+        .flat_map(|m| [m, m])
+        .map(|m| {
+            Command::new("setpriv")
+                .args(["--reuid=65534", "--regid=65534", "--clear-groups", "dd"])
+                .arg(format!("if={}", m.join("data").display()))
+                .args(["iflag=direct", "bs=4096", "count=1", "status=none"])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let t = std::time::Instant::now();
+    assert!(fs::read_to_string(root_mount.join("data"))
+        .unwrap()
+        .starts_with("faultfs"));
+    let root_took = t.elapsed();
+    assert!(
+        root_took < Duration::from_millis(800),
+        "root's mount waited {root_took:?}"
+    );
+    for reader in &mut readers {
+        let status = fshost_tests::wait_with_deadline(reader, Duration::from_secs(20)).unwrap();
+        assert!(status.success());
+    }
+    // Two at a time: three rounds of a second.
+    let all = started.elapsed();
+    assert!(
+        all >= Duration::from_millis(2900),
+        "six slow reads took {all:?}"
+    );
+    for mnt in mounts.iter().chain([&root_mount]) {
+        env.ctl(&["unmount", path_str(mnt)]).ok();
+    }
+}

@@ -41,6 +41,7 @@ pub struct TakenOver {
     resumed: ResumedMount,
     target: Arc<MountTarget>,
     kernel_id: u64,
+    owner: u32,
     id: MountId,
     path: PathBuf,
 }
@@ -297,6 +298,7 @@ impl Host<Real> {
                 resumed,
                 target,
                 kernel_id: out.kernel_id,
+                owner: out.owner,
                 id,
                 path,
             });
@@ -310,7 +312,10 @@ impl Host<Real> {
             let shared = Arc::clone(&self.shared);
             let (path, id) = (mount.path.clone(), mount.id);
             let on_end = move || shared.release_mount(&path, id);
-            match mount.resumed.start(mount.target, mount.kernel_id, on_end) {
+            match mount
+                .resumed
+                .start(mount.target, mount.kernel_id, mount.owner, on_end)
+            {
                 Ok(()) => {
                     self.transition(|reg| reg.mount_started(&mount.path, mount.id));
                 }

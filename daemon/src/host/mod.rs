@@ -329,6 +329,7 @@ impl<E: Effects> Host<E> {
     /// Replaces the limits of ordinary users' mounts (start and config reload); mounts that
     /// exist stay as they are.
     pub fn set_user_policy(&self, users: UserPolicy) {
+        crate::mount::pool::set_user_threads(users.max_threads);
         *self.users.lock().unwrap_or_else(|e| e.into_inner()) = users;
     }
 

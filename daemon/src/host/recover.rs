@@ -136,9 +136,12 @@ impl Host<Real> {
         let shared = Arc::clone(&self.shared);
         let ended = path.to_path_buf();
         revived
-            .start(Arc::clone(&side.target), record.kernel_id, move || {
-                shared.release_mount(&ended, id)
-            })
+            .start(
+                Arc::clone(&side.target),
+                record.kernel_id,
+                record.owner,
+                move || shared.release_mount(&ended, id),
+            )
             .map_err(|e| format!("cannot start serving it: {e}"))
     }
 }

@@ -163,6 +163,7 @@ impl ResumedMount {
         self,
         target: Arc<MountTarget>,
         kernel_id: u64,
+        owner: u32,
         on_end: impl FnOnce() + Send + 'static,
     ) -> std::io::Result<()> {
         let ResumedMount {
@@ -184,7 +185,8 @@ impl ResumedMount {
             .map_err(super::pool::ServeError::Io)
             .and_then(|conn| {
                 let t = Arc::clone(&target);
-                super::pool::serve(&plugin, conn, t, kernel_id, cap, true, Box::new(on_end))
+                let on_end = Box::new(on_end);
+                super::pool::serve(&plugin, conn, t, kernel_id, cap, owner, true, on_end)
             });
         served.map(|session| link.served_by(session)).map_err(|e| {
             // Nobody can serve the mount.

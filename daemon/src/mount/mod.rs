@@ -180,8 +180,8 @@ pub fn spawn(
                 .map_err(pool::ServeError::Io)
                 .and_then(|conn| {
                     let target = Arc::clone(&spec.target);
-                    let cap = spec.session.threads;
-                    pool::serve(&name, conn, target, id, cap, false, Box::new(on_end))
+                    let (cap, owner) = (spec.session.threads, spec.owner.0);
+                    pool::serve(&name, conn, target, id, cap, owner, false, Box::new(on_end))
                 });
             let reply = match served {
                 Ok(session) => {

@@ -46,12 +46,21 @@ const IDLE: Duration = Duration::from_secs(10);
 const WAKE: u64 = u64::MAX;
 
 static THREADS_PER_PLUGIN: AtomicUsize = AtomicUsize::new(DEFAULT_THREADS_PER_PLUGIN);
+/// Workers of one pool that the mounts of one user (an owner other than root) may hold at
+/// once, unless configured (`[users] max_threads`).
+pub const DEFAULT_USER_THREADS: usize = 4;
+static USER_THREADS: AtomicUsize = AtomicUsize::new(DEFAULT_USER_THREADS);
 /// The pool of each plugin (by name) that has mounts.
 static POOLS: Mutex<BTreeMap<String, Arc<Pool>>> = Mutex::new(BTreeMap::new());
 
 /// Sets the most workers one plugin's pool may have (at start, before any mount).
 pub fn set_threads_per_plugin(n: usize) {
     THREADS_PER_PLUGIN.store(n.max(1), Ordering::Relaxed);
+}
+
+/// Sets how many workers of a pool one user's mounts may hold at once (at start and reload).
+pub fn set_user_threads(n: usize) {
+    USER_THREADS.store(n.max(1), Ordering::Relaxed);
 }
 
 /// Why a mount could not be served.
@@ -69,13 +78,16 @@ pub enum ServeError {
 /// and must be served (a takeover), so its pool's first worker is made even past the
 /// thread budget. On an error nothing serves the mount, `on_end` is dropped unrun and the
 /// instance destroyed; the caller unmounts. Returns a way to the connection's descriptor
-/// while the mount is served.
+/// while the mount is served. `owner`: the uid whose mounts together take at most
+/// `[users] max_threads` workers (root's are not counted).
+#[allow(clippy::too_many_arguments)]
 pub fn serve(
     plugin: &str,
     conn: Connection,
     target: Arc<MountTarget>,
     kernel_id: u64,
     cap: usize,
+    owner: u32,
     anyway: bool,
     on_end: OnEnd,
 ) -> Result<Weak<dyn AsFd + Send + Sync>, ServeError> {
@@ -99,6 +111,7 @@ pub fn serve(
             target,
             kernel_id,
             cap: cap.max(1),
+            user: (owner != 0).then_some(owner),
             state: AtomicU64::new(ARMED),
             end: EndGuard {
                 on_end: Mutex::new(Some(on_end)),
@@ -149,6 +162,7 @@ fn pool_for(plugin: &str) -> io::Result<Arc<Pool>> {
         epoll,
         wake,
         mounts: RwLock::new(HashMap::new()),
+        shares: Mutex::new(HashMap::new()),
         next_token: AtomicU64::new(0),
         idle: AtomicUsize::new(0),
         closing: AtomicBool::new(false),
@@ -166,6 +180,8 @@ struct Pool {
     /// An eventfd in `epoll`, written when the pool closes.
     wake: OwnedFd,
     mounts: RwLock<HashMap<u64, Arc<Served>>>,
+    /// Workers each user's mounts hold, and their mounts waiting for one (see `Share`).
+    shares: Mutex<HashMap<u32, Share>>,
     next_token: AtomicU64,
     /// Workers waiting for a request.
     idle: AtomicUsize,
@@ -173,6 +189,18 @@ struct Pool {
     /// with `control` held.
     closing: AtomicBool,
     control: Mutex<Control>,
+}
+
+/// One user's part of a pool: a user whose requests could block in the plugin (a
+/// passthroughfs over their own FUSE file system that never answers) would otherwise hold
+/// every worker with enough mounts, and stall everyone else's mounts of the plugin.
+#[derive(Default)]
+struct Share {
+    /// Requests of the user's mounts being served.
+    held: usize,
+    /// Mounts with a request waiting for one of those to be answered (registered in the
+    /// epoll only for their end meanwhile), first come first served.
+    parked: std::collections::VecDeque<u64>,
 }
 
 #[derive(Default)]
@@ -229,8 +257,8 @@ impl Pool {
                 self.leave(self.control.lock());
                 return;
             }
-            let token = match waited {
-                Ok(_) => events.first().map(|e| e.data.u64()),
+            let event = match waited {
+                Ok(_) => events.first().map(|e| (e.data.u64(), e.flags)),
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
                     tracing::error!(plugin = %self.name, error = %e, "waiting for FUSE requests failed");
@@ -238,7 +266,7 @@ impl Pool {
                     continue;
                 }
             };
-            let Some(token) = token else {
+            let Some((token, flags)) = event else {
                 // Idle for a while: end, unless the plugin's mounts need this one.
                 let mut control = self.control.lock();
                 if control.workers > 1 && !self.closing.load(Ordering::Acquire) {
@@ -259,7 +287,42 @@ impl Pool {
                     }
                 }
             }
-            served.serve(&self, &mut buf);
+            // In error: the connection ended (a parked mount is woken only for that).
+            let ended = flags.intersects(epoll::EventFlags::ERR | epoll::EventFlags::HUP);
+            served.serve(&self, &mut buf, ended);
+        }
+    }
+
+    /// Takes a worker for a request of `user`'s mount `token`; false if the user's mounts
+    /// hold all they may, and then the mount is queued for the next one they give back.
+    fn take_share(&self, user: u32, token: u64) -> bool {
+        let mut shares = self.shares.lock();
+        let share = shares.entry(user).or_default();
+        if share.held < USER_THREADS.load(Ordering::Relaxed) {
+            share.held += 1;
+            true
+        } else {
+            share.parked.push_back(token);
+            false
+        }
+    }
+
+    /// Gives back a worker of `user`'s, and wakes the user's mount that waited longest.
+    fn give_share(&self, user: u32) {
+        let next = {
+            let mut shares = self.shares.lock();
+            let Some(share) = shares.get_mut(&user) else {
+                return;
+            };
+            share.held -= 1;
+            let next = share.parked.pop_front();
+            if share.held == 0 && share.parked.is_empty() {
+                shares.remove(&user);
+            }
+            next
+        };
+        if let Some(served) = next.and_then(|token| self.mounts.read().get(&token).cloned()) {
+            served.unpark(self);
         }
     }
 
@@ -343,6 +406,8 @@ struct Served {
     kernel_id: u64,
     /// Requests of this mount served at once, at most.
     cap: usize,
+    /// Its owner, if its requests count against a user's share of the workers.
+    user: Option<u32>,
     /// `ARMED`, `ENDED`, `REMOVED` and the requests in flight (times `ONE`). Atomic, not
     /// locked: with a mutex, the two workers of a busy mount met on it at every request
     /// (measured: 47,656 sched_yield with parking_lot's, 126,724 futex calls with std's, for
@@ -368,12 +433,31 @@ const REMOVED: u64 = 4;
 const ONE: u64 = 8;
 
 impl Served {
-    /// Reads and serves one request (woken by the epoll for this mount).
-    fn serve(&self, pool: &Pool, buf: &mut RequestBuf) {
+    /// Reads and serves one request (woken by the epoll for this mount; `ended`: woken
+    /// because its connection ended).
+    fn serve(&self, pool: &Pool, buf: &mut RequestBuf, ended: bool) {
         if self.state.fetch_and(!ARMED, Ordering::AcqRel) & ENDED != 0 {
             return;
         }
-        let outcome = match self.conn.receive(buf) {
+        // An ended connection gives no request more: read its end at once.
+        let share = self.user.filter(|_| !ended);
+        if let Some(user) = share {
+            if !pool.take_share(user, self.token) {
+                self.park(pool);
+                return;
+            }
+        }
+        let outcome = self.receive_and_dispatch(pool, buf);
+        if let Some(user) = share {
+            pool.give_share(user);
+        }
+        self.finish(pool, outcome);
+    }
+
+    /// Reads one request and serves it, while fewer than `cap` of the mount's are being
+    /// served letting another worker read the next.
+    fn receive_and_dispatch(&self, pool: &Pool, buf: &mut RequestBuf) -> std::io::Result<Received> {
+        match self.conn.receive(buf) {
             Ok(Received::Request) => {
                 let in_flight = self.state.fetch_add(ONE, Ordering::AcqRel) / ONE + 1;
                 if in_flight < self.cap as u64 {
@@ -384,7 +468,41 @@ impl Served {
                 served
             }
             other => other,
-        };
+        }
+    }
+
+    /// Waits for a worker of its user's share: registered for its end only, marked armed so
+    /// that no other worker registers it for requests meanwhile ([`Served::unpark`] does).
+    fn park(&self, pool: &Pool) {
+        let parked = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v & (ARMED | ENDED) == 0).then_some(v | ARMED)
+            });
+        if parked.is_err() {
+            return;
+        }
+        let modified = epoll::modify(
+            &pool.epoll,
+            &self.conn,
+            epoll::EventData::new_u64(self.token),
+            epoll::EventFlags::ONESHOT,
+        );
+        if let Err(e) = modified {
+            tracing::error!(mountpoint = %self.target.path.display(), error = %e, "cannot wait for the mount's requests; detaching it");
+            let _ = self.target.detach(self.kernel_id, true);
+            self.end(pool);
+        }
+    }
+
+    /// A worker of its user's share is free: wait for requests again.
+    fn unpark(&self, pool: &Pool) {
+        self.state.fetch_and(!ARMED, Ordering::AcqRel);
+        self.arm(pool);
+    }
+
+    /// What follows a request served, or a read that gave none.
+    fn finish(&self, pool: &Pool, outcome: std::io::Result<Received>) {
         match outcome {
             Ok(Received::Request | Received::Empty) => self.arm(pool),
             Ok(Received::Ended) => self.end(pool),

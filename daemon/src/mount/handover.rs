@@ -194,7 +194,10 @@ impl ResumedMount {
             let _ = target.detach(kernel_id, true);
             match e {
                 super::pool::ServeError::Io(e) => e,
-                super::pool::ServeError::Budget(..) => unreachable!("taken anyway"),
+                // Not met: a takeover's first worker is made past the budget.
+                super::pool::ServeError::Budget(used, cap) => std::io::Error::other(format!(
+                    "fshostd's mounts already use {used} of the {cap} threads it may have"
+                )),
             }
         })
     }

@@ -175,34 +175,18 @@ fn a_slow_mount_takes_only_its_share_of_its_plugins_workers() {
     .ok();
     env.ctl(&["mount", "faultfs", path_str(&fast)]).ok();
     // Four direct reads at once (no page cache: each is a request of its own), in other
-    // processes, as real users' would be.
+    // processes, as real users' would be; the other mount answers at once meanwhile.
     let started = Instant::now();
-    let mut readers: Vec<_> = (0..4)
-        .map(|_| {
-            std::process::Command::new("dd")
-                .arg(format!("if={}", slow.join("data").display()))
-                .args(["iflag=direct", "bs=4096", "count=1", "status=none"])
-                .stdout(std::process::Stdio::null())
-                .spawn()
-                .unwrap()
-        })
+    let readers = (0..4)
+        .map(|_| fshost_tests::direct_read(&slow.join("data"), false))
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
-    let t = Instant::now();
-    assert!(fs::read_to_string(fast.join("data"))
-        .unwrap()
-        .starts_with("faultfs"));
-    let fast_took = t.elapsed();
-    assert!(
-        fast_took < Duration::from_millis(1000),
-        "the other mount waited {fast_took:?}"
+    let all = fshost_tests::slow_reads_beside(
+        started,
+        readers,
+        &fast.join("data"),
+        Duration::from_millis(1000),
     );
-    for reader in &mut readers {
-        let status = fshost_tests::wait_with_deadline(reader, Duration::from_secs(20)).unwrap();
-        assert!(status.success());
-    }
     // Two at a time: two rounds of 1.5 s (four workers would have served them in one).
-    let all = started.elapsed();
     assert!(
         all >= Duration::from_millis(2900),
         "four slow reads took {all:?}"

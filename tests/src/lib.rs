@@ -111,6 +111,46 @@ pub fn run(mut command: Command) -> Output {
     }
 }
 
+/// A one-page direct read of `file` (no page cache: a FUSE request of its own) by `dd`, in
+/// a process of its own, as uid/gid 65534 if `as_nobody` (through setpriv).
+pub fn direct_read(file: &Path, as_nobody: bool) -> Child {
+    let mut command = if as_nobody {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "dd"]);
+        c
+    } else {
+        Command::new("dd")
+    };
+    command
+        .arg(format!("if={}", file.display()))
+        .args(["iflag=direct", "bs=4096", "count=1", "status=none"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start dd")
+}
+
+/// While `readers` (slow reads started at `started`) wait in a plugin, a read of
+/// `bystander` must take less than `quick`; then every reader must succeed. Returns how long
+/// the readers took in all.
+pub fn slow_reads_beside(
+    started: Instant,
+    mut readers: Vec<Child>,
+    bystander: &Path,
+    quick: Duration,
+) -> Duration {
+    std::thread::sleep(Duration::from_millis(300));
+    let t = Instant::now();
+    let text = std::fs::read_to_string(bystander).expect("the bystander's read");
+    assert!(!text.is_empty());
+    let took = t.elapsed();
+    assert!(took < quick, "{} waited {took:?}", bystander.display());
+    for reader in &mut readers {
+        let status = wait_with_deadline(reader, Duration::from_secs(20)).expect("a reader ended");
+        assert!(status.success());
+    }
+    started.elapsed()
+}
+
 /// Waits for a child; kills it and returns None after `timeout`.
 pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + timeout;

@@ -474,25 +474,7 @@ impl Served {
     /// Waits for a worker of its user's share: registered for its end only, marked armed so
     /// that no other worker registers it for requests meanwhile ([`Served::unpark`] does).
     fn park(&self, pool: &Pool) {
-        let parked = self
-            .state
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
-                (v & (ARMED | ENDED) == 0).then_some(v | ARMED)
-            });
-        if parked.is_err() {
-            return;
-        }
-        let modified = epoll::modify(
-            &pool.epoll,
-            &self.conn,
-            epoll::EventData::new_u64(self.token),
-            epoll::EventFlags::ONESHOT,
-        );
-        if let Err(e) = modified {
-            tracing::error!(mountpoint = %self.target.path.display(), error = %e, "cannot wait for the mount's requests; detaching it");
-            let _ = self.target.detach(self.kernel_id, true);
-            self.end(pool);
-        }
+        self.register(pool, epoll::EventFlags::ONESHOT);
     }
 
     /// A worker of its user's share is free: wait for requests again.
@@ -519,28 +501,31 @@ impl Served {
     /// Registers the connection again, unless it is or the session ended, so that a
     /// worker is woken for its next request.
     fn arm(&self, pool: &Pool) {
-        let armed = self
+        if !self.register(pool, armed_flags()) {
+            // Armed by another worker, or ended: then the one whose request was the last
+            // in flight takes the mount out.
+            self.leave_if_done(pool, self.state.load(Ordering::Acquire));
+        }
+    }
+
+    /// Marks the mount armed and registers its connection in the epoll for `events`, unless
+    /// it is armed already or ended (then false).
+    fn register(&self, pool: &Pool, events: epoll::EventFlags) -> bool {
+        let marked = self
             .state
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
                 (v & (ARMED | ENDED) == 0).then_some(v | ARMED)
             });
-        if armed.is_err() {
-            // Armed by another worker, or ended: then the one whose request was the last
-            // in flight takes the mount out.
-            self.leave_if_done(pool, self.state.load(Ordering::Acquire));
-            return;
+        if marked.is_err() {
+            return false;
         }
-        let modified = epoll::modify(
-            &pool.epoll,
-            &self.conn,
-            epoll::EventData::new_u64(self.token),
-            armed_flags(),
-        );
-        if let Err(e) = modified {
+        let data = epoll::EventData::new_u64(self.token);
+        if let Err(e) = epoll::modify(&pool.epoll, &self.conn, data, events) {
             tracing::error!(mountpoint = %self.target.path.display(), error = %e, "cannot wait for the mount's requests; detaching it");
             let _ = self.target.detach(self.kernel_id, true);
             self.end(pool);
         }
+        true
     }
 
     /// The session ended: the mount leaves the pool once no request of it is in flight.

@@ -349,6 +349,7 @@ async fn start(
     ));
     host.set_user_policy(config.users.clone());
     keep_connections(&settings.socket);
+    raise_open_file_limit();
     limit_mount_threads(config);
     // The rest of what systemd passed: FUSE connections it kept for us before a crash.
     let kept: Vec<(u64, OwnedFd)> = systemd
@@ -383,20 +384,22 @@ async fn start(
     Ok((host, listener, owns_socket, preloaded))
 }
 
-/// Bounds the threads mounts may use (see `mount::budget`), before any mount starts, and
-/// takes all the descriptors the process may have: each mount holds a few (its connection,
-/// its mount point, its plugin's), and the soft limit systemd and shells give (1,024) would
-/// stop fshostd at a few hundred mounts.
-fn limit_mount_threads(config: &Config) {
+/// Takes all the descriptors the process may have: each mount holds one (its connection),
+/// and the soft limit systemd and shells give (1,024) would stop fshostd near a thousand
+/// mounts.
+fn raise_open_file_limit() {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    match getrlimit(Resource::RLIMIT_NOFILE) {
-        Ok((soft, hard)) if soft < hard => {
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
             if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
                 tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
             }
         }
-        _ => {}
     }
+}
+
+/// Bounds the threads mounts may use (see `mount::budget`), before any mount starts.
+fn limit_mount_threads(config: &Config) {
     let (cap, bound) = mount::budget::limit_threads(config.limits.max_mount_threads);
     mount::pool::set_threads_per_plugin(config.limits.threads_per_plugin);
     tracing::info!(threads = cap, bounded_by = %bound, per_plugin = config.limits.threads_per_plugin, "threads mounts may use");
@@ -457,6 +460,7 @@ async fn take_over(
         tracing::warn!(error = %e, "daemon upgrade: serving although the old fshostd may still run");
     }
     // Now that the old process's threads are gone from the system's counts.
+    raise_open_file_limit();
     limit_mount_threads(config);
     let serving = Arc::clone(&host);
     tokio::task::spawn_blocking(move || serving.serve_taken_over(taken)).await?;

@@ -180,15 +180,11 @@ impl ResumedMount {
             // Before Linux 6.9: requests the old process had read stay unanswered.
             tracing::warn!(mountpoint = %target.path.display(), error = %e, "the kernel cannot re-send requests (FUSE_NOTIFY_RESEND needs Linux 6.9)");
         }
-        let served = session
-            .into_polled()
-            .map_err(super::pool::ServeError::Io)
-            .and_then(|conn| {
-                let t = Arc::clone(&target);
-                let on_end = Box::new(on_end);
-                super::pool::serve(&plugin, conn, t, kernel_id, cap, owner, true, on_end)
-            });
-        served.map(|session| link.served_by(session)).map_err(|e| {
+        let (t, on_end) = (Arc::clone(&target), Box::new(on_end));
+        let served = super::pool::serve(
+            &plugin, session, &link, t, kernel_id, cap, owner, true, on_end,
+        );
+        served.map_err(|e| {
             // Nobody can serve the mount.
             tracing::error!(mountpoint = %target.path.display(), error = ?e, "cannot serve a taken-over mount; detaching it");
             let _ = target.detach(kernel_id, true);

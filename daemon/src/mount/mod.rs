@@ -175,19 +175,14 @@ pub fn spawn(
             };
             // "Mounted" means served: a worker of the plugin's pool waits for the mount's
             // requests before we say so.
-            let served = session
-                .into_polled()
-                .map_err(pool::ServeError::Io)
-                .and_then(|conn| {
-                    let target = Arc::clone(&spec.target);
-                    let (cap, owner) = (spec.session.threads, spec.owner.0);
-                    pool::serve(&name, conn, target, id, cap, owner, false, Box::new(on_end))
-                });
+            let target = Arc::clone(&spec.target);
+            let (cap, owner) = (spec.session.threads, spec.owner.0);
+            let on_end = Box::new(on_end);
+            let served = pool::serve(
+                &name, session, &slot.link, target, id, cap, owner, false, on_end,
+            );
             let reply = match served {
-                Ok(session) => {
-                    slot.link.served_by(session);
-                    Ok((id, slot))
-                }
+                Ok(()) => Ok((id, slot)),
                 Err(e) => {
                     let _ = spec.target.detach(id, true);
                     Err(serve_error(e))

@@ -24,16 +24,17 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fuser::{Polled, Received, RequestBuf};
+use fuser::{Polled, Received, RequestBuf, Session};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use rustix::buffer::spare_capacity;
 use rustix::event::{epoll, eventfd, EventfdFlags, Timespec};
 
 use super::budget;
+use super::link::Link;
 use super::{Adapter, MountTarget, Swappable};
 
 /// A mount's connection, served by a pool.
-pub type Connection = Polled<Adapter<Arc<Swappable>>>;
+type Connection = Polled<Adapter<Arc<Swappable>>>;
 
 /// What to run when a mount's session has ended.
 pub type OnEnd = Box<dyn FnOnce() + Send>;
@@ -72,25 +73,27 @@ pub enum ServeError {
     Io(io::Error),
 }
 
-/// Serves `conn` (the mount at `target`, kernel id `kernel_id`, of plugin `plugin`) from
+/// Serves `session` (the mount at `target`, kernel id `kernel_id`, of plugin `plugin`) from
 /// the plugin's pool, at most `cap` of its requests at once, until the session ends; then
 /// the plugin instance is destroyed and `on_end` runs. `anyway`: the mount exists already
 /// and must be served (a takeover), so its pool's first worker is made even past the
 /// thread budget. On an error nothing serves the mount, `on_end` is dropped unrun and the
-/// instance destroyed; the caller unmounts. Returns a way to the connection's descriptor
-/// while the mount is served. `owner`: the uid whose mounts together take at most
+/// instance destroyed; the caller unmounts. Once served, `link` reaches the connection's
+/// descriptor through the pool. `owner`: the uid whose mounts together take at most
 /// `[users] max_threads` workers (root's are not counted).
 #[allow(clippy::too_many_arguments)]
 pub fn serve(
     plugin: &str,
-    conn: Connection,
+    session: Session<Adapter<Arc<Swappable>>>,
+    link: &Link,
     target: Arc<MountTarget>,
     kernel_id: u64,
     cap: usize,
     owner: u32,
     anyway: bool,
     on_end: OnEnd,
-) -> Result<Weak<dyn AsFd + Send + Sync>, ServeError> {
+) -> Result<(), ServeError> {
+    let conn = session.into_polled().map_err(ServeError::Io)?;
     loop {
         let pool = pool_for(plugin).map_err(ServeError::Io)?;
         let mut control = pool.control.lock();
@@ -134,7 +137,8 @@ pub fn serve(
             pool.forget_if_empty();
             return Err(ServeError::Io(e.into()));
         }
-        return Ok(Arc::downgrade(&served) as Weak<dyn AsFd + Send + Sync>);
+        link.served_by(Arc::downgrade(&served) as Weak<dyn AsFd + Send + Sync>);
+        return Ok(());
     }
 }
 
@@ -358,11 +362,15 @@ impl Pool {
     /// served); the pool closes if it was the last.
     fn remove(&self, token: u64) {
         let control = self.control.lock();
-        let Some(served) = self.mounts.write().remove(&token) else {
-            return;
+        let (served, last) = {
+            let mut mounts = self.mounts.write();
+            let Some(served) = mounts.remove(&token) else {
+                return;
+            };
+            (served, mounts.is_empty())
         };
         let _ = epoll::delete(&self.epoll, &served.conn);
-        if self.mounts.read().is_empty() {
+        if last {
             self.close();
         }
         drop(control);

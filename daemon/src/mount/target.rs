@@ -14,7 +14,7 @@ use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, LazyLock, Mutex, MutexGuard, Weak};
 
 use rustix::fs::{Mode, OFlags, ResolveFlags, CWD};
 use rustix::mount::UnmountFlags;
@@ -208,12 +208,13 @@ impl MountTarget {
 
 /// The one descriptor of directory `fd` that targets share: many mount points in one
 /// directory would otherwise hold one each (10,000 mounts, 10,000 descriptors). Two
-/// `O_PATH` descriptors of a directory on the same mount (the same mount id, device and
-/// inode) lead to the same place, so which one a target holds makes no difference; `fd`
+/// `O_PATH` descriptors of a directory on the same mount (the same mount id and inode)
+/// lead to the same place, so which one a target holds makes no difference; `fd`
 /// itself is kept if none is alive yet, or if it cannot be told apart.
 fn shared_parent(fd: OwnedFd) -> Arc<OwnedFd> {
-    type Parents = HashMap<(u64, u32, u32, u64), Weak<OwnedFd>>;
-    static PARENTS: Mutex<Option<Parents>> = Mutex::new(None);
+    // (mount id, inode): the mount id names the file system too.
+    type Parents = Mutex<HashMap<(u64, u64), Weak<OwnedFd>>>;
+    static PARENTS: LazyLock<Parents> = LazyLock::new(Mutex::default);
     let flags = rustix::fs::AtFlags::EMPTY_PATH | rustix::fs::AtFlags::STATX_DONT_SYNC;
     let mask = rustix::fs::StatxFlags::INO | rustix::fs::StatxFlags::MNT_ID;
     let Ok(sx) = rustix::fs::statx(&fd, "", flags, mask) else {
@@ -222,14 +223,8 @@ fn shared_parent(fd: OwnedFd) -> Arc<OwnedFd> {
     if sx.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() == 0 {
         return Arc::new(fd);
     }
-    let key = (
-        sx.stx_mnt_id,
-        sx.stx_dev_major,
-        sx.stx_dev_minor,
-        sx.stx_ino,
-    );
+    let key = (sx.stx_mnt_id, sx.stx_ino);
     let mut parents = PARENTS.lock().unwrap_or_else(|e| e.into_inner());
-    let parents = parents.get_or_insert_with(HashMap::new);
     if let Some(shared) = parents.get(&key).and_then(Weak::upgrade) {
         return shared;
     }

@@ -341,9 +341,20 @@ fn mounts_table(mounts: &[MountInfo]) -> String {
             table::utc(m.since),
             if m.read_only { "ro" } else { "rw" }.to_string(),
             m.owner_uid.to_string(),
+            m.transport.clone().unwrap_or_else(|| "-".into()),
         ]
     });
-    table::render(&["MOUNTPOINT", "PLUGIN", "SINCE", "MODE", "OWNER"], rows)
+    table::render(
+        &[
+            "MOUNTPOINT",
+            "PLUGIN",
+            "SINCE",
+            "MODE",
+            "OWNER",
+            "TRANSPORT",
+        ],
+        rows,
+    )
 }
 
 /// "120 µs", "3.2 ms": a latency bucket's bound.

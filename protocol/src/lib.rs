@@ -551,6 +551,10 @@ pub struct MountInfo {
     /// Opens handed to the kernel as FUSE passthrough.
     #[serde(default)]
     pub passthrough_opens: u64,
+    /// What carries the mount's requests: `/dev/fuse`, or `io_uring (…)` with `-o uring`
+    /// (or why not). Absent from older daemons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
 }
 
 /// Error payload of a failed request.

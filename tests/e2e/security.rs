@@ -710,3 +710,18 @@ fn a_users_blocked_requests_hold_only_their_share_of_the_workers() {
         env.ctl(&["unmount", path_str(mnt)]).ok();
     }
 }
+
+#[test]
+fn a_user_may_not_ask_for_io_uring() {
+    let Some(env) = user_env("") else { return };
+    let mine = user_dir(&env, "mine");
+    let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", path_str(&mine), "-o", "uring"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("user 65534 may not use -o uring") && stderr.contains("mount without it"),
+        "{stderr}"
+    );
+    let (code, stderr) = ctl_as_nobody(&env, &["mount", "memfs", path_str(&mine)]);
+    assert_eq!(code, 0, "{stderr}");
+    env.ctl(&["unmount", path_str(&mine)]).ok();
+}

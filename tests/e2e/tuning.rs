@@ -214,3 +214,209 @@ fn writeback_appends_and_overwrites_land_at_their_offsets() {
     );
     env.ctl(&["unmount", path_str(&m)]).ok();
 }
+
+/// Sets a kernel knob for the length of a test and puts the old value back after it, also
+/// when the test fails.
+struct Knob {
+    path: &'static str,
+    old: String,
+}
+
+impl Knob {
+    fn set(path: &'static str, value: &str) -> Option<Knob> {
+        let old = fs::read_to_string(path).ok()?;
+        fs::write(path, value).ok()?;
+        Some(Knob {
+            path,
+            old: old.trim().to_string(),
+        })
+    }
+}
+
+impl Drop for Knob {
+    fn drop(&mut self) {
+        let _ = fs::write(self.path, &self.old);
+    }
+}
+
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+/// The knobs are the machine's: one test at a time turns them.
+static KNOBS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The transport `mounts` reports for the mount at `path`.
+fn transport(env: &Env, path: &Path) -> String {
+    let mounts = env.ctl(&["--json", "mounts"]).ok().json();
+    mounts["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountpoint"] == path_str(path))
+        .and_then(|m| m["transport"].as_str())
+        .unwrap_or_else(|| panic!("no transport for {}: {mounts}", path.display()))
+        .to_string()
+}
+
+/// Threads of process `pid` whose name starts with `prefix`.
+fn threads_named(pid: u32, prefix: &str) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .filter(|name| name.starts_with(prefix))
+        .count()
+}
+
+/// Files made, written, renamed, read back and removed: what a mount must serve whatever
+/// carries its requests.
+fn exercise(dir: &Path) {
+    let sub = dir.join("sub");
+    fs::create_dir(&sub).unwrap();
+    for i in 0..200 {
+        fs::write(sub.join(format!("f{i}")), format!("content {i}").repeat(i)).unwrap();
+    }
+    fs::rename(sub.join("f7"), dir.join("moved")).unwrap();
+    assert_eq!(
+        fs::read_to_string(dir.join("moved")).unwrap(),
+        "content 7".repeat(7)
+    );
+    let big = vec![0xa5u8; 3 << 20];
+    fs::write(dir.join("big"), &big).unwrap();
+    assert!(fs::read(dir.join("big")).unwrap() == big);
+    assert_eq!(fs::read_dir(&sub).unwrap().count(), 199);
+    fs::remove_dir_all(&sub).unwrap();
+}
+
+#[test]
+fn fuse_over_io_uring_serves_where_the_kernel_offers_it_and_dev_fuse_where_not() {
+    if !fuse_available() {
+        return;
+    }
+    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_enabled) = Knob::set(ENABLE_URING, "Y") else {
+        // A kernel before 6.14 (or without CONFIG_FUSE_IO_URING): only the fallback.
+        let env = Env::start();
+        env.ctl(&["load", &memfs()]).ok();
+        let a = env.mountpoint("a");
+        env.ctl(&["mount", "memfs", path_str(&a), "-o", "uring"])
+            .ok();
+        assert!(transport(&env, &a).starts_with("/dev/fuse (io_uring asked for"));
+        exercise(&a);
+        env.ctl(&["unmount", path_str(&a)]).ok();
+        return;
+    };
+    let mut env = Env::start();
+    env.ctl(&["load", &memfs()]).ok();
+    let (ring, plain) = (env.mountpoint("ring"), env.mountpoint("plain"));
+    env.ctl(&["mount", "memfs", path_str(&ring), "-o", "uring"])
+        .ok();
+    env.ctl(&["mount", "memfs", path_str(&plain)]).ok();
+    exercise(&ring);
+    exercise(&plain);
+    let queues = fs::read_to_string("/sys/devices/system/cpu/possible")
+        .unwrap()
+        .trim()
+        .rsplit(['-', ','])
+        .next()
+        .unwrap()
+        .parse::<usize>()
+        .unwrap()
+        + 1;
+    let via_ring = transport(&env, &ring);
+    let served: u64 = via_ring
+        .strip_prefix(&format!("io_uring ({queues} queues, "))
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{via_ring}"));
+    // 200 creates alone are 600 requests; the ring carried them, not /dev/fuse.
+    assert!(served > 600, "{via_ring}");
+    assert_eq!(transport(&env, &plain), "/dev/fuse");
+    assert_eq!(threads_named(env.pid(), "uring:"), queues);
+    // A ring's requests cannot cross to another process: the upgrade is refused, and
+    // both mounts serve on.
+    let out = env.daemon_upgrade(&[]);
+    assert_eq!(out.code, 1, "{out:?}");
+    assert!(
+        out.stderr.contains("served over io_uring") && out.stderr.contains(path_str(&ring)),
+        "{out:?}"
+    );
+    exercise(&ring);
+
+    // The kernel's switch off: /dev/fuse serves, and the mount says why.
+    let off = env.mountpoint("off");
+    fs::write(ENABLE_URING, "N").unwrap();
+    env.ctl(&["mount", "memfs", path_str(&off), "-o", "uring"])
+        .ok();
+    fs::write(ENABLE_URING, "Y").unwrap();
+    assert!(
+        transport(&env, &off).contains("the kernel does not offer it"),
+        "{}",
+        transport(&env, &off)
+    );
+    exercise(&off);
+    // io_uring forbidden to the daemon: it does not ask (the kernel would hold every
+    // request for a ring that never comes).
+    let forbidden = env.mountpoint("forbidden");
+    {
+        let _disabled = Knob::set("/proc/sys/kernel/io_uring_disabled", "2");
+        env.ctl(&["mount", "memfs", path_str(&forbidden), "-o", "uring"])
+            .ok();
+    }
+    assert!(
+        transport(&env, &forbidden).contains("kernel.io_uring_disabled"),
+        "{}",
+        transport(&env, &forbidden)
+    );
+    exercise(&forbidden);
+    for m in [&ring, &plain, &off, &forbidden] {
+        env.ctl(&["unmount", path_str(m)]).ok();
+    }
+    // The queue threads end with their mount, before the plugin may go.
+    assert_eq!(threads_named(env.pid(), "uring:"), 0);
+    env.ctl(&["unload", "memfs"]).ok();
+    // With every mount on /dev/fuse again, the upgrade goes through.
+    let out = env.daemon_upgrade(&[]);
+    assert_eq!(out.code, 0, "{out:?}");
+}
+
+#[test]
+fn a_ring_the_daemon_cannot_complete_after_init_is_given_up_for_dev_fuse() {
+    if !fuse_available() {
+        return;
+    }
+    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(_enabled) = Knob::set(ENABLE_URING, "Y") else {
+        return;
+    };
+    // Room for the mount's thread and its pool's worker, not for the queue threads: the
+    // kernel agreed at INIT, and must be told to give the ring up.
+    let env = Env::start_configured(&[], "[limits]\nmax_mount_threads = 3\n");
+    env.ctl(&["load", &memfs()]).ok();
+    let a = env.mountpoint("a");
+    env.ctl(&["mount", "memfs", path_str(&a), "-o", "uring"])
+        .ok();
+    assert!(
+        transport(&env, &a).contains("no room for"),
+        "{}",
+        transport(&env, &a)
+    );
+    // Served through /dev/fuse, not held by the kernel for the ring.
+    let mut writer = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "echo held > {}/f && cat {}/f",
+            path_str(&a),
+            path_str(&a)
+        ))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = fshost_tests::wait_with_deadline(&mut writer, Duration::from_secs(10));
+    if status.is_none() {
+        let _ = writer.kill();
+        let _ = writer.wait();
+    }
+    env.ctl(&["unmount", path_str(&a)]).ok();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the mount's requests were held"
+    );
+}

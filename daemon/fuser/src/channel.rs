@@ -64,7 +64,10 @@ impl Channel {
     pub(crate) fn sender(&self) -> ChannelSender {
         // Since write/writev syscalls are threadsafe, we can simply create
         // a sender by using the same file and use it in other threads.
-        ChannelSender(self.0.clone())
+        ChannelSender {
+            dev: self.0.clone(),
+            sink: None,
+        }
     }
 
     /// Clone the FUSE device fd using FUSE_DEV_IOC_CLONE ioctl.
@@ -90,12 +93,45 @@ impl Channel {
     }
 }
 
-#[derive(Clone, Debug)]
-pub(crate) struct ChannelSender(Arc<DevFuse>);
+/// Where the answers to requests go instead of the connection: the caller reads requests
+/// some other way than from `/dev/fuse` (FUSE over io_uring, where each answer is written
+/// into the buffers of the ring entry that carried its request). Notifications still go
+/// to the connection.
+pub trait ReplySink: Send + Sync + 'static {
+    /// Takes one whole answer: the out header, then the data.
+    /// # Errors
+    /// If the answer cannot be delivered.
+    fn send(&self, reply: &[io::IoSlice<'_>]) -> io::Result<()>;
+}
+
+#[derive(Clone)]
+pub(crate) struct ChannelSender {
+    dev: Arc<DevFuse>,
+    /// Answers go here rather than to `dev` (see `ReplySink`).
+    sink: Option<Arc<dyn ReplySink>>,
+}
+
+impl std::fmt::Debug for ChannelSender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelSender")
+            .field("dev", &self.dev)
+            .field("sink", &self.sink.is_some())
+            .finish()
+    }
+}
 
 impl ChannelSender {
+    /// The same connection, with answers going to `sink`.
+    pub(crate) fn with_sink(mut self, sink: Arc<dyn ReplySink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
     pub(crate) fn send(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<()> {
-        let rc = nix::sys::uio::writev(&self.0, bufs)?;
+        if let Some(sink) = &self.sink {
+            return sink.send(bufs);
+        }
+        let rc = nix::sys::uio::writev(&self.dev, bufs)?;
         // writev is atomic, so do not need to check how many bytes are written.
         // libfuse does not do it either
         // https://github.com/libfuse/libfuse/blob/6278995cca991978abd25ebb2c20ebd3fc9e8a13/lib/fuse_lowlevel.c#L267
@@ -104,10 +140,10 @@ impl ChannelSender {
     }
 
     pub(crate) fn open_backing(&self, fd: BorrowedFd<'_>) -> std::io::Result<BackingId> {
-        BackingId::create(&self.0, fd)
+        BackingId::create(&self.dev, fd)
     }
 
     pub(crate) unsafe fn wrap_backing(&self, id: u32) -> BackingId {
-        unsafe { BackingId::wrap_raw(&self.0, id) }
+        unsafe { BackingId::wrap_raw(&self.dev, id) }
     }
 }

@@ -33,6 +33,7 @@ use crate::ReplyEmpty;
 use crate::Request;
 use crate::channel::Channel;
 use crate::channel::ChannelSender;
+use crate::channel::ReplySink;
 use crate::dev_fuse::DevFuse;
 use crate::ll;
 use crate::ll::Operation;
@@ -613,7 +614,7 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
             // The kernel driver makes sure that we get exactly one request per read
             match self.ch.receive_retrying(buf) {
                 Ok(size) => {
-                    if self.handle(&buf[..size])? == Received::Ended {
+                    if self.handle(self.ch.sender(), &buf[..size])? == Received::Ended {
                         return Ok(());
                     }
                 }
@@ -623,9 +624,10 @@ impl<FS: Filesystem> SessionEventLoop<FS> {
         }
     }
 
-    /// Dispatches one request; `Ended` if it was DESTROY (the session ends).
-    fn handle(&self, data: &[u8]) -> io::Result<Received> {
-        match RequestWithSender::new(self.ch.sender(), data) {
+    /// Dispatches one request, its answer sent through `sender`; `Ended` if it was DESTROY
+    /// (the session ends).
+    fn handle(&self, sender: ChannelSender, data: &[u8]) -> io::Result<Received> {
+        match RequestWithSender::new(sender, data) {
             Some(req) => {
                 if let Ok(Operation::Destroy(_)) = req.request.operation() {
                     req.reply::<ReplyEmpty>().ok();
@@ -669,6 +671,31 @@ impl RequestBuf {
             buf: FuseReadBuf::new(),
             len: 0,
         }
+    }
+}
+
+impl RequestBuf {
+    /// Puts a request that came some other way than `Polled::receive` into the buffer, as
+    /// `/dev/fuse` would give it: the concatenation of `parts` (for FUSE over io_uring: the
+    /// in header, the operation's header, the payload).
+    /// # Errors
+    /// If they do not fit.
+    pub fn fill(&mut self, parts: &[&[u8]]) -> io::Result<()> {
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        let buf = self.buf.as_mut();
+        if len > buf.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "request larger than the buffer",
+            ));
+        }
+        let mut at = 0;
+        for part in parts {
+            buf[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        self.len = len;
+        Ok(())
     }
 }
 
@@ -745,7 +772,17 @@ impl<FS: Filesystem> Polled<FS> {
         let len = buf.len;
         // The same aligned part `receive` filled.
         let data = &buf.buf.aligned()[..len];
-        self.event_loop.handle(data)
+        self.event_loop.handle(self.event_loop.ch.sender(), data)
+    }
+
+    /// Serves the request in `buf` (put there by `RequestBuf::fill`) with its answer going
+    /// to `sink` instead of the connection; otherwise as `dispatch`.
+    /// # Errors
+    /// If the buffer holds no valid request.
+    pub fn dispatch_to(&self, buf: &RequestBuf, sink: Arc<dyn ReplySink>) -> io::Result<Received> {
+        let data = &buf.buf.aligned()[..buf.len];
+        let sender = self.event_loop.ch.sender().with_sink(sink);
+        self.event_loop.handle(sender, data)
     }
 
     /// Returns an object that can be used to send notifications to the kernel.

@@ -20,6 +20,8 @@ pub enum Refusal {
     PluginNotForUsers { uid: u32, plugin: String },
     #[error("user {uid} may not use -o allow_other: the config's [users] allow_other is false")]
     AllowOther { uid: u32 },
+    #[error("user {uid} may not use -o uring: it gives the mount a thread per CPU of its own, outside the users' limits; ask an administrator to mount it, or mount without it")]
+    Uring { uid: u32 },
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +91,9 @@ impl Policy {
                 }
                 if options.contains_key("allow_other") && !self.allow_other {
                     return Err(Refusal::AllowOther { uid });
+                }
+                if options.contains_key("uring") {
+                    return Err(Refusal::Uring { uid });
                 }
                 Ok(())
             }

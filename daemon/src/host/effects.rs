@@ -116,6 +116,10 @@ pub trait Effects: Send + Sync + Sized + 'static {
     /// A mount is served: keep what serving it again after a crash of fshostd needs (the
     /// real world: systemd's file descriptor store, when systemd runs fshostd).
     fn keep_mount(&self, _mount: &KeptMount, _target: &Self::Target, _slot: &Self::Slot) {}
+    /// Which transport carries a served mount's requests, for people (`info`, `mounts`).
+    fn transport(&self, _slot: &Self::Slot) -> Option<String> {
+        None
+    }
     /// A mount ended: forget what `keep_mount` kept.
     fn forget_mount(&self, _kernel_id: u64) {}
     /// Unmounts exactly the kernel mount `id` at `target`.
@@ -272,6 +276,10 @@ impl Effects for Real {
 
     fn unmount(&self, target: &MountTarget, id: u64, lazy: bool) -> Result<(), UnmountError> {
         mount::unmount(target, id, lazy)
+    }
+
+    fn transport(&self, slot: &Arc<Swappable>) -> Option<String> {
+        Some(slot.link.transport().to_string())
     }
 
     fn keep_mount(&self, kept: &KeptMount, target: &MountTarget, slot: &Arc<Swappable>) {

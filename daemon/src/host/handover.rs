@@ -139,6 +139,21 @@ impl Host<Real> {
                 loaded_at: handover::epoch(*loaded_at),
             });
         }
+        // A ring's requests cannot cross to another process (Linux 6.18: they stay in the
+        // old process's ring entries, and the kernel does not re-send them), so a mount
+        // served over io_uring holds the upgrade back.
+        let ringed: Vec<PathBuf> = mounts
+            .iter()
+            .filter(|(_, _, _, slot)| slot.link.agreed().is_some_and(|a| a.uring))
+            .map(|(path, _, _, _)| path.clone())
+            .collect();
+        if !ringed.is_empty() {
+            return Err(fail(format!(
+                "{} served over io_uring (-o uring), whose requests cannot be handed to another process; unmount {} (and mount again without -o uring to keep it across upgrades) first",
+                if ringed.len() == 1 { "a mount is" } else { "mounts are" },
+                crate::registry::join_paths(&ringed)
+            )));
+        }
         // Pause every mount at once: requests in flight finish, new ones wait (and, once
         // this process is gone, are read by the next one).
         let paused = mount::pause_all(

@@ -99,8 +99,10 @@ impl<E: Effects> Host<E> {
             owner: (caller.uid, caller.gid),
         };
         let on_end = Box::new(move || shared.release_mount(&ended_path, id));
+        let slot_transport;
         match self.effects().spawn_mount(request, on_end) {
             Ok((kernel_id, slot)) => {
+                slot_transport = self.effects().transport(&slot);
                 side.kernel_id.store(kernel_id, Ordering::SeqCst);
                 let kept = KeptMount {
                     plugin: name.to_string(),
@@ -132,6 +134,7 @@ impl<E: Effects> Host<E> {
             plugin_reads: 0,
             plugin_writes: 0,
             passthrough_opens: 0,
+            transport: slot_transport,
         })
     }
 }

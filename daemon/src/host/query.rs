@@ -37,7 +37,12 @@ fn plugin_info<P: PluginHandle>(
     }
 }
 
-fn mount_info(path: &Path, record: &MountRecord, stats: Option<&MountStats>) -> MountInfo {
+fn mount_info(
+    path: &Path,
+    record: &MountRecord,
+    stats: Option<&MountStats>,
+    transport: Option<String>,
+) -> MountInfo {
     let count =
         |get: fn(&MountStats) -> &AtomicU64| stats.map_or(0, |s| get(s).load(Ordering::Relaxed));
     MountInfo {
@@ -50,6 +55,7 @@ fn mount_info(path: &Path, record: &MountRecord, stats: Option<&MountStats>) -> 
         options: record.options.clone(),
         read_only: record.read_only,
         owner_uid: record.owner,
+        transport,
     }
 }
 
@@ -81,7 +87,10 @@ impl<E: Effects> Host<E> {
                 let path = kernel_id
                     .and_then(|id| now_at.get(&id))
                     .map_or(path.as_path(), |m| &m.path);
-                mount_info(path, record, side.map(|s| s.stats.as_ref()))
+                let transport = side
+                    .and_then(|s| s.slot.get())
+                    .and_then(|slot| self.effects().transport(slot));
+                mount_info(path, record, side.map(|s| s.stats.as_ref()), transport)
             })
             .collect()
     }

@@ -43,6 +43,8 @@ pub struct Adapter<B: Backend> {
     /// Set in `init` when the plugin wants POSIX ACLs and the kernel accepted them: the
     /// plugin then applies the umask (`Context::umask`), not us.
     posix_acl: bool,
+    /// Whether to ask for FUSE over io_uring in `init`; then whether the kernel agreed.
+    uring: bool,
     /// The connection's state that outlives this process in a daemon upgrade: what INIT
     /// agreed, and the open files' handles.
     link: Arc<Link>,
@@ -61,6 +63,9 @@ pub struct CachePolicy {
     /// Offer FUSE passthrough to plugins that have backing files (off with
     /// `-o nopassthrough` or `-o writeback`): the kernel then reads and writes them itself.
     pub passthrough: bool,
+    /// Ask for FUSE over io_uring (`-o uring`): a thread per CPU serves the requests of
+    /// tasks on that CPU; `/dev/fuse` serves if the kernel does not agree (mount/ring.rs).
+    pub uring: bool,
 }
 
 impl<B: Backend> Adapter<B> {
@@ -79,6 +84,7 @@ impl<B: Backend> Adapter<B> {
             writeback: agreed.map_or(cache.writeback, |a| a.writeback),
             passthrough: agreed.map_or(cache.passthrough, |a| a.passthrough),
             posix_acl: agreed.is_some_and(|a| a.posix_acl),
+            uring: agreed.map_or(cache.uring, |a| a.uring),
             link,
         }
     }
@@ -388,12 +394,25 @@ impl<B: Backend> Filesystem for Adapter<B> {
                 tracing::info!(plugin = %self.fs.name(), "the kernel does not offer POSIX ACLs; the mount has none");
             }
         }
+        if self.uring {
+            // Each ring entry holds the largest request: 1 MiB rather than fuser's 16.
+            self.uring = config
+                .add_capabilities(InitFlags::FUSE_OVER_IO_URING)
+                .is_ok()
+                && config.set_max_write(super::ring::MAX_WRITE).is_ok();
+            if !self.uring {
+                self.link.set_transport(super::ring::Transport::Fallback(
+                    "the kernel does not offer it (Linux 6.14+ with /sys/module/fuse/parameters/enable_uring set to Y)".into(),
+                ));
+            }
+        }
         let abi = config.kernel_abi();
         self.link.agree(Agreed {
             version: (abi.0, abi.1),
             writeback: self.writeback,
             passthrough: self.passthrough,
             posix_acl: self.posix_acl,
+            uring: self.uring,
         });
         Ok(())
     }

@@ -10,6 +10,8 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use fuser::BackingId;
 use serde::{Deserialize, Serialize};
 
+use super::ring::Transport;
+
 /// What INIT agreed for a connection, which a resumed session must keep to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Agreed {
@@ -23,6 +25,10 @@ pub struct Agreed {
     /// `FUSE_DONT_MASK`. Records of older daemons lack it: off.
     #[serde(default)]
     pub posix_acl: bool,
+    /// FUSE over io_uring was agreed (`-o uring`): once the ring is complete the kernel
+    /// sends requests only through it. Records of older daemons lack it: off.
+    #[serde(default)]
+    pub uring: bool,
 }
 
 /// Open files of a passthrough-capable plugin.
@@ -40,6 +46,8 @@ pub struct Handles {
 pub struct Link {
     fuse: Mutex<Connection>,
     agreed: Mutex<Option<Agreed>>,
+    /// Which transport carries the requests (what `info` shows).
+    transport: Mutex<Transport>,
     handles: Mutex<Handles>,
 }
 
@@ -77,6 +85,7 @@ impl Default for Link {
         Link {
             fuse: Mutex::new(Connection::None),
             agreed: Mutex::new(None),
+            transport: Mutex::new(Transport::Dev),
             handles: Mutex::new(Handles {
                 next: first_handle(),
                 ..Handles::default()
@@ -147,6 +156,17 @@ impl Link {
 
     pub fn agreed(&self) -> Option<Agreed> {
         *self.agreed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_transport(&self, transport: Transport) {
+        *self.transport.lock().unwrap_or_else(|e| e.into_inner()) = transport;
+    }
+
+    pub fn transport(&self) -> Transport {
+        self.transport
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     pub fn handles(&self) -> MutexGuard<'_, Handles> {

@@ -11,6 +11,7 @@ mod metrics;
 mod mountinfo;
 mod options;
 pub mod pool;
+mod ring;
 mod session;
 mod stale;
 mod target;

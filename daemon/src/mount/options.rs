@@ -1,5 +1,5 @@
 //! The mount options fshostd handles itself (`-o threads=N`, `attr_timeout`, `keep_cache`,
-//! `read_ahead_kb`, `writeback`, `nopassthrough`, `allow_other`, `nostats`), parsed and checked; the rest go
+//! `read_ahead_kb`, `writeback`, `nopassthrough`, `allow_other`, `nostats`, `uring`), parsed and checked; the rest go
 //! to the plugin.
 
 use std::collections::BTreeMap;
@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use super::{CachePolicy, MountError};
 
 /// Mount options the daemon handles itself instead of passing them to the plugin.
-pub const DAEMON_OPTIONS: [&str; 8] = [
+pub const DAEMON_OPTIONS: [&str; 9] = [
     "allow_other",
     "attr_timeout",
     "keep_cache",
@@ -15,6 +15,7 @@ pub const DAEMON_OPTIONS: [&str; 8] = [
     "nostats",
     "read_ahead_kb",
     "threads",
+    "uring",
     "writeback",
 ];
 
@@ -102,6 +103,7 @@ impl SessionOptions {
                 // ask for it there (each open's backing registration would fail).
                 passthrough: !options.contains_key("nopassthrough")
                     && !options.contains_key("writeback"),
+                uring: options.contains_key("uring"),
             },
             record_stats: !options.contains_key("nostats"),
         })

@@ -24,13 +24,14 @@ use std::sync::{Arc, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use fuser::{Polled, Received, RequestBuf, Session};
+use fuser::{Polled, Received, ReplySink, RequestBuf, Session};
 use parking_lot::{Mutex, MutexGuard, RwLock};
 use rustix::buffer::spare_capacity;
 use rustix::event::{epoll, eventfd, EventfdFlags, Timespec};
 
 use super::budget;
-use super::link::Link;
+use super::link::{Agreed, Link};
+use super::ring::{self, Ring, Transport};
 use super::{Adapter, MountTarget, Swappable};
 
 /// A mount's connection, served by a pool.
@@ -116,6 +117,7 @@ pub fn serve(
             cap: cap.max(1),
             user: (owner != 0).then_some(owner),
             state: AtomicU64::new(ARMED),
+            ring: Mutex::new(None),
             end: EndGuard {
                 on_end: Mutex::new(Some(on_end)),
                 pool: Arc::clone(&pool),
@@ -138,6 +140,41 @@ pub fn serve(
             return Err(ServeError::Io(e.into()));
         }
         link.served_by(Arc::downgrade(&served) as Weak<dyn AsFd + Send + Sync>);
+        if link.agreed().is_some_and(|a| a.uring) {
+            // Held as a request in flight until the ring is in place, so that the mount
+            // cannot leave the pool (which joins the ring's threads) before.
+            served.state.fetch_add(ONE, Ordering::AcqRel);
+            let serve = Arc::clone(&served) as Arc<dyn ring::Serve>;
+            let started = Ring::start(serve, plugin, anyway);
+            let failed = match started {
+                Ok((ring, transport)) => {
+                    if let Transport::Fallback(why) = &transport {
+                        tracing::info!(mountpoint = %served.target.path.display(), "FUSE over io_uring not used: {why}");
+                        // The kernel gave the ring up: `/dev/fuse` carries everything.
+                        if let Some(agreed) = link.agreed() {
+                            link.agree(Agreed {
+                                uring: false,
+                                ..agreed
+                            });
+                        }
+                    }
+                    *served.ring.lock() = ring;
+                    link.set_transport(transport);
+                    None
+                }
+                Err(e) => Some(e),
+            };
+            let now = served.state.fetch_sub(ONE, Ordering::AcqRel) - ONE;
+            served.leave_if_done(&pool, now);
+            if let Some(e) = failed {
+                // The kernel holds the mount's requests until a ring it will never get:
+                // nothing can serve it. The caller detaches it, which ends the session.
+                return Err(ServeError::Io(io::Error::new(
+                    e.kind(),
+                    format!("FUSE over io_uring agreed, but no ring can be made ({e}); mount without -o uring"),
+                )));
+            }
+        }
         return Ok(());
     }
 }
@@ -374,6 +411,10 @@ impl Pool {
             self.close();
         }
         drop(control);
+        // Its queue threads end with the connection; they hold the mount until then.
+        if let Some(ring) = served.ring.lock().take() {
+            ring.join();
+        }
         // Usually the last reference: the instance is destroyed and the end reported.
         drop(served);
     }
@@ -421,7 +462,25 @@ struct Served {
     /// (measured: 47,656 sched_yield with parking_lot's, 126,724 futex calls with std's, for
     /// 80,000 requests; 23,408 futex calls with a thread per mount).
     state: AtomicU64,
+    /// Its FUSE-over-io_uring queue threads (`-o uring`), joined when it leaves the pool.
+    ring: Mutex<Option<Ring>>,
     end: EndGuard,
+}
+
+impl ring::Serve for Served {
+    fn connection(&self) -> BorrowedFd<'_> {
+        self.conn.as_fd()
+    }
+
+    fn dispatch_to(&self, buf: &RequestBuf, sink: Arc<dyn ReplySink>) -> std::io::Result<Received> {
+        self.conn.dispatch_to(buf, sink)
+    }
+
+    fn failed(&self, error: &std::io::Error) {
+        // Requests queued for that CPU would wait forever: detach rather than hang users.
+        tracing::warn!(mountpoint = %self.target.path.display(), %error, "FUSE over io_uring failed; detaching the mount");
+        let _ = self.target.detach(self.kernel_id, true);
+    }
 }
 
 impl AsFd for Served {

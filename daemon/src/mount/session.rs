@@ -85,7 +85,15 @@ pub fn start_session<B: Backend>(
     let (fd, id) = kernel_mount(&name, target, read_only, options.allow_other, owner)?;
     // A duplicate stays with the link: a daemon upgrade hands it to the next process.
     link.keep_fd(fd.try_clone()?);
-    let adapter = Adapter::new(fs, stats, &options.cache, link);
+    let mut cache = options.cache.clone();
+    if cache.uring {
+        if let Err(why) = super::ring::available() {
+            // Never agree to a ring this process cannot make (see ring.rs).
+            cache.uring = false;
+            link.set_transport(super::ring::Transport::Fallback(why));
+        }
+    }
+    let adapter = Adapter::new(fs, stats, &cache, link);
     // Who may use the mount is the kernel's decision (user_id=, allow_other); fuser's own
     // filter would only let the daemon's uid in, which is wrong for a user's mount.
     let session = Session::from_fd(adapter, fd, fuser::SessionACL::All, config(options))

@@ -6,6 +6,7 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -168,4 +169,65 @@ fn mounts_of_resumable_plugins_survive_a_crash_and_memfs_is_detached_by_name() {
         "{:?}",
         systemd.stored()
     );
+}
+
+#[test]
+fn a_mount_served_over_io_uring_is_served_again_after_a_crash() {
+    if !fuse_available() {
+        return;
+    }
+    let _knobs = crate::tuning::KNOBS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    let Some(_enabled) = crate::tuning::Knob::set(crate::tuning::ENABLE_URING, "Y") else {
+        return;
+    };
+    let systemd = FakeSystemd::new();
+    let notify = [("NOTIFY_SOCKET", path_str(systemd.socket()))];
+    let mut env = Env::start_with(&notify);
+    env.ctl(&["load", "passthroughfs"]).ok();
+    let (source, pass) = (env.mountpoint("source"), env.mountpoint("p"));
+    let options = format!("source={},uring", path_str(&source));
+    env.ctl(&["mount", "passthroughfs", path_str(&pass), "-o", &options])
+        .ok();
+    fs::write(pass.join("before"), b"written before the crash").unwrap();
+    assert!(crate::tuning::transport(&env, &pass).starts_with("io_uring"));
+    assert!(eventually(Duration::from_secs(10), || systemd
+        .stored()
+        .len()
+        == 1));
+
+    env.crash_and_restart_under(&systemd, &notify);
+
+    // The connection's ring outlived its queues: the new process registers its own, or
+    // every request would wait for an entry forever. Each step in a child with a deadline.
+    let script = format!(
+        "cat {p}/before && for i in $(seq 100); do echo $i > {p}/f$i; done && ls {p} | wc -l",
+        p = path_str(&pass)
+    );
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let done = fshost_tests::wait_with_deadline(&mut child, Duration::from_secs(10));
+    if done.is_none() {
+        // Every process of the script (one waits in the kernel, holding the pipe).
+        let group = nix::unistd::Pid::from_raw(-(child.id() as i32));
+        let _ = nix::sys::signal::kill(group, nix::sys::signal::Signal::SIGKILL);
+    }
+    let out = child.wait_with_output().unwrap();
+    let transport = crate::tuning::transport(&env, &pass);
+    env.ctl(&["unmount", path_str(&pass)]).ok();
+    assert!(
+        done.is_some_and(|s| s.success()),
+        "requests held after the crash"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "written before the crash101\n"
+    );
+    assert!(transport.starts_with("io_uring"), "{transport}");
 }

@@ -217,13 +217,13 @@ fn writeback_appends_and_overwrites_land_at_their_offsets() {
 
 /// Sets a kernel knob for the length of a test and puts the old value back after it, also
 /// when the test fails.
-struct Knob {
+pub(crate) struct Knob {
     path: &'static str,
     old: String,
 }
 
 impl Knob {
-    fn set(path: &'static str, value: &str) -> Option<Knob> {
+    pub(crate) fn set(path: &'static str, value: &str) -> Option<Knob> {
         let old = fs::read_to_string(path).ok()?;
         fs::write(path, value).ok()?;
         Some(Knob {
@@ -239,12 +239,12 @@ impl Drop for Knob {
     }
 }
 
-const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+pub(crate) const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 /// The knobs are the machine's: one test at a time turns them.
-static KNOBS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+pub(crate) static KNOBS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The transport `mounts` reports for the mount at `path`.
-fn transport(env: &Env, path: &Path) -> String {
+pub(crate) fn transport(env: &Env, path: &Path) -> String {
     let mounts = env.ctl(&["--json", "mounts"]).ok().json();
     mounts["mounts"]
         .as_array()

@@ -197,7 +197,25 @@ fn a_mount_served_over_io_uring_is_served_again_after_a_crash() {
         .len()
         == 1));
 
-    env.crash_and_restart_under(&systemd, &notify);
+    // A reader that comes while no fshostd runs: its request waits on its CPU's queue,
+    // for an entry, until the restarted daemon has registered its own.
+    let mut waiting = None;
+    env.crash_and_restart_under_after(&systemd, &notify, || {
+        let reader = Command::new("cat")
+            .arg(pass.join("before"))
+            .stdout(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        waiting = Some(reader);
+    });
+    let mut reader = waiting.unwrap();
+    let read = fshost_tests::wait_with_deadline(&mut reader, Duration::from_secs(10));
+    if read.is_none() {
+        let _ = reader.kill();
+    }
+    let read_out = reader.wait_with_output().unwrap();
 
     // The connection's ring outlived its queues: the new process registers its own, or
     // every request would wait for an entry forever. Each step in a child with a deadline.
@@ -221,6 +239,11 @@ fn a_mount_served_over_io_uring_is_served_again_after_a_crash() {
     let out = child.wait_with_output().unwrap();
     let transport = crate::tuning::transport(&env, &pass);
     env.ctl(&["unmount", path_str(&pass)]).ok();
+    assert!(
+        read.is_some_and(|s| s.success()),
+        "a request that came during the crash was never served"
+    );
+    assert_eq!(read_out.stdout, b"written before the crash");
     assert!(
         done.is_some_and(|s| s.success()),
         "requests held after the crash"

@@ -540,6 +540,16 @@ impl Env {
         systemd: &systemd::FakeSystemd,
         vars: &[(&str, &str)],
     ) {
+        self.crash_and_restart_under_after(systemd, vars, || {});
+    }
+
+    /// As [`Env::crash_and_restart_under`], running `meanwhile` while no fshostd runs.
+    pub fn crash_and_restart_under_after(
+        &mut self,
+        systemd: &systemd::FakeSystemd,
+        vars: &[(&str, &str)],
+        meanwhile: impl FnOnce(),
+    ) {
         let _starting = DAEMON_START.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(pid) = self.successor.take() {
             let _ = nix::sys::signal::kill(
@@ -552,6 +562,7 @@ impl Env {
             let _ = child.kill();
             let _ = child.wait();
         }
+        meanwhile();
         std::fs::rename(&self.log, self.log.with_extension("crashed.log")).expect("keep old log");
         let command = systemd.restart_command(&artifact("fshostd"));
         self.spawn_daemon_as(command, vars);

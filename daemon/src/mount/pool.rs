@@ -158,6 +158,10 @@ pub fn serve(
                             });
                         }
                     }
+                    if let (true, Transport::Uring(queues, _)) = (anyway, &transport) {
+                        // Taken over after a crash: start what waited meanwhile.
+                        Ring::nudge(*queues, || served.target.ask_statfs());
+                    }
                     *served.ring.lock() = ring;
                     link.set_transport(transport);
                     None

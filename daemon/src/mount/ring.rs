@@ -145,6 +145,30 @@ impl Ring {
         Ok((Some(ring), Transport::Uring(queues, served)))
     }
 
+    /// After a crash: requests that came while no process served the ring wait on their
+    /// CPU's queue, and the kernel hands a waiting request to an entry only when another
+    /// is answered there. One request from each CPU (`ask` runs on a thread kept on it)
+    /// starts every queue moving. Only a request the kernel sends to the mount helps: for
+    /// a mount whose owner is not root, root's `statfs` is answered without asking it.
+    pub fn nudge(queues: usize, ask: impl Fn() -> io::Result<()> + Sync) {
+        std::thread::scope(|scope| {
+            for cpu in 0..queues {
+                let ask = &ask;
+                let nudged = std::thread::Builder::new()
+                    .name("uring-nudge".into())
+                    .spawn_scoped(scope, move || {
+                        crate::sys::pin_to_cpu(cpu);
+                        if let Err(e) = ask() {
+                            tracing::warn!(cpu, error = %e, "cannot start an io_uring queue's waiting requests");
+                        }
+                    });
+                if let Err(e) = nudged {
+                    tracing::warn!(cpu, error = %e, "cannot start an io_uring queue's waiting requests");
+                }
+            }
+        });
+    }
+
     /// Waits until every queue thread has ended (after the connection ended).
     pub fn join(self) {
         for thread in self.threads {

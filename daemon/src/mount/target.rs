@@ -200,6 +200,14 @@ impl MountTarget {
         Ok(format!("{}:{}", sx.stx_dev_major, sx.stx_dev_minor))
     }
 
+    /// Asks the file system mounted here for its statistics (`fstatfs`: always a request
+    /// to it, unlike `stat`), from the calling thread.
+    pub fn ask_statfs(&self) -> io::Result<()> {
+        let fd = rustix::fs::openat2(&self.parent, &self.name, PATH_DIR, Mode::empty(), RESOLVE)?;
+        rustix::fs::fstatfs(&fd)?;
+        Ok(())
+    }
+
     /// Unmounts the mount with kernel id `id` at this target, and only that one.
     pub fn detach(&self, id: u64, lazy: bool) -> Result<(), DetachError> {
         detach_at(&self.parent, &self.name, id, lazy)

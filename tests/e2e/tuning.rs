@@ -339,6 +339,11 @@ fn fuse_over_io_uring_serves_where_the_kernel_offers_it_and_dev_fuse_where_not()
         "{out:?}"
     );
     exercise(&ring);
+    // A plugin upgrade under it: the state moves, the ring's threads serve the new code.
+    fs::write(ring.join("kept"), b"across the upgrade").unwrap();
+    env.ctl(&["upgrade", "memfs"]).ok();
+    assert_eq!(fs::read(ring.join("kept")).unwrap(), b"across the upgrade");
+    exercise(&ring);
 
     // The kernel's switch off: /dev/fuse serves, and the mount says why.
     let off = env.mountpoint("off");

@@ -149,7 +149,7 @@ impl Host<Real> {
             .collect();
         if !ringed.is_empty() {
             return Err(fail(format!(
-                "{} served over io_uring (-o uring), whose requests cannot be handed to another process; unmount {} (and mount again without -o uring to keep it across upgrades) first",
+                "{} served over io_uring (-o uring), whose requests cannot be handed to another process; unmount {} first (mounts without -o uring cross upgrades)",
                 if ringed.len() == 1 { "a mount is" } else { "mounts are" },
                 crate::registry::join_paths(&ringed)
             )));

@@ -147,6 +147,12 @@ pub fn serve(
             let serve = Arc::clone(&served) as Arc<dyn ring::Serve>;
             let started = Ring::start(serve, plugin, anyway);
             let failed = match started {
+                // A takeover's ring was complete before: the kernel sends everything to
+                // its queues whatever we say now, so without them nothing serves.
+                Ok((ring, Transport::Fallback(why))) if anyway => {
+                    *served.ring.lock() = ring;
+                    Some(io::Error::other(why))
+                }
                 Ok((ring, transport)) => {
                     if let Transport::Fallback(why) = &transport {
                         tracing::info!(mountpoint = %served.target.path.display(), "FUSE over io_uring not used: {why}");
@@ -160,7 +166,8 @@ pub fn serve(
                     }
                     if let (true, Transport::Uring(queues, _)) = (anyway, &transport) {
                         // Taken over after a crash: start what waited meanwhile.
-                        Ring::nudge(*queues, || served.target.ask_statfs());
+                        let target = Arc::clone(&served.target);
+                        Ring::nudge(*queues, move || target.ask_statfs());
                     }
                     *served.ring.lock() = ring;
                     link.set_transport(transport);
@@ -172,7 +179,9 @@ pub fn serve(
             served.leave_if_done(&pool, now);
             if let Some(e) = failed {
                 // The kernel holds the mount's requests until a ring it will never get:
-                // nothing can serve it. The caller detaches it, which ends the session.
+                // nothing can serve it. The caller detaches it, which ends the session
+                // (and reports the mount's failure itself: no end to report here).
+                *served.end.on_end.lock() = None;
                 return Err(ServeError::Io(io::Error::new(
                     e.kind(),
                     format!("FUSE over io_uring agreed, but no ring can be made ({e}); mount without -o uring"),

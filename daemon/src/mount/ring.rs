@@ -150,23 +150,23 @@ impl Ring {
     /// is answered there. One request from each CPU (`ask` runs on a thread kept on it)
     /// starts every queue moving. Only a request the kernel sends to the mount helps: for
     /// a mount whose owner is not root, root's `statfs` is answered without asking it.
-    pub fn nudge(queues: usize, ask: impl Fn() -> io::Result<()> + Sync) {
-        std::thread::scope(|scope| {
-            for cpu in 0..queues {
-                let ask = &ask;
-                let nudged = std::thread::Builder::new()
-                    .name("uring-nudge".into())
-                    .spawn_scoped(scope, move || {
-                        crate::sys::pin_to_cpu(cpu);
-                        if let Err(e) = ask() {
-                            tracing::warn!(cpu, error = %e, "cannot start an io_uring queue's waiting requests");
-                        }
-                    });
-                if let Err(e) = nudged {
-                    tracing::warn!(cpu, error = %e, "cannot start an io_uring queue's waiting requests");
-                }
+    /// The threads run no plugin code and nobody waits for them.
+    pub fn nudge(queues: usize, ask: impl Fn() -> io::Result<()> + Send + Sync + 'static) {
+        let ask = Arc::new(ask);
+        for cpu in 0..queues {
+            let ask = Arc::clone(&ask);
+            let nudged = std::thread::Builder::new()
+                .name("uring-nudge".into())
+                .spawn(move || {
+                    crate::sys::pin_to_cpu(cpu);
+                    if let Err(e) = ask() {
+                        tracing::warn!(cpu, error = %e, "cannot start an io_uring queue's waiting requests");
+                    }
+                });
+            if let Err(e) = nudged {
+                tracing::warn!(cpu, error = %e, "cannot start an io_uring queue's waiting requests");
             }
-        });
+        }
     }
 
     /// Waits until every queue thread has ended (after the connection ended).

@@ -290,8 +290,9 @@ fn tool_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> Str
     let files = if smoke { 200 } else { 7000 };
     let base = dir.join("tools");
     let (tmpfs, memfs, pt) = (base.join("tmpfs"), base.join("memfs"), base.join("pt"));
+    let uring = base.join("uring");
     let pt_native = native.join("tools");
-    for d in [&tmpfs, &memfs, &pt, &pt_native] {
+    for d in [&tmpfs, &memfs, &uring, &pt, &pt_native] {
         std::fs::create_dir_all(d).unwrap();
     }
     let _tmpfs = mount_tmpfs(&tmpfs);
@@ -299,12 +300,13 @@ fn tool_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> Str
         json!({"op": "mount", "plugin": "memfs", "mountpoint": memfs,
         "options": options_json(MEMFS_OPTIONS)}),
     );
+    let uring_label = mount_memfs_uring(daemon, &uring);
     daemon.call(
         json!({"op": "mount", "plugin": "passthroughfs", "mountpoint": pt,
         "options": {"source": pt_native.display().to_string()}}),
     );
     let (tarball, repo) = source_tree(&base, files);
-    let runs = tool_runs(&[&tmpfs, &memfs, &pt_native, &pt], &tarball, &repo);
+    let runs = tool_runs(&[&tmpfs, &memfs, &uring, &pt_native, &pt], &tarball, &repo);
     let (tree, clone) = (memfs.join("tree"), memfs.join("clone"));
     std::fs::create_dir_all(&tree).unwrap();
     let counted = [
@@ -330,16 +332,18 @@ fn tool_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> Str
         }),
     ];
     run_tool(Command::new("rm").arg("-rf").arg(&clone));
-    for mountpoint in [&memfs, &pt] {
+    for mountpoint in [&memfs, &uring, &pt] {
         daemon.call(json!({"op": "unmount", "mountpoint": mountpoint}));
     }
     let names = ["tar -xf", "rm -rf", "git clone"];
+    let uring_label = format!("{uring_label} vs tmpfs");
     let mut rows = String::new();
     for (label, (reference, target), goals) in [
         ("memfs vs tmpfs", (runs[0], runs[1]), ["≤ 5×", "≤ 3×", ""]),
+        (uring_label.as_str(), (runs[0], runs[2]), [""; 3]),
         (
             "passthroughfs vs its source dir",
-            (runs[2], runs[3]),
+            (runs[3], runs[4]),
             [""; 3],
         ),
     ] {
@@ -362,6 +366,38 @@ fn tool_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> Str
         );
     }
     rows
+}
+
+/// Mounts memfs with `-o uring` on `mountpoint`, the kernel's switch on only while the
+/// ring is made (a connection keeps its ring when it is turned off again); returns how
+/// its rows are labelled: as FUSE over io_uring, or with the transport that serves it
+/// when the kernel or the system would not have the ring.
+fn mount_memfs_uring(daemon: &mut Daemon, mountpoint: &Path) -> String {
+    let enable_uring = Path::new("/sys/module/fuse/parameters/enable_uring");
+    let was = std::fs::read_to_string(enable_uring).ok();
+    let _ = std::fs::write(enable_uring, "Y");
+    daemon.call(
+        json!({"op": "mount", "plugin": "memfs", "mountpoint": mountpoint,
+        "options": options_json(&format!("{MEMFS_OPTIONS},uring"))}),
+    );
+    if let Some(was) = &was {
+        let _ = std::fs::write(enable_uring, was.trim());
+    }
+    let mounts = daemon.call(json!({"op": "mounts"}));
+    let transport = mounts["result"]["mounts"]
+        .as_array()
+        .and_then(|m| {
+            m.iter()
+                .find(|m| m["mountpoint"] == mountpoint.display().to_string())
+        })
+        .and_then(|m| m["transport"].as_str())
+        .unwrap_or("unknown")
+        .to_string();
+    if transport.starts_with("io_uring") {
+        "memfs -o uring (FUSE over io_uring)".to_string()
+    } else {
+        format!("memfs -o uring, served by {transport},")
+    }
 }
 
 /// What users notice: `tar -xf` of a source tree, `rm -rf` of it, and a local `git clone`
@@ -612,19 +648,20 @@ fn main() {
         .tempdir_in("/var/tmp")
         .unwrap();
     let dir = base.path();
-    let [tmpfs, memfs, memfs2, standalone, writeback, served, pt, native] = [
+    let [tmpfs, memfs, memfs2, standalone, writeback, served, uring, pt, native] = [
         "tmpfs",
         "memfs",
         "memfs2",
         "standalone",
         "writeback",
         "served",
+        "uring",
         "passthrough",
         "native",
     ]
     .map(|name| dir.join(name));
     let _tmpfs = mount_tmpfs(&tmpfs);
-    for d in [&memfs, &memfs2, &writeback, &served, &pt, &native] {
+    for d in [&memfs, &memfs2, &writeback, &served, &uring, &pt, &native] {
         std::fs::create_dir_all(d).unwrap();
     }
     let mut daemon = Daemon::start(&build, dir);
@@ -675,6 +712,8 @@ fn main() {
     let daemon_upgrades = daemon_upgrade_rows(&mut daemon, dir, &native, smoke);
     eprintln!("tar, rm, git...");
     let tools = tool_rows(&mut daemon, dir, &native, smoke);
+    // After the daemon upgrades: a mount served over io_uring holds them back.
+    let uring_label = mount_memfs_uring(&mut daemon, &uring);
     eprintln!("data ({} MiB per run)...", sizes.data_mib);
     let targets = [
         &tmpfs,
@@ -683,6 +722,7 @@ fn main() {
         &standalone,
         &writeback,
         &served,
+        &uring,
         &native,
         &pt,
     ]
@@ -690,9 +730,9 @@ fn main() {
     let d = data(&targets, sizes.data_mib);
     eprintln!("metadata ({} files)...", sizes.files);
     let m = metadata(&targets, sizes.files);
-    let [d_tmpfs, d_memfs, d_memfs2, d_standalone, d_writeback, d_served, d_native, d_pt] =
+    let [d_tmpfs, d_memfs, d_memfs2, d_standalone, d_writeback, d_served, d_uring, d_native, d_pt] =
         std::array::from_fn(|i| d[i]);
-    let [m_tmpfs, m_memfs, m_memfs2, m_standalone, m_writeback, m_served, m_native, m_pt] =
+    let [m_tmpfs, m_memfs, m_memfs2, m_standalone, m_writeback, m_served, m_uring, m_native, m_pt] =
         std::array::from_fn(|i| m[i]);
 
     let stats = daemon.call(json!({"op": "mounts"}));
@@ -711,7 +751,7 @@ fn main() {
             .unwrap_or(0)
     };
     let (served_reads, served_writes) = (served_calls("read"), served_calls("write"));
-    for mountpoint in [&memfs, &memfs2, &writeback, &served, &pt] {
+    for mountpoint in [&memfs, &memfs2, &writeback, &served, &uring, &pt] {
         daemon.call(json!({"op": "unmount", "mountpoint": mountpoint}));
     }
     drop(daemon);
@@ -799,6 +839,13 @@ fn main() {
         "memfs -o writeback vs memfs",
         (&d_memfs, &d_writeback),
         (&m_memfs, &m_writeback),
+        [""; 5],
+        [""; 4],
+    );
+    compare(
+        &format!("{uring_label} vs memfs"),
+        (&d_memfs, &d_uring),
+        (&m_memfs, &m_uring),
         [""; 5],
         [""; 4],
     );

@@ -13,6 +13,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -290,7 +291,7 @@ fn tool_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> Str
     let files = if smoke { 200 } else { 7000 };
     let base = dir.join("tools");
     let (tmpfs, memfs, pt) = (base.join("tmpfs"), base.join("memfs"), base.join("pt"));
-    let uring = base.join("uring");
+    let (uring, ll) = (base.join("uring"), base.join("passthrough_ll"));
     let pt_native = native.join("tools");
     for d in [&tmpfs, &memfs, &uring, &pt, &pt_native] {
         std::fs::create_dir_all(d).unwrap();
@@ -305,8 +306,18 @@ fn tool_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> Str
         json!({"op": "mount", "plugin": "passthroughfs", "mountpoint": pt,
         "options": {"source": pt_native.display().to_string()}}),
     );
+    let peer = Peer::build(dir);
+    let ll_server = peer
+        .as_ref()
+        .ok()
+        .map(|binary| Peer::start(binary, &native.join("tools-peer"), &ll));
     let (tarball, repo) = source_tree(&base, files);
-    let runs = tool_runs(&[&tmpfs, &memfs, &uring, &pt_native, &pt], &tarball, &repo);
+    let mut targets = vec![&*tmpfs, &*memfs, &*uring, &*pt_native, &*pt];
+    if ll_server.is_some() {
+        targets.push(&*ll);
+    }
+    let runs = tool_runs(&targets, &tarball, &repo);
+    drop(ll_server);
     let (tree, clone) = (memfs.join("tree"), memfs.join("clone"));
     std::fs::create_dir_all(&tree).unwrap();
     let counted = [
@@ -338,7 +349,7 @@ fn tool_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> Str
     let names = ["tar -xf", "rm -rf", "git clone"];
     let uring_label = format!("{uring_label} vs tmpfs");
     let mut rows = String::new();
-    for (label, (reference, target), goals) in [
+    let mut blocks = vec![
         ("memfs vs tmpfs", (runs[0], runs[1]), ["≤ 5×", "≤ 3×", ""]),
         (uring_label.as_str(), (runs[0], runs[2]), [""; 3]),
         (
@@ -346,7 +357,14 @@ fn tool_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> Str
             (runs[3], runs[4]),
             [""; 3],
         ),
-    ] {
+    ];
+    match &peer {
+        Ok(_) => blocks.push((PEER_LABEL, (runs[5], runs[4]), ["≤ 1×"; 3])),
+        Err(why) => {
+            let _ = writeln!(rows, "| {PEER_LABEL}: not measured ({why}) | | |");
+        }
+    }
+    for (label, (reference, target), goals) in blocks {
         for i in 0..3 {
             let _ = writeln!(
                 rows,
@@ -575,6 +593,78 @@ impl Drop for Standalone {
     }
 }
 
+/// How the rows comparing passthroughfs with its libfuse peer are labelled.
+const PEER_LABEL: &str = "passthroughfs vs libfuse's passthrough_ll (both 1 s caches)";
+
+/// The libfuse peer of passthroughfs: `passthrough_ll`, libfuse's low-level passthrough
+/// example, as Debian's libfuse3-dev ships it (`/usr/share/doc/libfuse3-dev/examples`),
+/// built here with `cc` (never vendored). Its defaults cache entries and attributes 1 s,
+/// as passthroughfs's do. Dropping it ends the process and detaches its mount.
+struct Peer {
+    child: Child,
+    _mount: Mounted,
+}
+
+const PEER_SOURCE: &str = "/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c";
+
+impl Peer {
+    /// Builds `passthrough_ll` into `dir`; why not, if it cannot.
+    fn build(dir: &Path) -> Result<PathBuf, String> {
+        if !Path::new(PEER_SOURCE).exists() {
+            return Err("libfuse3-dev is not installed".into());
+        }
+        let flags = Command::new("pkg-config")
+            .args(["--cflags", "--libs", "fuse3"])
+            .output()
+            .map_err(|e| format!("pkg-config: {e}"))?;
+        let flags = String::from_utf8_lossy(&flags.stdout).into_owned();
+        let binary = dir.join("passthrough_ll.bin");
+        let built = Command::new("cc")
+            .args(["-O2", "-o"])
+            .arg(&binary)
+            .arg(PEER_SOURCE)
+            .args(flags.split_whitespace())
+            .output()
+            .map_err(|e| format!("cc: {e}"))?;
+        if !built.status.success() {
+            return Err(format!("cc: {}", String::from_utf8_lossy(&built.stderr)));
+        }
+        Ok(binary)
+    }
+
+    /// Serves `source` at `path` (foreground, libfuse's multithreaded loop).
+    fn start(binary: &Path, source: &Path, path: &Path) -> Peer {
+        std::fs::create_dir_all(path).unwrap();
+        std::fs::create_dir_all(source).unwrap();
+        let before = std::fs::metadata(path).unwrap().dev();
+        let child = Command::new(binary)
+            .arg("-f")
+            .arg("-o")
+            .arg(format!("source={}", source.display()))
+            .arg(path)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start passthrough_ll");
+        let peer = Peer {
+            child,
+            _mount: Mounted(path.to_path_buf()),
+        };
+        let mounted = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(10));
+            std::fs::metadata(path).is_ok_and(|m| m.dev() != before)
+        });
+        assert!(mounted, "passthrough_ll did not mount {}", path.display());
+        peer
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// `key=value,flag` as the daemon's JSON options.
 fn options_json(options: &str) -> Value {
     json!(fshost_protocol::parse_options(&[options]))
@@ -711,9 +801,15 @@ fn main() {
     eprintln!("daemon upgrades...");
     let daemon_upgrades = daemon_upgrade_rows(&mut daemon, dir, &native, smoke);
     eprintln!("tar, rm, git...");
+    let peer = Peer::build(dir);
     let tools = tool_rows(&mut daemon, dir, &native, smoke);
     // After the daemon upgrades: a mount served over io_uring holds them back.
     let uring_label = mount_memfs_uring(&mut daemon, &uring);
+    let ll = dir.join("passthrough_ll");
+    let ll_server = peer
+        .as_ref()
+        .ok()
+        .map(|binary| Peer::start(binary, &dir.join("peer-source"), &ll));
     eprintln!("data ({} MiB per run)...", sizes.data_mib);
     let targets = [
         &tmpfs,
@@ -725,14 +821,18 @@ fn main() {
         &uring,
         &native,
         &pt,
+        // Measured as passthroughfs itself when the peer could not be built (its rows
+        // then say so instead of comparing).
+        if ll_server.is_some() { &ll } else { &pt },
     ]
     .map(PathBuf::as_path);
     let d = data(&targets, sizes.data_mib);
     eprintln!("metadata ({} files)...", sizes.files);
     let m = metadata(&targets, sizes.files);
-    let [d_tmpfs, d_memfs, d_memfs2, d_standalone, d_writeback, d_served, d_uring, d_native, d_pt] =
+    drop(ll_server);
+    let [d_tmpfs, d_memfs, d_memfs2, d_standalone, d_writeback, d_served, d_uring, d_native, d_pt, d_ll] =
         std::array::from_fn(|i| d[i]);
-    let [m_tmpfs, m_memfs, m_memfs2, m_standalone, m_writeback, m_served, m_uring, m_native, m_pt] =
+    let [m_tmpfs, m_memfs, m_memfs2, m_standalone, m_writeback, m_served, m_uring, m_native, m_pt, m_ll] =
         std::array::from_fn(|i| m[i]);
 
     let stats = daemon.call(json!({"op": "mounts"}));
@@ -856,6 +956,18 @@ fn main() {
         ["", "", "≥ 0.95", "", ""],
         [""; 4],
     );
+    match &peer {
+        Ok(_) => compare(
+            PEER_LABEL,
+            (&d_ll, &d_pt),
+            (&m_ll, &m_pt),
+            ["≥ 1"; 5],
+            ["≤ 1×"; 4],
+        ),
+        Err(why) => {
+            let _ = writeln!(table, "| {PEER_LABEL}: not measured ({why}) | | | | |");
+        }
+    }
     let mut other = String::new();
     let _ = writeln!(other, "| metric | value | goal |");
     let _ = writeln!(other, "|---|---|---|");

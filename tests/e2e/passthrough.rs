@@ -333,3 +333,40 @@ fn memfs_data_passes_through_unless_the_mount_says_otherwise() {
         env.ctl(&["unmount", path_str(&mnt)]).ok();
     }
 }
+
+#[test]
+fn a_large_directory_lists_whole_and_a_new_listing_sees_new_names() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let src = env.path("src");
+    fs::create_dir_all(&src).unwrap();
+    // Many READDIRs per listing: each continues the listing its open directory read.
+    for i in 0..3000 {
+        fs::write(src.join(format!("file-with-a-longish-name-{i}")), b"").unwrap();
+    }
+    env.ctl(&["load", "passthroughfs"]).ok();
+    let mnt = env.mountpoint("mirror");
+    let source_option = format!("source={}", src.display());
+    env.ctl(&[
+        "mount",
+        "passthroughfs",
+        path_str(&mnt),
+        "-o",
+        &source_option,
+    ])
+    .ok();
+    let names = |dir: &Path| -> std::collections::BTreeSet<std::ffi::OsString> {
+        fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect()
+    };
+    assert_eq!(names(&mnt), names(&src));
+    assert_eq!(names(&mnt).len(), 3000);
+    fs::write(src.join("made-in-the-source"), b"").unwrap();
+    fs::remove_file(src.join("file-with-a-longish-name-7")).unwrap();
+    assert_eq!(names(&mnt), names(&src));
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}

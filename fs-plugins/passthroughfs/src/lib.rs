@@ -16,7 +16,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirEntryExt, FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use fshost_sdk::abi::{
     SET_ATIME, SET_ATIME_NOW, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE, SET_UID,
@@ -41,6 +41,10 @@ pub struct PassthroughFs {
     /// inode → path relative to the source (empty for the root).
     paths: RwLock<HashMap<u64, PathBuf>>,
     files: Mutex<HashMap<u64, File>>,
+    /// Open directories: handle → (inode, the listing read at `opendir` or at the last
+    /// read from offset 0). A listing of N entries comes in about N/100 READDIRs; reading
+    /// the directory again for each made listing it O(N²) (8 µs an entry at 10,000).
+    dirs: Mutex<HashMap<u64, (u64, Arc<Listing>)>>,
     next_fh: AtomicU64,
     /// Set by `resume` (the instance before us died with fshostd): the kernel may name
     /// inodes we never looked up, which are found by walking the source once.
@@ -48,6 +52,9 @@ pub struct PassthroughFs {
     /// The walk has been done: an inode still unknown no longer exists.
     walked: AtomicBool,
 }
+
+/// A directory's entries: (inode, file type bits, name).
+type Listing = Vec<(u64, u32, OsString)>;
 
 /// How many entries the walk after a crash visits at most.
 const WALK_LIMIT: usize = 1 << 20;
@@ -195,6 +202,34 @@ impl PassthroughFs {
         Ok(File::from(fd))
     }
 
+    /// The entries of directory `ino`, `.` and `..` first.
+    fn list(&self, ino: u64) -> Result<Listing> {
+        let relative = self.relative(ino)?;
+        let mut entries: Listing = vec![
+            (ino, mode::S_IFDIR, ".".into()),
+            (ino, mode::S_IFDIR, "..".into()),
+        ];
+        for entry in fs::read_dir(self.full(&relative)).map_err(Errno::from)? {
+            let entry = entry.map_err(Errno::from)?;
+            let kind = entry.file_type().map_err(Errno::from)?;
+            let kind = if kind.is_dir() {
+                mode::S_IFDIR
+            } else if kind.is_symlink() {
+                mode::S_IFLNK
+            } else if kind.is_file() {
+                mode::S_IFREG
+            } else {
+                fs::symlink_metadata(entry.path()).map_or(0, |m| m.mode() & mode::S_IFMT)
+            };
+            entries.push((self.fuse_ino(entry.ino()), kind, entry.file_name()));
+        }
+        Ok(entries)
+    }
+
+    fn open_dirs(&self) -> MutexGuard<'_, HashMap<u64, (u64, Arc<Listing>)>> {
+        self.dirs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn keep(&self, file: File) -> u64 {
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files
@@ -338,6 +373,7 @@ impl Plugin for PassthroughFs {
             root_ino: meta.ino(),
             paths: RwLock::new(HashMap::from([(ROOT, PathBuf::new())])),
             files: Mutex::new(HashMap::new()),
+            dirs: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             resumed: AtomicBool::new(false),
             walked: AtomicBool::new(false),
@@ -528,33 +564,43 @@ impl Plugin for PassthroughFs {
         })
     }
 
+    fn opendir(&self, _ctx: &Context, ino: u64, _flags: i32) -> Result<u64> {
+        let listing = Arc::new(self.list(ino)?);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.open_dirs().insert(fh, (ino, listing));
+        Ok(fh)
+    }
+
+    fn releasedir(&self, _ctx: &Context, _ino: u64, fh: u64) -> Result<()> {
+        self.open_dirs().remove(&fh);
+        Ok(())
+    }
+
     fn readdir(
         &self,
         _ctx: &Context,
         ino: u64,
-        _fh: u64,
+        fh: u64,
         offset: u64,
         out: &mut DirFiller,
     ) -> Result<()> {
-        let relative = self.relative(ino)?;
-        let mut entries: Vec<(u64, u32, OsString)> = vec![
-            (ino, mode::S_IFDIR, ".".into()),
-            (ino, mode::S_IFDIR, "..".into()),
-        ];
-        for entry in fs::read_dir(self.full(&relative)).map_err(Errno::from)? {
-            let entry = entry.map_err(Errno::from)?;
-            let kind = entry.file_type().map_err(Errno::from)?;
-            let kind = if kind.is_dir() {
-                mode::S_IFDIR
-            } else if kind.is_symlink() {
-                mode::S_IFLNK
-            } else if kind.is_file() {
-                mode::S_IFREG
-            } else {
-                fs::symlink_metadata(entry.path()).map_or(0, |m| m.mode() & mode::S_IFMT)
-            };
-            entries.push((self.fuse_ino(entry.ino()), kind, entry.file_name()));
-        }
+        // From the start (a first read, `rewinddir`) the directory is read again; further
+        // on, the listing read then is continued. A handle this instance did not give out
+        // (one of an instance before an upgrade or a crash) is listed afresh every time.
+        let kept = self
+            .open_dirs()
+            .get(&fh)
+            .filter(|(dir, _)| *dir == ino)
+            .map(|(_, listing)| Arc::clone(listing));
+        let entries = match kept {
+            Some(listing) if offset > 0 => listing,
+            Some(_) => {
+                let listing = Arc::new(self.list(ino)?);
+                self.open_dirs().insert(fh, (ino, Arc::clone(&listing)));
+                listing
+            }
+            None => Arc::new(self.list(ino)?),
+        };
         for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if out.add(*child, i as u64 + 1, *kind, name) {
                 break;

@@ -5,7 +5,7 @@
 //! another CPU (measured in BENCHMARKS.md "FUSE over io_uring": that is where it pays).
 //!
 //! Everything else stays as for any mount: the plugin's pool still reads the `/dev/fuse`
-//! connection (forgets, interrupts, and every request until the ring is complete), the
+//! connection (forgets and interrupts never come through a ring), the
 //! mount ends when its connection does, and plugin code still runs only on threads that
 //! end before that end is reported (the pool joins a mount's queue threads first).
 //!

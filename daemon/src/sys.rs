@@ -156,9 +156,9 @@ pub mod fuse_ring {
     const CMD_COMMIT_AND_FETCH: u32 = 2;
     /// `struct fuse_uring_req_header`: in/out header (128 bytes), the operation's header
     /// (128), then `fuse_uring_ent_in_out` (flags, commit id, payload size).
-    pub const HEADER: usize = 288;
+    const HEADER: usize = 288;
     /// Where the operation's header starts in an entry's header buffer.
-    pub const OP_IN: usize = 128;
+    const OP_IN: usize = 128;
     const COMMIT_ID: usize = 264;
     const PAYLOAD_SIZE: usize = 272;
 
@@ -176,7 +176,7 @@ pub mod fuse_ring {
     /// Dropping it closes the ring, which the kernel takes as the end of its entries.
     pub struct Queue {
         // Declared first: closed before the buffers it names are freed.
-        ring: IoUring<squeue::Entry128, cqueue::Entry>,
+        ring: Ring,
         entries: Vec<Entry>,
         qid: u16,
         /// Completions seen but not yet handed out.
@@ -201,10 +201,7 @@ pub mod fuse_ring {
             depth: usize,
             payload: usize,
         ) -> io::Result<Queue> {
-            let ring = IoUring::builder()
-                .setup_cqsize(depth as u32 * 2)
-                .build(depth as u32)?;
-            ring.submitter().register_files(&[dev.as_raw_fd()])?;
+            let ring = ring_on(dev, depth as u32)?;
             let entries: Vec<Entry> = (0..depth)
                 .map(|_| {
                     let mut header = Box::new([0u8; HEADER]);
@@ -330,14 +327,22 @@ pub mod fuse_ring {
         }
     }
 
+    type Ring = IoUring<squeue::Entry128, cqueue::Entry>;
+
+    /// A ring of `depth` 128-byte SQEs (and twice the completions) with `dev` as its fixed
+    /// file 0.
+    fn ring_on(dev: BorrowedFd<'_>, depth: u32) -> io::Result<Ring> {
+        let ring = Ring::builder().setup_cqsize(depth * 2).build(depth)?;
+        ring.submitter().register_files(&[dev.as_raw_fd()])?;
+        Ok(ring)
+    }
+
     /// Whether this process may make a ring with 128-byte SQEs at all (io_uring may be
     /// missing, or forbidden: `kernel.io_uring_disabled`, seccomp). Asked before INIT: once
     /// the kernel agreed to FUSE over io_uring, it holds every request until the ring is
     /// complete or a registration fails, so a process that cannot make a ring must not ask.
     pub fn available() -> io::Result<()> {
-        IoUring::<squeue::Entry128, cqueue::Entry>::builder()
-            .build(1)
-            .map(drop)
+        Ring::builder().build(1).map(drop)
     }
 
     /// Makes the kernel give up the ring of connection `dev` and serve it through
@@ -345,8 +350,7 @@ pub mod fuse_ring {
     /// refuse (a queue id past the last CPU), after which it turns FUSE over io_uring off
     /// for the connection and lets the requests it held go.
     pub fn give_up(dev: BorrowedFd<'_>) -> io::Result<()> {
-        let mut ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder().build(1)?;
-        ring.submitter().register_files(&[dev.as_raw_fd()])?;
+        let mut ring = ring_on(dev, 1)?;
         let sqe = command(CMD_REGISTER, u16::MAX, 0, None);
         // SAFETY: the SQE names no buffer (the kernel refuses the queue id before it
         // would read the entry's iovecs).

@@ -176,10 +176,7 @@ fn a_mount_served_over_io_uring_is_served_again_after_a_crash() {
     if !fuse_available() {
         return;
     }
-    let _knobs = crate::tuning::KNOBS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    let Some(_enabled) = crate::tuning::Knob::set(crate::tuning::ENABLE_URING, "Y") else {
+    let Some(_uring) = crate::tuning::uring_on() else {
         return;
     };
     let systemd = FakeSystemd::new();

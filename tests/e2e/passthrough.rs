@@ -52,6 +52,19 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, String> {
     out
 }
 
+/// passthroughfs (loaded if it is not) mirroring `src` at the mount point `name`, with
+/// `extra` options after `source=`.
+fn mirror(env: &Env, src: &Path, name: &str, extra: &str) -> PathBuf {
+    if !env.plugins().iter().any(|p| p.0 == "passthroughfs") {
+        env.ctl(&["load", "passthroughfs"]).ok();
+    }
+    let mnt = env.mountpoint(name);
+    let option = format!("source={}{extra}", src.display());
+    env.ctl(&["mount", "passthroughfs", path_str(&mnt), "-o", &option])
+        .ok();
+    mnt
+}
+
 fn errno<T>(result: std::io::Result<T>) -> Option<i32> {
     result.err().and_then(|e| e.raw_os_error())
 }
@@ -79,17 +92,7 @@ fn passthroughfs_mirrors_its_source_and_reads_bypass_the_daemon() {
     .unwrap();
     nix::unistd::chown(&src.join("dir/sub"), Some(65534.into()), Some(65534.into())).unwrap();
 
-    env.ctl(&["load", "passthroughfs"]).ok();
-    let mnt = env.mountpoint("mirror");
-    let source_option = format!("source={}", src.display());
-    env.ctl(&[
-        "mount",
-        "passthroughfs",
-        path_str(&mnt),
-        "-o",
-        &source_option,
-    ])
-    .ok();
+    let mnt = mirror(&env, &src, "mirror", "");
 
     // Contents and metadata match the source exactly (the root's own inode aside).
     assert_eq!(snapshot(&mnt), snapshot(&src));
@@ -197,12 +200,8 @@ fn renamed_files_and_directories_open_by_their_new_names() {
     let env = Env::start();
     let src = env.path("src");
     fs::create_dir_all(&src).unwrap();
-    env.ctl(&["load", "passthroughfs"]).ok();
     for options in ["", ",attr_timeout=0"] {
-        let mnt = env.mountpoint("renames");
-        let option = format!("source={}{options}", src.display());
-        env.ctl(&["mount", "passthroughfs", path_str(&mnt), "-o", &option])
-            .ok();
+        let mnt = mirror(&env, &src, "renames", options);
         fs::write(mnt.join("config.lock"), b"one").unwrap();
         fs::rename(mnt.join("config.lock"), mnt.join("config")).unwrap();
         fs::write(mnt.join("config.lock"), b"two").unwrap();
@@ -346,17 +345,7 @@ fn a_large_directory_lists_whole_and_a_new_listing_sees_new_names() {
     for i in 0..3000 {
         fs::write(src.join(format!("file-with-a-longish-name-{i}")), b"").unwrap();
     }
-    env.ctl(&["load", "passthroughfs"]).ok();
-    let mnt = env.mountpoint("mirror");
-    let source_option = format!("source={}", src.display());
-    env.ctl(&[
-        "mount",
-        "passthroughfs",
-        path_str(&mnt),
-        "-o",
-        &source_option,
-    ])
-    .ok();
+    let mnt = mirror(&env, &src, "mirror", "");
     let names = |dir: &Path| -> std::collections::BTreeSet<std::ffi::OsString> {
         fs::read_dir(dir)
             .unwrap()

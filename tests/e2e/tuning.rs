@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use fshost_tests::{artifact, eventually, fuse_available, DetachOnDrop, Env, KillOnDrop};
+use fshost_tests::{
+    artifact, eventually, fuse_available, DetachOnDrop, Env, KillOnDrop, Knob, ENABLE_URING,
+};
 
 use crate::{memfs, path_str};
 
@@ -215,33 +217,24 @@ fn writeback_appends_and_overwrites_land_at_their_offsets() {
     env.ctl(&["unmount", path_str(&m)]).ok();
 }
 
-/// Sets a kernel knob for the length of a test and puts the old value back after it, also
-/// when the test fails.
-pub(crate) struct Knob {
-    path: &'static str,
-    old: String,
-}
-
-impl Knob {
-    pub(crate) fn set(path: &'static str, value: &str) -> Option<Knob> {
-        let old = fs::read_to_string(path).ok()?;
-        fs::write(path, value).ok()?;
-        Some(Knob {
-            path,
-            old: old.trim().to_string(),
-        })
-    }
-}
-
-impl Drop for Knob {
-    fn drop(&mut self) {
-        let _ = fs::write(self.path, &self.old);
-    }
-}
-
-pub(crate) const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 /// The knobs are the machine's: one test at a time turns them.
-pub(crate) static KNOBS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static KNOBS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// FUSE over io_uring switched on for one test (the old setting back when dropped, then
+/// the next test may turn it); `None` where the kernel has no such switch.
+pub(crate) struct UringOn {
+    // Restored before the lock is given back (fields drop in this order).
+    _enabled: Knob,
+    _turning: std::sync::MutexGuard<'static, ()>,
+}
+
+pub(crate) fn uring_on() -> Option<UringOn> {
+    let turning = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
+    Some(UringOn {
+        _enabled: Knob::set(ENABLE_URING, "Y")?,
+        _turning: turning,
+    })
+}
 
 /// The transport `mounts` reports for the mount at `path`.
 pub(crate) fn transport(env: &Env, path: &Path) -> String {
@@ -290,8 +283,7 @@ fn fuse_over_io_uring_serves_where_the_kernel_offers_it_and_dev_fuse_where_not()
     if !fuse_available() {
         return;
     }
-    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(_enabled) = Knob::set(ENABLE_URING, "Y") else {
+    let Some(_uring) = uring_on() else {
         // A kernel before 6.14 (or without CONFIG_FUSE_IO_URING): only the fallback.
         let env = Env::start();
         env.ctl(&["load", &memfs()]).ok();
@@ -387,8 +379,7 @@ fn a_ring_the_daemon_cannot_complete_after_init_is_given_up_for_dev_fuse() {
     if !fuse_available() {
         return;
     }
-    let _knobs = KNOBS.lock().unwrap_or_else(|e| e.into_inner());
-    let Some(_enabled) = Knob::set(ENABLE_URING, "Y") else {
+    let Some(_uring) = uring_on() else {
         return;
     };
     // Room for the mount's thread and its pool's worker, not for the queue threads: the

@@ -167,6 +167,33 @@ pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<ExitSt
     }
 }
 
+/// The `fuse` module's switch for FUSE over io_uring (Linux 6.14+).
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Sets a kernel knob (a sysfs or procfs file) and puts the old value back when dropped,
+/// also when a test fails; `None` if the knob is missing or cannot be written.
+pub struct Knob {
+    path: &'static str,
+    old: String,
+}
+
+impl Knob {
+    pub fn set(path: &'static str, value: &str) -> Option<Knob> {
+        let old = std::fs::read_to_string(path).ok()?;
+        std::fs::write(path, value).ok()?;
+        Some(Knob {
+            path,
+            old: old.trim().to_string(),
+        })
+    }
+}
+
+impl Drop for Knob {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, &self.old);
+    }
+}
+
 /// Polls `condition` until it holds or `timeout` passes; returns whether it held.
 pub fn eventually(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

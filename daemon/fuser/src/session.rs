@@ -672,9 +672,7 @@ impl RequestBuf {
             len: 0,
         }
     }
-}
 
-impl RequestBuf {
     /// Puts a request that came some other way than `Polled::receive` into the buffer, as
     /// `/dev/fuse` would give it: the concatenation of `parts` (for FUSE over io_uring: the
     /// in header, the operation's header, the payload).

@@ -141,52 +141,7 @@ pub fn serve(
         }
         link.served_by(Arc::downgrade(&served) as Weak<dyn AsFd + Send + Sync>);
         if link.agreed().is_some_and(|a| a.uring) {
-            // Held as a request in flight until the ring is in place, so that the mount
-            // cannot leave the pool (which joins the ring's threads) before.
-            served.state.fetch_add(ONE, Ordering::AcqRel);
-            let serve = Arc::clone(&served) as Arc<dyn ring::Serve>;
-            let started = Ring::start(serve, plugin, anyway);
-            let failed = match started {
-                // A takeover's ring was complete before: the kernel sends everything to
-                // its queues whatever we say now, so without them nothing serves.
-                Ok((ring, Transport::Fallback(why))) if anyway => {
-                    *served.ring.lock() = ring;
-                    Some(io::Error::other(why))
-                }
-                Ok((ring, transport)) => {
-                    if let Transport::Fallback(why) = &transport {
-                        tracing::info!(mountpoint = %served.target.path.display(), "FUSE over io_uring not used: {why}");
-                        // The kernel gave the ring up: `/dev/fuse` carries everything.
-                        if let Some(agreed) = link.agreed() {
-                            link.agree(Agreed {
-                                uring: false,
-                                ..agreed
-                            });
-                        }
-                    }
-                    if let (true, Transport::Uring(queues, _)) = (anyway, &transport) {
-                        // Taken over after a crash: start what waited meanwhile.
-                        let target = Arc::clone(&served.target);
-                        Ring::nudge(*queues, move || target.ask_statfs());
-                    }
-                    *served.ring.lock() = ring;
-                    link.set_transport(transport);
-                    None
-                }
-                Err(e) => Some(e),
-            };
-            let now = served.state.fetch_sub(ONE, Ordering::AcqRel) - ONE;
-            served.leave_if_done(&pool, now);
-            if let Some(e) = failed {
-                // The kernel holds the mount's requests until a ring it will never get:
-                // nothing can serve it. The caller detaches it, which ends the session
-                // (and reports the mount's failure itself: no end to report here).
-                *served.end.on_end.lock() = None;
-                return Err(ServeError::Io(io::Error::new(
-                    e.kind(),
-                    format!("FUSE over io_uring agreed, but no ring can be made ({e}); mount without -o uring"),
-                )));
-            }
+            served.start_ring(&pool, link, plugin, anyway)?;
         }
         return Ok(());
     }
@@ -513,6 +468,67 @@ const REMOVED: u64 = 4;
 const ONE: u64 = 8;
 
 impl Served {
+    /// Serves the mount's FUSE-over-io_uring queues too (INIT agreed to it). If the kernel
+    /// was made to give the ring up, `/dev/fuse` serves and `link` says so. An error when
+    /// nothing can serve the mount: the kernel holds its requests for a ring that cannot be
+    /// made, or (`anyway`: a takeover, whose ring was complete before) sends them to
+    /// queues no thread serves. The caller then detaches the mount, which ends the session,
+    /// and reports the failure itself: no end is reported here.
+    fn start_ring(
+        self: &Arc<Self>,
+        pool: &Pool,
+        link: &Link,
+        plugin: &str,
+        anyway: bool,
+    ) -> Result<(), ServeError> {
+        // Held as a request in flight until the ring is in place, so that the mount cannot
+        // leave the pool (which joins the ring's threads) before.
+        self.state.fetch_add(ONE, Ordering::AcqRel);
+        let started = Ring::start(Arc::clone(self) as Arc<dyn ring::Serve>, plugin, anyway);
+        let failed = match started {
+            Err(e) => Some(e),
+            Ok((ring, transport)) => {
+                *self.ring.lock() = ring;
+                match transport {
+                    Transport::Fallback(why) if anyway => Some(io::Error::other(why)),
+                    Transport::Fallback(why) => {
+                        tracing::info!(mountpoint = %self.target.path.display(), "FUSE over io_uring not used: {why}");
+                        // The kernel gave the ring up: `/dev/fuse` carries everything.
+                        if let Some(agreed) = link.agreed() {
+                            link.agree(Agreed {
+                                uring: false,
+                                ..agreed
+                            });
+                        }
+                        link.set_transport(Transport::Fallback(why));
+                        None
+                    }
+                    transport => {
+                        if let (true, Transport::Uring(queues, _)) = (anyway, &transport) {
+                            // Taken over after a crash: start what waited meanwhile.
+                            let target = Arc::clone(&self.target);
+                            Ring::nudge(*queues, move || target.ask_statfs());
+                        }
+                        link.set_transport(transport);
+                        None
+                    }
+                }
+            }
+        };
+        let now = self.state.fetch_sub(ONE, Ordering::AcqRel) - ONE;
+        self.leave_if_done(pool, now);
+        match failed {
+            None => Ok(()),
+            Some(e) => {
+                *self.end.on_end.lock() = None;
+                Err(ServeError::Io(io::Error::new(
+                    e.kind(),
+                    format!("FUSE over io_uring agreed, but no ring can serve it ({e}); mount without -o uring"),
+                )))
+            }
+        }
+    }
+
     /// Reads and serves one request (woken by the epoll for this mount; `ended`: woken
     /// because its connection ended).
     fn serve(&self, pool: &Pool, buf: &mut RequestBuf, ended: bool) {

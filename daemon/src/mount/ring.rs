@@ -240,15 +240,14 @@ fn serve_queue(
             Err(e) => break Err(e),
         };
         let (header, op, payload) = queue.request(i);
-        let reply = match buf.fill(&[header, op, payload]) {
-            Ok(()) => {
-                // A request fuser cannot parse is answered EIO by nobody: do it here.
-                match mount.dispatch_to(&buf, Arc::clone(&answer) as Arc<dyn ReplySink>) {
-                    Ok(_) => answer.take(),
-                    Err(_) => error_reply(header, libc::EIO),
-                }
-            }
-            Err(_) => error_reply(header, libc::E2BIG),
+        let sink = Arc::clone(&answer) as Arc<dyn ReplySink>;
+        let dispatched = buf
+            .fill(&[header, op, payload])
+            .and_then(|()| mount.dispatch_to(&buf, sink));
+        // A request fuser cannot take is answered by nobody: EIO from here.
+        let reply = match dispatched {
+            Ok(_) => answer.take(),
+            Err(_) => error_reply(header, libc::EIO),
         };
         served.fetch_add(1, Ordering::Relaxed);
         let committed = queue.commit(i, &reply);

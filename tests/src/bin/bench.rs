@@ -391,16 +391,12 @@ fn tool_rows(daemon: &mut Daemon, dir: &Path, native: &Path, smoke: bool) -> Str
 /// its rows are labelled: as FUSE over io_uring, or with the transport that serves it
 /// when the kernel or the system would not have the ring.
 fn mount_memfs_uring(daemon: &mut Daemon, mountpoint: &Path) -> String {
-    let enable_uring = Path::new("/sys/module/fuse/parameters/enable_uring");
-    let was = std::fs::read_to_string(enable_uring).ok();
-    let _ = std::fs::write(enable_uring, "Y");
+    let enabled = fshost_tests::Knob::set(fshost_tests::ENABLE_URING, "Y");
     daemon.call(
         json!({"op": "mount", "plugin": "memfs", "mountpoint": mountpoint,
         "options": options_json(&format!("{MEMFS_OPTIONS},uring"))}),
     );
-    if let Some(was) = &was {
-        let _ = std::fs::write(enable_uring, was.trim());
-    }
+    drop(enabled);
     let mounts = daemon.call(json!({"op": "mounts"}));
     let transport = mounts["result"]["mounts"]
         .as_array()
@@ -608,8 +604,13 @@ struct Peer {
 const PEER_SOURCE: &str = "/usr/share/doc/libfuse3-dev/examples/passthrough_ll.c";
 
 impl Peer {
-    /// Builds `passthrough_ll` into `dir`; why not, if it cannot.
+    /// Builds `passthrough_ll` into `dir` (once: the tool rows and the data rows share
+    /// it); why not, if it cannot.
     fn build(dir: &Path) -> Result<PathBuf, String> {
+        let binary = dir.join("passthrough_ll.bin");
+        if binary.exists() {
+            return Ok(binary);
+        }
         if !Path::new(PEER_SOURCE).exists() {
             return Err("libfuse3-dev is not installed".into());
         }
@@ -618,7 +619,6 @@ impl Peer {
             .output()
             .map_err(|e| format!("pkg-config: {e}"))?;
         let flags = String::from_utf8_lossy(&flags.stdout).into_owned();
-        let binary = dir.join("passthrough_ll.bin");
         let built = Command::new("cc")
             .args(["-O2", "-o"])
             .arg(&binary)
@@ -811,29 +811,30 @@ fn main() {
         .ok()
         .map(|binary| Peer::start(binary, &dir.join("peer-source"), &ll));
     eprintln!("data ({} MiB per run)...", sizes.data_mib);
-    let targets = [
-        &tmpfs,
-        &memfs,
-        &memfs2,
-        &standalone,
-        &writeback,
-        &served,
-        &uring,
-        &native,
-        &pt,
-        // Measured as passthroughfs itself when the peer could not be built (its rows
-        // then say so instead of comparing).
-        if ll_server.is_some() { &ll } else { &pt },
-    ]
-    .map(PathBuf::as_path);
+    let mut targets = vec![
+        &*tmpfs,
+        &*memfs,
+        &*memfs2,
+        &*standalone,
+        &*writeback,
+        &*served,
+        &*uring,
+        &*native,
+        &*pt,
+    ];
+    // The peer last, when it could be built.
+    if ll_server.is_some() {
+        targets.push(&*ll);
+    }
     let d = data(&targets, sizes.data_mib);
     eprintln!("metadata ({} files)...", sizes.files);
     let m = metadata(&targets, sizes.files);
     drop(ll_server);
-    let [d_tmpfs, d_memfs, d_memfs2, d_standalone, d_writeback, d_served, d_uring, d_native, d_pt, d_ll] =
+    let [d_tmpfs, d_memfs, d_memfs2, d_standalone, d_writeback, d_served, d_uring, d_native, d_pt] =
         std::array::from_fn(|i| d[i]);
-    let [m_tmpfs, m_memfs, m_memfs2, m_standalone, m_writeback, m_served, m_uring, m_native, m_pt, m_ll] =
+    let [m_tmpfs, m_memfs, m_memfs2, m_standalone, m_writeback, m_served, m_uring, m_native, m_pt] =
         std::array::from_fn(|i| m[i]);
+    let peer_rows = d.get(9).zip(m.get(9));
 
     let stats = daemon.call(json!({"op": "mounts"}));
     let pt_stats = stats["result"]["mounts"]
@@ -956,15 +957,16 @@ fn main() {
         ["", "", "≥ 0.95", "", ""],
         [""; 4],
     );
-    match &peer {
-        Ok(_) => compare(
+    match (peer_rows, &peer) {
+        (Some((d_ll, m_ll)), _) => compare(
             PEER_LABEL,
-            (&d_ll, &d_pt),
-            (&m_ll, &m_pt),
+            (d_ll, &d_pt),
+            (m_ll, &m_pt),
             ["≥ 1"; 5],
             ["≤ 1×"; 4],
         ),
-        Err(why) => {
+        (None, peer) => {
+            let why = peer.as_ref().err().map_or("not started", String::as_str);
             let _ = writeln!(table, "| {PEER_LABEL}: not measured ({why}) | | | | |");
         }
     }

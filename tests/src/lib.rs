@@ -112,11 +112,13 @@ pub fn run(mut command: Command) -> Output {
 }
 
 /// A one-page direct read of `file` (no page cache: a FUSE request of its own) by `dd`, in
-/// a process of its own, as uid/gid 65534 if `as_nobody` (through setpriv).
-pub fn direct_read(file: &Path, as_nobody: bool) -> Child {
-    let mut command = if as_nobody {
+/// a process of its own, as `user` (uid and gid, no other groups; through setpriv) if given.
+pub fn direct_read(file: &Path, user: Option<u32>) -> Child {
+    let mut command = if let Some(uid) = user {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "dd"]);
+        c.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={uid}"))
+            .args(["--clear-groups", "dd"]);
         c
     } else {
         Command::new("dd")

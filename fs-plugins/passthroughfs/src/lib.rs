@@ -41,10 +41,11 @@ pub struct PassthroughFs {
     /// inode → path relative to the source (empty for the root).
     paths: RwLock<HashMap<u64, PathBuf>>,
     files: Mutex<HashMap<u64, File>>,
-    /// Open directories: handle → (inode, the listing read at `opendir` or at the last
-    /// read from offset 0). A listing of N entries comes in about N/100 READDIRs; reading
-    /// the directory again for each made listing it O(N²) (8 µs an entry at 10,000).
-    dirs: Mutex<HashMap<u64, (u64, Arc<Listing>)>>,
+    /// Open directories: handle → the directory's listing, read at `opendir` and again at
+    /// each read from offset 0 but the first. A listing of N entries comes in about N/100
+    /// READDIRs; reading the directory again for each made listing it O(N²) (8 µs an
+    /// entry at 10,000).
+    dirs: Mutex<HashMap<u64, OpenDir>>,
     next_fh: AtomicU64,
     /// Set by `resume` (the instance before us died with fshostd): the kernel may name
     /// inodes we never looked up, which are found by walking the source once.
@@ -55,6 +56,15 @@ pub struct PassthroughFs {
 
 /// A directory's entries: (inode, file type bits, name).
 type Listing = Vec<(u64, u32, OsString)>;
+
+/// A directory opened through the mount.
+struct OpenDir {
+    ino: u64,
+    listing: Arc<Listing>,
+    /// Not read yet: the first read from offset 0 takes the listing `opendir` made (read
+    /// again, it cost as much as the rest of the listing's requests together).
+    unread: bool,
+}
 
 /// How many entries the walk after a crash visits at most.
 const WALK_LIMIT: usize = 1 << 20;
@@ -226,7 +236,7 @@ impl PassthroughFs {
         Ok(entries)
     }
 
-    fn open_dirs(&self) -> MutexGuard<'_, HashMap<u64, (u64, Arc<Listing>)>> {
+    fn open_dirs(&self) -> MutexGuard<'_, HashMap<u64, OpenDir>> {
         self.dirs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -567,7 +577,12 @@ impl Plugin for PassthroughFs {
     fn opendir(&self, _ctx: &Context, ino: u64, _flags: i32) -> Result<u64> {
         let listing = Arc::new(self.list(ino)?);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.open_dirs().insert(fh, (ino, listing));
+        let dir = OpenDir {
+            ino,
+            listing,
+            unread: true,
+        };
+        self.open_dirs().insert(fh, dir);
         Ok(fh)
     }
 
@@ -584,19 +599,24 @@ impl Plugin for PassthroughFs {
         offset: u64,
         out: &mut DirFiller,
     ) -> Result<()> {
-        // From the start (a first read, `rewinddir`) the directory is read again; further
-        // on, the listing read then is continued. A handle this instance did not give out
-        // (one of an instance before an upgrade or a crash) is listed afresh every time.
-        let kept = self
-            .open_dirs()
-            .get(&fh)
-            .filter(|(dir, _)| *dir == ino)
-            .map(|(_, listing)| Arc::clone(listing));
+        // From the start (`rewinddir`) the directory is read again, unless nothing was read
+        // since `opendir` read it; further on, the listing read then is continued. A handle
+        // this instance did not give out (one of an instance before an upgrade or a crash)
+        // is listed afresh every time.
+        let kept = {
+            let mut dirs = self.open_dirs();
+            dirs.get_mut(&fh).filter(|dir| dir.ino == ino).map(|dir| {
+                let fresh = std::mem::replace(&mut dir.unread, false);
+                (Arc::clone(&dir.listing), fresh || offset > 0)
+            })
+        };
         let entries = match kept {
-            Some(listing) if offset > 0 => listing,
-            Some(_) => {
+            Some((listing, true)) => listing,
+            Some((_, false)) => {
                 let listing = Arc::new(self.list(ino)?);
-                self.open_dirs().insert(fh, (ino, Arc::clone(&listing)));
+                if let Some(dir) = self.open_dirs().get_mut(&fh) {
+                    dir.listing = Arc::clone(&listing);
+                }
                 listing
             }
             None => Arc::new(self.list(ino)?),

@@ -590,12 +590,17 @@ impl Drop for Standalone {
 }
 
 /// How the rows comparing passthroughfs with its libfuse peer are labelled.
-const PEER_LABEL: &str = "passthroughfs vs libfuse's passthrough_ll (both 1 s caches)";
+const PEER_LABEL: &str =
+    "passthroughfs vs libfuse's passthrough_ll (both 1 s caches and default_permissions)";
 
 /// The libfuse peer of passthroughfs: `passthrough_ll`, libfuse's low-level passthrough
 /// example, as Debian's libfuse3-dev ships it (`/usr/share/doc/libfuse3-dev/examples`),
 /// built here with `cc` (never vendored). Its defaults cache entries and attributes 1 s,
-/// as passthroughfs's do. Dropping it ends the process and detaches its mount.
+/// as passthroughfs's do; it is mounted with `default_permissions`, as every fshost mount
+/// is (the kernel checks permissions: a server acting as root on its source must not
+/// leave that to the source), so that the rows compare the servers at equal settings
+/// (BENCHMARKS.md has what the check costs). Dropping it ends the process and detaches
+/// its mount.
 struct Peer {
     child: Child,
     _mount: Mounted,
@@ -640,7 +645,7 @@ impl Peer {
         let child = Command::new(binary)
             .arg("-f")
             .arg("-o")
-            .arg(format!("source={}", source.display()))
+            .arg(format!("source={},default_permissions", source.display()))
             .arg(path)
             .stdout(Stdio::null())
             .spawn()

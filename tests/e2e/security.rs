@@ -677,28 +677,59 @@ fn files_removed_but_held_cannot_grow_a_memfs_without_end() {
     env.ctl(&["unmount", path_str(&mnt)]).ok();
 }
 
+/// A daemon that lets ordinary users mount faultfs (`limits` and `users`: more of those
+/// config sections' lines), with the test directory open to them; None without FUSE,
+/// setpriv or dd.
+fn faultfs_users_env(limits: &str, users: &str) -> Option<Env> {
+    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
+        return None;
+    }
+    let config = format!(
+        "socket_mode = \"0666\"\n[limits]\n{limits}[users]\nmount_plugins = [\"faultfs\"]\n{users}"
+    );
+    let env = Env::start_configured(&[], &config);
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    env.ctl(&["load", "faultfs"]).ok();
+    Some(env)
+}
+
+/// A faultfs mount of `uid`'s at a new directory `name`, whose reads take `slow_ms`.
+fn slow_mount_of(env: &Env, uid: u32, name: &str, slow_ms: u32) -> PathBuf {
+    let dir = dir_of(env, uid, name);
+    let slow = format!("slow_ms={slow_ms}");
+    let (code, stderr) = ctl_as(env, uid, &["mount", "faultfs", path_str(&dir), "-o", &slow]);
+    assert_eq!(code, 0, "{stderr}");
+    dir
+}
+
+/// Two direct reads (no page cache: a request each) on each of `mounts` (with their
+/// owners, as whom they read) while a read of root's `bystander` must be answered within
+/// 800 ms; how long the reads took in all.
+fn two_reads_each_beside(mounts: &[(u32, PathBuf)], bystander: &Path) -> Duration {
+    let started = std::time::Instant::now();
+    let readers = mounts
+        .iter()
+        .flat_map(|m| [m, m])
+        .map(|(uid, m)| fshost_tests::direct_read(&m.join("data"), Some(*uid)))
+        .collect();
+    fshost_tests::slow_reads_beside(started, readers, bystander, Duration::from_millis(800))
+}
+
 /// A user's mounts take at most `[users] max_threads` of their plugin's workers together:
 /// a user whose requests block in the plugin (faultfs's slow reads here; for real, say, a
 /// passthroughfs over their own FUSE file system that never answers) waits for their own
 /// requests, while root's mount of the same plugin is served at once.
 #[test]
 fn a_users_blocked_requests_hold_only_their_share_of_the_workers() {
-    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
+    let Some(env) = faultfs_users_env("threads_per_plugin = 8\n", "max_threads = 2\n") else {
         return;
-    }
-    let config = "socket_mode = \"0666\"\n[limits]\nthreads_per_plugin = 8\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 2\n";
-    let env = Env::start_configured(&[], config);
-    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    env.ctl(&["load", "faultfs"]).ok();
-    let mounts: Vec<PathBuf> = (0..3)
+    };
+    let mounts: Vec<(u32, PathBuf)> = (0..3)
         .map(|i| {
-            let dir = user_dir(&env, &format!("slow{i}"));
-            let (code, stderr) = ctl_as_nobody(
-                &env,
-                &["mount", "faultfs", path_str(&dir), "-o", "slow_ms=1000"],
-            );
-            assert_eq!(code, 0, "{stderr}");
-            dir
+            (
+                NOBODY,
+                slow_mount_of(&env, NOBODY, &format!("slow{i}"), 1000),
+            )
         })
         .collect();
     let root_mount = env.mountpoint("root");
@@ -706,24 +737,13 @@ fn a_users_blocked_requests_hold_only_their_share_of_the_workers() {
     // Two direct reads (no page cache: a request each) on each of the user's three mounts,
     // as the user: six requests the per-mount limit (2) alone would serve at once. Root's
     // mount answers at once meanwhile.
-    let started = std::time::Instant::now();
-    let readers = mounts
-        .iter()
-        .flat_map(|m| [m, m])
-        .map(|m| fshost_tests::direct_read(&m.join("data"), Some(NOBODY)))
-        .collect();
-    let all = fshost_tests::slow_reads_beside(
-        started,
-        readers,
-        &root_mount.join("data"),
-        Duration::from_millis(800),
-    );
+    let all = two_reads_each_beside(&mounts, &root_mount.join("data"));
     // Two at a time: three rounds of a second.
     assert!(
         all >= Duration::from_millis(2900),
         "six slow reads took {all:?}"
     );
-    for mnt in mounts.iter().chain([&root_mount]) {
+    for mnt in mounts.iter().map(|(_, m)| m).chain([&root_mount]) {
         env.ctl(&["unmount", path_str(mnt)]).ok();
     }
 }
@@ -733,44 +753,25 @@ fn a_users_blocked_requests_hold_only_their_share_of_the_workers() {
 /// root's mounts (here a pool of 4: users together 3, each at most 2).
 #[test]
 fn users_together_leave_root_a_quarter_of_the_workers() {
-    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
-        return;
-    }
     const OTHER: u32 = 65533;
-    let config = "socket_mode = \"0666\"\n[limits]\nthreads_per_plugin = 4\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 2\n";
-    let env = Env::start_configured(&[], config);
-    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    env.ctl(&["load", "faultfs"]).ok();
+    let Some(env) = faultfs_users_env("threads_per_plugin = 4\n", "max_threads = 2\n") else {
+        return;
+    };
     let mounts: Vec<(u32, PathBuf)> = [NOBODY, OTHER]
         .into_iter()
         .flat_map(|uid| (0..2).map(move |i| (uid, i)))
         .map(|(uid, i)| {
-            let dir = dir_of(&env, uid, &format!("slow{uid}-{i}"));
-            let (code, stderr) = ctl_as(
-                &env,
+            (
                 uid,
-                &["mount", "faultfs", path_str(&dir), "-o", "slow_ms=2000"],
-            );
-            assert_eq!(code, 0, "{stderr}");
-            (uid, dir)
+                slow_mount_of(&env, uid, &format!("slow{uid}-{i}"), 2000),
+            )
         })
         .collect();
     let root_mount = env.mountpoint("root");
     env.ctl(&["mount", "faultfs", path_str(&root_mount)]).ok();
     // Eight slow reads, four of each user: each user's share (2) alone would let all four
     // workers be taken at once; users together may take three.
-    let started = std::time::Instant::now();
-    let readers = mounts
-        .iter()
-        .flat_map(|m| [m, m])
-        .map(|(uid, m)| fshost_tests::direct_read(&m.join("data"), Some(*uid)))
-        .collect();
-    let all = fshost_tests::slow_reads_beside(
-        started,
-        readers,
-        &root_mount.join("data"),
-        Duration::from_millis(800),
-    );
+    let all = two_reads_each_beside(&mounts, &root_mount.join("data"));
     // Three at a time: three rounds of two seconds (four at a time would take two rounds,
     // and root's read would wait for the first to end).
     assert!(
@@ -788,24 +789,11 @@ fn users_together_leave_root_a_quarter_of_the_workers() {
 /// one, and the next mount's request then waited until the user sent another request).
 #[test]
 fn a_waiting_mount_that_ends_does_not_take_the_next_worker() {
-    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
+    let Some(env) = faultfs_users_env("", "max_threads = 1\n") else {
         return;
-    }
-    let config =
-        "socket_mode = \"0666\"\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 1\n";
-    let env = Env::start_configured(&[], config);
-    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    env.ctl(&["load", "faultfs"]).ok();
+    };
     let mounts: Vec<PathBuf> = (0..3)
-        .map(|i| {
-            let dir = user_dir(&env, &format!("wait{i}"));
-            let (code, stderr) = ctl_as_nobody(
-                &env,
-                &["mount", "faultfs", path_str(&dir), "-o", "slow_ms=1500"],
-            );
-            assert_eq!(code, 0, "{stderr}");
-            dir
-        })
+        .map(|i| slow_mount_of(&env, NOBODY, &format!("wait{i}"), 1500))
         .collect();
     let as_nobody_sh = |script: &str, file: &Path| {
         let mut sh = Command::new("setpriv");

@@ -885,6 +885,148 @@ fn posix_acls_work_as_on_tmpfs() {
     }
 }
 
+/// Where setuid and setgid go, case by case: writes, truncations and changes of owner by an
+/// unprivileged user and by root (memfs clears them itself: `WANT_KILL_PRIV`).
+fn setid_probe(dir: &Path) -> Vec<String> {
+    let as_user = |script: &str, file: &Path| {
+        let mut sh = Command::new("setpriv");
+        sh.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "sh",
+            "-c",
+        ])
+        .arg(script)
+        .arg("sh")
+        .arg(file);
+        assert!(run(sh).status.success(), "{script} on {}", file.display());
+    };
+    let as_root = |script: &str, file: &Path| {
+        let mut sh = Command::new("sh");
+        sh.arg("-c").arg(script).arg("sh").arg(file);
+        assert!(run(sh).status.success(), "{script} on {}", file.display());
+    };
+    let mode = |file: &Path| format!("{:o}", fs::metadata(file).unwrap().mode() & 0o7777);
+    // What, on a file with which bits, done how.
+    type Case<'a> = (&'a str, u32, &'a dyn Fn(&Path));
+    let cases: [Case; 12] = [
+        ("user appends", 0o4777, &|f| as_user("echo x >> \"$1\"", f)),
+        ("user appends, setgid and group x", 0o2777, &|f| {
+            as_user("echo x >> \"$1\"", f)
+        }),
+        ("user appends, setgid without group x", 0o2767, &|f| {
+            as_user("echo x >> \"$1\"", f)
+        }),
+        (
+            "user appends, setgid without group x, in the file's group",
+            0o2767,
+            &|f| {
+                nix::unistd::chown(f, None, Some(65534.into())).unwrap();
+                fs::set_permissions(f, fs::Permissions::from_mode(0o2767)).unwrap();
+                as_user("echo x >> \"$1\"", f)
+            },
+        ),
+        ("user appends, both", 0o6777, &|f| {
+            as_user("echo x >> \"$1\"", f)
+        }),
+        ("user truncates", 0o4777, &|f| {
+            as_user("truncate -s 0 \"$1\"", f)
+        }),
+        ("user opens with O_TRUNC", 0o4777, &|f| {
+            as_user(": > \"$1\"", f)
+        }),
+        ("root appends", 0o6777, &|f| as_root("echo x >> \"$1\"", f)),
+        ("root truncates", 0o6777, &|f| {
+            as_root("truncate -s 1 \"$1\"", f)
+        }),
+        ("root chowns", 0o6755, &|f| as_root("chown 65534 \"$1\"", f)),
+        ("root chgrps", 0o6755, &|f| as_root("chgrp 65534 \"$1\"", f)),
+        (
+            "user appends through a handle opened before the bits were set",
+            0o777,
+            &|f| {
+                let mut sh = Command::new("setpriv");
+                sh.args([
+                    "--reuid=65534",
+                    "--regid=65534",
+                    "--clear-groups",
+                    "sh",
+                    "-c",
+                ])
+                .arg("exec 3>>\"$1\"; echo opened; read _; echo x >&3")
+                .arg("sh")
+                .arg(f)
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped());
+                let mut child = sh.spawn().unwrap();
+                let mut line = String::new();
+                std::io::BufRead::read_line(
+                    &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+                    &mut line,
+                )
+                .unwrap();
+                fs::set_permissions(f, fs::Permissions::from_mode(0o4777)).unwrap();
+                drop(child.stdin.take());
+                assert!(child.wait().unwrap().success());
+            },
+        ),
+    ];
+    let mut lines = Vec::new();
+    for (i, (what, bits, act)) in cases.iter().enumerate() {
+        let file = dir.join(format!("setid{i}"));
+        fs::write(&file, b"data\n").unwrap();
+        fs::set_permissions(&file, fs::Permissions::from_mode(*bits)).unwrap();
+        act(&file);
+        lines.push(format!("{what}: {:o} -> {}", bits, mode(&file)));
+    }
+    // A directory keeps its setgid bit through a change of owner.
+    let sub = dir.join("setid-dir");
+    fs::create_dir(&sub).unwrap();
+    fs::set_permissions(&sub, fs::Permissions::from_mode(0o2775)).unwrap();
+    nix::unistd::chown(&sub, Some(65534.into()), None).unwrap();
+    lines.push(format!(
+        "root chowns a setgid directory: 2775 -> {}",
+        mode(&sub)
+    ));
+    lines
+}
+
+#[test]
+fn setuid_and_setgid_are_cleared_as_on_tmpfs() {
+    if !fuse_available() || !tool_available("setpriv") || !tool_available("truncate") {
+        return;
+    }
+    let env = Env::start();
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let tmpfs = Tmpfs::mount_with(env.path("setid-tmpfs"), "mode=1777");
+    let expected = setid_probe(&tmpfs.0);
+    eprintln!("on tmpfs: {expected:#?}");
+    assert!(
+        expected.contains(&"user appends: 4777 -> 777".to_string())
+            && expected.contains(&"root appends: 6777 -> 6777".to_string()),
+        "tmpfs itself: {expected:#?}"
+    );
+    env.ctl(&["load", "memfs"]).ok();
+    for options in [
+        "allow_other",
+        "allow_other,keep_cache,attr_timeout=60",
+        "allow_other,nopassthrough",
+        "allow_other,writeback",
+    ] {
+        let mnt = env.mountpoint(&format!("setid-{options}"));
+        env.ctl(&["mount", "memfs", path_str(&mnt), "-o", options])
+            .ok();
+        fs::set_permissions(&mnt, fs::Permissions::from_mode(0o1777)).unwrap();
+        let got = setid_probe(&mnt);
+        env.ctl(&["unmount", path_str(&mnt)]).ok();
+        assert_eq!(
+            got, expected,
+            "memfs -o {options} (left) differs from tmpfs"
+        );
+    }
+}
+
 /// What statfs shows, step by step, as files come and go: sizes, free blocks and inodes,
 /// and where the inode limit stops creation.
 fn statfs_probe(dir: &Path) -> Vec<String> {

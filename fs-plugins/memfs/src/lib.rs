@@ -5,8 +5,9 @@
 //! contents live in a private tmpfs (`store`), which the kernel reads and writes directly
 //! through FUSE passthrough; memfs serves them itself where passthrough is off
 //! (`-o nopassthrough`, `-o writeback`, a kernel without it). Permission checks are
-//! the kernel's job (the daemon mounts with `default_permissions`, which also clears
-//! setuid/setgid bits on write and chown through `setattr`); memfs keeps owners, modes,
+//! the kernel's job (the daemon mounts with `default_permissions`); memfs clears
+//! setuid/setgid itself where tmpfs would (`WANT_KILL_PRIV`, see `setattr`), so that the
+//! kernel need not ask for `security.capability` before every write; it keeps owners, modes,
 //! link counts, times, sparse contents and extended attributes the way tmpfs does.
 //!
 //! Options, as tmpfs's: `size=N[K|M|G]` limits the stored data (`ENOSPC` past it; default
@@ -27,8 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use fshost_sdk::abi::{
-    SET_ATIME, SET_ATIME_NOW, SET_CTIME, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW, SET_SIZE,
-    SET_UID,
+    SET_ATIME, SET_ATIME_NOW, SET_CTIME, SET_FH, SET_GID, SET_MODE, SET_MTIME, SET_MTIME_NOW,
+    SET_SIZE, SET_UID,
 };
 use fshost_sdk::acl::{self, Acl};
 use fshost_sdk::state::SharedFd;
@@ -946,13 +947,15 @@ impl Plugin for MemFs {
         })
     }
 
-    /// POSIX ACLs, unless extended attributes are off.
+    /// POSIX ACLs, unless extended attributes are off; and clearing setuid/setgid itself
+    /// (see `setattr`).
     fn wants(&self) -> Result<u64> {
-        Ok(if self.no_xattr {
+        let acl = if self.no_xattr {
             0
         } else {
             fshost_sdk::abi::WANT_POSIX_ACL
-        })
+        };
+        Ok(acl | fshost_sdk::abi::WANT_KILL_PRIV)
     }
 
     fn lookup(&self, _ctx: &Context, parent: u64, name: &OsStr) -> Result<Attr> {
@@ -1000,7 +1003,7 @@ impl Plugin for MemFs {
         Ok(())
     }
 
-    fn setattr(&self, _ctx: &Context, ino: u64, set: &Setattr) -> Result<Attr> {
+    fn setattr(&self, ctx: &Context, ino: u64, set: &Setattr) -> Result<Attr> {
         let mut tree = self.tree();
         let now = Timespec::now();
         tree.node(ino)?.settable(set)?;
@@ -1023,6 +1026,32 @@ impl Plugin for MemFs {
         }
         if set.valid & SET_GID != 0 {
             node.attr.gid = set.gid;
+        }
+        // Setuid and setgid go where tmpfs drops them (WANT_KILL_PRIV): on a new owner or
+        // group; on a truncation by someone else than root (taken as lacking CAP_FSETID);
+        // on a write by such a caller, which the kernel says with a setattr that sets
+        // nothing. Setgid without group execute goes only for a caller outside the file's
+        // group (its primary group: FUSE does not say the others), or when the kernel's
+        // word can only have meant it (no setuid).
+        if file {
+            let bits = node.attr.mode;
+            let group_x = bits & mode::S_IXGRP != 0;
+            let outsider = group_x || ctx.gid != node.attr.gid;
+            let (suid, sgid) = if set.valid & (SET_UID | SET_GID) != 0 {
+                (true, group_x)
+            } else if set.valid & !SET_FH == 0 {
+                (true, outsider || bits & mode::S_ISUID == 0)
+            } else if set.valid & SET_SIZE != 0 && ctx.uid != 0 {
+                (true, outsider)
+            } else {
+                (false, false)
+            };
+            if suid {
+                node.attr.mode &= !mode::S_ISUID;
+            }
+            if sgid {
+                node.attr.mode &= !mode::S_ISGID;
+            }
         }
         let atime = if set.valid & SET_ATIME_NOW != 0 {
             Time::Now

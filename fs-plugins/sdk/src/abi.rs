@@ -43,6 +43,16 @@ pub const SET_FH: u32 = 1 << 9;
 /// replaces it (see [`crate::acl`]).
 pub const WANT_POSIX_ACL: u64 = 1 << 0;
 
+/// [`crate::Plugin::wants`]: the plugin clears setuid and setgid itself
+/// (`FUSE_HANDLE_KILLPRIV_V2`), so that the kernel need not ask for `security.capability`
+/// before every write (it asks once, until the file's attributes change). The plugin must
+/// then, for a file that is not a directory, clear setuid, and setgid if the group may
+/// execute: on a change of its owner or group; on a truncation by a caller other than root
+/// (the kernel's rule is "without CAP_FSETID", which FUSE does not pass on); and on a
+/// `setattr` that sets nothing (`valid` 0 but for `SET_FH`), which is how the kernel says
+/// that a write by such a caller, through passthrough or not, must drop them.
+pub const WANT_KILL_PRIV: u64 = 1 << 1;
+
 /// Who is asking: the calling process's credentials (and, for plugins that want POSIX
 /// ACLs, the umask of a call that creates a node; 0 otherwise, the host applied it).
 #[repr(C)]

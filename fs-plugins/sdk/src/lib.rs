@@ -108,6 +108,9 @@ pub mod mode {
     pub const S_IFCHR: u32 = libc::S_IFCHR;
     pub const S_IFBLK: u32 = libc::S_IFBLK;
     pub const S_IFSOCK: u32 = libc::S_IFSOCK;
+    pub const S_ISUID: u32 = libc::S_ISUID;
+    pub const S_ISGID: u32 = libc::S_ISGID;
+    pub const S_IXGRP: u32 = libc::S_IXGRP;
 }
 
 impl Timespec {

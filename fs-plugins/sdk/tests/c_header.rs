@@ -62,7 +62,7 @@ fn c_header_matches_rust_layout() {
             "printf(\"fshost_plugin.{op} %zu\\n\", offsetof(struct fshost_plugin, {op}));\n"
         ));
     }
-    let constants: [(&str, u64); 24] = [
+    let constants: [(&str, u64); 25] = [
         ("FSHOST_MIN_STRUCT_SIZE", MIN_STRUCT_SIZE.into()),
         (
             "FSHOST_PASSTHROUGH_STRUCT_SIZE",
@@ -80,6 +80,7 @@ fn c_header_matches_rust_layout() {
             TMPFILE_BACKING_STRUCT_SIZE.into(),
         ),
         ("FSHOST_WANT_POSIX_ACL", WANT_POSIX_ACL),
+        ("FSHOST_WANT_KILL_PRIV", WANT_KILL_PRIV),
         ("FSHOST_PLUGIN_MAGIC", MAGIC),
         ("FSHOST_ABI_VERSION", ABI_VERSION.into()),
         ("FSHOST_PANICKED", PANICKED as i64 as u64),

@@ -889,18 +889,8 @@ fn posix_acls_work_as_on_tmpfs() {
 /// unprivileged user and by root (memfs clears them itself: `WANT_KILL_PRIV`).
 fn setid_probe(dir: &Path) -> Vec<String> {
     let as_user = |script: &str, file: &Path| {
-        let mut sh = Command::new("setpriv");
-        sh.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-        ])
-        .arg(script)
-        .arg("sh")
-        .arg(file);
-        assert!(run(sh).status.success(), "{script} on {}", file.display());
+        let done = run(fshost_tests::nobody_sh(script, file));
+        assert!(done.status.success(), "{script} on {}", file.display());
     };
     let as_root = |script: &str, file: &Path| {
         let mut sh = Command::new("sh");
@@ -946,19 +936,10 @@ fn setid_probe(dir: &Path) -> Vec<String> {
             "user appends through a handle opened before the bits were set",
             0o777,
             &|f| {
-                let mut sh = Command::new("setpriv");
-                sh.args([
-                    "--reuid=65534",
-                    "--regid=65534",
-                    "--clear-groups",
-                    "sh",
-                    "-c",
-                ])
-                .arg("exec 3>>\"$1\"; echo opened; read _; echo x >&3")
-                .arg("sh")
-                .arg(f)
-                .stdin(std::process::Stdio::piped())
-                .stdout(std::process::Stdio::piped());
+                let mut sh =
+                    fshost_tests::nobody_sh("exec 3>>\"$1\"; echo opened; read _; echo x >&3", f);
+                sh.stdin(std::process::Stdio::piped())
+                    .stdout(std::process::Stdio::piped());
                 let mut child = sh.spawn().unwrap();
                 let mut line = String::new();
                 std::io::BufRead::read_line(

@@ -795,26 +795,15 @@ fn a_waiting_mount_that_ends_does_not_take_the_next_worker() {
     let mounts: Vec<PathBuf> = (0..3)
         .map(|i| slow_mount_of(&env, NOBODY, &format!("wait{i}"), 1500))
         .collect();
-    let as_nobody_sh = |script: &str, file: &Path| {
-        let mut sh = Command::new("setpriv");
-        sh.args([
-            "--reuid=65534",
-            "--regid=65534",
-            "--clear-groups",
-            "sh",
-            "-c",
-        ])
-        .arg(script)
-        .arg(file);
-        sh
-    };
     // The first mount's one FLUSH (answered "not needed", so the kernel sends no more), so
     // that the user's served read below is their last request for a while: a process
     // holds the file open after it.
     let first = mounts[0].join("data");
-    assert!(run(as_nobody_sh(": < \"$0\"", &first)).status.success());
-    let mut holder = as_nobody_sh(
-        "exec 3<\"$0\" && dd bs=4096 count=1 iflag=direct status=none <&3 >/dev/null && exec sleep 30",
+    assert!(run(fshost_tests::nobody_sh(": < \"$1\"", &first))
+        .status
+        .success());
+    let mut holder = fshost_tests::nobody_sh(
+        "exec 3<\"$1\" && dd bs=4096 count=1 iflag=direct status=none <&3 >/dev/null && exec sleep 30",
         &first,
     )
     .spawn()

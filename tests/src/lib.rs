@@ -111,6 +111,15 @@ pub fn run(mut command: Command) -> Output {
     }
 }
 
+/// `sh -c script` as uid/gid 65534 with no other groups (through setpriv), `file` as `$1`.
+pub fn nobody_sh(script: &str, file: &Path) -> Command {
+    let mut sh = Command::new("setpriv");
+    sh.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["sh", "-c", script, "sh"])
+        .arg(file);
+    sh
+}
+
 /// A one-page direct read of `file` (no page cache: a FUSE request of its own) by `dd`, in
 /// a process of its own, as `user` (uid and gid, no other groups; through setpriv) if given.
 pub fn direct_read(file: &Path, user: Option<u32>) -> Child {

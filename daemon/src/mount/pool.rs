@@ -16,7 +16,7 @@
 //! be unloaded). Per plugin rather than one pool for the daemon for that reason, and so
 //! that one plugin's stuck requests never hold another plugin's mounts.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -171,7 +171,7 @@ fn pool_for(plugin: &str) -> io::Result<Arc<Pool>> {
         epoll,
         wake,
         mounts: RwLock::new(HashMap::new()),
-        shares: Mutex::new(Shares::default()),
+        shares: Mutex::new(HashMap::new()),
         next_token: AtomicU64::new(0),
         idle: AtomicUsize::new(0),
         closing: AtomicBool::new(false),
@@ -189,8 +189,8 @@ struct Pool {
     /// An eventfd in `epoll`, written when the pool closes.
     wake: OwnedFd,
     mounts: RwLock<HashMap<u64, Arc<Served>>>,
-    /// Workers each user's mounts hold, and their mounts waiting for one (see `Shares`).
-    shares: Mutex<Shares>,
+    /// Workers each user's mounts hold, and their mounts waiting for one (see `Share`).
+    shares: Mutex<HashMap<u32, Share>>,
     next_token: AtomicU64,
     /// Workers waiting for a request.
     idle: AtomicUsize,
@@ -200,36 +200,16 @@ struct Pool {
     control: Mutex<Control>,
 }
 
-/// The workers users' mounts hold: a user whose requests could block in the plugin (a
+/// One user's part of a pool: a user whose requests could block in the plugin (a
 /// passthroughfs over their own FUSE file system that never answers) would otherwise hold
-/// every worker with enough mounts, and stall everyone else's mounts of the plugin; and
-/// users together would, with enough users. So each user holds at most `[users]
-/// max_threads` of a pool's workers and all users together at most [`users_cap`], which
-/// leaves root's mounts a quarter of the pool.
+/// every worker with enough mounts, and stall everyone else's mounts of the plugin.
 #[derive(Default)]
-struct Shares {
-    /// Requests of each user's mounts being served.
-    held: HashMap<u32, usize>,
-    /// Requests of all users' mounts being served.
-    total: usize,
-    /// Mounts with a request waiting for a worker (registered in the epoll only for their
-    /// end meanwhile), with their users, first come first served; a mount leaves it when it
-    /// leaves the pool.
-    parked: VecDeque<(u32, u64)>,
-}
-
-impl Shares {
-    fn room_for(&self, user: u32) -> bool {
-        self.total < users_cap()
-            && self.held.get(&user).copied().unwrap_or(0) < USER_THREADS.load(Ordering::Relaxed)
-    }
-}
-
-/// The workers of a pool that users' mounts may hold together: all but a quarter of
-/// `threads_per_plugin` (at least one kept for root's mounts, and at least one for users').
-fn users_cap() -> usize {
-    let all = THREADS_PER_PLUGIN.load(Ordering::Relaxed);
-    all.saturating_sub((all / 4).max(1)).max(1)
+struct Share {
+    /// Requests of the user's mounts being served.
+    held: usize,
+    /// Mounts with a request waiting for one of those to be answered (registered in the
+    /// epoll only for their end meanwhile), first come first served.
+    parked: std::collections::VecDeque<u64>,
 }
 
 #[derive(Default)]
@@ -322,48 +302,36 @@ impl Pool {
         }
     }
 
-    /// Takes a worker for a request of `user`'s mount `token`; false if the user's mounts,
-    /// or all users' together, hold all they may, and then the mount waits for a worker.
+    /// Takes a worker for a request of `user`'s mount `token`; false if the user's mounts
+    /// hold all they may, and then the mount is queued for the next one they give back.
     fn take_share(&self, user: u32, token: u64) -> bool {
         let mut shares = self.shares.lock();
-        if shares.room_for(user) {
-            *shares.held.entry(user).or_default() += 1;
-            shares.total += 1;
+        let share = shares.entry(user).or_default();
+        if share.held < USER_THREADS.load(Ordering::Relaxed) {
+            share.held += 1;
             true
         } else {
-            shares.parked.push_back((user, token));
+            share.parked.push_back(token);
             false
         }
     }
 
-    /// Gives back a worker of `user`'s, and wakes the mount that waited longest among
-    /// those whose users may have it.
+    /// Gives back a worker of `user`'s, and wakes the user's mount that waited longest.
     fn give_share(&self, user: u32) {
-        {
+        let next = {
             let mut shares = self.shares.lock();
-            let Some(held) = shares.held.get_mut(&user) else {
+            let Some(share) = shares.get_mut(&user) else {
                 return;
             };
-            *held -= 1;
-            if *held == 0 {
-                shares.held.remove(&user);
+            share.held -= 1;
+            let next = share.parked.pop_front();
+            if share.held == 0 && share.parked.is_empty() {
+                shares.remove(&user);
             }
-            shares.total -= 1;
-        }
-        loop {
-            let next = {
-                let mut shares = self.shares.lock();
-                let Some(at) = shares.parked.iter().position(|&(u, _)| shares.room_for(u)) else {
-                    return;
-                };
-                shares.parked.remove(at).map(|(_, token)| token)
-            };
-            // A mount that left the pool since it was taken out is passed over, not woken
-            // in vain.
-            if let Some(served) = next.and_then(|token| self.mounts.read().get(&token).cloned()) {
-                served.unpark(self);
-                return;
-            }
+            next
+        };
+        if let Some(served) = next.and_then(|token| self.mounts.read().get(&token).cloned()) {
+            served.unpark(self);
         }
     }
 
@@ -407,7 +375,6 @@ impl Pool {
             (served, mounts.is_empty())
         };
         let _ = epoll::delete(&self.epoll, &served.conn);
-        self.shares.lock().parked.retain(|&(_, t)| t != token);
         if last {
             self.close();
         }

@@ -1033,15 +1033,17 @@ impl Plugin for MemFs {
         // nothing. Setgid without group execute goes only for a caller outside the file's
         // group (its primary group: FUSE does not say the others), or when the kernel's
         // word can only have meant it (no setuid).
-        if file {
+        if !is_dir(&node.attr) {
             let bits = node.attr.mode;
             let group_x = bits & mode::S_IXGRP != 0;
             let outsider = group_x || ctx.gid != node.attr.gid;
+            // A change of owner drops them from any node but a directory (a FIFO too, as
+            // on tmpfs); writes and truncations reach regular files only.
             let (suid, sgid) = if set.valid & (SET_UID | SET_GID) != 0 {
                 (true, group_x)
-            } else if set.valid & !SET_FH == 0 {
+            } else if file && set.valid & !SET_FH == 0 {
                 (true, outsider || bits & mode::S_ISUID == 0)
-            } else if set.valid & SET_SIZE != 0 && ctx.uid != 0 {
+            } else if file && set.valid & SET_SIZE != 0 && ctx.uid != 0 {
                 (true, outsider)
             } else {
                 (false, false)

@@ -48,10 +48,7 @@ impl Drop for Tmpfs {
 
 fn fsops(program: &Path, dir: &Path, seed: u64, ops: u64, unprivileged: bool) -> String {
     let mut command = if unprivileged {
-        let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(program);
-        c
+        fshost_tests::as_nobody(program)
     } else {
         Command::new(program)
     };
@@ -746,16 +743,8 @@ fn acl_probe(dir: &Path) -> Vec<String> {
     let mode = |path: &Path| format!("{:o}", fs::metadata(path).unwrap().mode());
     let as_nobody = |script: &str| -> String {
         let out = run({
-            let mut c = Command::new("setpriv");
-            c.args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "sh",
-                "-c",
-                script,
-            ]);
-            c.current_dir(dir);
+            let mut c = fshost_tests::as_nobody("sh");
+            c.args(["-c", script]).current_dir(dir);
             c
         });
         format!(

@@ -34,13 +34,8 @@ fn user_env(extra: &str) -> Option<Env> {
 
 /// A directory of the user's (uid 65534) below the test directory.
 fn user_dir(env: &Env, name: &str) -> PathBuf {
-    dir_of(env, NOBODY, name)
-}
-
-/// A directory of `uid`'s (and of the group of that number) below the test directory.
-fn dir_of(env: &Env, uid: u32, name: &str) -> PathBuf {
     let dir = env.mountpoint(name);
-    nix::unistd::chown(&dir, Some(uid.into()), Some(uid.into())).unwrap();
+    nix::unistd::chown(&dir, Some(NOBODY.into()), Some(NOBODY.into())).unwrap();
     dir
 }
 
@@ -52,20 +47,13 @@ fn as_nobody(env: &Env, binary: &str) -> Command {
 
 /// Like [`as_nobody`], with setpriv's `groups` option (`--groups=100`).
 fn as_nobody_in(env: &Env, binary: &str, groups: &str) -> Command {
-    as_user_in(env, NOBODY, binary, groups)
-}
-
-/// Like [`as_nobody_in`], as uid and gid `uid`.
-fn as_user_in(env: &Env, uid: u32, binary: &str, groups: &str) -> Command {
     let copy = env.path(binary);
     if !copy.exists() {
         fs::copy(artifact(binary), &copy).unwrap();
     }
     let mut command = Command::new("setpriv");
     command
-        .arg(format!("--reuid={uid}"))
-        .arg(format!("--regid={uid}"))
-        .arg(groups)
+        .args(["--reuid=65534", "--regid=65534", groups])
         .arg(copy);
     command
 }
@@ -266,12 +254,7 @@ fn spawn_hold(env: &Env, n: usize) -> (Held, usize) {
 
 /// What a `fshostctl` run as the user says: (exit code, stderr).
 pub(crate) fn ctl_as_nobody(env: &Env, args: &[&str]) -> (i32, String) {
-    ctl_as(env, NOBODY, args)
-}
-
-/// `fshostctl args` as uid and gid `uid`: the exit code and what it printed on stderr.
-fn ctl_as(env: &Env, uid: u32, args: &[&str]) -> (i32, String) {
-    let mut command = as_user_in(env, uid, "fshostctl", "--clear-groups");
+    let mut command = as_nobody(env, "fshostctl");
     command.arg("--socket").arg(&env.socket).args(args);
     let out = run(command);
     (
@@ -677,59 +660,28 @@ fn files_removed_but_held_cannot_grow_a_memfs_without_end() {
     env.ctl(&["unmount", path_str(&mnt)]).ok();
 }
 
-/// A daemon that lets ordinary users mount faultfs (`limits` and `users`: more of those
-/// config sections' lines), with the test directory open to them; None without FUSE,
-/// setpriv or dd.
-fn faultfs_users_env(limits: &str, users: &str) -> Option<Env> {
-    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
-        return None;
-    }
-    let config = format!(
-        "socket_mode = \"0666\"\n[limits]\n{limits}[users]\nmount_plugins = [\"faultfs\"]\n{users}"
-    );
-    let env = Env::start_configured(&[], &config);
-    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    env.ctl(&["load", "faultfs"]).ok();
-    Some(env)
-}
-
-/// A faultfs mount of `uid`'s at a new directory `name`, whose reads take `slow_ms`.
-fn slow_mount_of(env: &Env, uid: u32, name: &str, slow_ms: u32) -> PathBuf {
-    let dir = dir_of(env, uid, name);
-    let slow = format!("slow_ms={slow_ms}");
-    let (code, stderr) = ctl_as(env, uid, &["mount", "faultfs", path_str(&dir), "-o", &slow]);
-    assert_eq!(code, 0, "{stderr}");
-    dir
-}
-
-/// Two direct reads (no page cache: a request each) on each of `mounts` (with their
-/// owners, as whom they read) while a read of root's `bystander` must be answered within
-/// 800 ms; how long the reads took in all.
-fn two_reads_each_beside(mounts: &[(u32, PathBuf)], bystander: &Path) -> Duration {
-    let started = std::time::Instant::now();
-    let readers = mounts
-        .iter()
-        .flat_map(|m| [m, m])
-        .map(|(uid, m)| fshost_tests::direct_read(&m.join("data"), Some(*uid)))
-        .collect();
-    fshost_tests::slow_reads_beside(started, readers, bystander, Duration::from_millis(800))
-}
-
 /// A user's mounts take at most `[users] max_threads` of their plugin's workers together:
 /// a user whose requests block in the plugin (faultfs's slow reads here; for real, say, a
 /// passthroughfs over their own FUSE file system that never answers) waits for their own
 /// requests, while root's mount of the same plugin is served at once.
 #[test]
 fn a_users_blocked_requests_hold_only_their_share_of_the_workers() {
-    let Some(env) = faultfs_users_env("threads_per_plugin = 8\n", "max_threads = 2\n") else {
+    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
         return;
-    };
-    let mounts: Vec<(u32, PathBuf)> = (0..3)
+    }
+    let config = "socket_mode = \"0666\"\n[limits]\nthreads_per_plugin = 8\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 2\n";
+    let env = Env::start_configured(&[], config);
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    env.ctl(&["load", "faultfs"]).ok();
+    let mounts: Vec<PathBuf> = (0..3)
         .map(|i| {
-            (
-                NOBODY,
-                slow_mount_of(&env, NOBODY, &format!("slow{i}"), 1000),
-            )
+            let dir = user_dir(&env, &format!("slow{i}"));
+            let (code, stderr) = ctl_as_nobody(
+                &env,
+                &["mount", "faultfs", path_str(&dir), "-o", "slow_ms=1000"],
+            );
+            assert_eq!(code, 0, "{stderr}");
+            dir
         })
         .collect();
     let root_mount = env.mountpoint("root");
@@ -737,13 +689,24 @@ fn a_users_blocked_requests_hold_only_their_share_of_the_workers() {
     // Two direct reads (no page cache: a request each) on each of the user's three mounts,
     // as the user: six requests the per-mount limit (2) alone would serve at once. Root's
     // mount answers at once meanwhile.
-    let all = two_reads_each_beside(&mounts, &root_mount.join("data"));
+    let started = std::time::Instant::now();
+    let readers = mounts
+        .iter()
+        .flat_map(|m| [m, m])
+        .map(|m| fshost_tests::direct_read(&m.join("data"), true))
+        .collect();
+    let all = fshost_tests::slow_reads_beside(
+        started,
+        readers,
+        &root_mount.join("data"),
+        Duration::from_millis(800),
+    );
     // Two at a time: three rounds of a second.
     assert!(
         all >= Duration::from_millis(2900),
         "six slow reads took {all:?}"
     );
-    for mnt in mounts.iter().map(|(_, m)| m).chain([&root_mount]) {
+    for mnt in mounts.iter().chain([&root_mount]) {
         env.ctl(&["unmount", path_str(mnt)]).ok();
     }
 }

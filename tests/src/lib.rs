@@ -111,24 +111,27 @@ pub fn run(mut command: Command) -> Output {
     }
 }
 
-/// `sh -c script` as uid/gid 65534 with no other groups (through setpriv), `file` as `$1`.
+/// `program` run as uid/gid 65534 with no other groups (through setpriv).
+pub fn as_nobody(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(program);
+    command
+}
+
+/// `sh -c script` as uid/gid 65534 ([`as_nobody`]), `file` as `$1`.
 pub fn nobody_sh(script: &str, file: &Path) -> Command {
-    let mut sh = Command::new("setpriv");
-    sh.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .args(["sh", "-c", script, "sh"])
-        .arg(file);
+    let mut sh = as_nobody("sh");
+    sh.args(["-c", script, "sh"]).arg(file);
     sh
 }
 
 /// A one-page direct read of `file` (no page cache: a FUSE request of its own) by `dd`, in
-/// a process of its own, as `user` (uid and gid, no other groups; through setpriv) if given.
-pub fn direct_read(file: &Path, user: Option<u32>) -> Child {
-    let mut command = if let Some(uid) = user {
-        let mut c = Command::new("setpriv");
-        c.arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={uid}"))
-            .args(["--clear-groups", "dd"]);
-        c
+/// a process of its own, as uid/gid 65534 if `nobody` (through [`as_nobody`]).
+pub fn direct_read(file: &Path, nobody: bool) -> Child {
+    let mut command = if nobody {
+        as_nobody("dd")
     } else {
         Command::new("dd")
     };

@@ -1036,15 +1036,16 @@ impl Plugin for MemFs {
         if !is_dir(&node.attr) {
             let bits = node.attr.mode;
             let group_x = bits & mode::S_IXGRP != 0;
-            let outsider = group_x || ctx.gid != node.attr.gid;
+            // The kernel's rule for a caller without CAP_FSETID.
+            let sgid_goes = group_x || ctx.gid != node.attr.gid;
             // A change of owner drops them from any node but a directory (a FIFO too, as
             // on tmpfs); writes and truncations reach regular files only.
             let (suid, sgid) = if set.valid & (SET_UID | SET_GID) != 0 {
                 (true, group_x)
             } else if file && set.valid & !SET_FH == 0 {
-                (true, outsider || bits & mode::S_ISUID == 0)
+                (true, sgid_goes || bits & mode::S_ISUID == 0)
             } else if file && set.valid & SET_SIZE != 0 && ctx.uid != 0 {
-                (true, outsider)
+                (true, sgid_goes)
             } else {
                 (false, false)
             };

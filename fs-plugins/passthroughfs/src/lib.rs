@@ -603,16 +603,17 @@ impl Plugin for PassthroughFs {
         // since `opendir` read it; further on, the listing read then is continued. A handle
         // this instance did not give out (one of an instance before an upgrade or a crash)
         // is listed afresh every time.
+        // Some(None): a handle of ours whose directory must be read again.
         let kept = {
             let mut dirs = self.open_dirs();
             dirs.get_mut(&fh).filter(|dir| dir.ino == ino).map(|dir| {
                 let fresh = std::mem::replace(&mut dir.unread, false);
-                (Arc::clone(&dir.listing), fresh || offset > 0)
+                (fresh || offset > 0).then(|| Arc::clone(&dir.listing))
             })
         };
         let entries = match kept {
-            Some((listing, true)) => listing,
-            Some((_, false)) => {
+            Some(Some(listing)) => listing,
+            Some(None) => {
                 let listing = Arc::new(self.list(ino)?);
                 if let Some(dir) = self.open_dirs().get_mut(&fh) {
                     dir.listing = Arc::clone(&listing);

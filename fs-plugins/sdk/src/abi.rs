@@ -46,11 +46,12 @@ pub const WANT_POSIX_ACL: u64 = 1 << 0;
 /// [`crate::Plugin::wants`]: the plugin clears setuid and setgid itself
 /// (`FUSE_HANDLE_KILLPRIV_V2`), so that the kernel need not ask for `security.capability`
 /// before every write (it asks once, until the file's attributes change). The plugin must
-/// then, for a file that is not a directory, clear setuid, and setgid if the group may
-/// execute: on a change of its owner or group; on a truncation by a caller other than root
-/// (the kernel's rule is "without CAP_FSETID", which FUSE does not pass on); and on a
+/// then clear setuid, and setgid if the group may execute: of any node but a directory on
+/// a change of its owner or group; of a regular file on a truncation by a caller other than
+/// root (the kernel's rule is "without CAP_FSETID", which FUSE does not pass on), and on a
 /// `setattr` that sets nothing (`valid` 0 but for `SET_FH`), which is how the kernel says
-/// that a write by such a caller, through passthrough or not, must drop them.
+/// that a write by such a caller, through passthrough or not, must drop them. On those two,
+/// setgid without group execute goes too for a caller outside the file's group.
 pub const WANT_KILL_PRIV: u64 = 1 << 1;
 
 /// Who is asking: the calling process's credentials (and, for plugins that want POSIX

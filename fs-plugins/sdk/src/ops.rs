@@ -258,8 +258,8 @@ macro_rules! operations {
                 -> (Attr, u64) => [out: *mut Attr, fh: *mut u64] { Err(Errno::ENOSYS) }
 
             /// What this instance asks of the kernel when its mount starts: `WANT_*` bits
-            /// ([`crate::abi::WANT_POSIX_ACL`], [`crate::abi::WANT_KILL_PRIV`]). Asked once per mount, before any other
-            /// request.
+            /// ([`crate::abi::WANT_POSIX_ACL`], [`crate::abi::WANT_KILL_PRIV`]). Asked once
+            /// per mount, before any other request.
             fn wants(&self) -> u64 => [out: *mut u64] { Ok(0) }
 
             /// When `ino` was created (statx's birth time). Left out (ENOSYS), the kernel

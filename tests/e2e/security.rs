@@ -646,8 +646,14 @@ fn files_removed_but_held_cannot_grow_a_memfs_without_end() {
             stored += n;
         }
         drop(file);
-        let fd =
-            rustix::fs::open(&path, rustix::fs::OFlags::PATH, rustix::fs::Mode::empty()).unwrap();
+        // CLOEXEC: without it every program another test starts meanwhile (a daemon, for
+        // one) inherits the descriptor and keeps this mount busy (seen in CI).
+        let fd = rustix::fs::open(
+            &path,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .unwrap();
         fs::remove_file(&path).unwrap();
         held.push(fd);
         std::thread::sleep(Duration::from_millis(50));

@@ -178,7 +178,7 @@ fn a_slow_mount_takes_only_its_share_of_its_plugins_workers() {
     // processes, as real users' would be; the other mount answers at once meanwhile.
     let started = Instant::now();
     let readers = (0..4)
-        .map(|_| fshost_tests::direct_read(&slow.join("data"), false))
+        .map(|_| fshost_tests::direct_read(&slow.join("data"), None))
         .collect();
     let all = fshost_tests::slow_reads_beside(
         started,

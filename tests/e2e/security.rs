@@ -34,8 +34,13 @@ fn user_env(extra: &str) -> Option<Env> {
 
 /// A directory of the user's (uid 65534) below the test directory.
 fn user_dir(env: &Env, name: &str) -> PathBuf {
+    dir_of(env, NOBODY, name)
+}
+
+/// A directory of `uid`'s (and of the group of that number) below the test directory.
+fn dir_of(env: &Env, uid: u32, name: &str) -> PathBuf {
     let dir = env.mountpoint(name);
-    nix::unistd::chown(&dir, Some(NOBODY.into()), Some(NOBODY.into())).unwrap();
+    nix::unistd::chown(&dir, Some(uid.into()), Some(uid.into())).unwrap();
     dir
 }
 
@@ -47,13 +52,20 @@ fn as_nobody(env: &Env, binary: &str) -> Command {
 
 /// Like [`as_nobody`], with setpriv's `groups` option (`--groups=100`).
 fn as_nobody_in(env: &Env, binary: &str, groups: &str) -> Command {
+    as_user_in(env, NOBODY, binary, groups)
+}
+
+/// Like [`as_nobody_in`], as uid `uid` and the group of that number.
+fn as_user_in(env: &Env, uid: u32, binary: &str, groups: &str) -> Command {
     let copy = env.path(binary);
     if !copy.exists() {
         fs::copy(artifact(binary), &copy).unwrap();
     }
     let mut command = Command::new("setpriv");
     command
-        .args(["--reuid=65534", "--regid=65534", groups])
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg(groups)
         .arg(copy);
     command
 }
@@ -254,7 +266,12 @@ fn spawn_hold(env: &Env, n: usize) -> (Held, usize) {
 
 /// What a `fshostctl` run as the user says: (exit code, stderr).
 pub(crate) fn ctl_as_nobody(env: &Env, args: &[&str]) -> (i32, String) {
-    let mut command = as_nobody(env, "fshostctl");
+    ctl_as(env, NOBODY, args)
+}
+
+/// What a `fshostctl` run as `uid` (and the group of that number) says: (exit code, stderr).
+fn ctl_as(env: &Env, uid: u32, args: &[&str]) -> (i32, String) {
+    let mut command = as_user_in(env, uid, "fshostctl", "--clear-groups");
     command.arg("--socket").arg(&env.socket).args(args);
     let out = run(command);
     (
@@ -699,7 +716,7 @@ fn a_users_blocked_requests_hold_only_their_share_of_the_workers() {
     let readers = mounts
         .iter()
         .flat_map(|m| [m, m])
-        .map(|m| fshost_tests::direct_read(&m.join("data"), true))
+        .map(|m| fshost_tests::direct_read(&m.join("data"), Some(NOBODY)))
         .collect();
     let all = fshost_tests::slow_reads_beside(
         started,
@@ -715,6 +732,130 @@ fn a_users_blocked_requests_hold_only_their_share_of_the_workers() {
     for mnt in mounts.iter().chain([&root_mount]) {
         env.ctl(&["unmount", path_str(mnt)]).ok();
     }
+}
+
+/// All users' mounts together take at most three quarters of a plugin's workers: users
+/// whose requests block in the plugin, each within their own share, leave the rest to
+/// root's mounts (here a pool of 4: users together 3, each at most 2).
+#[test]
+fn users_together_leave_root_a_quarter_of_the_workers() {
+    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
+        return;
+    }
+    const OTHER: u32 = 65533;
+    let config = "socket_mode = \"0666\"\n[limits]\nthreads_per_plugin = 4\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 2\n";
+    let env = Env::start_configured(&[], config);
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    env.ctl(&["load", "faultfs"]).ok();
+    let mounts: Vec<(u32, PathBuf)> = [NOBODY, OTHER]
+        .into_iter()
+        .flat_map(|uid| (0..2).map(move |i| (uid, i)))
+        .map(|(uid, i)| {
+            let dir = dir_of(&env, uid, &format!("slow{uid}-{i}"));
+            let (code, stderr) = ctl_as(
+                &env,
+                uid,
+                &["mount", "faultfs", path_str(&dir), "-o", "slow_ms=2000"],
+            );
+            assert_eq!(code, 0, "{stderr}");
+            (uid, dir)
+        })
+        .collect();
+    let root_mount = env.mountpoint("root");
+    env.ctl(&["mount", "faultfs", path_str(&root_mount)]).ok();
+    // Eight slow reads, four of each user: each user's share (2) alone would let all four
+    // workers be taken at once; users together may take three.
+    let started = std::time::Instant::now();
+    let readers = mounts
+        .iter()
+        .flat_map(|m| [m, m])
+        .map(|(uid, m)| fshost_tests::direct_read(&m.join("data"), Some(*uid)))
+        .collect();
+    let all = fshost_tests::slow_reads_beside(
+        started,
+        readers,
+        &root_mount.join("data"),
+        Duration::from_millis(800),
+    );
+    // Three at a time: three rounds of two seconds (four at a time would take two rounds,
+    // and root's read would wait for the first to end).
+    assert!(
+        all >= Duration::from_millis(5900),
+        "eight slow reads took {all:?}"
+    );
+    for (_, mnt) in &mounts {
+        env.ctl(&["unmount", path_str(mnt)]).ok();
+    }
+    env.ctl(&["unmount", path_str(&root_mount)]).ok();
+}
+
+/// The worker a user gives back goes to a mount of theirs whose request waits for it,
+/// past mounts that waited longer but no longer need it: one whose request was withdrawn
+/// (its reader killed) and one that ended (unmounted) while it waited. Either used to take
+/// the worker and wake nobody, and the request behind them waited until the user sent
+/// another.
+#[test]
+fn a_worker_given_back_goes_to_a_mount_that_needs_it() {
+    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
+        return;
+    }
+    let config =
+        "socket_mode = \"0666\"\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 1\n";
+    let env = Env::start_configured(&[], config);
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    env.ctl(&["load", "faultfs"]).ok();
+    let mounts: Vec<PathBuf> = (0..4)
+        .map(|i| {
+            let dir = user_dir(&env, &format!("wait{i}"));
+            let (code, stderr) = ctl_as_nobody(
+                &env,
+                &["mount", "faultfs", path_str(&dir), "-o", "slow_ms=3000"],
+            );
+            assert_eq!(code, 0, "{stderr}");
+            dir
+        })
+        .collect();
+    // The first mount's one FLUSH (answered "not needed", so the kernel sends no more), so
+    // that the user's slow read below is their only request for a while: a process holds
+    // the file open after it.
+    let first = mounts[0].join("data");
+    assert!(run(fshost_tests::nobody_sh(": < \"$1\"", &first))
+        .status
+        .success());
+    let mut holder = fshost_tests::nobody_sh(
+        "exec 3<\"$1\" && dd bs=4096 count=1 iflag=direct status=none <&3 >/dev/null && exec sleep 30",
+        &first,
+    )
+    .spawn()
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Three mounts wait for the user's one worker, in this order.
+    let mut waiting: Vec<std::process::Child> = mounts[1..]
+        .iter()
+        .map(|m| {
+            let reader = fshost_tests::direct_read(&m.join("data"), Some(NOBODY));
+            std::thread::sleep(Duration::from_millis(300));
+            reader
+        })
+        .collect();
+    // The first two no longer need it: a reader killed (its request was never read, so
+    // the kernel withdraws it), and a reader killed and its mount unmounted.
+    for reader in &mut waiting[..2] {
+        reader.kill().unwrap();
+        reader.wait().unwrap();
+    }
+    env.ctl(&["unmount", path_str(&mounts[2])]).ok();
+    // The held read ends about 3 s after it began; the last mount's is served next (3 s).
+    let last = fshost_tests::wait_with_deadline(&mut waiting[2], Duration::from_secs(10));
+    for child in [&mut waiting[2], &mut holder] {
+        child.kill().ok();
+        child.wait().ok();
+    }
+    for mnt in [&mounts[0], &mounts[1], &mounts[3]] {
+        env.ctl(&["unmount", path_str(mnt)]).ok();
+    }
+    let last = last.expect("the last waiting mount's read was served within 10 s");
+    assert!(last.success());
 }
 
 #[test]

@@ -113,9 +113,17 @@ pub fn run(mut command: Command) -> Output {
 
 /// `program` run as uid/gid 65534 with no other groups (through setpriv).
 pub fn as_nobody(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    as_user(65534, program)
+}
+
+/// `program` as uid `uid` and the group of that number, with no supplementary groups
+/// (through setpriv).
+pub fn as_user(uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut command = Command::new("setpriv");
     command
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={uid}"))
+        .arg("--clear-groups")
         .arg(program);
     command
 }
@@ -128,12 +136,11 @@ pub fn nobody_sh(script: &str, file: &Path) -> Command {
 }
 
 /// A one-page direct read of `file` (no page cache: a FUSE request of its own) by `dd`, in
-/// a process of its own, as uid/gid 65534 if `nobody` (through [`as_nobody`]).
-pub fn direct_read(file: &Path, nobody: bool) -> Child {
-    let mut command = if nobody {
-        as_nobody("dd")
-    } else {
-        Command::new("dd")
+/// a process of its own, as `user` if given (through [`as_user`]).
+pub fn direct_read(file: &Path, user: Option<u32>) -> Child {
+    let mut command = match user {
+        Some(uid) => as_user(uid, "dd"),
+        None => Command::new("dd"),
     };
     command
         .arg(format!("if={}", file.display()))

@@ -16,7 +16,7 @@
 //! be unloaded). Per plugin rather than one pool for the daemon for that reason, and so
 //! that one plugin's stuck requests never hold another plugin's mounts.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -171,7 +171,7 @@ fn pool_for(plugin: &str) -> io::Result<Arc<Pool>> {
         epoll,
         wake,
         mounts: RwLock::new(HashMap::new()),
-        shares: Mutex::new(HashMap::new()),
+        shares: Mutex::new(Shares::default()),
         next_token: AtomicU64::new(0),
         idle: AtomicUsize::new(0),
         closing: AtomicBool::new(false),
@@ -189,8 +189,8 @@ struct Pool {
     /// An eventfd in `epoll`, written when the pool closes.
     wake: OwnedFd,
     mounts: RwLock<HashMap<u64, Arc<Served>>>,
-    /// Workers each user's mounts hold, and their mounts waiting for one (see `Share`).
-    shares: Mutex<HashMap<u32, Share>>,
+    /// Workers users' mounts hold, and their mounts waiting for one (see `Shares`).
+    shares: Mutex<Shares>,
     next_token: AtomicU64,
     /// Workers waiting for a request.
     idle: AtomicUsize,
@@ -200,16 +200,42 @@ struct Pool {
     control: Mutex<Control>,
 }
 
-/// One user's part of a pool: a user whose requests could block in the plugin (a
+/// The workers users' mounts hold. A user whose requests could block in the plugin (a
 /// passthroughfs over their own FUSE file system that never answers) would otherwise hold
-/// every worker with enough mounts, and stall everyone else's mounts of the plugin.
+/// every worker with enough mounts, and stall everyone else's mounts of the plugin; and
+/// users together would, with enough users. So each user holds at most `[users]
+/// max_threads` of a pool's workers, and all users together at most [`users_cap`], which
+/// leaves root's mounts a quarter of the pool.
+///
+/// A mount of a user without room waits *parked* (`PARKED`, registered in the epoll for
+/// its end only) in `parked`, first come first served, until a request is answered that
+/// leaves room for its user. Parking and waking happen under this lock, and a mount is
+/// parked only by the worker woken for it (nobody else has it armed), so an entry is
+/// either that of a parked mount or stale (the mount ended, or was woken and is no longer
+/// parked) and passed over: every worker given back wakes a mount that waits for it, if
+/// any does.
 #[derive(Default)]
-struct Share {
-    /// Requests of the user's mounts being served.
-    held: usize,
-    /// Mounts with a request waiting for one of those to be answered (registered in the
-    /// epoll only for their end meanwhile), first come first served.
-    parked: std::collections::VecDeque<u64>,
+struct Shares {
+    /// Requests of each user's mounts being served.
+    held: HashMap<u32, usize>,
+    /// Requests of all users' mounts being served.
+    total: usize,
+    /// Mounts waiting for a worker, with their users, first come first served.
+    parked: VecDeque<(u32, Weak<Served>)>,
+}
+
+impl Shares {
+    fn room_for(&self, user: u32) -> bool {
+        self.total < users_cap()
+            && self.held.get(&user).copied().unwrap_or(0) < USER_THREADS.load(Ordering::Relaxed)
+    }
+}
+
+/// The workers of a pool that users' mounts may hold together: all but a quarter of
+/// `threads_per_plugin` (at least one kept for root's mounts, unless the pool has one).
+fn users_cap() -> usize {
+    let all = THREADS_PER_PLUGIN.load(Ordering::Relaxed);
+    all.saturating_sub((all / 4).max(1)).max(1)
 }
 
 #[derive(Default)]
@@ -298,40 +324,84 @@ impl Pool {
             }
             // In error: the connection ended (a parked mount is woken only for that).
             let ended = flags.intersects(epoll::EventFlags::ERR | epoll::EventFlags::HUP);
-            served.serve(&self, &mut buf, ended);
+            Served::serve(&served, &self, &mut buf, ended);
         }
     }
 
-    /// Takes a worker for a request of `user`'s mount `token`; false if the user's mounts
-    /// hold all they may, and then the mount is queued for the next one they give back.
-    fn take_share(&self, user: u32, token: u64) -> bool {
+    /// Takes a worker for a request of `user`'s mount `served` (whose worker this is);
+    /// false if the user's mounts, or all users' together, hold all they may: then the mount
+    /// waits parked, unless another worker armed it meanwhile or it ended.
+    fn take_share(&self, user: u32, served: &Arc<Served>) -> bool {
         let mut shares = self.shares.lock();
-        let share = shares.entry(user).or_default();
-        if share.held < USER_THREADS.load(Ordering::Relaxed) {
-            share.held += 1;
-            true
-        } else {
-            share.parked.push_back(token);
-            false
+        if shares.room_for(user) {
+            *shares.held.entry(user).or_default() += 1;
+            shares.total += 1;
+            return true;
         }
+        let parked = served.park(self);
+        if let Ok(true) = parked {
+            // Places of mounts gone since go here rather than at the next worker given back.
+            shares.parked.retain(|(_, m)| m.strong_count() > 0);
+            shares.parked.push_back((user, Arc::downgrade(served)));
+        }
+        drop(shares);
+        if let Err(e) = parked {
+            served.broken(self, &e);
+        }
+        false
     }
 
-    /// Gives back a worker of `user`'s, and wakes the user's mount that waited longest.
+    /// Gives back a worker of `user`'s, and wakes the mount that waited longest among those
+    /// with a request whose users may have it.
     fn give_share(&self, user: u32) {
-        let next = {
-            let mut shares = self.shares.lock();
-            let Some(share) = shares.get_mut(&user) else {
-                return;
-            };
-            share.held -= 1;
-            let next = share.parked.pop_front();
-            if share.held == 0 && share.parked.is_empty() {
-                shares.remove(&user);
-            }
-            next
+        let mut shares = self.shares.lock();
+        let Some(held) = shares.held.get_mut(&user) else {
+            return;
         };
-        if let Some(served) = next.and_then(|token| self.mounts.read().get(&token).cloned()) {
-            served.unpark(self);
+        *held -= 1;
+        if *held == 0 {
+            shares.held.remove(&user);
+        }
+        shares.total -= 1;
+        self.wake_parked(shares);
+    }
+
+    /// Passes on a worker a user's mount may have been woken for and does not take (it
+    /// ended): wakes the mount that waited longest among those whose users have room.
+    fn pass_on(&self) {
+        self.wake_parked(self.shares.lock());
+    }
+
+    /// Wakes the parked mount that waited longest among those with a request whose users
+    /// have room, passing over stale places.
+    fn wake_parked(&self, mut shares: MutexGuard<'_, Shares>) {
+        // Mounts looked at are dropped only once the lock is given back: one may be the
+        // last reference to a mount that left the pool meanwhile, whose end is then reported.
+        let mut seen = Vec::new();
+        let mut broken = None;
+        let mut at = 0;
+        while at < shares.parked.len() {
+            if !shares.room_for(shares.parked[at].0) {
+                at += 1;
+                continue;
+            }
+            let Some(next) = shares.parked.remove(at).and_then(|(_, m)| m.upgrade()) else {
+                continue;
+            };
+            let woken = next.unpark(self);
+            seen.push(next);
+            match woken {
+                Ok(false) => continue,
+                Ok(true) => break,
+                Err(e) => {
+                    broken = seen.last().cloned().map(|m| (m, e));
+                    break;
+                }
+            }
+        }
+        drop(shares);
+        if let Some((served, e)) = broken {
+            served.broken(self, &e);
         }
     }
 
@@ -425,7 +495,7 @@ struct Served {
     cap: usize,
     /// Its owner, if its requests count against a user's share of the workers.
     user: Option<u32>,
-    /// `ARMED`, `ENDED`, `REMOVED` and the requests in flight (times `ONE`). Atomic, not
+    /// `ARMED`, `ENDED`, `REMOVED`, `PARKED` and the requests in flight (times `ONE`). Atomic, not
     /// locked: with a mutex, the two workers of a busy mount met on it at every request
     /// (measured: 47,656 sched_yield with parking_lot's, 126,724 futex calls with std's, for
     /// 80,000 requests; 23,408 futex calls with a thread per mount).
@@ -464,8 +534,11 @@ const ARMED: u64 = 1;
 const ENDED: u64 = 2;
 /// The mount has left (or is leaving) the pool.
 const REMOVED: u64 = 4;
+/// Waiting for a worker of its user's share (see [`Shares`]); `ARMED` too meanwhile, so that
+/// no other worker registers it for requests.
+const PARKED: u64 = 8;
 /// One request read and not yet answered.
-const ONE: u64 = 8;
+const ONE: u64 = 16;
 
 impl Served {
     /// Serves the mount's FUSE-over-io_uring queues too (INIT agreed to it). If the kernel
@@ -531,15 +604,21 @@ impl Served {
 
     /// Reads and serves one request (woken by the epoll for this mount; `ended`: woken
     /// because its connection ended).
-    fn serve(&self, pool: &Pool, buf: &mut RequestBuf, ended: bool) {
-        if self.state.fetch_and(!ARMED, Ordering::AcqRel) & ENDED != 0 {
+    fn serve(self: &Arc<Self>, pool: &Pool, buf: &mut RequestBuf, ended: bool) {
+        // Woken while parked only by its end, which leaves its place in the queue stale.
+        let woken = if ended { ARMED | PARKED } else { ARMED };
+        let gone = self.state.fetch_and(!woken, Ordering::AcqRel) & ENDED != 0;
+        if self.user.is_some() && (gone || ended) {
+            // It may have been woken for a worker of its user's that it will not take.
+            pool.pass_on();
+        }
+        if gone {
             return;
         }
         // An ended connection gives no request more: read its end at once.
         let share = self.user.filter(|_| !ended);
         if let Some(user) = share {
-            if !pool.take_share(user, self.token) {
-                self.park(pool);
+            if !pool.take_share(user, self) {
                 return;
             }
         }
@@ -567,16 +646,41 @@ impl Served {
         }
     }
 
-    /// Waits for a worker of its user's share: registered for its end only, marked armed so
-    /// that no other worker registers it for requests meanwhile ([`Served::unpark`] does).
-    fn park(&self, pool: &Pool) {
-        self.register(pool, epoll::EventFlags::ONESHOT);
+    /// Waits for a worker of its user's share (`shares` locked by the caller): marked
+    /// parked and registered for its end only. False if another worker armed it since this
+    /// one was woken, or it ended: then that worker, or its end, follows.
+    fn park(&self, pool: &Pool) -> io::Result<bool> {
+        let marked = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+                (v & (ARMED | ENDED) == 0).then_some(v | ARMED | PARKED)
+            });
+        if marked.is_err() {
+            return Ok(false);
+        }
+        self.modify(pool, epoll::EventFlags::ONESHOT)?;
+        Ok(true)
     }
 
-    /// A worker of its user's share is free: wait for requests again.
-    fn unpark(&self, pool: &Pool) {
-        self.state.fetch_and(!ARMED, Ordering::AcqRel);
-        self.arm(pool);
+    /// A worker its user may have is free (`shares` locked by the caller): unless it is no
+    /// longer parked, waits for requests again; true if it has one waiting, so that the
+    /// worker is its. (A mount whose waiting request was withdrawn meanwhile, its reader
+    /// killed, is armed all the same and passes the worker on.)
+    fn unpark(&self, pool: &Pool) -> io::Result<bool> {
+        // `ARMED` stays: its registration is this one's to make.
+        let was = self.state.fetch_and(!PARKED, Ordering::AcqRel);
+        if was & PARKED == 0 || was & ENDED != 0 {
+            return Ok(false);
+        }
+        let waiting = {
+            use rustix::event::{poll, PollFd, PollFlags};
+            let mut fds = [PollFd::new(&self.conn, PollFlags::IN)];
+            // An ended connection polls as an error, and then it takes no worker.
+            poll(&mut fds, Some(&Timespec::default())).is_ok()
+                && fds[0].revents() & (PollFlags::IN | PollFlags::ERR) == PollFlags::IN
+        };
+        self.modify(pool, armed_flags())?;
+        Ok(waiting)
     }
 
     /// What follows a request served, or a read that gave none.
@@ -615,13 +719,23 @@ impl Served {
         if marked.is_err() {
             return false;
         }
-        let data = epoll::EventData::new_u64(self.token);
-        if let Err(e) = epoll::modify(&pool.epoll, &self.conn, data, events) {
-            tracing::error!(mountpoint = %self.target.path.display(), error = %e, "cannot wait for the mount's requests; detaching it");
-            let _ = self.target.detach(self.kernel_id, true);
-            self.end(pool);
+        if let Err(e) = self.modify(pool, events) {
+            self.broken(pool, &e);
         }
         true
+    }
+
+    /// Registers the connection in the epoll for `events` (it is marked armed).
+    fn modify(&self, pool: &Pool, events: epoll::EventFlags) -> io::Result<()> {
+        let data = epoll::EventData::new_u64(self.token);
+        epoll::modify(&pool.epoll, &self.conn, data, events).map_err(io::Error::from)
+    }
+
+    /// The mount cannot be waited for (`error`): it is detached and ends.
+    fn broken(&self, pool: &Pool, error: &io::Error) {
+        tracing::error!(mountpoint = %self.target.path.display(), %error, "cannot wait for the mount's requests; detaching it");
+        let _ = self.target.detach(self.kernel_id, true);
+        self.end(pool);
     }
 
     /// The session ended: the mount leaves the pool once no request of it is in flight.

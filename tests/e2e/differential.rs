@@ -874,8 +874,9 @@ fn posix_acls_work_as_on_tmpfs() {
     }
 }
 
-/// Where setuid and setgid go, case by case: writes, truncations and changes of owner by an
-/// unprivileged user and by root (memfs clears them itself: `WANT_KILL_PRIV`).
+/// Where setuid, setgid and file capabilities (`security.capability`) go, case by case:
+/// writes, truncations and changes of owner by an unprivileged user and by root (memfs
+/// clears the bits itself, `WANT_KILL_PRIV`; the kernel removes the capabilities).
 fn setid_probe(dir: &Path) -> Vec<String> {
     let as_user = |script: &str, file: &Path| {
         let done = run(fshost_tests::nobody_sh(script, file));
@@ -887,8 +888,23 @@ fn setid_probe(dir: &Path) -> Vec<String> {
         assert!(run(sh).status.success(), "{script} on {}", file.display());
     };
     let mode = |file: &Path| format!("{:o}", fs::metadata(file).unwrap().mode() & 0o7777);
-    // What, on a file with which bits, done how.
+    // CAP_NET_RAW permitted and effective, revision 2 (VFS_CAP_REVISION_2 | effective).
+    let capability: Vec<u8> = [0x0200_0001u32, 1 << 13, 0, 0, 0]
+        .iter()
+        .flat_map(|word| word.to_le_bytes())
+        .collect();
+    let has_capability = |file: &Path| {
+        let mut value = [0u8; 64];
+        match rustix::fs::getxattr(file, "security.capability", &mut value[..]) {
+            Ok(n) if value[..n] == capability[..] => "kept",
+            Ok(_) => "changed",
+            Err(rustix::io::Errno::NODATA) => "removed",
+            Err(e) => panic!("security.capability of {}: {e}", file.display()),
+        }
+    };
+    // What, on a file with which bits (and group, if not root's), done how.
     type Case<'a> = (&'a str, u32, &'a dyn Fn(&Path));
+    const IN_THE_USERS_GROUP: &str = ", in the file's group";
     let cases: [Case; 12] = [
         ("user appends", 0o4777, &|f| as_user("echo x >> \"$1\"", f)),
         ("user appends, setgid and group x", 0o2777, &|f| {
@@ -900,11 +916,7 @@ fn setid_probe(dir: &Path) -> Vec<String> {
         (
             "user appends, setgid without group x, in the file's group",
             0o2767,
-            &|f| {
-                nix::unistd::chown(f, None, Some(65534.into())).unwrap();
-                fs::set_permissions(f, fs::Permissions::from_mode(0o2767)).unwrap();
-                as_user("echo x >> \"$1\"", f)
-            },
+            &|f| as_user("echo x >> \"$1\"", f),
         ),
         ("user appends, both", 0o6777, &|f| {
             as_user("echo x >> \"$1\"", f)
@@ -946,9 +958,24 @@ fn setid_probe(dir: &Path) -> Vec<String> {
     for (i, (what, bits, act)) in cases.iter().enumerate() {
         let file = dir.join(format!("setid{i}"));
         fs::write(&file, b"data\n").unwrap();
+        if what.ends_with(IN_THE_USERS_GROUP) {
+            nix::unistd::chown(&file, None, Some(65534.into())).unwrap();
+        }
         fs::set_permissions(&file, fs::Permissions::from_mode(*bits)).unwrap();
+        rustix::fs::setxattr(
+            &file,
+            "security.capability",
+            &capability,
+            rustix::fs::XattrFlags::empty(),
+        )
+        .unwrap();
         act(&file);
-        lines.push(format!("{what}: {:o} -> {}", bits, mode(&file)));
+        lines.push(format!(
+            "{what}: {:o} -> {}, capabilities {}",
+            bits,
+            mode(&file),
+            has_capability(&file)
+        ));
     }
     // A directory keeps its setgid bit through a change of owner.
     let sub = dir.join("setid-dir");
@@ -973,8 +1000,8 @@ fn setuid_and_setgid_are_cleared_as_on_tmpfs() {
     let expected = setid_probe(&tmpfs.0);
     eprintln!("on tmpfs: {expected:#?}");
     assert!(
-        expected.contains(&"user appends: 4777 -> 777".to_string())
-            && expected.contains(&"root appends: 6777 -> 6777".to_string()),
+        expected.contains(&"user appends: 4777 -> 777, capabilities removed".to_string())
+            && expected.contains(&"root appends: 6777 -> 6777, capabilities removed".to_string()),
         "tmpfs itself: {expected:#?}"
     );
     env.ctl(&["load", "memfs"]).ok();

@@ -1028,23 +1028,24 @@ impl Plugin for MemFs {
             node.attr.gid = set.gid;
         }
         // Setuid and setgid go where tmpfs drops them (WANT_KILL_PRIV): on a new owner or
-        // group; on a truncation by someone else than root (taken as lacking CAP_FSETID);
-        // on a write by such a caller, which the kernel says with a setattr that sets
-        // nothing. Setgid without group execute goes only for a caller outside the file's
-        // group (its primary group: FUSE does not say the others), or when the kernel's
-        // word can only have meant it (no setuid).
+        // group; on a truncation or a write by someone else than root (taken as lacking
+        // CAP_FSETID), a write said by a setattr that sets nothing. Setgid without group
+        // execute goes only for a caller outside the file's group (its primary group: FUSE
+        // does not say the others). Root's writes send such a setattr too when the file has
+        // capabilities (`security.capability`, which the kernel removes itself): the bits
+        // stay then.
         if !is_dir(&node.attr) {
             let bits = node.attr.mode;
             let group_x = bits & mode::S_IXGRP != 0;
             // The kernel's rule for a caller without CAP_FSETID.
             let sgid_goes = group_x || ctx.gid != node.attr.gid;
+            let for_a_write = set.valid & !SET_FH == 0;
+            let truncated = set.valid & SET_SIZE != 0;
             // A change of owner drops them from any node but a directory (a FIFO too, as
             // on tmpfs); writes and truncations reach regular files only.
             let (suid, sgid) = if set.valid & (SET_UID | SET_GID) != 0 {
                 (true, group_x)
-            } else if file && set.valid & !SET_FH == 0 {
-                (true, sgid_goes || bits & mode::S_ISUID == 0)
-            } else if file && set.valid & SET_SIZE != 0 && ctx.uid != 0 {
+            } else if file && (for_a_write || truncated) && ctx.uid != 0 {
                 (true, sgid_goes)
             } else {
                 (false, false)

@@ -257,9 +257,11 @@ struct fshost_plugin {
 #define FSHOST_WANT_POSIX_ACL (1ull << 0)
 /* The plugin clears setuid, and setgid if group-executable, itself: of a non-directory on a
  * change of owner or group; of a regular file on a truncation by a caller other than root
- * and on a setattr that sets nothing but perhaps FSHOST_SET_FH (a write that must drop
- * them), where setgid without group execute goes too for a caller outside the file's
- * group. The kernel then stops asking for security.capability before every write. */
+ * and on a setattr from such a caller that sets nothing but perhaps FSHOST_SET_FH (a write
+ * that must drop them; root's writes send one for a file with capabilities, which the
+ * kernel removes itself), where setgid without group execute goes too for a caller
+ * outside the file's group. The kernel then stops asking for security.capability before
+ * every write. */
 #define FSHOST_WANT_KILL_PRIV (1ull << 1)
 
 const struct fshost_plugin *fshost_plugin_entry(void);

@@ -49,9 +49,11 @@ pub const WANT_POSIX_ACL: u64 = 1 << 0;
 /// then clear setuid, and setgid if the group may execute: of any node but a directory on
 /// a change of its owner or group; of a regular file on a truncation by a caller other than
 /// root (the kernel's rule is "without CAP_FSETID", which FUSE does not pass on), and on a
-/// `setattr` that sets nothing (`valid` 0 but for `SET_FH`), which is how the kernel says
-/// that a write by such a caller, through passthrough or not, must drop them. On those two,
-/// setgid without group execute goes too for a caller outside the file's group.
+/// `setattr` that sets nothing (`valid` 0 but for `SET_FH`) from such a caller, which is how
+/// the kernel says that their write, through passthrough or not, must drop them (root's
+/// writes send one too, for a file with capabilities, which the kernel removes itself; the
+/// bits stay). On those two, setgid without group execute goes too for a caller outside the
+/// file's group.
 pub const WANT_KILL_PRIV: u64 = 1 << 1;
 
 /// Who is asking: the calling process's credentials (and, for plugins that want POSIX

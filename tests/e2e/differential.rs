@@ -115,7 +115,7 @@ fn memfs_matches_tmpfs_operation_by_operation() {
     let tmpfs = Tmpfs::mount(env.path("tmpfs"));
     // A copy the unprivileged user can run (the build directory may not be reachable).
     let program = env.path("fsops");
-    fs::copy(artifact("fsops"), &program).unwrap();
+    fshost_tests::copy_program(&artifact("fsops"), &program);
     let fresh_dir = |dir: &Path| {
         fs::create_dir(dir).unwrap();
         fs::set_permissions(dir, fs::Permissions::from_mode(0o1777)).unwrap();

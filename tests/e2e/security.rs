@@ -59,7 +59,7 @@ fn as_nobody_in(env: &Env, binary: &str, groups: &str) -> Command {
 fn as_user_in(env: &Env, uid: u32, binary: &str, groups: &str) -> Command {
     let copy = env.path(binary);
     if !copy.exists() {
-        fs::copy(artifact(binary), &copy).unwrap();
+        fshost_tests::copy_program(&artifact(binary), &copy);
     }
     let mut command = Command::new("setpriv");
     command

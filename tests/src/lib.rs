@@ -128,6 +128,24 @@ pub fn as_user(uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
     command
 }
 
+/// Copies the program `from` to `to` (a new file) for another user to run. Through `cp`, so
+/// that this process never holds the copy open for writing: a program another test starts
+/// meanwhile would inherit that descriptor until its exec, and running the copy would fail
+/// with "Text file busy" (seen).
+pub fn copy_program(from: &Path, to: &Path) {
+    let done = run({
+        let mut cp = Command::new("cp");
+        cp.arg(from).arg(to);
+        cp
+    });
+    assert!(
+        done.status.success(),
+        "cp {} {}",
+        from.display(),
+        to.display()
+    );
+}
+
 /// `sh -c script` as uid/gid 65534 ([`as_nobody`]), `file` as `$1`.
 pub fn nobody_sh(script: &str, file: &Path) -> Command {
     let mut sh = as_nobody("sh");

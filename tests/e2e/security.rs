@@ -858,6 +858,104 @@ fn a_worker_given_back_goes_to_a_mount_that_needs_it() {
     assert!(last.success());
 }
 
+/// Users' requests waiting for workers, through a storm of readers on two users' mounts
+/// (each mount two workers at most, each user two, users together three of a pool of
+/// four), four storms of 64, a quarter of them killed at random moments (waiting, parked, or being served):
+/// every reader not killed is served, and afterwards every mount answers at once. A worker
+/// given back that woke nobody would leave a reader waiting at the end of the storm, when
+/// no later request comes to set it going; a mount left registered for nothing would not
+/// answer afterwards.
+#[test]
+fn every_waiting_request_is_served_through_a_storm_of_readers() {
+    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
+        return;
+    }
+    const OTHER: u32 = 65533;
+    let config = "socket_mode = \"0666\"\n[limits]\nthreads_per_plugin = 4\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 2\n";
+    let env = Env::start_configured(&[], config);
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    env.ctl(&["load", "faultfs"]).ok();
+    let mounts: Vec<(u32, PathBuf)> = [NOBODY, OTHER]
+        .into_iter()
+        .flat_map(|uid| (0..3).map(move |i| (uid, i)))
+        .map(|(uid, i)| {
+            let dir = dir_of(&env, uid, &format!("storm{uid}-{i}"));
+            let (code, stderr) = ctl_as(
+                &env,
+                uid,
+                &[
+                    "mount",
+                    "faultfs",
+                    path_str(&dir),
+                    "-o",
+                    "slow_ms=30,threads=2",
+                ],
+            );
+            assert_eq!(code, 0, "{stderr}");
+            (uid, dir)
+        })
+        .collect();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    let mut state = seed;
+    let mut next = move |below: u64| {
+        // xorshift64
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % below
+    };
+    let mut stuck = 0;
+    // Four storms: a lost wake-up shows at a storm's end.
+    for _ in 0..4 {
+        let mut readers = Vec::new();
+        for _ in 0..64 {
+            let (uid, mnt) = &mounts[next(mounts.len() as u64) as usize];
+            let reader = fshost_tests::direct_read(&mnt.join("data"), Some(*uid));
+            let kill_after = (next(4) == 0).then(|| Duration::from_millis(next(60)));
+            readers.push((reader, kill_after, std::time::Instant::now()));
+            std::thread::sleep(Duration::from_millis(next(10)));
+            for (reader, kill_after, started) in &mut readers {
+                if kill_after.is_some_and(|after| started.elapsed() >= after) {
+                    let _ = reader.kill();
+                    *kill_after = Some(Duration::ZERO);
+                }
+            }
+        }
+        for (reader, kill_after, _) in &mut readers {
+            if kill_after.is_some() {
+                let _ = reader.kill();
+                let _ = reader.wait();
+            } else if !fshost_tests::wait_with_deadline(reader, Duration::from_secs(20))
+                .is_some_and(|status| status.success())
+            {
+                stuck += 1;
+            }
+        }
+    }
+    // Every mount still answers, one read each at a time.
+    let late: Vec<String> = mounts
+        .iter()
+        .filter_map(|(uid, mnt)| {
+            let mut reader = fshost_tests::direct_read(&mnt.join("data"), Some(*uid));
+            let served = fshost_tests::wait_with_deadline(&mut reader, Duration::from_secs(5))
+                .is_some_and(|status| status.success());
+            (!served).then(|| mnt.display().to_string())
+        })
+        .collect();
+    for (_, mnt) in &mounts {
+        env.ctl(&["unmount", path_str(mnt)]).ok();
+    }
+    assert_eq!(stuck, 0, "readers not served (seed {seed})");
+    assert!(
+        late.is_empty(),
+        "mounts that no longer answer: {late:?} (seed {seed})"
+    );
+}
+
 #[test]
 fn a_user_may_not_ask_for_io_uring() {
     let Some(env) = user_env("") else { return };

@@ -689,82 +689,24 @@ fn files_removed_but_held_cannot_grow_a_memfs_without_end() {
 /// requests, while root's mount of the same plugin is served at once.
 #[test]
 fn a_users_blocked_requests_hold_only_their_share_of_the_workers() {
-    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
+    let Some((env, mounts)) = users_faultfs(8, 2, &[NOBODY], 3, "slow_ms=1000") else {
         return;
-    }
-    let config = "socket_mode = \"0666\"\n[limits]\nthreads_per_plugin = 8\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 2\n";
-    let env = Env::start_configured(&[], config);
-    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    env.ctl(&["load", "faultfs"]).ok();
-    let mounts: Vec<PathBuf> = (0..3)
-        .map(|i| {
-            let dir = user_dir(&env, &format!("slow{i}"));
-            let (code, stderr) = ctl_as_nobody(
-                &env,
-                &["mount", "faultfs", path_str(&dir), "-o", "slow_ms=1000"],
-            );
-            assert_eq!(code, 0, "{stderr}");
-            dir
-        })
-        .collect();
-    let root_mount = env.mountpoint("root");
-    env.ctl(&["mount", "faultfs", path_str(&root_mount)]).ok();
-    // Two direct reads (no page cache: a request each) on each of the user's three mounts,
-    // as the user: six requests the per-mount limit (2) alone would serve at once. Root's
-    // mount answers at once meanwhile.
-    let started = std::time::Instant::now();
-    let readers = mounts
-        .iter()
-        .flat_map(|m| [m, m])
-        .map(|m| fshost_tests::direct_read(&m.join("data"), Some(NOBODY)))
-        .collect();
-    let all = fshost_tests::slow_reads_beside(
-        started,
-        readers,
-        &root_mount.join("data"),
-        Duration::from_millis(800),
-    );
-    // Two at a time: three rounds of a second.
+    };
+    // Six requests the per-mount limit (2) alone would serve at once: two at a time, three
+    // rounds of a second.
+    let all = two_reads_each_beside_root(&env, &mounts);
     assert!(
         all >= Duration::from_millis(2900),
         "six slow reads took {all:?}"
     );
-    for mnt in mounts.iter().chain([&root_mount]) {
-        env.ctl(&["unmount", path_str(mnt)]).ok();
-    }
 }
 
-/// All users' mounts together take at most three quarters of a plugin's workers: users
-/// whose requests block in the plugin, each within their own share, leave the rest to
-/// root's mounts (here a pool of 4: users together 3, each at most 2).
-#[test]
-fn users_together_leave_root_a_quarter_of_the_workers() {
-    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
-        return;
-    }
-    const OTHER: u32 = 65533;
-    let config = "socket_mode = \"0666\"\n[limits]\nthreads_per_plugin = 4\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 2\n";
-    let env = Env::start_configured(&[], config);
-    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    env.ctl(&["load", "faultfs"]).ok();
-    let mounts: Vec<(u32, PathBuf)> = [NOBODY, OTHER]
-        .into_iter()
-        .flat_map(|uid| (0..2).map(move |i| (uid, i)))
-        .map(|(uid, i)| {
-            let dir = dir_of(&env, uid, &format!("slow{uid}-{i}"));
-            let (code, stderr) = ctl_as(
-                &env,
-                uid,
-                &["mount", "faultfs", path_str(&dir), "-o", "slow_ms=2000"],
-            );
-            assert_eq!(code, 0, "{stderr}");
-            (uid, dir)
-        })
-        .collect();
+/// Two direct reads (no page cache: a request each) on each of `mounts`, as its owner,
+/// while a read on a mount of root's answers at once (in 800 ms); how long they took in
+/// all. Every mount is unmounted after.
+fn two_reads_each_beside_root(env: &Env, mounts: &[(u32, PathBuf)]) -> Duration {
     let root_mount = env.mountpoint("root");
     env.ctl(&["mount", "faultfs", path_str(&root_mount)]).ok();
-    // Eight slow reads, four of each user: each user's share (2) alone would let all four
-    // workers be taken at once; users together may take three.
     let started = std::time::Instant::now();
     let readers = mounts
         .iter()
@@ -777,16 +719,64 @@ fn users_together_leave_root_a_quarter_of_the_workers() {
         &root_mount.join("data"),
         Duration::from_millis(800),
     );
-    // Three at a time: three rounds of two seconds (four at a time would take two rounds,
-    // and root's read would wait for the first to end).
+    for mnt in mounts.iter().map(|(_, m)| m).chain([&root_mount]) {
+        env.ctl(&["unmount", path_str(mnt)]).ok();
+    }
+    all
+}
+
+/// A daemon whose faultfs pool has `pool` workers (users' mounts together three quarters)
+/// and each user `per_user`, and `count` faultfs mounts (`-o options`) of each of `users`,
+/// with their owners; None where the tools are missing.
+fn users_faultfs(
+    pool: usize,
+    per_user: usize,
+    users: &[u32],
+    count: usize,
+    options: &str,
+) -> Option<(Env, Vec<(u32, PathBuf)>)> {
+    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
+        return None;
+    }
+    let config = format!("socket_mode = \"0666\"\n[limits]\nthreads_per_plugin = {pool}\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = {per_user}\n");
+    let env = Env::start_configured(&[], &config);
+    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    env.ctl(&["load", "faultfs"]).ok();
+    let mounts = users
+        .iter()
+        .flat_map(|&uid| (0..count).map(move |i| (uid, i)))
+        .map(|(uid, i)| {
+            let dir = dir_of(&env, uid, &format!("faultfs-{uid}-{i}"));
+            let (code, stderr) = ctl_as(
+                &env,
+                uid,
+                &["mount", "faultfs", path_str(&dir), "-o", options],
+            );
+            assert_eq!(code, 0, "{stderr}");
+            (uid, dir)
+        })
+        .collect();
+    Some((env, mounts))
+}
+
+/// All users' mounts together take at most three quarters of a plugin's workers: users
+/// whose requests block in the plugin, each within their own share, leave the rest to
+/// root's mounts (here a pool of 4: users together 3, each at most 2).
+#[test]
+fn users_together_leave_root_a_quarter_of_the_workers() {
+    let users = [NOBODY, NOBODY - 1];
+    let Some((env, mounts)) = users_faultfs(4, 2, &users, 2, "slow_ms=2000") else {
+        return;
+    };
+    // Eight slow reads, four of each user: each user's share (2) alone would let all four
+    // workers be taken at once; users together may take three. Three at a time: three
+    // rounds of two seconds (four at a time would take two rounds, and root's read would
+    // wait for the first to end).
+    let all = two_reads_each_beside_root(&env, &mounts);
     assert!(
         all >= Duration::from_millis(5900),
         "eight slow reads took {all:?}"
     );
-    for (_, mnt) in &mounts {
-        env.ctl(&["unmount", path_str(mnt)]).ok();
-    }
-    env.ctl(&["unmount", path_str(&root_mount)]).ok();
 }
 
 /// The worker a user gives back goes to a mount of theirs whose request waits for it,
@@ -796,25 +786,10 @@ fn users_together_leave_root_a_quarter_of_the_workers() {
 /// another.
 #[test]
 fn a_worker_given_back_goes_to_a_mount_that_needs_it() {
-    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
+    let Some((env, mounts)) = users_faultfs(16, 1, &[NOBODY], 4, "slow_ms=3000") else {
         return;
-    }
-    let config =
-        "socket_mode = \"0666\"\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 1\n";
-    let env = Env::start_configured(&[], config);
-    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    env.ctl(&["load", "faultfs"]).ok();
-    let mounts: Vec<PathBuf> = (0..4)
-        .map(|i| {
-            let dir = user_dir(&env, &format!("wait{i}"));
-            let (code, stderr) = ctl_as_nobody(
-                &env,
-                &["mount", "faultfs", path_str(&dir), "-o", "slow_ms=3000"],
-            );
-            assert_eq!(code, 0, "{stderr}");
-            dir
-        })
-        .collect();
+    };
+    let mounts: Vec<PathBuf> = mounts.into_iter().map(|(_, dir)| dir).collect();
     // The first mount's one FLUSH (answered "not needed", so the kernel sends no more), so
     // that the user's slow read below is their only request for a while: a process holds
     // the file open after it.
@@ -860,41 +835,17 @@ fn a_worker_given_back_goes_to_a_mount_that_needs_it() {
 
 /// Users' requests waiting for workers, through a storm of readers on two users' mounts
 /// (each mount two workers at most, each user two, users together three of a pool of
-/// four), four storms of 64, a quarter of them killed at random moments (waiting, parked, or being served):
-/// every reader not killed is served, and afterwards every mount answers at once. A worker
+/// four), four storms of 64, a quarter of them killed at random moments (waiting, parked,
+/// or being served): every reader not killed is served, and afterwards every mount answers at once. A worker
 /// given back that woke nobody would leave a reader waiting at the end of the storm, when
 /// no later request comes to set it going; a mount left registered for nothing would not
 /// answer afterwards.
 #[test]
 fn every_waiting_request_is_served_through_a_storm_of_readers() {
-    if !fuse_available() || !tool_available("setpriv") || !tool_available("dd") {
+    let users = [NOBODY, NOBODY - 1];
+    let Some((env, mounts)) = users_faultfs(4, 2, &users, 3, "slow_ms=30,threads=2") else {
         return;
-    }
-    const OTHER: u32 = 65533;
-    let config = "socket_mode = \"0666\"\n[limits]\nthreads_per_plugin = 4\n[users]\nmount_plugins = [\"faultfs\"]\nmax_threads = 2\n";
-    let env = Env::start_configured(&[], config);
-    fs::set_permissions(env.dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-    env.ctl(&["load", "faultfs"]).ok();
-    let mounts: Vec<(u32, PathBuf)> = [NOBODY, OTHER]
-        .into_iter()
-        .flat_map(|uid| (0..3).map(move |i| (uid, i)))
-        .map(|(uid, i)| {
-            let dir = dir_of(&env, uid, &format!("storm{uid}-{i}"));
-            let (code, stderr) = ctl_as(
-                &env,
-                uid,
-                &[
-                    "mount",
-                    "faultfs",
-                    path_str(&dir),
-                    "-o",
-                    "slow_ms=30,threads=2",
-                ],
-            );
-            assert_eq!(code, 0, "{stderr}");
-            (uid, dir)
-        })
-        .collect();
+    };
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

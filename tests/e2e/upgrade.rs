@@ -138,6 +138,36 @@ fn a_refused_or_panicking_import_changes_nothing() {
     env.ctl(&["unmount", path_str(&mnt)]).ok();
 }
 
+/// What the kernel left to the plugin when a mount was made (here clearing setuid and
+/// setgid, `FUSE_HANDLE_KILLPRIV_V2`) the new generation must do too: a generation that
+/// would not is refused, and nothing changes. The other way round is allowed (the kernel
+/// goes on clearing them itself).
+#[test]
+fn a_new_generation_must_do_what_the_kernel_left_to_the_plugin() {
+    if !fuse_available() {
+        return;
+    }
+    let env = Env::start();
+    let (_, mnt) = faultfs_from_copy(&env, &["kill_priv_in=1"]);
+    refused_and_rolled_back(
+        &env,
+        &mnt,
+        &[],
+        "does not clear setuid and setgid itself (WANT_KILL_PRIV), which the kernel left to the plugin when the mount was made; unmount it to change that",
+    );
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+    let env = Env::start();
+    let (_, mnt) = faultfs_from_copy(&env, &["kill_priv_in=2"]);
+    env.ctl(&[
+        "upgrade",
+        "faultfs",
+        path_str(&artifact("libfaultfs_next.so")),
+    ])
+    .ok();
+    assert_eq!(fs::read_to_string(mnt.join("data")).unwrap(), GENERATION_2);
+    env.ctl(&["unmount", path_str(&mnt)]).ok();
+}
+
 #[test]
 fn a_new_library_that_fails_the_gate_changes_nothing() {
     if !fuse_available() {

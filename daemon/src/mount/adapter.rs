@@ -386,12 +386,13 @@ impl<B: Backend> Filesystem for Adapter<B> {
         // Lookups and listings in one directory may run at once (every plugin is Sync).
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         let wants = self.fs.wants().unwrap_or(0);
-        if wants & fshost_sdk::abi::WANT_KILL_PRIV != 0 {
-            // The plugin clears setuid/setgid: the kernel no longer asks for
-            // security.capability before each write (a round trip a write(2), the whole gap
-            // between memfs's and tmpfs's streaming writes).
-            let _ = config.add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2);
-        }
+        // The plugin clears setuid/setgid: the kernel no longer asks for security.capability
+        // before each write (a round trip a write(2), the whole gap between memfs's and
+        // tmpfs's streaming writes).
+        let kill_priv = wants & fshost_sdk::abi::WANT_KILL_PRIV != 0
+            && config
+                .add_capabilities(InitFlags::FUSE_HANDLE_KILLPRIV_V2)
+                .is_ok();
         if wants & fshost_sdk::abi::WANT_POSIX_ACL != 0 {
             self.posix_acl = config
                 .add_capabilities(InitFlags::FUSE_POSIX_ACL | InitFlags::FUSE_DONT_MASK)
@@ -419,6 +420,7 @@ impl<B: Backend> Filesystem for Adapter<B> {
             passthrough: self.passthrough,
             posix_acl: self.posix_acl,
             uring: self.uring,
+            kill_priv,
         });
         Ok(())
     }

@@ -18,7 +18,7 @@ use super::backend::Backend;
 use super::backend::{Hosted, Swappable};
 use super::link::{Agreed, Link, LinkState};
 use super::session::resume_session;
-use super::upgrade::{export, instance_from, new_instance, MoveError};
+use super::upgrade::{export, instance_from, keeps_to, new_instance, MoveError};
 use super::{Adapter, MountStats, MountTarget, SessionOptions};
 use crate::plugin::Plugin;
 
@@ -105,6 +105,7 @@ fn serve_connection(
     fuse: OwnedFd,
     state: LinkState,
 ) -> Result<(ResumedMount, Arc<Swappable>), MoveError> {
+    keeps_to(&state.agreed, &hosted, path)?;
     let kept = fuse.try_clone().map_err(|e| MoveError::Create {
         path: path.to_path_buf(),
         errno: fshost_sdk::Errno(e.raw_os_error().unwrap_or(libc::EIO)),

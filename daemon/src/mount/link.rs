@@ -29,6 +29,26 @@ pub struct Agreed {
     /// sends requests only through it. Records of older daemons lack it: off.
     #[serde(default)]
     pub uring: bool,
+    /// The plugin clears setuid and setgid itself (`FUSE_HANDLE_KILLPRIV_V2`): the kernel
+    /// no longer does. Records of older daemons lack it: off.
+    #[serde(default)]
+    pub kill_priv: bool,
+}
+
+impl Agreed {
+    /// What an instance that wants `wants` ([`fshost_sdk::Plugin::wants`]) would fail to do
+    /// on this connection, whose kernel left it to the plugin at INIT; None if nothing.
+    /// (The other way round is harmless: the kernel goes on doing it itself.)
+    pub fn unmet_by(&self, wants: u64) -> Option<&'static str> {
+        use fshost_sdk::abi::{WANT_KILL_PRIV, WANT_POSIX_ACL};
+        if self.kill_priv && wants & WANT_KILL_PRIV == 0 {
+            return Some("it does not clear setuid and setgid itself (WANT_KILL_PRIV), which the kernel left to the plugin when the mount was made");
+        }
+        if self.posix_acl && wants & WANT_POSIX_ACL == 0 {
+            return Some("it does not keep POSIX ACLs (WANT_POSIX_ACL), which the kernel enforces on this mount since it was made");
+        }
+        None
+    }
 }
 
 /// Open files of a passthrough-capable plugin.
@@ -200,5 +220,43 @@ impl Link {
         for &(ino, raw, users) in &state.backing {
             handles.backing.insert(ino, (wrap(raw), users));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Agreed;
+    use fshost_sdk::abi::{WANT_KILL_PRIV, WANT_POSIX_ACL};
+
+    fn agreed(kill_priv: bool, posix_acl: bool) -> Agreed {
+        Agreed {
+            version: (7, 41),
+            writeback: false,
+            passthrough: true,
+            posix_acl,
+            uring: false,
+            kill_priv,
+        }
+    }
+
+    #[test]
+    fn what_the_kernel_left_to_the_plugin_must_be_wanted() {
+        let both = WANT_KILL_PRIV | WANT_POSIX_ACL;
+        assert_eq!(agreed(false, false).unmet_by(0), None);
+        assert_eq!(agreed(false, false).unmet_by(both), None);
+        assert_eq!(agreed(true, true).unmet_by(both), None);
+        assert!(agreed(true, false)
+            .unmet_by(WANT_POSIX_ACL)
+            .is_some_and(|why| why.contains("setuid")));
+        assert!(agreed(false, true)
+            .unmet_by(WANT_KILL_PRIV)
+            .is_some_and(|why| why.contains("POSIX ACLs")));
+    }
+
+    #[test]
+    fn records_of_older_daemons_agreed_to_no_kill_priv() {
+        let old = r#"{"version":[7,41],"writeback":false,"passthrough":true,"posix_acl":true,"uring":false}"#;
+        let agreed: Agreed = serde_json::from_str(old).unwrap();
+        assert!(!agreed.kill_priv);
     }
 }

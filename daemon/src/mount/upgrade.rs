@@ -63,6 +63,8 @@ pub enum MoveError {
         errno: Errno,
         panic: Option<String>,
     },
+    #[error("the plugin cannot serve {} as its kernel connection was set up: {why}; unmount it to change that", .path.display())]
+    Unmet { path: PathBuf, why: &'static str },
     #[error("the new generation refused the state of {} ({state_bytes} bytes): {}{}", .path.display(), describe_errno(.errno.0), panicked(.panic))]
     Import {
         path: PathBuf,
@@ -156,8 +158,27 @@ fn take_over(
     })?;
     let exported = began.elapsed();
     let hosted = instance_from(new, &mount.path, &mount.options, &state, &fds)?;
+    if let Some(agreed) = mount.slot.link.agreed() {
+        keeps_to(&agreed, &hosted, &mount.path)?;
+    }
     tracing::debug!(mount = %mount.path.display(), ?exported, imported = ?(began.elapsed() - exported), bytes = state.len(), fds = fds.len(), "state handed over");
     Ok((hosted, state.len() as u64))
+}
+
+/// Refuses `hosted` for a connection whose INIT `agreed` left to the plugin what it would
+/// not do (see [`super::Agreed::unmet_by`]).
+pub(super) fn keeps_to(
+    agreed: &super::Agreed,
+    hosted: &Hosted,
+    path: &Path,
+) -> Result<(), MoveError> {
+    match agreed.unmet_by(hosted.wants().unwrap_or(0)) {
+        Some(why) => Err(MoveError::Unmet {
+            path: path.to_path_buf(),
+            why,
+        }),
+        None => Ok(()),
+    }
 }
 
 /// Exports the state of `current` (paused) into `sink` (false: no more room); returns

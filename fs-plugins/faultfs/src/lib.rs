@@ -9,7 +9,9 @@
 //! - `fail_create=1`: refuse to create the mount's instance (EIO);
 //! - `panic_in_destroy=1`: panic when the mount's instance is destroyed;
 //! - `slow_ms=N`: every `read` takes N milliseconds;
-//! - `fail_import=1`: refuse the state an upgrade hands over (EIO).
+//! - `fail_import=1`: refuse the state an upgrade hands over (EIO);
+//! - `kill_priv_in=N`: in generation N, say it clears setuid/setgid itself
+//!   (`WANT_KILL_PRIV`), which the kernel then leaves to it.
 //!
 //! Environment of the daemon (plugin-wide hooks take no options):
 //! - `FAULTFS_FAIL_LOAD=1`: `on_load` fails (EIO);

@@ -29,6 +29,9 @@ pub struct FaultFs {
     panic_in_destroy: bool,
     fail_import: bool,
     slow: Duration,
+    /// Clears setuid/setgid itself (`WANT_KILL_PRIV`; faultfs has nothing to clear): in
+    /// this generation, by `-o kill_priv_in=N`.
+    kill_priv: bool,
     /// Reads served, by this instance and the generations before it: the state an
     /// upgrade hands over.
     reads: AtomicU64,
@@ -65,7 +68,16 @@ impl Plugin for FaultFs {
             panic_in_destroy: options.get("panic_in_destroy").is_some(),
             fail_import: options.get("fail_import").is_some(),
             slow: Duration::from_millis(slow_ms),
+            kill_priv: options.get("kill_priv_in") == Some(GENERATION.to_string().as_str()),
             reads: AtomicU64::new(0),
+        })
+    }
+
+    fn wants(&self) -> Result<u64> {
+        Ok(if self.kill_priv {
+            fshost_sdk::abi::WANT_KILL_PRIV
+        } else {
+            0
         })
     }
 

@@ -63,7 +63,7 @@ pub enum MoveError {
         errno: Errno,
         panic: Option<String>,
     },
-    #[error("the plugin cannot serve {} as its kernel connection was set up: {why}; unmount it to change that", .path.display())]
+    #[error("the new code cannot serve {} as its kernel connection was set up: {why}; unmount it to change that", .path.display())]
     Unmet { path: PathBuf, why: &'static str },
     #[error("the new generation refused the state of {} ({state_bytes} bytes): {}{}", .path.display(), describe_errno(.errno.0), panicked(.panic))]
     Import {

@@ -262,8 +262,8 @@ pub struct MountStats {
     pub age_secs: u64,
     /// Requests the plugin is serving right now.
     pub in_flight: u64,
-    /// Requests the kernel has queued on the connection (`/sys/fs/fuse/connections/N/
-    /// waiting`), when it could be read.
+    /// Requests the kernel has sent on the connection and not yet had answered (fusectl's
+    /// `N/waiting`), when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<u64>,
     pub bytes_read: u64,

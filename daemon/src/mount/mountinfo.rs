@@ -3,7 +3,12 @@
 //! which would break every mount point with a space in it.)
 
 use std::io;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use rustix::fs::{Mode, OFlags};
 
 /// One line of /proc/self/mountinfo that matters here.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,31 +25,73 @@ pub struct KernelMount {
 }
 
 /// The kernel's count of requests waiting on the FUSE connection of the device
-/// `major:minor` (`/sys/fs/fuse/connections/<dev>/waiting`; needs the fusectl file system
-/// mounted there, as systemd does).
+/// `major:minor` (fusectl's `<dev>/waiting`).
 pub fn fuse_waiting(device: &str) -> Option<u64> {
-    std::fs::read_to_string(connection_dir(device)?.join("waiting"))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    let mut text = String::new();
+    std::fs::File::from(connection_file(device, "waiting", OFlags::RDONLY).ok()?)
+        .read_to_string(&mut text)
+        .ok()?;
+    text.trim().parse().ok()
 }
 
 /// Aborts the FUSE connection of the device `major:minor` (fusectl's `abort`): every
 /// request fails with ENOTCONN from then on, whoever still holds the connection.
-pub fn abort_connection(device: &str) -> std::io::Result<()> {
-    let dir = connection_dir(device)
-        .ok_or_else(|| std::io::Error::other(format!("bad device {device:?}")))?;
-    std::fs::write(dir.join("abort"), b"1")
+pub fn abort_connection(device: &str) -> io::Result<()> {
+    std::fs::File::from(connection_file(device, "abort", OFlags::WRONLY)?).write_all(b"1")
 }
 
-/// fusectl's directory of the connection of device `major:minor`.
-fn connection_dir(device: &str) -> Option<PathBuf> {
-    let (major, minor) = device.split_once(':')?;
-    let (major, minor): (u64, u64) = (major.parse().ok()?, minor.parse().ok()?);
+/// File `name` of fusectl's directory of the connection of device `major:minor`.
+fn connection_file(device: &str, name: &str, access: OFlags) -> io::Result<OwnedFd> {
+    let bad = || io::Error::other(format!("bad device {device:?}"));
+    let (major, minor) = device.split_once(':').ok_or_else(bad)?;
+    let (major, minor): (u64, u64) = (
+        major.parse().map_err(|_| bad())?,
+        minor.parse().map_err(|_| bad())?,
+    );
     // The kernel's own dev_t, which names the directory: MKDEV(major, minor).
     let dev = (major << 20) | minor;
-    Some(PathBuf::from(format!("/sys/fs/fuse/connections/{dev}")))
+    let root =
+        fusectl().ok_or_else(|| io::Error::other("the fusectl file system is not available"))?;
+    let path = format!("{dev}/{name}");
+    Ok(rustix::fs::openat(
+        root,
+        path,
+        access | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?)
+}
+
+/// Where systemd mounts fusectl.
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+/// fusectl's `f_type`.
+const FUSECTL_MAGIC: u64 = 0x6573_5543;
+
+/// The root of the fusectl file system: the one mounted at `/sys/fs/fuse/connections`
+/// if there is one (systemd mounts it), else one of our own, attached nowhere (`fsopen` +
+/// `fsmount`; fusectl has one superblock, so it shows the same connections), made the first
+/// time it is needed. None if neither can be had (no fuse module, no CAP_SYS_ADMIN).
+fn fusectl() -> Option<&'static OwnedFd> {
+    static ROOT: OnceLock<Option<OwnedFd>> = OnceLock::new();
+    ROOT.get_or_init(|| {
+        let dir = OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        let mounted = rustix::fs::open(FUSECTL, dir, Mode::empty())
+            .ok()
+            .filter(|fd| rustix::fs::fstatfs(fd).is_ok_and(|s| s.f_type as u64 == FUSECTL_MAGIC));
+        mounted.or_else(|| {
+            use rustix::mount::{fsconfig_create, fsmount, fsopen, FsMountFlags, FsOpenFlags};
+            let made = fsopen("fusectl", FsOpenFlags::FSOPEN_CLOEXEC).and_then(|fs| {
+                fsconfig_create(&fs)?;
+                fsmount(
+                    &fs,
+                    FsMountFlags::FSMOUNT_CLOEXEC,
+                    rustix::mount::MountAttrFlags::empty(),
+                )
+            });
+            made.map_err(|e| tracing::debug!(error = %e, "no fusectl file system of our own"))
+                .ok()
+        })
+    })
+    .as_ref()
 }
 
 impl KernelMount {

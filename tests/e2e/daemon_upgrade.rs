@@ -290,6 +290,22 @@ fn a_failed_daemon_upgrade_leaves_the_old_daemon_serving() {
         .ok();
     refused_and_serving_on(&mut env, &[], "refused the state of", &mem);
     env.ctl(&["unmount", path_str(&faulty)]).ok();
+    // The new process's instance would not do what the kernel left to the plugin when the
+    // mount was made (faultfs says it clears setuid/setgid only while the trigger is
+    // missing).
+    let dir = tempfile::tempdir().unwrap();
+    let no_kill_priv = dir.path().join("no-kill-priv");
+    let option = format!("kill_priv_unless={}", path_str(&no_kill_priv));
+    env.ctl(&["mount", "faultfs", path_str(&faulty), "-o", &option])
+        .ok();
+    fs::write(&no_kill_priv, b"").unwrap();
+    refused_and_serving_on(
+        &mut env,
+        &[],
+        "does not clear setuid and setgid itself",
+        &mem,
+    );
+    env.ctl(&["unmount", path_str(&faulty)]).ok();
     // A mount of a plugin that cannot hand its state over.
     let minimal = env.compile_c_plugin("minimal", crate::MINIMAL_C, &[]);
     env.ctl(&["load", path_str(&minimal)]).ok();

@@ -147,8 +147,13 @@ fn a_new_generation_must_do_what_the_kernel_left_to_the_plugin() {
     if !fuse_available() {
         return;
     }
+    // Made while the trigger is missing, faultfs clears them itself; made after, not.
+    let dir = tempfile::tempdir().unwrap();
+    let trigger = dir.path().join("trigger");
+    let option = format!("kill_priv_unless={}", path_str(&trigger));
     let env = Env::start();
-    let (_, mnt) = faultfs_from_copy(&env, &["kill_priv_in=1"]);
+    let (_, mnt) = faultfs_from_copy(&env, &[&option]);
+    fs::write(&trigger, b"").unwrap();
     refused_and_rolled_back(
         &env,
         &mnt,
@@ -156,8 +161,10 @@ fn a_new_generation_must_do_what_the_kernel_left_to_the_plugin() {
         "does not clear setuid and setgid itself (WANT_KILL_PRIV), which the kernel left to the plugin when the mount was made; unmount it to change that",
     );
     env.ctl(&["unmount", path_str(&mnt)]).ok();
+    // The other way round: the kernel goes on clearing them itself.
     let env = Env::start();
-    let (_, mnt) = faultfs_from_copy(&env, &["kill_priv_in=2"]);
+    let (_, mnt) = faultfs_from_copy(&env, &[&option]);
+    fs::remove_file(&trigger).unwrap();
     env.ctl(&[
         "upgrade",
         "faultfs",

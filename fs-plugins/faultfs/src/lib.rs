@@ -10,8 +10,9 @@
 //! - `panic_in_destroy=1`: panic when the mount's instance is destroyed;
 //! - `slow_ms=N`: every `read` takes N milliseconds;
 //! - `fail_import=1`: refuse the state an upgrade hands over (EIO);
-//! - `kill_priv_in=N`: in generation N, say it clears setuid/setgid itself
-//!   (`WANT_KILL_PRIV`), which the kernel then leaves to it.
+//! - `kill_priv_unless=PATH`: say it clears setuid/setgid itself (`WANT_KILL_PRIV`, which
+//!   the kernel then leaves to it) unless PATH exists when the instance is made (an upgrade
+//!   or a new process makes one that says otherwise).
 //!
 //! Environment of the daemon (plugin-wide hooks take no options):
 //! - `FAULTFS_FAIL_LOAD=1`: `on_load` fails (EIO);

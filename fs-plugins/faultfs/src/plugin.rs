@@ -29,8 +29,8 @@ pub struct FaultFs {
     panic_in_destroy: bool,
     fail_import: bool,
     slow: Duration,
-    /// Clears setuid/setgid itself (`WANT_KILL_PRIV`; faultfs has nothing to clear): in
-    /// this generation, by `-o kill_priv_in=N`.
+    /// Says it clears setuid/setgid itself (`WANT_KILL_PRIV`; faultfs has nothing to
+    /// clear), by `-o kill_priv_unless=PATH` while PATH did not exist at its creation.
     kill_priv: bool,
     /// Reads served, by this instance and the generations before it: the state an
     /// upgrade hands over.
@@ -68,7 +68,9 @@ impl Plugin for FaultFs {
             panic_in_destroy: options.get("panic_in_destroy").is_some(),
             fail_import: options.get("fail_import").is_some(),
             slow: Duration::from_millis(slow_ms),
-            kill_priv: options.get("kill_priv_in") == Some(GENERATION.to_string().as_str()),
+            kill_priv: options
+                .get("kill_priv_unless")
+                .is_some_and(|path| !Path::new(path).exists()),
             reads: AtomicU64::new(0),
         })
     }

@@ -495,10 +495,10 @@ struct Served {
     cap: usize,
     /// Its owner, if its requests count against a user's share of the workers.
     user: Option<u32>,
-    /// `ARMED`, `ENDED`, `REMOVED`, `PARKED` and the requests in flight (times `ONE`). Atomic, not
-    /// locked: with a mutex, the two workers of a busy mount met on it at every request
-    /// (measured: 47,656 sched_yield with parking_lot's, 126,724 futex calls with std's, for
-    /// 80,000 requests; 23,408 futex calls with a thread per mount).
+    /// `ARMED`, `ENDED`, `REMOVED`, `PARKED` and the requests in flight (times `ONE`).
+    /// Atomic, not locked: with a mutex, the two workers of a busy mount met on it at every
+    /// request (measured: 47,656 sched_yield with parking_lot's, 126,724 futex calls with
+    /// std's, for 80,000 requests; 23,408 futex calls with a thread per mount).
     state: AtomicU64,
     /// Its FUSE-over-io_uring queue threads (`-o uring`), joined when it leaves the pool.
     ring: Mutex<Option<Ring>>,

@@ -262,7 +262,7 @@ pub struct MountStats {
     pub age_secs: u64,
     /// Requests the plugin is serving right now.
     pub in_flight: u64,
-    /// Requests the kernel has sent on the connection and not yet had answered (fusectl's
+    /// Requests of the connection the kernel waits on, queued or being served (fusectl's
     /// `N/waiting`), when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<u64>,

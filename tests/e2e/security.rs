@@ -61,13 +61,7 @@ fn as_user_in(env: &Env, uid: u32, binary: &str, groups: &str) -> Command {
     if !copy.exists() {
         fshost_tests::copy_program(&artifact(binary), &copy);
     }
-    let mut command = Command::new("setpriv");
-    command
-        .arg(format!("--reuid={uid}"))
-        .arg(format!("--regid={uid}"))
-        .arg(groups)
-        .arg(copy);
-    command
+    fshost_tests::as_user_in(uid, groups, copy)
 }
 
 /// A tmpfs of root's, unmounted (lazily) when dropped.

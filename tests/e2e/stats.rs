@@ -454,7 +454,7 @@ fn top_once_lists_the_busiest_mount_first_and_stats_sums_per_plugin() {
     }
 }
 
-/// The kernel's queue of a mount (`waiting`: requests sent and not yet answered, from
+/// The kernel's queue of a mount (`waiting`: requests queued or being served, from
 /// fusectl) is shown whether or not fusectl is mounted on the host: fshostd mounts its own,
 /// attached nowhere, if it must (this machine has none at `/sys/fs/fuse/connections`).
 #[test]

@@ -119,11 +119,16 @@ pub fn as_nobody(program: impl AsRef<std::ffi::OsStr>) -> Command {
 /// `program` as uid `uid` and the group of that number, with no supplementary groups
 /// (through setpriv).
 pub fn as_user(uid: u32, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    as_user_in(uid, "--clear-groups", program)
+}
+
+/// Like [`as_user`], with setpriv's `groups` option instead (`--groups=100`).
+pub fn as_user_in(uid: u32, groups: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
     let mut command = Command::new("setpriv");
     command
         .arg(format!("--reuid={uid}"))
         .arg(format!("--regid={uid}"))
-        .arg("--clear-groups")
+        .arg(groups)
         .arg(program);
     command
 }

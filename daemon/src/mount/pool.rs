@@ -388,13 +388,11 @@ impl Pool {
             let Some(next) = shares.parked.remove(at).and_then(|(_, m)| m.upgrade()) else {
                 continue;
             };
-            let woken = next.unpark(self);
-            seen.push(next);
-            match woken {
-                Ok(false) => continue,
+            match next.unpark(self) {
+                Ok(false) => seen.push(next),
                 Ok(true) => break,
                 Err(e) => {
-                    broken = seen.last().cloned().map(|m| (m, e));
+                    broken = Some((next, e));
                     break;
                 }
             }
